@@ -1,0 +1,911 @@
+//! One partition's log: append, read, truncate, retention, roll, close.
+//!
+//! Writers and readers meet at two points:
+//! - the writer lock (`Log::writer`) orders appends: it assigns offsets and
+//!   byte positions and hands the write to the io engine while held, so the
+//!   engine sees each log's writes in offset order;
+//! - the engine completes writes in that order on its thread; each completion
+//!   publishes its segment's extent and then the log's end offset (Release).
+//!   Readers load the end offset (Acquire) and never look past it.
+//!
+//! A failed write (I/O error, full disk) fails its append and every append
+//! queued behind it. The next writer-side operation waits for in-flight
+//! writes to drain, zeroes the bytes after the published end and resets the
+//! offsets to it, so the log is again exactly what was acknowledged.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::ops::{Bound, Deref};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
+use weir_protocol::batch::{patch_base_offset, patch_leader_epoch};
+use weir_protocol::{Batch, BatchError, Batches};
+
+use crate::checkpoint::{self, CLEAN_SHUTDOWN_FILE, EpochCache, RECOVERY_POINT_FILE};
+use crate::config::LogConfig;
+use crate::engine::{IoEngine, Request, WriteRequest};
+use crate::error::{Result, StorageError};
+use crate::index;
+use crate::recovery::{self, RecoveryReport};
+use crate::segment::Segment;
+
+/// What an append wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    /// Offset of the batch's first record.
+    pub base_offset: u64,
+    /// Offset of its last record.
+    pub last_offset: u64,
+    /// The batch's max timestamp.
+    pub max_timestamp_ms: i64,
+}
+
+/// Resolves when an append has met the flush policy.
+///
+/// `await` it from async code or call [`AppendFuture::wait`] from a thread.
+#[derive(Debug)]
+pub struct AppendFuture {
+    receiver: oneshot::Receiver<Result<AppendInfo>>,
+}
+
+impl AppendFuture {
+    /// Blocks the current thread until the append completes.
+    ///
+    /// # Errors
+    /// The append's error, or [`StorageError::Closed`] if the engine stopped.
+    ///
+    /// # Panics
+    /// If called from inside an async runtime (await the future there).
+    pub fn wait(self) -> Result<AppendInfo> {
+        self.receiver.blocking_recv().unwrap_or(Err(StorageError::Closed))
+    }
+}
+
+impl Future for AppendFuture {
+    type Output = Result<AppendInfo>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.receiver)
+            .poll(cx)
+            .map(|received| received.unwrap_or(Err(StorageError::Closed)))
+    }
+}
+
+/// Whole batches read from one segment, borrowed from its memory map.
+///
+/// Holding a `LogRead` keeps its segment's map alive even if retention
+/// deletes the segment meanwhile.
+pub struct LogRead {
+    segment: Option<Arc<Segment>>,
+    start: usize,
+    end: usize,
+    next_offset: u64,
+}
+
+impl fmt::Debug for LogRead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogRead")
+            .field("bytes", &(self.end - self.start))
+            .field("next_offset", &self.next_offset)
+            .finish()
+    }
+}
+
+impl LogRead {
+    fn empty(next_offset: u64) -> Self {
+        LogRead {
+            segment: None,
+            start: 0,
+            end: 0,
+            next_offset,
+        }
+    }
+
+    /// The batches' bytes, exactly as stored.
+    pub fn bytes(&self) -> &[u8] {
+        match &self.segment {
+            Some(segment) => segment.map_slice(self.start, self.end),
+            None => &[],
+        }
+    }
+
+    /// The offset after the last batch returned: where the next read starts.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// Iterates the batches (already checked when read).
+    pub fn batches(&self) -> impl Iterator<Item = Batch<'_>> {
+        Batches::new(self.bytes(), false).filter_map(|batch| batch.ok())
+    }
+}
+
+impl Deref for LogRead {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+/// Removed by [`Log::apply_retention`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    /// Segments deleted.
+    pub segments_deleted: usize,
+    /// Bytes they held.
+    pub bytes_deleted: u64,
+}
+
+struct PublishState {
+    /// Appends handed to the engine and not yet completed.
+    in_flight: usize,
+    /// A write failed; appends behind it fail until the writer repairs.
+    failed: bool,
+}
+
+/// State shared with completions running on the engine thread.
+struct Shared {
+    segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
+    /// Offset after the last published batch.
+    end_offset: AtomicU64,
+    /// First offset still stored.
+    start_offset: AtomicU64,
+    publish: Mutex<PublishState>,
+    /// Signalled when `in_flight` reaches zero.
+    drained: Condvar,
+}
+
+/// State only the appender (holding the writer lock) touches.
+struct Writer {
+    /// Next offset to assign (≥ the published end while writes are in flight).
+    next_offset: u64,
+    active: Arc<Segment>,
+    /// Next byte position in the active segment.
+    write_position: u64,
+    /// Bytes appended since the last index entry.
+    bytes_since_index: u64,
+    /// Largest timestamp in the active segment so far.
+    active_max_timestamp_ms: i64,
+    /// When the active segment started taking appends (age roll).
+    active_since: Instant,
+    epochs: EpochCache,
+    /// Segments below this base were synced; recovery scans from here.
+    recovery_point: u64,
+    closed: bool,
+}
+
+/// A partition log in one directory. Cheap to share behind an `Arc`: every
+/// method takes `&self`.
+pub struct Log {
+    dir: PathBuf,
+    config: LogConfig,
+    engine: Arc<IoEngine>,
+    shared: Arc<Shared>,
+    writer: Mutex<Writer>,
+    report: RecoveryReport,
+}
+
+impl fmt::Debug for Log {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Log")
+            .field("dir", &self.dir)
+            .field("start_offset", &self.start_offset())
+            .field("end_offset", &self.end_offset())
+            .finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+impl Log {
+    /// Opens the log in `dir` (creating it if needed), recovering it as
+    /// `recovery` describes, and removes the clean-shutdown marker before
+    /// any append can happen.
+    ///
+    /// # Errors
+    /// I/O errors, with the path.
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig, engine: Arc<IoEngine>) -> Result<Log> {
+        let dir = dir.as_ref().to_path_buf();
+        let config = LogConfig {
+            batch_bytes_max: config.batch_bytes_max.min(config.segment_bytes_max as usize),
+            ..config
+        };
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(|error| StorageError::io(&dir, error))?;
+            if let Some(parent) = dir.parent() {
+                checkpoint::sync_dir(parent)?;
+            }
+        }
+        let recovered = recovery::recover(&dir, &config)?;
+        let mut segments = recovered.segments;
+        if segments.is_empty() {
+            let segment = Segment::create(&dir, 0, config.segment_bytes_max, index_capacity(&config))?;
+            checkpoint::sync_dir(&dir)?;
+            segments.insert(0, Arc::new(segment));
+        }
+        let (start_offset, active) = match (segments.values().next(), segments.values().next_back()) {
+            (Some(first), Some(last)) => (first.base_offset(), last.clone()),
+            _ => unreachable!("at least one segment exists"),
+        };
+        let end_offset = active.published_next_offset();
+        let mut epochs = EpochCache::load(&dir)?;
+        if epochs.truncate_from_end(end_offset) {
+            epochs.store(&dir)?;
+        }
+        let recovery_point = checkpoint::read_recovery_point(&dir).min(active.base_offset());
+        checkpoint::remove_durably(&dir, CLEAN_SHUTDOWN_FILE)?;
+        let writer = Writer {
+            next_offset: end_offset,
+            write_position: active.published_bytes(),
+            bytes_since_index: config.index_interval_bytes,
+            active_max_timestamp_ms: active.max_timestamp_ms(),
+            active_since: Instant::now(),
+            active,
+            epochs,
+            recovery_point,
+            closed: false,
+        };
+        Ok(Log {
+            dir,
+            engine,
+            shared: Arc::new(Shared {
+                segments: RwLock::new(segments),
+                end_offset: AtomicU64::new(end_offset),
+                start_offset: AtomicU64::new(start_offset),
+                publish: Mutex::new(PublishState {
+                    in_flight: 0,
+                    failed: false,
+                }),
+                drained: Condvar::new(),
+            }),
+            writer: Mutex::new(writer),
+            report: recovered.report,
+            config,
+        })
+    }
+
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// What opening the log found.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// Offset after the last readable record (on one node: the durable end
+    /// under `flush = always`).
+    pub fn end_offset(&self) -> u64 {
+        self.shared.end_offset.load(Ordering::Acquire)
+    }
+
+    /// First offset still stored.
+    pub fn start_offset(&self) -> u64 {
+        self.shared.start_offset.load(Ordering::Acquire)
+    }
+
+    /// Number of segments.
+    pub fn segment_count(&self) -> usize {
+        self.read_segments().len()
+    }
+
+    /// Published bytes over all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.read_segments().values().map(|segment| segment.published_bytes()).sum()
+    }
+
+    /// The leader-epoch cache (epoch → first offset).
+    pub fn epochs(&self) -> EpochCache {
+        lock(&self.writer).epochs.clone()
+    }
+
+    fn read_segments(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Arc<Segment>>> {
+        self.shared.segments.read().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn write_segments(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, Arc<Segment>>> {
+        self.shared.segments.write().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Appends a batch, assigning its offsets (by patching the header) and
+    /// stamping the current leader epoch. Returns once the write is queued;
+    /// the future resolves when the flush policy is met.
+    ///
+    /// # Errors
+    /// Immediately, with nothing written: [`StorageError::InvalidBatch`],
+    /// [`StorageError::BatchTooLarge`], [`StorageError::StorageFull`] (no room
+    /// for a new segment), [`StorageError::Closed`]. Through the future: the
+    /// write's I/O error, or [`StorageError::WriteFailed`] if an earlier
+    /// in-flight write failed.
+    pub fn append(&self, batch: Vec<u8>) -> Result<AppendFuture> {
+        self.append_inner(batch, true)
+    }
+
+    /// Appends a batch that already carries its offsets and leader epoch (a
+    /// replica copying its leader). Its base offset must equal `end_offset`
+    /// plus whatever is in flight.
+    ///
+    /// # Errors
+    /// As [`Log::append`], and [`StorageError::UnexpectedOffset`].
+    pub fn append_replica(&self, batch: Vec<u8>) -> Result<AppendFuture> {
+        self.append_inner(batch, false)
+    }
+
+    /// [`Log::append`] and wait.
+    ///
+    /// # Errors
+    /// As [`Log::append`].
+    pub fn append_blocking(&self, batch: Vec<u8>) -> Result<AppendInfo> {
+        self.append(batch)?.wait()
+    }
+
+    fn append_inner(&self, mut batch: Vec<u8>, assign_offsets: bool) -> Result<AppendFuture> {
+        if batch.len() > self.config.batch_bytes_max {
+            return Err(StorageError::BatchTooLarge {
+                bytes: batch.len(),
+                limit: self.config.batch_bytes_max,
+            });
+        }
+        let parsed = Batch::parse_verified(&batch)?;
+        if parsed.len() != batch.len() {
+            return Err(StorageError::InvalidBatch(BatchError::BadLength(
+                (parsed.len() - weir_protocol::batch::BATCH_LENGTH_PREFIX_BYTES) as i32,
+            )));
+        }
+        let (last_offset_delta, batch_max_timestamp_ms, given_base) =
+            (u64::from(parsed.last_offset_delta() as u32), parsed.max_timestamp(), parsed.base_offset());
+
+        let mut writer = lock(&self.writer);
+        if writer.closed {
+            return Err(StorageError::Closed);
+        }
+        self.repair_if_failed(&mut writer)?;
+        if !assign_offsets && given_base != writer.next_offset {
+            return Err(StorageError::UnexpectedOffset {
+                expected: writer.next_offset,
+                got: given_base,
+            });
+        }
+        let len = batch.len() as u64;
+        if self.should_roll(&writer, len) {
+            self.roll_locked(&mut writer)?;
+        }
+
+        let base_offset = writer.next_offset;
+        if assign_offsets {
+            patch_base_offset(&mut batch, base_offset);
+            if let Some(latest) = writer.epochs.latest() {
+                patch_leader_epoch(&mut batch, latest.epoch);
+            }
+        }
+        let next_offset = base_offset + last_offset_delta + 1;
+        let position = writer.write_position;
+        let segment = writer.active.clone();
+        assert!(position + len <= segment.mapped_bytes(), "append past the segment map");
+        writer.active_max_timestamp_ms = writer.active_max_timestamp_ms.max(batch_max_timestamp_ms);
+        if writer.bytes_since_index >= self.config.index_interval_bytes {
+            segment.add_index_entries(base_offset, position, writer.active_max_timestamp_ms);
+            writer.bytes_since_index = 0;
+        }
+        writer.bytes_since_index += len;
+        writer.next_offset = next_offset;
+        writer.write_position = position + len;
+        lock(&self.shared.publish).in_flight += 1;
+
+        let (sender, receiver) = oneshot::channel();
+        let shared = self.shared.clone();
+        let completed_segment = segment.clone();
+        let info = AppendInfo {
+            base_offset,
+            last_offset: next_offset - 1,
+            max_timestamp_ms: batch_max_timestamp_ms,
+        };
+        let done = Box::new(move |result: std::io::Result<()>| {
+            let outcome = complete_append(&shared, &completed_segment, position + len, info, result);
+            // The caller may have stopped waiting; the append stands regardless.
+            let _ = sender.send(outcome);
+        });
+        let request = Request::Write(WriteRequest {
+            file: segment.file().clone(),
+            position,
+            data: batch,
+            sync: self.config.sync_deadline(),
+            done,
+        });
+        if let Err(error) = self.engine.submit(request) {
+            // Nothing reached the engine: undo the reservation.
+            writer.next_offset = base_offset;
+            writer.write_position = position;
+            segment.truncate_indexes(base_offset);
+            let mut publish = lock(&self.shared.publish);
+            publish.in_flight -= 1;
+            if publish.in_flight == 0 {
+                self.shared.drained.notify_all();
+            }
+            return Err(error);
+        }
+        Ok(AppendFuture { receiver })
+    }
+
+    fn should_roll(&self, writer: &Writer, incoming_bytes: u64) -> bool {
+        if writer.write_position == 0 {
+            return false;
+        }
+        let capacity = self.config.segment_bytes_max.min(writer.active.mapped_bytes());
+        writer.write_position + incoming_bytes > capacity
+            || writer.active_since.elapsed().as_millis() as u64 >= self.config.segment_age_ms_max
+    }
+
+    /// Waits until no write of this log is in flight.
+    fn wait_drained(&self) -> MutexGuard<'_, PublishState> {
+        let mut publish = lock(&self.shared.publish);
+        while publish.in_flight > 0 {
+            publish = self
+                .shared
+                .drained
+                .wait(publish)
+                .unwrap_or_else(|poison| poison.into_inner());
+        }
+        publish
+    }
+
+    /// If a write failed, waits for the writes behind it, then cuts the log
+    /// back to its published end so that it holds exactly what was acked.
+    fn repair_if_failed(&self, writer: &mut Writer) -> Result<()> {
+        if !lock(&self.shared.publish).failed {
+            return Ok(());
+        }
+        drop(self.wait_drained());
+        self.truncate_locked(writer, self.end_offset())?;
+        lock(&self.shared.publish).failed = false;
+        Ok(())
+    }
+
+    /// Starts a new segment at the next offset (no-op on an empty segment).
+    ///
+    /// # Errors
+    /// [`StorageError::StorageFull`] if the new segment cannot be
+    /// preallocated; I/O errors sealing the old one.
+    pub fn roll(&self) -> Result<()> {
+        let mut writer = lock(&self.writer);
+        if writer.closed {
+            return Err(StorageError::Closed);
+        }
+        self.repair_if_failed(&mut writer)?;
+        self.roll_locked(&mut writer)
+    }
+
+    fn roll_locked(&self, writer: &mut Writer) -> Result<()> {
+        if writer.write_position == 0 {
+            return Ok(());
+        }
+        let publish = self.wait_drained();
+        if publish.failed {
+            return Err(StorageError::WriteFailed);
+        }
+        drop(publish);
+        let base = writer.next_offset;
+        let segment = Segment::create(&self.dir, base, self.config.segment_bytes_max, index_capacity(&self.config))?;
+        let old = writer.active.clone();
+        assert_eq!(old.published_next_offset(), base, "rolling with unpublished writes");
+        if let Err(error) = old.seal().and_then(|()| checkpoint::sync_dir(&self.dir)) {
+            let _ = segment.delete_files();
+            return Err(error);
+        }
+        let segment = Arc::new(segment);
+        self.write_segments().insert(base, segment.clone());
+        writer.active = segment;
+        writer.write_position = 0;
+        writer.bytes_since_index = self.config.index_interval_bytes;
+        writer.active_max_timestamp_ms = i64::MIN;
+        writer.active_since = Instant::now();
+        // Everything before the new segment is synced: recovery may skip it.
+        self.set_recovery_point(writer, base)
+    }
+
+    fn set_recovery_point(&self, writer: &mut Writer, offset: u64) -> Result<()> {
+        if writer.recovery_point != offset {
+            checkpoint::write_atomic(&self.dir, RECOVERY_POINT_FILE, offset.to_string().as_bytes())?;
+            writer.recovery_point = offset;
+        }
+        Ok(())
+    }
+
+    /// Reads whole batches starting with the one that contains `from_offset`,
+    /// up to about `max_bytes` (at least one batch, so a reader always makes
+    /// progress), from one segment. An empty result at `end_offset`.
+    ///
+    /// # Errors
+    /// [`StorageError::OffsetOutOfRange`] outside `[start, end]`;
+    /// [`StorageError::Corrupt`] if the first batch fails its checks (a
+    /// later bad batch ends the read before it).
+    pub fn read(&self, from_offset: u64, max_bytes: usize) -> Result<LogRead> {
+        let end = self.end_offset();
+        let start = self.start_offset();
+        if from_offset < start || from_offset > end {
+            return Err(StorageError::OffsetOutOfRange {
+                offset: from_offset,
+                start,
+                end,
+            });
+        }
+        if from_offset == end {
+            return Ok(LogRead::empty(end));
+        }
+        let segment = {
+            let segments = self.read_segments();
+            let mut found = segments.range(..=from_offset).next_back().map(|(_, s)| s.clone());
+            while let Some(segment) = found.as_ref().filter(|s| s.published_next_offset() <= from_offset) {
+                found = segments
+                    .range((Bound::Excluded(segment.base_offset()), Bound::Unbounded))
+                    .next()
+                    .map(|(_, s)| s.clone());
+            }
+            found.ok_or(StorageError::OffsetOutOfRange {
+                offset: from_offset,
+                start: self.start_offset(),
+                end,
+            })?
+        };
+        let position = segment.position_of(from_offset)?;
+        let verify = self.config.verify_crc_on_read;
+        let mut cursor = position;
+        let mut next_offset = from_offset;
+        while cursor < segment.published_bytes() {
+            match segment.batch_at(cursor, verify) {
+                Ok(batch) => {
+                    if cursor > position && (cursor - position) as usize + batch.len() > max_bytes {
+                        break;
+                    }
+                    cursor += batch.len() as u64;
+                    next_offset = batch.next_offset();
+                }
+                Err(error) if cursor == position => return Err(error),
+                Err(_) => break,
+            }
+        }
+        Ok(LogRead {
+            segment: Some(segment),
+            start: position as usize,
+            end: cursor as usize,
+            next_offset,
+        })
+    }
+
+    /// The first offset whose record timestamp is at or after `timestamp_ms`
+    /// (batch granularity for compressed batches), or `None` if every
+    /// record is older.
+    ///
+    /// # Errors
+    /// [`StorageError::Corrupt`] if a scanned batch fails its checks.
+    pub fn lookup_by_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
+        let segments: Vec<Arc<Segment>> = self.read_segments().values().cloned().collect();
+        let end = self.end_offset();
+        for segment in segments {
+            if segment.max_timestamp_ms() < timestamp_ms || segment.published_bytes() == 0 {
+                continue;
+            }
+            // Entries hold the running maximum: everything up to an entry
+            // whose timestamp is below the target is older than it.
+            let from = match timestamp_ms.checked_sub(1) {
+                Some(below) => segment
+                    .time_index
+                    .floor(index::time_target(below), index::time_key)
+                    .map_or(segment.base_offset(), |entry| segment.base_offset() + u64::from(entry[2])),
+                None => segment.base_offset(),
+            };
+            let mut position = segment.position_of(from)?;
+            while position < segment.published_bytes() {
+                let batch = segment.batch_at(position, false)?;
+                if batch.base_offset() >= end {
+                    break;
+                }
+                if batch.max_timestamp() >= timestamp_ms {
+                    let record_offset = batch.records().ok().and_then(|mut records| {
+                        records.find_map(|record| {
+                            record.ok().filter(|r| r.timestamp_ms >= timestamp_ms).map(|r| r.offset)
+                        })
+                    });
+                    return Ok(Some(record_offset.unwrap_or(batch.base_offset())));
+                }
+                position += batch.len() as u64;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes every record at or after `offset`. If `offset` falls inside a
+    /// batch, that whole batch goes: the new end is the batch's base offset.
+    /// Waits for in-flight appends first. The removed bytes are zeroed on
+    /// disk so no later recovery can bring them back.
+    ///
+    /// # Errors
+    /// I/O errors, with the path.
+    pub fn truncate_to(&self, offset: u64) -> Result<()> {
+        let mut writer = lock(&self.writer);
+        if writer.closed {
+            return Err(StorageError::Closed);
+        }
+        drop(self.wait_drained());
+        let target = offset.min(self.end_offset());
+        self.truncate_locked(&mut writer, target)?;
+        lock(&self.shared.publish).failed = false;
+        Ok(())
+    }
+
+    /// Cuts the log at `offset` (≤ the published end). No write may be in flight.
+    fn truncate_locked(&self, writer: &mut Writer, offset: u64) -> Result<()> {
+        let start = self.start_offset();
+        if offset <= start {
+            return self.reset_to(writer, offset.max(start));
+        }
+        let mut segments = self.write_segments();
+        let (base, segment) = match segments.range(..=offset).next_back() {
+            Some((base, segment)) => (*base, segment.clone()),
+            None => unreachable!("offset above start has a segment"),
+        };
+        let position = if offset >= segment.published_next_offset() {
+            segment.published_bytes()
+        } else {
+            segment.position_of(offset)?
+        };
+        let later: Vec<u64> = segments.range((Bound::Excluded(base), Bound::Unbounded)).map(|(b, _)| *b).collect();
+        for later_base in later {
+            if let Some(removed) = segments.remove(&later_base) {
+                removed.delete_files()?;
+            }
+        }
+        let new_end = if position < segment.published_bytes() {
+            segment.batch_at(position, false)?.base_offset()
+        } else {
+            segment.published_next_offset()
+        };
+        let active = if position == 0 && segments.len() > 1 {
+            // Nothing of this segment remains: the previous one is active again.
+            segments.remove(&base);
+            segment.delete_files()?;
+            let previous = segments.values().next_back().cloned();
+            match previous {
+                Some(previous) => previous,
+                None => unreachable!("more than one segment"),
+            }
+        } else {
+            segment.cut_file(position)?;
+            segment.truncate_indexes(new_end);
+            let max_timestamp_ms = max_timestamp_before(&segment, position)?;
+            segment.reset_published(position, new_end, max_timestamp_ms);
+            segment
+        };
+        drop(segments);
+        if active.is_sealed() {
+            active.unseal()?;
+        }
+        checkpoint::sync_dir(&self.dir)?;
+        self.install_active(writer, active)
+    }
+
+    /// Makes the log empty, starting at `offset` (truncation below the start).
+    fn reset_to(&self, writer: &mut Writer, offset: u64) -> Result<()> {
+        let mut segments = self.write_segments();
+        for (_, segment) in std::mem::take(&mut *segments) {
+            segment.delete_files()?;
+        }
+        let segment = Arc::new(Segment::create(&self.dir, offset, self.config.segment_bytes_max, index_capacity(&self.config))?);
+        segments.insert(offset, segment.clone());
+        drop(segments);
+        checkpoint::sync_dir(&self.dir)?;
+        self.shared.start_offset.store(offset, Ordering::Release);
+        self.install_active(writer, segment)
+    }
+
+    fn install_active(&self, writer: &mut Writer, active: Arc<Segment>) -> Result<()> {
+        let end = active.published_next_offset();
+        writer.next_offset = end;
+        writer.write_position = active.published_bytes();
+        writer.active_max_timestamp_ms = active.max_timestamp_ms();
+        writer.bytes_since_index = self.config.index_interval_bytes;
+        writer.active_since = Instant::now();
+        let base = active.base_offset();
+        writer.active = active;
+        self.shared.end_offset.store(end, Ordering::Release);
+        if writer.epochs.truncate_from_end(end) {
+            writer.epochs.store(&self.dir)?;
+        }
+        if writer.recovery_point > base {
+            self.set_recovery_point(writer, base)?;
+        }
+        Ok(())
+    }
+
+    /// Records that `epoch` begins at the current end offset; later appends
+    /// carry it. Ignored unless it is newer than the latest epoch.
+    ///
+    /// # Errors
+    /// I/O errors writing the checkpoint.
+    pub fn assign_epoch(&self, epoch: i32) -> Result<()> {
+        let mut writer = lock(&self.writer);
+        let start = writer.next_offset;
+        if writer.epochs.assign(epoch, start) {
+            writer.epochs.store(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes sealed segments, oldest first, that retention by size or age
+    /// no longer keeps, judging age against `at_ms` (the wall clock when
+    /// `None`). The active segment is never deleted.
+    ///
+    /// # Errors
+    /// I/O errors deleting files.
+    pub fn apply_retention(&self, at_ms: Option<i64>) -> Result<RetentionOutcome> {
+        let now_ms = at_ms.unwrap_or_else(now_ms);
+        let mut writer = lock(&self.writer);
+        if writer.closed {
+            return Err(StorageError::Closed);
+        }
+        let mut outcome = RetentionOutcome::default();
+        let mut segments = self.write_segments();
+        let mut total: u64 = segments.values().map(|segment| segment.published_bytes()).sum();
+        let candidates: Vec<Arc<Segment>> = segments.values().filter(|s| s.is_sealed()).cloned().collect();
+        for segment in candidates {
+            if segment.base_offset() == writer.active.base_offset() {
+                break;
+            }
+            let bytes = segment.published_bytes();
+            let by_size = self.config.retention_bytes.is_some_and(|limit| total - bytes >= limit);
+            let by_age = self
+                .config
+                .retention_ms
+                .is_some_and(|limit| segment.max_timestamp_ms() < now_ms.saturating_sub(limit as i64));
+            if !(by_size || by_age) {
+                break;
+            }
+            segments.remove(&segment.base_offset());
+            let new_start = segments.keys().next().copied().unwrap_or(writer.next_offset);
+            self.shared.start_offset.store(new_start, Ordering::Release);
+            segment.delete_files()?;
+            total -= bytes;
+            outcome.segments_deleted += 1;
+            outcome.bytes_deleted += bytes;
+        }
+        drop(segments);
+        if outcome.segments_deleted > 0 {
+            checkpoint::sync_dir(&self.dir)?;
+            if writer.epochs.truncate_from_start(self.start_offset()) {
+                writer.epochs.store(&self.dir)?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Makes every completed append durable now (for `interval` and `never`).
+    ///
+    /// # Errors
+    /// The sync's I/O error.
+    pub fn flush(&self) -> Result<()> {
+        let file = {
+            let writer = lock(&self.writer);
+            if writer.closed {
+                return Err(StorageError::Closed);
+            }
+            writer.active.file().clone()
+        };
+        let (sender, receiver) = oneshot::channel();
+        let done = Box::new(move |result: std::io::Result<()>| {
+            let _ = sender.send(result);
+        });
+        self.engine.submit(Request::Sync { file, done })?;
+        receiver
+            .blocking_recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("io engine stopped")))
+            .map_err(|error| StorageError::io(&self.dir, error))
+    }
+
+    /// Closes the log cleanly: waits for in-flight appends, syncs the active
+    /// segment, cuts its files to their data, and writes the clean-shutdown
+    /// marker so the next open skips the scan.
+    ///
+    /// # Errors
+    /// I/O errors; the marker is then not written and the next open scans.
+    pub fn close(&self) -> Result<()> {
+        let mut writer = lock(&self.writer);
+        if writer.closed {
+            return Ok(());
+        }
+        self.repair_if_failed(&mut writer)?;
+        drop(self.wait_drained());
+        writer.closed = true;
+        let active = writer.active.clone();
+        active.seal()?;
+        writer.epochs.store(&self.dir)?;
+        checkpoint::write_atomic(&self.dir, CLEAN_SHUTDOWN_FILE, b"")
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        // Without `close` this behaves like a crash, except that writes the
+        // engine already holds complete first, so a log reopened in the same
+        // process never races its predecessor's writes.
+        drop(self.wait_drained());
+    }
+}
+
+fn index_capacity(config: &LogConfig) -> usize {
+    index::capacity_for(config.segment_bytes_max, config.index_interval_bytes)
+}
+
+/// Largest timestamp among the batches of `segment` before `position`.
+fn max_timestamp_before(segment: &Segment, position: u64) -> Result<i64> {
+    let mut max_timestamp_ms = i64::MIN;
+    let mut cursor = 0u64;
+    // Start from the last index entry before the cut: its running maximum
+    // covers everything before it.
+    if let Some(at) = segment.time_index.len().checked_sub(1) {
+        let entry = segment.time_index.entry(at);
+        max_timestamp_ms = index::time_of(entry);
+        cursor = segment.position_of(segment.base_offset() + u64::from(entry[2]))?;
+    }
+    while cursor < position {
+        let batch = segment.batch_at(cursor, false)?;
+        max_timestamp_ms = max_timestamp_ms.max(batch.max_timestamp());
+        cursor += batch.len() as u64;
+    }
+    Ok(max_timestamp_ms)
+}
+
+/// Runs on the engine thread, in request order: publishes the write or
+/// records the failure.
+fn complete_append(
+    shared: &Shared,
+    segment: &Segment,
+    end_position: u64,
+    info: AppendInfo,
+    result: std::io::Result<()>,
+) -> Result<AppendInfo> {
+    let mut publish = lock(&shared.publish);
+    let outcome = if publish.failed {
+        Err(StorageError::WriteFailed)
+    } else {
+        match result {
+            Ok(()) => {
+                let end = shared.end_offset.load(Ordering::Acquire);
+                assert_eq!(end, info.base_offset, "appends must publish in offset order");
+                segment.publish(end_position, info.last_offset + 1, info.max_timestamp_ms);
+                shared.end_offset.store(info.last_offset + 1, Ordering::Release);
+                Ok(info)
+            }
+            Err(error) => {
+                publish.failed = true;
+                Err(StorageError::io(segment.path(), error))
+            }
+        }
+    };
+    publish.in_flight -= 1;
+    if publish.in_flight == 0 {
+        shared.drained.notify_all();
+    }
+    outcome
+}
