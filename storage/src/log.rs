@@ -682,14 +682,23 @@ impl Log {
         } else {
             segment.published_next_offset()
         };
-        let active = if position == 0 && segments.len() > 1 {
-            // Nothing of this segment remains: the previous one is active again.
+        let active = if position == 0 {
+            // Nothing of this segment remains: the previous one is active
+            // again, or, if there is none, a fresh full-size segment.
             segments.remove(&base);
             segment.delete_files()?;
-            let previous = segments.values().next_back().cloned();
-            match previous {
+            match segments.values().next_back().cloned() {
                 Some(previous) => previous,
-                None => unreachable!("more than one segment"),
+                None => {
+                    let fresh = Arc::new(Segment::create(
+                        &self.dir,
+                        base,
+                        self.config.segment_bytes_max,
+                        index_capacity(&self.config),
+                    )?);
+                    segments.insert(base, fresh.clone());
+                    fresh
+                }
             }
         } else {
             segment.cut_file(position)?;

@@ -344,6 +344,13 @@ impl Segment {
     /// `data_bytes`: increasing, within the data, and its last entry naming
     /// a batch that starts at that offset. A stale or damaged index fails.
     pub(crate) fn indexes_valid(&self, data_bytes: u64) -> bool {
+        // The first batch of a segment always gets an entry, and sealing adds
+        // a final time entry, so data without entries means a lost index.
+        if data_bytes > 0
+            && (self.offset_index.len() == 0 || self.offset_index.entry(0)[..2] != [0, 0] || self.time_index.len() == 0)
+        {
+            return false;
+        }
         let mut previous: Option<[u32; 3]> = None;
         for at in 0..self.offset_index.len() {
             let entry = self.offset_index.entry(at);
