@@ -1,0 +1,238 @@
+//! `weir-bench storage`: raw baselines, then Weir appends from W concurrent
+//! writers, then reads of the written log from the memory maps, all in one
+//! run on one directory.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use weir_protocol::BatchBuilder;
+use weir_storage::{EngineConfig, EngineKind, FlushPolicy, IoEngine, Log, LogConfig};
+
+use crate::raw;
+
+/// Arguments of `weir-bench storage`.
+#[derive(Debug, clap::Args)]
+pub struct StorageArgs {
+    /// Seconds per phase (raw sync, raw direct, Weir appends).
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Bytes per record value.
+    #[arg(long, default_value_t = 1024)]
+    record_bytes: usize,
+    /// Bytes per batch (records are packed up to this size; 64 KiB–1 MiB).
+    #[arg(long, default_value_t = 256 * 1024)]
+    batch_bytes: usize,
+    /// Flush policy: always, interval (1000 ms), interval:<ms>, never.
+    #[arg(long, default_value = "always")]
+    flush: String,
+    /// Concurrent appending threads.
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
+    /// io engine: auto, uring, sync.
+    #[arg(long, default_value = "auto")]
+    engine: String,
+    /// Directory for the benchmark's files (removed afterwards).
+    #[arg(long, default_value = "weir-bench-data")]
+    dir: PathBuf,
+    /// Largest file each phase may write, in MiB.
+    #[arg(long, default_value_t = 8192)]
+    phase_mib_max: u64,
+    /// Skip the raw baselines (for quick iterations; ratios are then absent).
+    #[arg(long)]
+    no_baseline: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct StorageReport {
+    engine: String,
+    flush: String,
+    writers: usize,
+    record_bytes: usize,
+    batch_bytes: usize,
+    seconds: u64,
+    raw_sync_mb_s: Option<f64>,
+    raw_sync_fsync_p50_us: Option<u64>,
+    raw_sync_fsync_p99_us: Option<u64>,
+    raw_direct_mb_s: Option<f64>,
+    weir_mb_s: f64,
+    weir_records_s: f64,
+    ratio_sync: Option<f64>,
+    ratio_direct: Option<f64>,
+    append_p50_us: u64,
+    append_p99_us: u64,
+    append_p999_us: u64,
+    append_max_us: u64,
+    engine_rounds: u64,
+    engine_syncs: u64,
+    bytes_per_sync: u64,
+    read_mb_s: f64,
+    bytes_written: u64,
+}
+
+/// Builds one batch of `record_bytes` records filling about `batch_bytes`.
+fn build_batch(record_bytes: usize, batch_bytes: usize, seed: u64) -> (Vec<u8>, u64) {
+    let mut builder = BatchBuilder::with_capacity(0, batch_bytes + record_bytes + 128);
+    let mut value = vec![0u8; record_bytes];
+    let mut state = seed | 1;
+    for byte in value.iter_mut() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = state as u8;
+    }
+    let mut records = 0u64;
+    let stamp_bytes = value.len().min(8);
+    while builder.len_bytes() + builder.record_bytes(0, None, Some(&value), &[]) <= batch_bytes || records == 0 {
+        value[..stamp_bytes].copy_from_slice(&records.to_le_bytes()[..stamp_bytes]);
+        builder.push(0, None, Some(&value), &[]);
+        records += 1;
+    }
+    (builder.finish(), records)
+}
+
+/// Runs the storage benchmark and prints its report.
+///
+/// # Errors
+/// Bad arguments, or any I/O error of the phases.
+pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
+    let flush = FlushPolicy::parse(&args.flush).context("--flush must be always, interval, interval:<ms> or never")?;
+    let kind = EngineKind::parse(&args.engine).context("--engine must be auto, uring or sync")?;
+    let phase = Duration::from_secs(args.seconds);
+    let phase_bytes_max = args.phase_mib_max << 20;
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
+
+    let (raw_sync, raw_direct) = if args.no_baseline {
+        (None, None)
+    } else {
+        let sync = raw::buffered_sync(&args.dir.join("raw-sync"), phase, phase_bytes_max)?;
+        let direct = raw::direct(&args.dir.join("raw-direct"), phase, phase_bytes_max)?;
+        (Some(sync), Some(direct))
+    };
+
+    let engine = IoEngine::start(&EngineConfig {
+        kind,
+        ..EngineConfig::default()
+    })?;
+    let log_dir = args.dir.join("weir-0");
+    if log_dir.exists() {
+        std::fs::remove_dir_all(&log_dir)?;
+    }
+    let config = LogConfig {
+        flush,
+        batch_bytes_max: args.batch_bytes.max(1 << 20) * 2,
+        ..LogConfig::default()
+    };
+    let log = Arc::new(Log::open(&log_dir, config, engine.clone())?);
+
+    let bytes_written = Arc::new(AtomicU64::new(0));
+    let records_written = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let writers: Vec<_> = (0..args.writers.max(1))
+        .map(|writer| {
+            let log = log.clone();
+            let bytes_written = bytes_written.clone();
+            let records_written = records_written.clone();
+            let (template, records) = build_batch(args.record_bytes, args.batch_bytes, writer as u64 + 1);
+            std::thread::spawn(move || -> anyhow::Result<Histogram<u64>> {
+                let mut latencies = Histogram::<u64>::new(3)?;
+                while started.elapsed() < phase && bytes_written.load(Ordering::Relaxed) < phase_bytes_max {
+                    let batch = template.clone();
+                    let append_started = Instant::now();
+                    log.append_blocking(batch)?;
+                    latencies.record(append_started.elapsed().as_micros() as u64)?;
+                    bytes_written.fetch_add(template.len() as u64, Ordering::Relaxed);
+                    records_written.fetch_add(records, Ordering::Relaxed);
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Histogram::<u64>::new(3)?;
+    for writer in writers {
+        let histogram = writer.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
+        latencies.add(histogram)?;
+    }
+    let append_elapsed = started.elapsed();
+    let bytes = bytes_written.load(Ordering::Relaxed);
+    let weir_mb_s = bytes as f64 / 1e6 / append_elapsed.as_secs_f64();
+
+    // Read everything back from the maps (CRC checked per batch, as served).
+    let read_started = Instant::now();
+    let mut offset = log.start_offset();
+    let mut read_bytes = 0u64;
+    let mut checksum = 0u64;
+    while offset < log.end_offset() {
+        let read = log.read(offset, 1 << 20)?;
+        read_bytes += read.len() as u64;
+        checksum = checksum.wrapping_add(u64::from(read.last().copied().unwrap_or(0)));
+        offset = read.next_offset();
+    }
+    let read_elapsed = read_started.elapsed();
+    std::hint::black_box(checksum);
+    let stats = engine.stats();
+    let syncs = stats.syncs.load(Ordering::Relaxed);
+    log.close()?;
+    drop(log);
+    std::fs::remove_dir_all(&log_dir).ok();
+    std::fs::remove_dir(&args.dir).ok();
+
+    let report = StorageReport {
+        engine: engine.kind_name().to_string(),
+        flush: flush.to_string(),
+        writers: args.writers,
+        record_bytes: args.record_bytes,
+        batch_bytes: args.batch_bytes,
+        seconds: args.seconds,
+        raw_sync_mb_s: raw_sync.map(|r| r.mb_s()),
+        raw_sync_fsync_p50_us: raw_sync.map(|r| r.sync_p50_us),
+        raw_sync_fsync_p99_us: raw_sync.map(|r| r.sync_p99_us),
+        raw_direct_mb_s: raw_direct.map(|r| r.mb_s()),
+        weir_mb_s,
+        weir_records_s: records_written.load(Ordering::Relaxed) as f64 / append_elapsed.as_secs_f64(),
+        ratio_sync: raw_sync.map(|r| weir_mb_s / r.mb_s()),
+        ratio_direct: raw_direct.map(|r| weir_mb_s / r.mb_s()),
+        append_p50_us: latencies.value_at_quantile(0.50),
+        append_p99_us: latencies.value_at_quantile(0.99),
+        append_p999_us: latencies.value_at_quantile(0.999),
+        append_max_us: latencies.max(),
+        engine_rounds: stats.rounds.load(Ordering::Relaxed),
+        engine_syncs: syncs,
+        bytes_per_sync: if syncs == 0 { 0 } else { bytes / syncs },
+        read_mb_s: read_bytes as f64 / 1e6 / read_elapsed.as_secs_f64().max(1e-9),
+        bytes_written: bytes,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(report: &StorageReport) {
+    let show = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+    println!("engine {} · flush {} · {} writers · {} B records in {} B batches · {} s per phase",
+        report.engine, report.flush, report.writers, report.record_bytes, report.batch_bytes, report.seconds);
+    println!("raw pwrite+fdatasync/1MiB  {:>9} MB/s   (fdatasync p50 {} µs, p99 {} µs)",
+        show(report.raw_sync_mb_s),
+        report.raw_sync_fsync_p50_us.unwrap_or(0),
+        report.raw_sync_fsync_p99_us.unwrap_or(0));
+    println!("raw O_DIRECT 1MiB          {:>9} MB/s", show(report.raw_direct_mb_s));
+    println!("weir append                {:>9.1} MB/s   ({:.0} records/s; ×{} of raw sync, ×{} of raw direct)",
+        report.weir_mb_s, report.weir_records_s,
+        report.ratio_sync.map_or("-".into(), |r| format!("{r:.2}")),
+        report.ratio_direct.map_or("-".into(), |r| format!("{r:.2}")));
+    println!("append latency             p50 {} µs · p99 {} µs · p99.9 {} µs · max {} µs",
+        report.append_p50_us, report.append_p99_us, report.append_p999_us, report.append_max_us);
+    println!("group commit               {} rounds · {} syncs · {} bytes per sync",
+        report.engine_rounds, report.engine_syncs, report.bytes_per_sync);
+    println!("weir read (mmap)           {:>9.1} MB/s", report.read_mb_s);
+}
