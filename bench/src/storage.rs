@@ -172,7 +172,7 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
     while offset < log.end_offset() {
         let read = log.read(offset, 1 << 20)?;
         read_bytes += read.len() as u64;
-        checksum = checksum.wrapping_add(u64::from(read.last().copied().unwrap_or(0)));
+        checksum = checksum.wrapping_add(read.chunks().map(|chunk| u64::from(chunk.last().copied().unwrap_or(0))).sum::<u64>());
         offset = read.next_offset();
     }
     let read_elapsed = read_started.elapsed();

@@ -72,7 +72,38 @@ pub struct LogConfig {
     /// Check each batch's CRC-32C when it is read, so that a corrupted sealed
     /// segment is reported rather than served.
     pub verify_crc_on_read: bool,
+    /// How appends reach the device.
+    pub write_mode: WriteMode,
+    /// With [`WriteMode::Direct`]: bytes of the newest batches kept in memory
+    /// for tailing readers (at least 1 MiB is kept). Default 4 MiB per log.
+    pub recent_cache_bytes: usize,
 }
+
+/// How appends reach the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Through the page cache; readers are served from the memory maps.
+    Buffered,
+    /// O_DIRECT with aligned, coalesced writes (see `engine::direct`);
+    /// tailing readers are served from a bounded cache of recent batches.
+    /// Falls back to `Buffered` (logged) where the filesystem refuses O_DIRECT.
+    Direct,
+}
+
+impl WriteMode {
+    /// Parses `buffered` or `direct`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "buffered" => Some(WriteMode::Buffered),
+            "direct" => Some(WriteMode::Direct),
+            _ => None,
+        }
+    }
+}
+
+/// Smallest recent-batch cache in direct mode: it must always cover the
+/// partial block being rewritten (see `Log` on reader coherence).
+pub const RECENT_CACHE_BYTES_MIN: usize = 1 << 20;
 
 impl Default for LogConfig {
     fn default() -> Self {
@@ -85,6 +116,8 @@ impl Default for LogConfig {
             retention_ms: None,
             flush: FlushPolicy::Always,
             verify_crc_on_read: true,
+            write_mode: WriteMode::Direct,
+            recent_cache_bytes: 4 << 20,
         }
     }
 }

@@ -24,11 +24,12 @@ mod engine;
 mod error;
 mod index;
 mod log;
+mod recent;
 mod recovery;
 mod segment;
 
 pub use checkpoint::{EpochCache, EpochEntry};
-pub use config::{EngineConfig, EngineKind, FlushPolicy, LogConfig};
+pub use config::{EngineConfig, EngineKind, FlushPolicy, LogConfig, WriteMode};
 pub use engine::{EngineStats, IoEngine, SYNC_LATENCY_BUCKETS};
 pub use error::{Result, StorageError};
 pub use log::{AppendFuture, AppendInfo, Log, LogRead, RetentionOutcome};

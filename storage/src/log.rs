@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::ops::{Bound, Deref};
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,10 +29,12 @@ use weir_protocol::batch::{patch_base_offset, patch_leader_epoch};
 use weir_protocol::{Batch, BatchError, Batches};
 
 use crate::checkpoint::{self, CLEAN_SHUTDOWN_FILE, EpochCache, RECOVERY_POINT_FILE};
-use crate::config::LogConfig;
+use crate::config::{LogConfig, RECENT_CACHE_BYTES_MIN, WriteMode};
+use crate::engine::direct::{DIRECT_BLOCK_BYTES, DirectFile};
 use crate::engine::{IoEngine, Request, WriteRequest};
 use crate::error::{Result, StorageError};
 use crate::index;
+use crate::recent::{CachedBatch, RecentBatches};
 use crate::recovery::{self, RecoveryReport};
 use crate::segment::Segment;
 
@@ -78,21 +80,40 @@ impl Future for AppendFuture {
     }
 }
 
-/// Whole batches read from one segment, borrowed from its memory map.
+/// Whole batches, borrowed from a segment's memory map or shared with the
+/// recent-batch cache; no bytes are copied.
 ///
 /// Holding a `LogRead` keeps its segment's map alive even if retention
 /// deletes the segment meanwhile.
 pub struct LogRead {
-    segment: Option<Arc<Segment>>,
-    start: usize,
-    end: usize,
+    parts: Vec<ReadPart>,
+    len: usize,
     next_offset: u64,
+}
+
+enum ReadPart {
+    Mapped {
+        segment: Arc<Segment>,
+        start: usize,
+        end: usize,
+    },
+    Cached(Arc<Vec<u8>>),
+}
+
+impl ReadPart {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            ReadPart::Mapped { segment, start, end } => segment.map_slice(*start, *end),
+            ReadPart::Cached(bytes) => bytes,
+        }
+    }
 }
 
 impl fmt::Debug for LogRead {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LogRead")
-            .field("bytes", &(self.end - self.start))
+            .field("bytes", &self.len)
+            .field("chunks", &self.parts.len())
             .field("next_offset", &self.next_offset)
             .finish()
     }
@@ -101,19 +122,35 @@ impl fmt::Debug for LogRead {
 impl LogRead {
     fn empty(next_offset: u64) -> Self {
         LogRead {
-            segment: None,
-            start: 0,
-            end: 0,
+            parts: Vec::new(),
+            len: 0,
             next_offset,
         }
     }
 
-    /// The batches' bytes, exactly as stored.
-    pub fn bytes(&self) -> &[u8] {
-        match &self.segment {
-            Some(segment) => segment.map_slice(self.start, self.end),
-            None => &[],
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing was read (the reader is at the end).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes in order, as one or more chunks of whole batches (for a
+    /// vectored write to a socket).
+    pub fn chunks(&self) -> impl Iterator<Item = &[u8]> {
+        self.parts.iter().map(ReadPart::bytes)
+    }
+
+    /// The bytes copied into one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        for chunk in self.chunks() {
+            out.extend_from_slice(chunk);
         }
+        out
     }
 
     /// The offset after the last batch returned: where the next read starts.
@@ -123,15 +160,8 @@ impl LogRead {
 
     /// Iterates the batches (already checked when read).
     pub fn batches(&self) -> impl Iterator<Item = Batch<'_>> {
-        Batches::new(self.bytes(), false).filter_map(|batch| batch.ok())
-    }
-}
-
-impl Deref for LogRead {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        self.bytes()
+        self.chunks()
+            .flat_map(|chunk| Batches::new(chunk, false).filter_map(|batch| batch.ok()))
     }
 }
 
@@ -161,6 +191,8 @@ struct Shared {
     publish: Mutex<PublishState>,
     /// Signalled when `in_flight` reaches zero.
     drained: Condvar,
+    /// Newest batches, in direct mode (lock after `publish`, never before).
+    recent: Mutex<RecentBatches>,
 }
 
 /// State only the appender (holding the writer lock) touches.
@@ -191,6 +223,8 @@ pub struct Log {
     shared: Arc<Shared>,
     writer: Mutex<Writer>,
     report: RecoveryReport,
+    /// Appends use O_DIRECT (the configured mode, unless the filesystem refused it).
+    direct: bool,
 }
 
 impl fmt::Debug for Log {
@@ -248,6 +282,19 @@ impl Log {
         if epochs.truncate_from_end(end_offset) {
             epochs.store(&dir)?;
         }
+        let direct = config.write_mode == WriteMode::Direct
+            && match DirectFile::open(active.path()) {
+                Ok(_) => true,
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "O_DIRECT refused; this log writes through the page cache");
+                    false
+                }
+            };
+        let recent_budget = if direct {
+            config.recent_cache_bytes.max(RECENT_CACHE_BYTES_MIN)
+        } else {
+            0
+        };
         let recovery_point = checkpoint::read_recovery_point(&dir).min(active.base_offset());
         checkpoint::remove_durably(&dir, CLEAN_SHUTDOWN_FILE)?;
         let writer = Writer {
@@ -261,7 +308,7 @@ impl Log {
             recovery_point,
             closed: false,
         };
-        Ok(Log {
+        let log = Log {
             dir,
             engine,
             shared: Arc::new(Shared {
@@ -273,11 +320,49 @@ impl Log {
                     failed: false,
                 }),
                 drained: Condvar::new(),
+                recent: Mutex::new(RecentBatches::new(recent_budget)),
             }),
             writer: Mutex::new(writer),
             report: recovered.report,
+            direct,
             config,
-        })
+        };
+        let active = lock(&log.writer).active.clone();
+        log.warm_recent(&active)?;
+        Ok(log)
+    }
+
+    /// Whether appends use O_DIRECT.
+    pub fn write_mode(&self) -> WriteMode {
+        if self.direct { WriteMode::Direct } else { WriteMode::Buffered }
+    }
+
+    /// Refills the recent-batch cache from the active segment so that it
+    /// covers the partial block at the write position (direct mode). Called
+    /// with no write in flight.
+    fn warm_recent(&self, active: &Segment) -> Result<()> {
+        let mut recent = lock(&self.shared.recent);
+        recent.clear();
+        if !recent.enabled() {
+            return Ok(());
+        }
+        let end_position = active.published_bytes();
+        let block_start = end_position - end_position % DIRECT_BLOCK_BYTES as u64;
+        let mut cursor = active
+            .offset_index
+            .floor(block_start, |entry| u64::from(entry[1]))
+            .map_or(0, |entry| u64::from(entry[1]))
+            .min(end_position);
+        while cursor < end_position {
+            let batch = active.batch_at(cursor, false)?;
+            recent.push(CachedBatch {
+                base_offset: batch.base_offset(),
+                next_offset: batch.next_offset(),
+                bytes: Arc::new(batch.bytes().to_vec()),
+            });
+            cursor += batch.len() as u64;
+        }
+        Ok(())
     }
 
     /// The log's directory.
@@ -393,6 +478,7 @@ impl Log {
             self.roll_locked(&mut writer)?;
         }
 
+        let target = writer.active.write_target(self.direct)?;
         let base_offset = writer.next_offset;
         if assign_offsets {
             patch_base_offset(&mut batch, base_offset);
@@ -422,15 +508,17 @@ impl Log {
             last_offset: next_offset - 1,
             max_timestamp_ms: batch_max_timestamp_ms,
         };
+        let data = Arc::new(batch);
+        let cached = data.clone();
         let done = Box::new(move |result: std::io::Result<()>| {
-            let outcome = complete_append(&shared, &completed_segment, position + len, info, result);
+            let outcome = complete_append(&shared, &completed_segment, position + len, info, &cached, result);
             // The caller may have stopped waiting; the append stands regardless.
             let _ = sender.send(outcome);
         });
         let request = Request::Write(WriteRequest {
-            file: segment.file().clone(),
+            target,
             position,
-            data: batch,
+            data,
             sync: self.config.sync_deadline(),
             done,
         });
@@ -554,26 +642,21 @@ impl Log {
         if from_offset == end {
             return Ok(LogRead::empty(end));
         }
-        let segment = {
-            let segments = self.read_segments();
-            let mut found = segments.range(..=from_offset).next_back().map(|(_, s)| s.clone());
-            while let Some(segment) = found.as_ref().filter(|s| s.published_next_offset() <= from_offset) {
-                found = segments
-                    .range((Bound::Excluded(segment.base_offset()), Bound::Unbounded))
-                    .next()
-                    .map(|(_, s)| s.clone());
+        // In direct mode the newest batches come from the cache, and the map
+        // is read only below the cache's first offset (see `recent`).
+        let mapped_limit = {
+            let recent = lock(&self.shared.recent);
+            if let Some(batches) = recent.read(from_offset, max_bytes) {
+                return Ok(cached_read(batches));
             }
-            found.ok_or(StorageError::OffsetOutOfRange {
-                offset: from_offset,
-                start: self.start_offset(),
-                end,
-            })?
+            recent.start_offset().unwrap_or(u64::MAX)
         };
+        let segment = self.segment_for(from_offset, end)?;
         let position = segment.position_of(from_offset)?;
         let verify = self.config.verify_crc_on_read;
         let mut cursor = position;
         let mut next_offset = from_offset;
-        while cursor < segment.published_bytes() {
+        while cursor < segment.published_bytes() && next_offset < mapped_limit {
             match segment.batch_at(cursor, verify) {
                 Ok(batch) => {
                     if cursor > position && (cursor - position) as usize + batch.len() > max_bytes {
@@ -586,11 +669,32 @@ impl Log {
                 Err(_) => break,
             }
         }
+        let len = (cursor - position) as usize;
         Ok(LogRead {
-            segment: Some(segment),
-            start: position as usize,
-            end: cursor as usize,
+            parts: vec![ReadPart::Mapped {
+                segment,
+                start: position as usize,
+                end: cursor as usize,
+            }],
+            len,
             next_offset,
+        })
+    }
+
+    /// The segment holding `offset` (or the first after it).
+    fn segment_for(&self, offset: u64, end: u64) -> Result<Arc<Segment>> {
+        let segments = self.read_segments();
+        let mut found = segments.range(..=offset).next_back().map(|(_, s)| s.clone());
+        while let Some(segment) = found.as_ref().filter(|s| s.published_next_offset() <= offset) {
+            found = segments
+                .range((Bound::Excluded(segment.base_offset()), Bound::Unbounded))
+                .next()
+                .map(|(_, s)| s.clone());
+        }
+        found.ok_or(StorageError::OffsetOutOfRange {
+            offset,
+            start: self.start_offset(),
+            end,
         })
     }
 
@@ -601,9 +705,18 @@ impl Log {
     /// # Errors
     /// [`StorageError::Corrupt`] if a scanned batch fails its checks.
     pub fn lookup_by_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
+        let (mapped_limit, cached) = {
+            let recent = lock(&self.shared.recent);
+            let start = recent.start_offset();
+            let cached = start.and_then(|start| recent.read(start, usize::MAX)).unwrap_or_default();
+            (start.unwrap_or(u64::MAX), cached)
+        };
         let segments: Vec<Arc<Segment>> = self.read_segments().values().cloned().collect();
-        let end = self.end_offset();
+        let limit = self.end_offset().min(mapped_limit);
         for segment in segments {
+            if segment.base_offset() >= limit {
+                break;
+            }
             if segment.max_timestamp_ms() < timestamp_ms || segment.published_bytes() == 0 {
                 continue;
             }
@@ -619,18 +732,19 @@ impl Log {
             let mut position = segment.position_of(from)?;
             while position < segment.published_bytes() {
                 let batch = segment.batch_at(position, false)?;
-                if batch.base_offset() >= end {
+                if batch.base_offset() >= limit {
                     break;
                 }
-                if batch.max_timestamp() >= timestamp_ms {
-                    let record_offset = batch.records().ok().and_then(|mut records| {
-                        records.find_map(|record| {
-                            record.ok().filter(|r| r.timestamp_ms >= timestamp_ms).map(|r| r.offset)
-                        })
-                    });
-                    return Ok(Some(record_offset.unwrap_or(batch.base_offset())));
+                if let Some(offset) = first_at_or_after(&batch, timestamp_ms) {
+                    return Ok(Some(offset));
                 }
                 position += batch.len() as u64;
+            }
+        }
+        for cached_batch in &cached {
+            let batch = Batch::parse(&cached_batch.bytes)?;
+            if let Some(offset) = first_at_or_after(&batch, timestamp_ms) {
+                return Ok(Some(offset));
             }
         }
         Ok(None)
@@ -737,8 +851,9 @@ impl Log {
         writer.bytes_since_index = self.config.index_interval_bytes;
         writer.active_since = Instant::now();
         let base = active.base_offset();
-        writer.active = active;
+        writer.active = active.clone();
         self.shared.end_offset.store(end, Ordering::Release);
+        self.warm_recent(&active)?;
         if writer.epochs.truncate_from_end(end) {
             writer.epochs.store(&self.dir)?;
         }
@@ -866,6 +981,28 @@ fn index_capacity(config: &LogConfig) -> usize {
     index::capacity_for(config.segment_bytes_max, config.index_interval_bytes)
 }
 
+/// The first record of `batch` at or after `timestamp_ms` (the batch's base
+/// offset for a compressed batch), if the batch reaches that time at all.
+fn first_at_or_after(batch: &Batch<'_>, timestamp_ms: i64) -> Option<u64> {
+    if batch.max_timestamp() < timestamp_ms {
+        return None;
+    }
+    let record_offset = batch.records().ok().and_then(|mut records| {
+        records.find_map(|record| record.ok().filter(|r| r.timestamp_ms >= timestamp_ms).map(|r| r.offset))
+    });
+    Some(record_offset.unwrap_or(batch.base_offset()))
+}
+
+fn cached_read(batches: Vec<CachedBatch>) -> LogRead {
+    let next_offset = batches.last().map_or(0, |batch| batch.next_offset);
+    let len = batches.iter().map(|batch| batch.bytes.len()).sum();
+    LogRead {
+        parts: batches.into_iter().map(|batch| ReadPart::Cached(batch.bytes)).collect(),
+        len,
+        next_offset,
+    }
+}
+
 /// Largest timestamp among the batches of `segment` before `position`.
 fn max_timestamp_before(segment: &Segment, position: u64) -> Result<i64> {
     let mut max_timestamp_ms = i64::MIN;
@@ -892,6 +1029,7 @@ fn complete_append(
     segment: &Segment,
     end_position: u64,
     info: AppendInfo,
+    data: &Arc<Vec<u8>>,
     result: std::io::Result<()>,
 ) -> Result<AppendInfo> {
     let mut publish = lock(&shared.publish);
@@ -903,6 +1041,13 @@ fn complete_append(
                 let end = shared.end_offset.load(Ordering::Acquire);
                 assert_eq!(end, info.base_offset, "appends must publish in offset order");
                 segment.publish(end_position, info.last_offset + 1, info.max_timestamp_ms);
+                // Cache before publishing the end, so a reader that sees the
+                // new end finds the batch in the cache (direct mode).
+                lock(&shared.recent).push(CachedBatch {
+                    base_offset: info.base_offset,
+                    next_offset: info.last_offset + 1,
+                    bytes: data.clone(),
+                });
                 shared.end_offset.store(info.last_offset + 1, Ordering::Release);
                 Ok(info)
             }

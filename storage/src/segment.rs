@@ -10,12 +10,14 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use memmap2::Mmap;
 use weir_protocol::{Batch, BatchError};
 
+use crate::engine::WriteTarget;
+use crate::engine::direct::DirectFile;
 use crate::error::{Result, StorageError};
 use crate::index::{self, Index, OFFSET_ENTRY_WORDS, TIME_ENTRY_WORDS};
 
@@ -40,6 +42,9 @@ pub(crate) struct Segment {
     /// Largest batch max-timestamp published, or `i64::MIN` when empty.
     max_timestamp_ms: AtomicI64,
     sealed: AtomicBool,
+    /// The O_DIRECT handle, opened on the first direct write and dropped
+    /// when the segment is sealed.
+    direct: Mutex<Option<Arc<DirectFile>>>,
     pub(crate) offset_index: Index,
     pub(crate) time_index: Index,
 }
@@ -148,6 +153,7 @@ impl Segment {
             published_next_offset: AtomicU64::new(base_offset),
             max_timestamp_ms: AtomicI64::new(i64::MIN),
             sealed: AtomicBool::new(false),
+            direct: Mutex::new(None),
             offset_index,
             time_index,
         })
@@ -163,6 +169,31 @@ impl Segment {
 
     pub(crate) fn file(&self) -> &Arc<File> {
         &self.file
+    }
+
+    /// Where appends to this segment are written.
+    ///
+    /// # Errors
+    /// Opening the O_DIRECT handle failed.
+    pub(crate) fn write_target(&self, direct: bool) -> Result<WriteTarget> {
+        if !direct {
+            return Ok(WriteTarget::Buffered(self.file.clone()));
+        }
+        let mut handle = self.direct.lock().unwrap_or_else(|poison| poison.into_inner());
+        if handle.is_none() {
+            let opened = DirectFile::open(&self.path).map_err(|error| StorageError::io(&self.path, error))?;
+            *handle = Some(Arc::new(opened));
+        }
+        match handle.as_ref() {
+            Some(file) => Ok(WriteTarget::Direct(file.clone())),
+            None => unreachable!("opened above"),
+        }
+    }
+
+    fn forget_direct_tail(&self) {
+        if let Some(file) = self.direct.lock().unwrap_or_else(|poison| poison.into_inner()).as_ref() {
+            file.forget_tail();
+        }
     }
 
     /// Bytes the map can hold: writes must stay below it.
@@ -399,6 +430,7 @@ impl Segment {
         self.offset_index.seal()?;
         self.time_index.seal()?;
         self.sealed.store(true, Ordering::Release);
+        self.direct.lock().unwrap_or_else(|poison| poison.into_inner()).take();
         Ok(())
     }
 
@@ -417,6 +449,7 @@ impl Segment {
     /// never be mistaken for batches by a later recovery; then syncs it.
     pub(crate) fn cut_file(&self, bytes: u64) -> Result<()> {
         let io = |error| StorageError::io(&self.path, error);
+        self.forget_direct_tail();
         let file_bytes = self.file.metadata().map_err(io)?.len();
         if file_bytes > bytes {
             zero_range(&self.file, bytes, file_bytes - bytes).map_err(io)?;

@@ -4,17 +4,17 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{ENGINES, batch, engine, open, read_all, small_config};
+use common::{VARIANTS, batch, engine, open, read_all, small_config};
 use weir_protocol::BatchError;
 use weir_storage::{FlushPolicy, LogConfig, StorageError};
 
 /// Appends get consecutive offsets and read back whole, in order, across segment rolls.
 #[test]
 fn append_and_read_in_order_across_rolls() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = engine(kind);
-        let log = open(dir.path(), &small_config(), &engine);
+        let log = open(dir.path(), &small_config(mode), &engine);
         let mut expected = Vec::new();
         for tag in 0..200u64 {
             let count = 1 + (tag as usize % 7);
@@ -22,8 +22,8 @@ fn append_and_read_in_order_across_rolls() {
             assert_eq!(info.last_offset - info.base_offset + 1, count as u64);
             expected.push((info.base_offset, count as u64, tag));
         }
-        assert!(log.segment_count() > 3, "{kind:?}: small segments must roll");
-        assert_eq!(read_all(&log), expected, "{kind:?}");
+        assert!(log.segment_count() > 3, "{kind:?}/{mode:?}: small segments must roll");
+        assert_eq!(read_all(&log), expected, "{kind:?}/{mode:?}");
         assert_eq!(log.end_offset(), expected.last().map(|e| e.0 + e.1).unwrap_or(0));
         // Reading from the middle of a batch returns that whole batch first.
         let (base, count, tag) = expected[50];
@@ -40,14 +40,14 @@ fn append_and_read_in_order_across_rolls() {
 /// Reads outside [start, end] are refused with the range; a read at the end is empty.
 #[test]
 fn reads_out_of_range_are_typed_errors() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = open(dir.path(), &small_config(), &engine(kind));
+        let log = open(dir.path(), &small_config(mode), &engine(kind));
         log.append_blocking(batch(1, 3, 10, 0)).expect("append");
         assert!(log.read(3, 100).expect("at end").is_empty());
         match log.read(4, 100) {
             Err(StorageError::OffsetOutOfRange { offset: 4, start: 0, end: 3 }) => {}
-            other => panic!("{kind:?}: expected out of range, got {other:?}"),
+            other => panic!("{kind:?}/{mode:?}: expected out of range, got {other:?}"),
         }
     }
 }
@@ -55,9 +55,9 @@ fn reads_out_of_range_are_typed_errors() {
 /// Every kind of malformed batch is refused with a typed error and changes nothing.
 #[test]
 fn malformed_batches_are_refused_and_change_nothing() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = small_config();
+        let config = small_config(mode);
         let log = open(dir.path(), &config, &engine(kind));
         log.append_blocking(batch(1, 2, 10, 0)).expect("append");
         let before = (log.end_offset(), log.size_bytes());
@@ -85,7 +85,7 @@ fn malformed_batches_are_refused_and_change_nothing() {
         assert!(matches!(log.append(huge), Err(StorageError::BatchTooLarge { .. })));
         assert!(matches!(log.append(Vec::new()), Err(StorageError::InvalidBatch(_))));
 
-        assert_eq!((log.end_offset(), log.size_bytes()), before, "{kind:?}: nothing changed");
+        assert_eq!((log.end_offset(), log.size_bytes()), before, "{kind:?}/{mode:?}: nothing changed");
         assert_eq!(read_all(&log).len(), 1);
         // And the log still takes good batches.
         assert_eq!(log.append_blocking(good).expect("append").base_offset, 2);
@@ -96,9 +96,9 @@ fn malformed_batches_are_refused_and_change_nothing() {
 /// segment boundary and below everything; appends continue from the new end.
 #[test]
 fn truncate_to_cuts_whole_batches() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = small_config();
+        let config = small_config(mode);
         let engine = engine(kind);
         let log = open(dir.path(), &config, &engine);
         let mut bases = Vec::new();
@@ -122,7 +122,7 @@ fn truncate_to_cuts_whole_batches() {
         let log = open(dir.path(), &config, &engine);
         let tags: Vec<u64> = read_all(&log).iter().map(|b| b.2).collect();
         assert_eq!(tags.len(), 11);
-        assert_eq!(tags[10], 999, "{kind:?}");
+        assert_eq!(tags[10], 999, "{kind:?}/{mode:?}");
         // Below the start: the log becomes empty at that offset.
         log.truncate_to(0).expect("truncate");
         assert_eq!((log.start_offset(), log.end_offset()), (0, 0));
@@ -133,9 +133,9 @@ fn truncate_to_cuts_whole_batches() {
 /// Truncating exactly at a segment's base removes that segment and makes the previous one active.
 #[test]
 fn truncate_at_segment_boundary() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = open(dir.path(), &small_config(), &engine(kind));
+        let log = open(dir.path(), &small_config(mode), &engine(kind));
         log.append_blocking(batch(1, 5, 100, 0)).expect("append");
         log.roll().expect("roll");
         let second = log.append_blocking(batch(2, 5, 100, 0)).expect("append");
@@ -152,12 +152,12 @@ fn truncate_at_segment_boundary() {
 /// Retention by size and by age deletes whole sealed segments, oldest first, never the active one.
 #[test]
 fn retention_by_size_and_age() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = LogConfig {
             retention_bytes: Some(100 * 1024),
             retention_ms: Some(60_000),
-            ..small_config()
+            ..small_config(mode)
         };
         let log = open(dir.path(), &config, &engine(kind));
         for tag in 0..400u64 {
@@ -167,8 +167,8 @@ fn retention_by_size_and_age() {
         assert!(before > 200 * 1024);
         let outcome = log.apply_retention(Some(1_000_000)).expect("retention");
         assert!(outcome.segments_deleted > 0);
-        assert!(log.size_bytes() >= 100 * 1024, "{kind:?}: size retention keeps at least the limit");
-        assert!(log.size_bytes() < 100 * 1024 + 64 * 1024, "{kind:?}: and no more than a segment over it");
+        assert!(log.size_bytes() >= 100 * 1024, "{kind:?}/{mode:?}: size retention keeps at least the limit");
+        assert!(log.size_bytes() < 100 * 1024 + 64 * 1024, "{kind:?}/{mode:?}: and no more than a segment over it");
         assert!(log.start_offset() > 0);
         assert!(matches!(log.read(0, 10), Err(StorageError::OffsetOutOfRange { .. })));
         let remaining = read_all(&log);
@@ -183,26 +183,26 @@ fn retention_by_size_and_age() {
 /// A segment older than `segment_age_ms_max` rolls on the next append.
 #[test]
 fn segment_rolls_by_age() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = LogConfig {
             segment_age_ms_max: 0,
-            ..small_config()
+            ..small_config(mode)
         };
         let log = open(dir.path(), &config, &engine(kind));
         for tag in 0..3 {
             log.append_blocking(batch(tag, 1, 10, 0)).expect("append");
         }
-        assert_eq!(log.segment_count(), 3, "{kind:?}: each append after the first rolls");
+        assert_eq!(log.segment_count(), 3, "{kind:?}/{mode:?}: each append after the first rolls");
     }
 }
 
 /// Time lookups return the first record at or after the timestamp, across segments.
 #[test]
 fn lookup_by_timestamp_finds_first_record_at_or_after() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = open(dir.path(), &small_config(), &engine(kind));
+        let log = open(dir.path(), &small_config(mode), &engine(kind));
         let mut bases = Vec::new();
         for tag in 0..300u64 {
             bases.push(log.append_blocking(batch(tag, 2, 100, 10 * tag as i64)).expect("append").base_offset);
@@ -216,7 +216,7 @@ fn lookup_by_timestamp_finds_first_record_at_or_after() {
         // And after a clean reopen, from the persisted time indexes.
         log.close().expect("close");
         drop(log);
-        let log = open(dir.path(), &small_config(), &engine(kind));
+        let log = open(dir.path(), &small_config(mode), &engine(kind));
         assert_eq!(log.lookup_by_timestamp(1_500).expect("lookup"), Some(bases[150]));
     }
 }
@@ -224,10 +224,10 @@ fn lookup_by_timestamp_finds_first_record_at_or_after() {
 /// Leader epochs are stamped on appended batches and survive reopen and truncation.
 #[test]
 fn leader_epochs_are_stamped_and_checkpointed() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = engine(kind);
-        let log = open(dir.path(), &small_config(), &engine);
+        let log = open(dir.path(), &small_config(mode), &engine);
         log.assign_epoch(1).expect("epoch");
         log.append_blocking(batch(1, 4, 10, 0)).expect("append");
         log.assign_epoch(3).expect("epoch");
@@ -239,7 +239,7 @@ fn leader_epochs_are_stamped_and_checkpointed() {
         assert_eq!(epochs.end_offset_for(2, log.end_offset()), Some((1, 4)));
         assert_eq!(epochs.end_offset_for(3, log.end_offset()), Some((3, 8)));
         drop(log);
-        let log = open(dir.path(), &small_config(), &engine);
+        let log = open(dir.path(), &small_config(mode), &engine);
         assert_eq!(log.epochs().entries().len(), 2);
         log.truncate_to(4).expect("truncate");
         assert_eq!(log.epochs().entries().len(), 1, "epoch 3 started at the cut");
@@ -249,9 +249,9 @@ fn leader_epochs_are_stamped_and_checkpointed() {
 /// A replica append must continue the log exactly and keeps the leader's epoch.
 #[test]
 fn replica_appends_keep_offsets_and_epoch() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = open(dir.path(), &small_config(), &engine(kind));
+        let log = open(dir.path(), &small_config(mode), &engine(kind));
         let mut replicated = batch(1, 3, 10, 0);
         weir_protocol::batch::patch_base_offset(&mut replicated, 5);
         assert!(matches!(
@@ -270,12 +270,12 @@ fn replica_appends_keep_offsets_and_epoch() {
 /// unique and every read sees only whole, valid, contiguous batches.
 #[test]
 fn concurrent_appenders_and_readers() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         for flush in [FlushPolicy::Always, FlushPolicy::IntervalMs(5), FlushPolicy::Never] {
             let dir = tempfile::tempdir().expect("tempdir");
             let config = LogConfig {
                 flush,
-                ..small_config()
+                ..small_config(mode)
             };
             let log = Arc::new(open(dir.path(), &config, &engine(kind)));
             let writers: Vec<_> = (0..8u64)
@@ -307,7 +307,7 @@ fn concurrent_appenders_and_readers() {
             reader.join().expect("reader never saw a bad batch");
             acked.sort_unstable();
             let stored: Vec<(u64, u64)> = read_all(&log).iter().map(|b| (b.0, b.2)).collect();
-            assert_eq!(stored, acked, "{kind:?} {flush}: the log holds exactly the acked batches");
+            assert_eq!(stored, acked, "{kind:?}/{mode:?} {flush}: the log holds exactly the acked batches");
             log.flush().expect("flush");
         }
     }
@@ -316,9 +316,9 @@ fn concurrent_appenders_and_readers() {
 /// A batch corrupted in the middle of a sealed segment is reported on read, never served.
 #[test]
 fn corruption_in_sealed_segment_is_detected_on_read() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = open(dir.path(), &small_config(), &engine(kind));
+        let log = open(dir.path(), &small_config(mode), &engine(kind));
         let mut bases = Vec::new();
         for tag in 0..100u64 {
             bases.push(log.append_blocking(batch(tag, 2, 300, 0)).expect("append").base_offset);
@@ -330,6 +330,9 @@ fn corruption_in_sealed_segment_is_detected_on_read() {
         // Flip a value byte in the batch around `target`.
         bytes[target] ^= 0xff;
         std::fs::write(&first_segment, &bytes).expect("write segment");
+        // Reopen, so that nothing is served from memory that predates the damage.
+        drop(log);
+        let log = open(dir.path(), &small_config(mode), &engine(kind));
         let mut errors = 0;
         let mut offset = 0;
         while offset < log.end_offset() {
@@ -342,6 +345,6 @@ fn corruption_in_sealed_segment_is_detected_on_read() {
                 Err(other) => panic!("unexpected error {other}"),
             }
         }
-        assert_eq!(errors, 1, "{kind:?}: exactly the damaged batch is refused");
+        assert_eq!(errors, 1, "{kind:?}/{mode:?}: exactly the damaged batch is refused");
     }
 }

@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{ENGINES, batch, engine, read_all};
+use common::{VARIANTS, batch, engine, read_all};
 use proptest::prelude::*;
-use weir_storage::{EngineKind, Log, LogConfig};
+use weir_storage::{EngineKind, Log, LogConfig, WriteMode};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -38,8 +38,9 @@ struct Stored {
     tag: u64,
 }
 
-fn config() -> LogConfig {
+fn config(write_mode: WriteMode) -> LogConfig {
     LogConfig {
+        write_mode,
         segment_bytes_max: 24 * 1024,
         index_interval_bytes: 300,
         batch_bytes_max: 16 * 1024,
@@ -48,10 +49,10 @@ fn config() -> LogConfig {
     }
 }
 
-fn run(kind: EngineKind, ops: &[Op]) -> Result<(), TestCaseError> {
+fn run((kind, mode): (EngineKind, WriteMode), ops: &[Op]) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = engine(kind);
-    let mut log = Log::open(dir.path(), config(), engine.clone()).expect("open");
+    let mut log = Log::open(dir.path(), config(mode), engine.clone()).expect("open");
     let mut model: Vec<Stored> = Vec::new();
     let mut next_offset = 0u64;
     let mut start_offset = 0u64;
@@ -102,7 +103,7 @@ fn run(kind: EngineKind, ops: &[Op]) -> Result<(), TestCaseError> {
                     log.close().expect("close");
                 }
                 drop(log);
-                log = Log::open(dir.path(), config(), engine.clone()).expect("reopen");
+                log = Log::open(dir.path(), config(mode), engine.clone()).expect("reopen");
                 prop_assert_eq!(log.recovery_report().clean, *clean);
                 prop_assert!(log.recovery_report().cut.is_none(), "a healthy log is never cut: {:?}", log.recovery_report());
             }
@@ -123,17 +124,29 @@ fn run(kind: EngineKind, ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
-    /// The uring engine agrees with the model.
+    /// The uring engine with direct I/O agrees with the model.
     #[test]
-    fn uring_log_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
-        run(ENGINES[0], &ops)?;
+    fn uring_direct_log_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        run(VARIANTS[0], &ops)?;
     }
 
-    /// The sync engine agrees with the model.
+    /// The uring engine through the page cache agrees with the model.
     #[test]
-    fn sync_log_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
-        run(ENGINES[1], &ops)?;
+    fn uring_buffered_log_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        run(VARIANTS[1], &ops)?;
+    }
+
+    /// The sync engine with direct I/O agrees with the model.
+    #[test]
+    fn sync_direct_log_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        run(VARIANTS[2], &ops)?;
+    }
+
+    /// The sync engine through the page cache agrees with the model.
+    #[test]
+    fn sync_buffered_log_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+        run(VARIANTS[3], &ops)?;
     }
 }

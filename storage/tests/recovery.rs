@@ -7,7 +7,7 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use common::{ENGINES, batch, engine, open, read_all, small_config};
+use common::{VARIANTS, batch, engine, open, read_all, small_config};
 use weir_storage::checkpoint::CLEAN_SHUTDOWN_FILE;
 use weir_storage::{LogConfig, StorageError};
 
@@ -39,9 +39,9 @@ fn flip(path: &Path, position: u64) {
 /// A tail truncated mid-batch is cut at the last whole batch; appends continue there.
 #[test]
 fn truncated_tail_mid_batch() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = LogConfig { segment_bytes_max: 1 << 20, ..small_config() };
+        let config = LogConfig { segment_bytes_max: 1 << 20, ..small_config(mode) };
         let written = fill(dir.path(), &config, kind, 20);
         let tail_start: u64 = written[..19].iter().map(|(_, len)| *len as u64).sum();
         // Zero the second half of the last batch, as if its write was torn.
@@ -51,7 +51,7 @@ fn truncated_tail_mid_batch() {
         file.write_all_at(&vec![0u8; half as usize], tail_start + half).expect("tear");
         drop(file);
         let log = open(dir.path(), &config, &engine(kind));
-        assert_eq!(log.end_offset(), written[19].0, "{kind:?}: the torn batch is gone");
+        assert_eq!(log.end_offset(), written[19].0, "{kind:?}/{mode:?}: the torn batch is gone");
         let report = log.recovery_report();
         assert!(!report.clean);
         assert!(report.cut.is_some(), "the cut is reported");
@@ -64,9 +64,9 @@ fn truncated_tail_mid_batch() {
 /// A flipped byte in the last batch cuts exactly that batch.
 #[test]
 fn flipped_byte_in_tail() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = LogConfig { segment_bytes_max: 1 << 20, ..small_config() };
+        let config = LogConfig { segment_bytes_max: 1 << 20, ..small_config(mode) };
         let written = fill(dir.path(), &config, kind, 10);
         let tail_start: u64 = written[..9].iter().map(|(_, len)| *len as u64).sum();
         flip(&segment_path(dir.path(), 0, "log"), tail_start + 80);
@@ -82,9 +82,9 @@ fn flipped_byte_in_tail() {
 /// nothing after the first bad byte is ever served, and later segments go.
 #[test]
 fn flipped_byte_in_middle_cuts_everything_after() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = small_config();
+        let config = small_config(mode);
         let written = fill(dir.path(), &config, kind, 800);
         // Forget the recovery point so every segment is scanned.
         std::fs::remove_file(dir.path().join("recovery-point")).expect("recovery point exists after rolls");
@@ -96,9 +96,9 @@ fn flipped_byte_in_middle_cuts_everything_after() {
         flip(&segment_path(dir.path(), 0, "log"), position);
         let log = open(dir.path(), &config, &engine(kind));
         let report = log.recovery_report().clone();
-        assert!(report.segments_deleted >= segments_before - 1 - 1, "{kind:?}: {report:?}");
+        assert!(report.segments_deleted >= segments_before - 1 - 1, "{kind:?}/{mode:?}: {report:?}");
         let survivors = read_all(&log);
-        assert_eq!(survivors.len(), 30, "{kind:?}: the log ends before the damaged batch");
+        assert_eq!(survivors.len(), 30, "{kind:?}/{mode:?}: the log ends before the damaged batch");
         for (index, (_, _, tag)) in survivors.iter().enumerate() {
             assert_eq!(*tag, index as u64, "survivors are exactly the prefix");
         }
@@ -115,10 +115,10 @@ fn flipped_byte_in_middle_cuts_everything_after() {
 /// Missing index files are rebuilt, after a clean shutdown and after a crash.
 #[test]
 fn missing_indexes_are_rebuilt() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         for clean in [true, false] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let config = small_config();
+            let config = small_config(mode);
             let log = open(dir.path(), &config, &engine(kind));
             for tag in 0..300u64 {
                 log.append_blocking(batch(tag, 2, 150, 10 * tag as i64)).expect("append");
@@ -136,7 +136,7 @@ fn missing_indexes_are_rebuilt() {
                 }
             }
             let log = open(dir.path(), &config, &engine(kind));
-            assert!(log.recovery_report().indexes_rebuilt > 0, "{kind:?} clean={clean}");
+            assert!(log.recovery_report().indexes_rebuilt > 0, "{kind:?}/{mode:?} clean={clean}");
             assert_eq!(read_all(&log), expected);
             assert_eq!(log.lookup_by_timestamp(1_505).expect("lookup"), lookup);
         }
@@ -146,9 +146,9 @@ fn missing_indexes_are_rebuilt() {
 /// A stale index (entries pointing at the wrong batches) is detected and rebuilt.
 #[test]
 fn stale_index_is_rebuilt() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = small_config();
+        let config = small_config(mode);
         let log = open(dir.path(), &config, &engine(kind));
         for tag in 0..300u64 {
             log.append_blocking(batch(tag, 2, 150, tag as i64)).expect("append");
@@ -167,7 +167,7 @@ fn stale_index_is_rebuilt() {
         std::fs::write(&path, &bytes).expect("write index");
         let log = open(dir.path(), &config, &engine(kind));
         assert!(log.recovery_report().indexes_rebuilt > 0);
-        assert_eq!(read_all(&log), expected, "{kind:?}");
+        assert_eq!(read_all(&log), expected, "{kind:?}/{mode:?}");
         for (base, _, _) in expected.iter().step_by(17) {
             let read = log.read(*base, 1).expect("read");
             assert_eq!(read.batches().next().map(|b| b.base_offset()), Some(*base));
@@ -178,9 +178,9 @@ fn stale_index_is_rebuilt() {
 /// Without the marker every unsynced segment is scanned; with it, none is.
 #[test]
 fn clean_marker_decides_the_scan() {
-    for kind in ENGINES {
+    for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = small_config();
+        let config = small_config(mode);
         let log = open(dir.path(), &config, &engine(kind));
         for tag in 0..200u64 {
             log.append_blocking(batch(tag, 2, 150, tag as i64)).expect("append");
@@ -201,7 +201,7 @@ fn clean_marker_decides_the_scan() {
         let report = log.recovery_report();
         assert!(!report.clean);
         assert!(report.segments_scanned >= 1);
-        assert!(report.cut.is_none(), "{kind:?}: nothing to cut in a good log: {report:?}");
+        assert!(report.cut.is_none(), "{kind:?}/{mode:?}: nothing to cut in a good log: {report:?}");
         assert_eq!(read_all(&log), expected);
     }
 }

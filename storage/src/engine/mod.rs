@@ -18,6 +18,7 @@
 //! thread, after the round's writes and syncs have finished. A log relies on
 //! this to publish its end offset in order.
 
+pub(crate) mod direct;
 mod sync;
 mod uring;
 
@@ -39,15 +40,33 @@ use crate::error::{Result, StorageError};
 /// It must not block: it publishes state and wakes the waiter.
 pub(crate) type Completion = Box<dyn FnOnce(io::Result<()>) + Send>;
 
+/// Where a write goes.
+#[derive(Clone)]
+pub(crate) enum WriteTarget {
+    /// Through the page cache.
+    Buffered(Arc<File>),
+    /// With O_DIRECT: the engine aligns and coalesces (see `direct`).
+    Direct(Arc<direct::DirectFile>),
+}
+
+impl WriteTarget {
+    fn fd(&self) -> RawFd {
+        match self {
+            WriteTarget::Buffered(file) => file.as_raw_fd(),
+            WriteTarget::Direct(file) => file.fd(),
+        }
+    }
+}
+
 /// A positioned write of owned bytes.
 pub(crate) struct WriteRequest {
     /// The file; kept alive by the request until completion.
-    pub file: Arc<File>,
+    pub target: WriteTarget,
     /// Byte position in the file.
     pub position: u64,
-    /// The bytes, owned by the request until completion so that io_uring can
-    /// read them while the caller waits.
-    pub data: Vec<u8>,
+    /// The bytes, shared with the log's recent-batch cache and held by the
+    /// request until completion so that io_uring can read them meanwhile.
+    pub data: Arc<Vec<u8>>,
     /// Whether and when the write must become durable.
     pub sync: SyncMode,
     /// Runs once the write (and sync, if `SyncMode::Now`) is done.
@@ -251,6 +270,10 @@ pub(crate) struct WriteOp<'a> {
     pub data: &'a [u8],
     /// Bytes written so far; the backend advances it.
     pub written: usize,
+    /// Alignment a resubmitted remainder must keep (1, or the direct-I/O
+    /// block): after a short write the backend resumes from
+    /// `written - written % align`, rewriting a few bytes if need be.
+    pub align: usize,
     /// Set by the backend on a hard error; the write is then abandoned.
     pub error: Option<io::Error>,
 }
@@ -259,6 +282,11 @@ impl WriteOp<'_> {
     /// True once the write has finished, either way.
     pub fn finished(&self) -> bool {
         self.error.is_some() || self.written == self.data.len()
+    }
+
+    /// Where the next attempt starts, keeping the alignment.
+    pub fn resume_at(&self) -> usize {
+        self.written - self.written % self.align.max(1)
     }
 }
 
@@ -289,7 +317,7 @@ struct Worker {
     round_bytes_max: usize,
     /// Files written with `SyncMode::Within`, and the instant by which each
     /// must be synced. Entries leave when a sync covers them.
-    dirty: HashMap<RawFd, (Arc<File>, Instant)>,
+    dirty: HashMap<RawFd, (WriteTarget, Instant)>,
 }
 
 impl Worker {
@@ -334,23 +362,21 @@ impl Worker {
 
     /// Runs one round and completes its requests in order.
     fn perform_round(&mut self, round: &mut Vec<Request>, now: Instant) {
-        let due: Vec<Arc<File>> = self
+        let due: Vec<WriteTarget> = self
             .dirty
             .values()
             .filter(|(_, deadline)| *deadline <= now)
-            .map(|(file, _)| file.clone())
+            .map(|(target, _)| target.clone())
             .collect();
         if round.is_empty() && due.is_empty() {
             return;
         }
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
 
-        let mut writes: Vec<WriteOp<'_>> = Vec::with_capacity(round.len());
-        let mut write_of_request: Vec<Option<usize>> = Vec::with_capacity(round.len());
-        let mut sync_index: HashMap<RawFd, usize> = HashMap::new();
+        let plan = plan_writes(round);
         let mut syncs: Vec<SyncOp> = Vec::new();
+        let mut sync_index: HashMap<RawFd, usize> = HashMap::new();
         let mut sync_of_request: Vec<Option<usize>> = Vec::with_capacity(round.len());
-        let mut file_writes: HashMap<RawFd, Vec<usize>> = HashMap::new();
         let mut ensure_sync = |fd: RawFd, syncs: &mut Vec<SyncOp>| -> usize {
             *sync_index.entry(fd).or_insert_with(|| {
                 syncs.push(SyncOp {
@@ -363,47 +389,32 @@ impl Worker {
                 syncs.len() - 1
             })
         };
-
         for request in round.iter() {
-            match request {
-                Request::Write(write) => {
-                    let fd = write.file.as_raw_fd();
-                    file_writes.entry(fd).or_default().push(writes.len());
-                    write_of_request.push(Some(writes.len()));
-                    writes.push(WriteOp {
-                        fd,
-                        position: write.position,
-                        data: &write.data,
-                        written: 0,
-                        error: None,
-                    });
-                    let sync = match write.sync {
-                        SyncMode::Now => Some(ensure_sync(fd, &mut syncs)),
-                        SyncMode::Within(delay) => {
-                            let deadline = now + delay;
-                            self.dirty
-                                .entry(fd)
-                                .and_modify(|(_, due)| *due = (*due).min(deadline))
-                                .or_insert_with(|| (write.file.clone(), deadline));
-                            None
-                        }
-                        SyncMode::Never => None,
-                    };
-                    sync_of_request.push(sync);
-                }
-                Request::Sync { file, .. } => {
-                    write_of_request.push(None);
-                    sync_of_request.push(Some(ensure_sync(file.as_raw_fd(), &mut syncs)));
-                }
-            }
+            let sync = match request {
+                Request::Write(write) => match write.sync {
+                    SyncMode::Now => Some(ensure_sync(write.target.fd(), &mut syncs)),
+                    SyncMode::Within(delay) => {
+                        let deadline = now + delay;
+                        self.dirty
+                            .entry(write.target.fd())
+                            .and_modify(|(_, due)| *due = (*due).min(deadline))
+                            .or_insert_with(|| (write.target.clone(), deadline));
+                        None
+                    }
+                    SyncMode::Never => None,
+                },
+                Request::Sync { file, .. } => Some(ensure_sync(file.as_raw_fd(), &mut syncs)),
+            };
+            sync_of_request.push(sync);
         }
-        for file in &due {
-            ensure_sync(file.as_raw_fd(), &mut syncs);
-        }
-        for sync in &mut syncs {
-            sync.writes = file_writes.remove(&sync.fd).unwrap_or_default();
+        for target in &due {
+            ensure_sync(target.fd(), &mut syncs);
         }
 
+        let mut writes: Vec<WriteOp<'_>> = plan.ops(round);
+        for sync in &mut syncs {
+            sync.writes = (0..writes.len()).filter(|index| writes[*index].fd == sync.fd).collect();
+        }
         self.backend.execute(&mut writes, &mut syncs);
 
         for sync in &syncs {
@@ -411,26 +422,31 @@ impl Worker {
             self.stats.record_sync(sync.elapsed, sync.error.is_none());
             if sync.error.is_none() {
                 self.dirty.remove(&sync.fd);
-            } else if due.iter().any(|file| file.as_raw_fd() == sync.fd) {
+            } else if due.iter().any(|target| target.fd() == sync.fd) {
                 // Nobody waits on an interval sync: the error goes to the log.
                 tracing::error!(fd = sync.fd, error = ?sync.error, "interval fdatasync failed");
                 self.dirty.remove(&sync.fd);
             }
         }
-        let outcomes: Vec<io::Result<()>> = write_of_request
+        let write_errors: Vec<Option<io::Error>> = writes.iter().map(|op| op.error.as_ref().map(copy_error)).collect();
+        drop(writes);
+        plan.finish(round, &write_errors);
+        let outcomes: Vec<io::Result<()>> = plan
+            .op_of_request
             .iter()
             .zip(&sync_of_request)
-            .map(|(write, sync)| {
-                if let Some(index) = write {
-                    let op = &writes[*index];
-                    debug_assert!(op.finished(), "backend left a write unfinished");
-                    if let Some(error) = &op.error {
+            .zip(round.iter())
+            .map(|((op, sync), request)| {
+                if let Some(index) = op {
+                    if let Some(error) = &write_errors[*index] {
                         return Err(copy_error(error));
                     }
-                    self.stats.writes.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .bytes_written
-                        .fetch_add(op.data.len() as u64, Ordering::Relaxed);
+                    if let Request::Write(write) = request {
+                        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .bytes_written
+                            .fetch_add(write.data.len() as u64, Ordering::Relaxed);
+                    }
                 }
                 match sync.map(|index| &syncs[index]) {
                     Some(SyncOp {
@@ -440,11 +456,119 @@ impl Worker {
                 }
             })
             .collect();
-        drop(writes);
         for (request, outcome) in round.drain(..).zip(outcomes) {
             match request {
                 Request::Write(write) => (write.done)(outcome),
                 Request::Sync { done, .. } => done(outcome),
+            }
+        }
+    }
+}
+
+/// How a round's requests become writes: buffered requests one to one,
+/// contiguous direct requests to the same file coalesced into one aligned write.
+struct WritePlan {
+    /// For each request, the index of the write op that carries it.
+    op_of_request: Vec<Option<usize>>,
+    ops: Vec<PlannedOp>,
+}
+
+enum PlannedOp {
+    /// Request `index`'s bytes as they are.
+    Buffered { request: usize },
+    /// Coalesced requests in one aligned buffer (or the error building it).
+    Direct {
+        file: Arc<direct::DirectFile>,
+        write: io::Result<direct::DirectWrite>,
+    },
+}
+
+fn plan_writes(round: &[Request]) -> WritePlan {
+    let mut op_of_request = vec![None; round.len()];
+    let mut ops = Vec::new();
+    // Direct requests grouped per file while they stay contiguous.
+    let mut groups: Vec<(Arc<direct::DirectFile>, u64, u64, Vec<usize>)> = Vec::new();
+    for (index, request) in round.iter().enumerate() {
+        let Request::Write(write) = request else { continue };
+        match &write.target {
+            WriteTarget::Buffered(_) => {
+                op_of_request[index] = Some(ops.len());
+                ops.push(PlannedOp::Buffered { request: index });
+            }
+            WriteTarget::Direct(file) => {
+                let end = write.position + write.data.len() as u64;
+                match groups.iter_mut().rev().find(|group| Arc::ptr_eq(&group.0, file)) {
+                    Some(group) if group.2 == write.position => {
+                        group.2 = end;
+                        group.3.push(index);
+                    }
+                    _ => groups.push((file.clone(), write.position, end, vec![index])),
+                }
+            }
+        }
+    }
+    for (file, position, _, members) in groups {
+        let pieces: Vec<&[u8]> = members
+            .iter()
+            .filter_map(|index| match &round[*index] {
+                Request::Write(write) => Some(write.data.as_slice()),
+                Request::Sync { .. } => None,
+            })
+            .collect();
+        let write = direct::coalesce(&file, position, &pieces);
+        for member in members {
+            op_of_request[member] = Some(ops.len());
+        }
+        ops.push(PlannedOp::Direct { file, write });
+    }
+    WritePlan { op_of_request, ops }
+}
+
+impl WritePlan {
+    /// The backend's view of the planned writes. A direct write whose buffer
+    /// could not be built is handed over already failed.
+    fn ops<'a>(&'a self, round: &'a [Request]) -> Vec<WriteOp<'a>> {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                PlannedOp::Buffered { request } => match &round[*request] {
+                    Request::Write(write) => WriteOp {
+                        fd: write.target.fd(),
+                        position: write.position,
+                        data: &write.data,
+                        written: 0,
+                        align: 1,
+                        error: None,
+                    },
+                    Request::Sync { .. } => unreachable!("planned ops are writes"),
+                },
+                PlannedOp::Direct { file, write } => match write {
+                    Ok(write) => WriteOp {
+                        fd: file.fd(),
+                        position: write.block_position,
+                        data: write.buffer.as_slice(),
+                        written: 0,
+                        align: direct::DIRECT_BLOCK_BYTES,
+                        error: None,
+                    },
+                    Err(error) => WriteOp {
+                        fd: file.fd(),
+                        position: 0,
+                        data: &[],
+                        written: 0,
+                        align: 1,
+                        error: Some(copy_error(error)),
+                    },
+                },
+            })
+            .collect()
+    }
+
+    /// Carries each direct file's tail forward (or forgets it on failure).
+    fn finish(&self, _round: &[Request], errors: &[Option<io::Error>]) {
+        for (op, error) in self.ops.iter().zip(errors) {
+            if let PlannedOp::Direct { file, write: Ok(write) } = op {
+                direct::finish(file, write, error.is_none());
             }
         }
     }

@@ -13,18 +13,19 @@ impl Backend for SyncBackend {
     fn execute(&mut self, writes: &mut [WriteOp<'_>], syncs: &mut [SyncOp]) {
         for op in writes.iter_mut() {
             while !op.finished() {
-                let rest = &op.data[op.written..];
+                let from = op.resume_at();
+                let rest = &op.data[from..];
                 // SAFETY: `rest` is a live slice; pwrite reads at most its length.
                 let result = unsafe {
                     libc::pwrite(
                         op.fd,
                         rest.as_ptr().cast(),
                         rest.len(),
-                        (op.position + op.written as u64) as libc::off_t,
+                        (op.position + from as u64) as libc::off_t,
                     )
                 };
                 match result {
-                    n if n > 0 => op.written += n as usize,
+                    n if n > 0 => op.written = from + n as usize,
                     0 => op.error = Some(io::Error::from(io::ErrorKind::WriteZero)),
                     _ => {
                         let error = io::Error::last_os_error();

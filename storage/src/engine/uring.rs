@@ -57,15 +57,16 @@ impl UringBackend {
         }
         for (position, index) in pending.iter().enumerate() {
             let op = &writes[*index];
-            let rest = &op.data[op.written..];
+            let from = op.resume_at();
+            let rest = &op.data[from..];
             let last = position + 1 == pending.len() && !needs_sync;
             let flags = if last { squeue::Flags::empty() } else { squeue::Flags::IO_LINK };
             let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
             let entry = opcode::Write::new(types::Fd(op.fd), rest.as_ptr(), len)
-                .offset(op.position + op.written as u64)
+                .offset(op.position + from as u64)
                 .build()
                 .flags(flags)
-                .user_data(*index as u64);
+                .user_data(*index as u64 | (from as u64) << 32);
             // SAFETY: the buffer is owned by the round's request and outlives
             // the submission (execute waits for every completion), and the
             // capacity check above guarantees room.
@@ -171,9 +172,12 @@ impl UringBackend {
                         code => sync.error = Some(io::Error::from_raw_os_error(-code)),
                     }
                 } else {
-                    let op = &mut writes[user_data as usize];
+                    // Writes carry their index in the low 32 bits and the
+                    // byte they started at in the high bits (below SYNC_TAG).
+                    let op = &mut writes[(user_data & 0xffff_ffff) as usize];
+                    let from = ((user_data & !SYNC_TAG) >> 32) as usize;
                     match result {
-                        n if n > 0 => op.written += n as usize,
+                        n if n > 0 => op.written = from + n as usize,
                         0 => op.error = Some(io::Error::from(io::ErrorKind::WriteZero)),
                         code if -code == libc::ECANCELED || -code == libc::EINTR || -code == libc::EAGAIN => {}
                         code => op.error = Some(io::Error::from_raw_os_error(-code)),

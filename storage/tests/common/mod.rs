@@ -5,10 +5,18 @@ use std::path::Path;
 use std::sync::Arc;
 
 use weir_protocol::BatchBuilder;
-use weir_storage::{EngineConfig, EngineKind, IoEngine, Log, LogConfig};
+use weir_storage::{EngineConfig, EngineKind, IoEngine, Log, LogConfig, WriteMode};
 
 /// Both io engines: every behaviour is tested on each.
 pub const ENGINES: [EngineKind; 2] = [EngineKind::Uring, EngineKind::Sync];
+
+/// Every io engine with every write mode.
+pub const VARIANTS: [(EngineKind, WriteMode); 4] = [
+    (EngineKind::Uring, WriteMode::Direct),
+    (EngineKind::Uring, WriteMode::Buffered),
+    (EngineKind::Sync, WriteMode::Direct),
+    (EngineKind::Sync, WriteMode::Buffered),
+];
 
 pub fn engine(kind: EngineKind) -> Arc<IoEngine> {
     IoEngine::start(&EngineConfig {
@@ -19,8 +27,9 @@ pub fn engine(kind: EngineKind) -> Arc<IoEngine> {
 }
 
 /// A small-segment configuration so tests exercise rolls and indexes.
-pub fn small_config() -> LogConfig {
+pub fn small_config(write_mode: WriteMode) -> LogConfig {
     LogConfig {
+        write_mode,
         segment_bytes_max: 64 * 1024,
         index_interval_bytes: 512,
         batch_bytes_max: 32 * 1024,
