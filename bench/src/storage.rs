@@ -71,6 +71,8 @@ struct StorageReport {
     append_p999_us: u64,
     append_max_us: u64,
     engine_rounds: u64,
+    engine_plan_ms: f64,
+    engine_execute_ms: f64,
     engine_syncs: u64,
     bytes_per_sync: u64,
     read_mb_s: f64,
@@ -204,6 +206,8 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
         append_p999_us: latencies.value_at_quantile(0.999),
         append_max_us: latencies.max(),
         engine_rounds: stats.rounds.load(Ordering::Relaxed),
+        engine_plan_ms: stats.plan_nanos_total.load(Ordering::Relaxed) as f64 / 1e6,
+        engine_execute_ms: stats.execute_nanos_total.load(Ordering::Relaxed) as f64 / 1e6,
         engine_syncs: syncs,
         bytes_per_sync: if syncs == 0 { 0 } else { bytes / syncs },
         read_mb_s: read_bytes as f64 / 1e6 / read_elapsed.as_secs_f64().max(1e-9),
@@ -232,7 +236,7 @@ fn print_table(report: &StorageReport) {
         report.ratio_direct.map_or("-".into(), |r| format!("{r:.2}")));
     println!("append latency             p50 {} µs · p99 {} µs · p99.9 {} µs · max {} µs",
         report.append_p50_us, report.append_p99_us, report.append_p999_us, report.append_max_us);
-    println!("group commit               {} rounds · {} syncs · {} bytes per sync",
-        report.engine_rounds, report.engine_syncs, report.bytes_per_sync);
+    println!("group commit               {} rounds · {} syncs · {} bytes per sync · engine busy {:.0} ms planning, {:.0} ms on the device",
+        report.engine_rounds, report.engine_syncs, report.bytes_per_sync, report.engine_plan_ms, report.engine_execute_ms);
     println!("weir read (mmap)           {:>9.1} MB/s", report.read_mb_s);
 }

@@ -158,15 +158,57 @@ impl Drop for AlignedBuffer {
 pub(crate) struct DirectWrite {
     pub buffer: AlignedBuffer,
     pub block_position: u64,
+    /// Bytes to write: the prefix, the data and the padding to a whole block.
+    pub write_bytes: usize,
     pub end: u64,
 }
 
+impl DirectWrite {
+    /// The bytes handed to the device.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.buffer.as_slice()[..self.write_bytes]
+    }
+}
+
+/// Spare aligned buffers, reused across rounds: a fresh multi-megabyte
+/// allocation costs a page fault per 4 KiB on first touch.
+#[derive(Default)]
+pub(crate) struct BufferPool {
+    spare: Vec<AlignedBuffer>,
+}
+
+/// Buffers kept for reuse; more are freed.
+const POOL_BUFFERS_MAX: usize = 4;
+
+impl BufferPool {
+    fn take(&mut self, bytes: usize) -> io::Result<AlignedBuffer> {
+        match self.spare.iter().position(|buffer| buffer.as_slice().len() >= bytes) {
+            Some(index) => Ok(self.spare.swap_remove(index)),
+            // Round up so that slightly larger rounds reuse the buffer too.
+            None => AlignedBuffer::zeroed(bytes.next_multiple_of(1 << 20)),
+        }
+    }
+
+    /// Returns a buffer for reuse.
+    pub(crate) fn give(&mut self, buffer: AlignedBuffer) {
+        if self.spare.len() < POOL_BUFFERS_MAX {
+            self.spare.push(buffer);
+        }
+    }
+}
+
 /// Builds the aligned buffer for contiguous `pieces` starting at `position`.
-pub(crate) fn coalesce(file: &DirectFile, position: u64, pieces: &[&[u8]]) -> io::Result<DirectWrite> {
+pub(crate) fn coalesce(
+    file: &DirectFile,
+    position: u64,
+    pieces: &[&[u8]],
+    pool: &mut BufferPool,
+) -> io::Result<DirectWrite> {
     let block_position = position - position % DIRECT_BLOCK_BYTES as u64;
     let prefix = file.prefix(block_position, position)?;
     let data_bytes: usize = pieces.iter().map(|piece| piece.len()).sum();
-    let mut buffer = AlignedBuffer::zeroed(prefix.len() + data_bytes)?;
+    let write_bytes = (prefix.len() + data_bytes).next_multiple_of(DIRECT_BLOCK_BYTES);
+    let mut buffer = pool.take(write_bytes)?;
     let slice = buffer.as_mut_slice();
     slice[..prefix.len()].copy_from_slice(&prefix);
     let mut at = prefix.len();
@@ -174,9 +216,12 @@ pub(crate) fn coalesce(file: &DirectFile, position: u64, pieces: &[&[u8]]) -> io
         slice[at..at + piece.len()].copy_from_slice(piece);
         at += piece.len();
     }
+    // A reused buffer holds old bytes: the padding must be zeros.
+    slice[at..write_bytes].fill(0);
     Ok(DirectWrite {
         buffer,
         block_position,
+        write_bytes,
         end: position + data_bytes as u64,
     })
 }
@@ -185,7 +230,7 @@ pub(crate) fn coalesce(file: &DirectFile, position: u64, pieces: &[&[u8]]) -> io
 /// it if the write failed.
 pub(crate) fn finish(file: &DirectFile, write: &DirectWrite, ok: bool) {
     if ok {
-        file.set_tail(write.block_position, write.buffer.as_slice(), write.end);
+        file.set_tail(write.block_position, write.bytes(), write.end);
     } else {
         file.forget_tail();
     }

@@ -101,6 +101,10 @@ pub struct EngineStats {
     pub sync_errors: AtomicU64,
     /// Sum of `fdatasync` latencies, nanoseconds.
     pub sync_nanos_total: AtomicU64,
+    /// Time spent preparing rounds (coalescing direct writes), nanoseconds.
+    pub plan_nanos_total: AtomicU64,
+    /// Time spent performing rounds' writes and syncs, nanoseconds.
+    pub execute_nanos_total: AtomicU64,
     /// `fdatasync` latency histogram: bucket `i` counts syncs that took
     /// less than 2^i microseconds (the last bucket takes the rest).
     pub sync_latency_buckets: [AtomicU64; SYNC_LATENCY_BUCKETS],
@@ -178,6 +182,7 @@ impl IoEngine {
             round_requests_max: config.round_requests_max.max(1),
             round_bytes_max: config.round_bytes_max.max(1),
             dirty: HashMap::new(),
+            pool: direct::BufferPool::default(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("weir-io-{}", kind_name(kind)))
@@ -318,6 +323,8 @@ struct Worker {
     /// Files written with `SyncMode::Within`, and the instant by which each
     /// must be synced. Entries leave when a sync covers them.
     dirty: HashMap<RawFd, (WriteTarget, Instant)>,
+    /// Aligned buffers for direct writes, reused across rounds.
+    pool: direct::BufferPool,
 }
 
 impl Worker {
@@ -373,7 +380,8 @@ impl Worker {
         }
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
 
-        let plan = plan_writes(round);
+        let plan_started = Instant::now();
+        let plan = plan_writes(round, &mut self.pool);
         let mut syncs: Vec<SyncOp> = Vec::new();
         let mut sync_index: HashMap<RawFd, usize> = HashMap::new();
         let mut sync_of_request: Vec<Option<usize>> = Vec::with_capacity(round.len());
@@ -415,7 +423,14 @@ impl Worker {
         for sync in &mut syncs {
             sync.writes = (0..writes.len()).filter(|index| writes[*index].fd == sync.fd).collect();
         }
+        let execute_started = Instant::now();
+        self.stats
+            .plan_nanos_total
+            .fetch_add(nanos_since(plan_started, execute_started), Ordering::Relaxed);
         self.backend.execute(&mut writes, &mut syncs);
+        self.stats
+            .execute_nanos_total
+            .fetch_add(nanos_since(execute_started, Instant::now()), Ordering::Relaxed);
 
         for sync in &syncs {
             debug_assert!(sync.done || sync.error.is_some(), "backend left a sync unfinished");
@@ -430,7 +445,7 @@ impl Worker {
         }
         let write_errors: Vec<Option<io::Error>> = writes.iter().map(|op| op.error.as_ref().map(copy_error)).collect();
         drop(writes);
-        plan.finish(round, &write_errors);
+        plan.finish(&write_errors);
         let outcomes: Vec<io::Result<()>> = plan
             .op_of_request
             .iter()
@@ -456,6 +471,7 @@ impl Worker {
                 }
             })
             .collect();
+        plan.recycle(&mut self.pool);
         for (request, outcome) in round.drain(..).zip(outcomes) {
             match request {
                 Request::Write(write) => (write.done)(outcome),
@@ -483,7 +499,7 @@ enum PlannedOp {
     },
 }
 
-fn plan_writes(round: &[Request]) -> WritePlan {
+fn plan_writes(round: &[Request], pool: &mut direct::BufferPool) -> WritePlan {
     let mut op_of_request = vec![None; round.len()];
     let mut ops = Vec::new();
     // Direct requests grouped per file while they stay contiguous.
@@ -515,7 +531,7 @@ fn plan_writes(round: &[Request]) -> WritePlan {
                 Request::Sync { .. } => None,
             })
             .collect();
-        let write = direct::coalesce(&file, position, &pieces);
+        let write = direct::coalesce(&file, position, &pieces, pool);
         for member in members {
             op_of_request[member] = Some(ops.len());
         }
@@ -546,7 +562,7 @@ impl WritePlan {
                     Ok(write) => WriteOp {
                         fd: file.fd(),
                         position: write.block_position,
-                        data: write.buffer.as_slice(),
+                        data: write.bytes(),
                         written: 0,
                         align: direct::DIRECT_BLOCK_BYTES,
                         error: None,
@@ -565,13 +581,26 @@ impl WritePlan {
     }
 
     /// Carries each direct file's tail forward (or forgets it on failure).
-    fn finish(&self, _round: &[Request], errors: &[Option<io::Error>]) {
+    fn finish(&self, errors: &[Option<io::Error>]) {
         for (op, error) in self.ops.iter().zip(errors) {
             if let PlannedOp::Direct { file, write: Ok(write) } = op {
                 direct::finish(file, write, error.is_none());
             }
         }
     }
+
+    /// Hands the aligned buffers back for the next round.
+    fn recycle(self, pool: &mut direct::BufferPool) {
+        for op in self.ops {
+            if let PlannedOp::Direct { write: Ok(write), .. } = op {
+                pool.give(write.buffer);
+            }
+        }
+    }
+}
+
+fn nanos_since(from: Instant, to: Instant) -> u64 {
+    u64::try_from(to.duration_since(from).as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn request_bytes(request: &Request) -> usize {
