@@ -11,7 +11,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use weir_protocol::BatchBuilder;
-use weir_storage::{EngineConfig, EngineKind, FlushPolicy, IoEngine, Log, LogConfig};
+use weir_storage::{EngineConfig, EngineKind, FlushPolicy, IoEngine, Log, LogConfig, WriteMode};
 
 use crate::raw;
 
@@ -36,6 +36,9 @@ pub struct StorageArgs {
     /// io engine: auto, uring, sync.
     #[arg(long, default_value = "auto")]
     engine: String,
+    /// Write mode: direct (O_DIRECT, the default) or buffered (page cache).
+    #[arg(long, default_value = "direct")]
+    write_mode: String,
     /// Directory for the benchmark's files (removed afterwards).
     #[arg(long, default_value = "weir-bench-data")]
     dir: PathBuf,
@@ -53,6 +56,7 @@ pub struct StorageArgs {
 #[derive(Debug, Serialize)]
 struct StorageReport {
     engine: String,
+    write_mode: String,
     flush: String,
     writers: usize,
     record_bytes: usize,
@@ -107,6 +111,7 @@ fn build_batch(record_bytes: usize, batch_bytes: usize, seed: u64) -> (Vec<u8>, 
 pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
     let flush = FlushPolicy::parse(&args.flush).context("--flush must be always, interval, interval:<ms> or never")?;
     let kind = EngineKind::parse(&args.engine).context("--engine must be auto, uring or sync")?;
+    let write_mode = WriteMode::parse(&args.write_mode).context("--write-mode must be direct or buffered")?;
     let phase = Duration::from_secs(args.seconds);
     let phase_bytes_max = args.phase_mib_max << 20;
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
@@ -129,6 +134,7 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
     }
     let config = LogConfig {
         flush,
+        write_mode,
         batch_bytes_max: args.batch_bytes.max(1 << 20) * 2,
         ..LogConfig::default()
     };
@@ -181,6 +187,7 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
     std::hint::black_box(checksum);
     let stats = engine.stats();
     let syncs = stats.syncs.load(Ordering::Relaxed);
+    let effective_write_mode = format!("{:?}", log.write_mode()).to_lowercase();
     log.close()?;
     drop(log);
     std::fs::remove_dir_all(&log_dir).ok();
@@ -188,6 +195,7 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
 
     let report = StorageReport {
         engine: engine.kind_name().to_string(),
+        write_mode: effective_write_mode,
         flush: flush.to_string(),
         writers: args.writers,
         record_bytes: args.record_bytes,
@@ -223,8 +231,8 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
 
 fn print_table(report: &StorageReport) {
     let show = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
-    println!("engine {} · flush {} · {} writers · {} B records in {} B batches · {} s per phase",
-        report.engine, report.flush, report.writers, report.record_bytes, report.batch_bytes, report.seconds);
+    println!("engine {} · {} writes · flush {} · {} writers · {} B records in {} B batches · {} s per phase",
+        report.engine, report.write_mode, report.flush, report.writers, report.record_bytes, report.batch_bytes, report.seconds);
     println!("raw pwrite+fdatasync/1MiB  {:>9} MB/s   (fdatasync p50 {} µs, p99 {} µs)",
         show(report.raw_sync_mb_s),
         report.raw_sync_fsync_p50_us.unwrap_or(0),

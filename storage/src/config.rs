@@ -180,7 +180,7 @@ pub struct EngineConfig {
     /// 64 KiB–1 MiB batches a round is already several MiB.
     pub round_requests_max: usize,
     /// Bytes taken into one round, so one round's latency stays bounded.
-    /// Default 32 MiB.
+    /// Default 8 MiB: with 8 writers of 1 MiB batches, one round each.
     pub round_bytes_max: usize,
 }
 
@@ -190,7 +190,7 @@ impl Default for EngineConfig {
             kind: EngineKind::Auto,
             queue_depth: 1024,
             round_requests_max: 128,
-            round_bytes_max: 32 << 20,
+            round_bytes_max: 8 << 20,
         }
     }
 }

@@ -66,7 +66,7 @@ impl DirectFile {
 
     /// The bytes of the block at `block_position` that precede
     /// `position`, from the carried tail or read back from the device.
-    fn prefix(&self, block_position: u64, position: u64) -> io::Result<Vec<u8>> {
+    pub(crate) fn prefix(&self, block_position: u64, position: u64) -> io::Result<Vec<u8>> {
         let wanted = (position - block_position) as usize;
         if wanted == 0 {
             return Ok(Vec::new());
@@ -101,9 +101,10 @@ impl DirectFile {
         Ok(block.as_slice()[..wanted].to_vec())
     }
 
-    /// Records the tail after a successful write of `buffer` at
-    /// `block_position` whose valid bytes end at `end`.
-    fn set_tail(&self, block_position: u64, buffer: &[u8], end: u64) {
+    /// Records the tail as planned: `buffer` holds the file's bytes from
+    /// `block_position`, valid up to `end`. The planner carries it into the
+    /// next write at once; a failed write makes the executor forget it.
+    pub(crate) fn set_tail(&self, block_position: u64, buffer: &[u8], end: u64) {
         let tail_block = end - end % DIRECT_BLOCK_BYTES as u64;
         let from = (tail_block - block_position) as usize;
         let to = (end - block_position) as usize;
@@ -154,38 +155,25 @@ impl Drop for AlignedBuffer {
     }
 }
 
-/// One coalesced direct write: the aligned buffer and where its valid bytes end.
-pub(crate) struct DirectWrite {
-    pub buffer: AlignedBuffer,
-    pub block_position: u64,
-    /// Bytes to write: the prefix, the data and the padding to a whole block.
-    pub write_bytes: usize,
-    pub end: u64,
-}
-
-impl DirectWrite {
-    /// The bytes handed to the device.
-    pub(crate) fn bytes(&self) -> &[u8] {
-        &self.buffer.as_slice()[..self.write_bytes]
-    }
-}
-
-/// Spare aligned buffers, reused across rounds: a fresh multi-megabyte
-/// allocation costs a page fault per 4 KiB on first touch.
+/// Spare aligned buffers, shared by the planner (which fills them) and the
+/// executor (which gives them back): a fresh multi-megabyte allocation costs
+/// a page fault per 4 KiB on first touch.
 #[derive(Default)]
 pub(crate) struct BufferPool {
     spare: Vec<AlignedBuffer>,
 }
 
 /// Buffers kept for reuse; more are freed.
-const POOL_BUFFERS_MAX: usize = 4;
+const POOL_BUFFERS_MAX: usize = 8;
+/// Buffers are allocated in multiples of this, so similar rounds reuse them.
+const POOL_GRANULE_BYTES: usize = 1 << 20;
 
 impl BufferPool {
-    fn take(&mut self, bytes: usize) -> io::Result<AlignedBuffer> {
+    /// A buffer of at least `bytes` (contents unspecified).
+    pub(crate) fn take(&mut self, bytes: usize) -> io::Result<AlignedBuffer> {
         match self.spare.iter().position(|buffer| buffer.as_slice().len() >= bytes) {
             Some(index) => Ok(self.spare.swap_remove(index)),
-            // Round up so that slightly larger rounds reuse the buffer too.
-            None => AlignedBuffer::zeroed(bytes.next_multiple_of(1 << 20)),
+            None => AlignedBuffer::zeroed(bytes.next_multiple_of(POOL_GRANULE_BYTES)),
         }
     }
 
@@ -194,44 +182,5 @@ impl BufferPool {
         if self.spare.len() < POOL_BUFFERS_MAX {
             self.spare.push(buffer);
         }
-    }
-}
-
-/// Builds the aligned buffer for contiguous `pieces` starting at `position`.
-pub(crate) fn coalesce(
-    file: &DirectFile,
-    position: u64,
-    pieces: &[&[u8]],
-    pool: &mut BufferPool,
-) -> io::Result<DirectWrite> {
-    let block_position = position - position % DIRECT_BLOCK_BYTES as u64;
-    let prefix = file.prefix(block_position, position)?;
-    let data_bytes: usize = pieces.iter().map(|piece| piece.len()).sum();
-    let write_bytes = (prefix.len() + data_bytes).next_multiple_of(DIRECT_BLOCK_BYTES);
-    let mut buffer = pool.take(write_bytes)?;
-    let slice = buffer.as_mut_slice();
-    slice[..prefix.len()].copy_from_slice(&prefix);
-    let mut at = prefix.len();
-    for piece in pieces {
-        slice[at..at + piece.len()].copy_from_slice(piece);
-        at += piece.len();
-    }
-    // A reused buffer holds old bytes: the padding must be zeros.
-    slice[at..write_bytes].fill(0);
-    Ok(DirectWrite {
-        buffer,
-        block_position,
-        write_bytes,
-        end: position + data_bytes as u64,
-    })
-}
-
-/// Called after the engine has written `write`: carry its tail, or forget
-/// it if the write failed.
-pub(crate) fn finish(file: &DirectFile, write: &DirectWrite, ok: bool) {
-    if ok {
-        file.set_tail(write.block_position, write.bytes(), write.end);
-    } else {
-        file.forget_tail();
     }
 }

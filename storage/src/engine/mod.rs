@@ -19,10 +19,11 @@
 //! this to publish its end offset in order.
 
 pub(crate) mod direct;
+mod round;
 mod sync;
 mod uring;
+mod worker;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -31,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::config::{EngineConfig, EngineKind, SyncMode};
 use crate::error::{Result, StorageError};
@@ -129,13 +130,14 @@ impl EngineStats {
 
 /// A handle to a running io engine. Logs share it through an `Arc`.
 ///
-/// Lifecycle: the engine thread runs until the last handle is dropped (or
-/// [`IoEngine::shutdown`] is called); it then finishes the queued requests,
-/// syncs files with pending interval syncs, and exits. `Drop` joins it.
+/// Lifecycle: the engine's threads run until the last handle is dropped (or
+/// [`IoEngine::shutdown`] is called); they then finish the queued requests,
+/// sync files with pending interval syncs, and exit. `Drop` joins them.
 pub struct IoEngine {
-    /// Closed (set to `None`) by `shutdown`, which ends the thread's loop.
+    /// Closed (set to `None`) by `shutdown`, which ends the planner's loop.
     sender: Mutex<Option<Sender<Request>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Planner and executor; joined by `shutdown`.
+    threads: Mutex<Vec<JoinHandle<()>>>,
     kind: EngineKind,
     stats: Arc<EngineStats>,
     receiver_probe: Receiver<Request>,
@@ -175,23 +177,30 @@ impl IoEngine {
         };
         let (sender, receiver) = crossbeam_channel::bounded(config.queue_depth.max(1));
         let stats = Arc::new(EngineStats::default());
-        let worker = Worker {
-            receiver: receiver.clone(),
-            backend,
-            stats: stats.clone(),
-            round_requests_max: config.round_requests_max.max(1),
-            round_bytes_max: config.round_bytes_max.max(1),
-            dirty: HashMap::new(),
-            pool: direct::BufferPool::default(),
+        let handoff = worker::Handoff::new();
+        let limits = worker::RoundLimits {
+            requests_max: config.round_requests_max.max(1),
+            bytes_max: config.round_bytes_max.max(1),
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("weir-io-{}", kind_name(kind)))
-            .spawn(move || worker.run())
-            .map_err(StorageError::EngineStart)?;
+        let planner = {
+            let handoff = handoff.clone();
+            let receiver = receiver.clone();
+            std::thread::Builder::new()
+                .name(format!("weir-io-plan-{}", kind_name(kind)))
+                .spawn(move || worker::plan(receiver, handoff, limits))
+                .map_err(StorageError::EngineStart)?
+        };
+        let executor = {
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name(format!("weir-io-{}", kind_name(kind)))
+                .spawn(move || worker::execute(backend, handoff, stats))
+                .map_err(StorageError::EngineStart)?
+        };
         tracing::info!(engine = kind_name(kind), "io engine started");
         Ok(Arc::new(IoEngine {
             sender: Mutex::new(Some(sender)),
-            thread: Mutex::new(Some(thread)),
+            threads: Mutex::new(vec![planner, executor]),
             kind,
             stats,
             receiver_probe: receiver,
@@ -241,15 +250,11 @@ impl IoEngine {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
             .take();
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .take();
-        if let Some(thread) = thread
-            && thread.join().is_err()
-        {
-            tracing::error!("io engine thread panicked");
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|poison| poison.into_inner()));
+        for thread in threads {
+            if thread.join().is_err() {
+                tracing::error!("io engine thread panicked");
+            }
         }
     }
 }
@@ -314,300 +319,8 @@ pub(crate) trait Backend: Send {
     fn execute(&mut self, writes: &mut [WriteOp<'_>], syncs: &mut [SyncOp]);
 }
 
-struct Worker {
-    receiver: Receiver<Request>,
-    backend: Box<dyn Backend>,
-    stats: Arc<EngineStats>,
-    round_requests_max: usize,
-    round_bytes_max: usize,
-    /// Files written with `SyncMode::Within`, and the instant by which each
-    /// must be synced. Entries leave when a sync covers them.
-    dirty: HashMap<RawFd, (WriteTarget, Instant)>,
-    /// Aligned buffers for direct writes, reused across rounds.
-    pool: direct::BufferPool,
-}
-
-impl Worker {
-    fn run(mut self) {
-        let mut round: Vec<Request> = Vec::with_capacity(self.round_requests_max);
-        loop {
-            let next_deadline = self.dirty.values().map(|(_, deadline)| *deadline).min();
-            let first = match next_deadline {
-                Some(deadline) => self.receiver.recv_deadline(deadline),
-                None => self.receiver.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            };
-            let disconnected = match first {
-                Ok(request) => {
-                    round.push(request);
-                    false
-                }
-                Err(RecvTimeoutError::Timeout) => false,
-                Err(RecvTimeoutError::Disconnected) => true,
-            };
-            let mut round_bytes = round.iter().map(request_bytes).sum::<usize>();
-            while round.len() < self.round_requests_max && round_bytes < self.round_bytes_max {
-                match self.receiver.try_recv() {
-                    Ok(request) => {
-                        round_bytes += request_bytes(&request);
-                        round.push(request);
-                    }
-                    Err(_) => break,
-                }
-            }
-            // On shutdown every pending interval sync is due now.
-            let now = if disconnected {
-                Instant::now() + Duration::from_secs(3600 * 24 * 365)
-            } else {
-                Instant::now()
-            };
-            self.perform_round(&mut round, now);
-            if disconnected {
-                return;
-            }
-        }
-    }
-
-    /// Runs one round and completes its requests in order.
-    fn perform_round(&mut self, round: &mut Vec<Request>, now: Instant) {
-        let due: Vec<WriteTarget> = self
-            .dirty
-            .values()
-            .filter(|(_, deadline)| *deadline <= now)
-            .map(|(target, _)| target.clone())
-            .collect();
-        if round.is_empty() && due.is_empty() {
-            return;
-        }
-        self.stats.rounds.fetch_add(1, Ordering::Relaxed);
-
-        let plan_started = Instant::now();
-        let plan = plan_writes(round, &mut self.pool);
-        let mut syncs: Vec<SyncOp> = Vec::new();
-        let mut sync_index: HashMap<RawFd, usize> = HashMap::new();
-        let mut sync_of_request: Vec<Option<usize>> = Vec::with_capacity(round.len());
-        let mut ensure_sync = |fd: RawFd, syncs: &mut Vec<SyncOp>| -> usize {
-            *sync_index.entry(fd).or_insert_with(|| {
-                syncs.push(SyncOp {
-                    fd,
-                    writes: Vec::new(),
-                    done: false,
-                    error: None,
-                    elapsed: Duration::ZERO,
-                });
-                syncs.len() - 1
-            })
-        };
-        for request in round.iter() {
-            let sync = match request {
-                Request::Write(write) => match write.sync {
-                    SyncMode::Now => Some(ensure_sync(write.target.fd(), &mut syncs)),
-                    SyncMode::Within(delay) => {
-                        let deadline = now + delay;
-                        self.dirty
-                            .entry(write.target.fd())
-                            .and_modify(|(_, due)| *due = (*due).min(deadline))
-                            .or_insert_with(|| (write.target.clone(), deadline));
-                        None
-                    }
-                    SyncMode::Never => None,
-                },
-                Request::Sync { file, .. } => Some(ensure_sync(file.as_raw_fd(), &mut syncs)),
-            };
-            sync_of_request.push(sync);
-        }
-        for target in &due {
-            ensure_sync(target.fd(), &mut syncs);
-        }
-
-        let mut writes: Vec<WriteOp<'_>> = plan.ops(round);
-        for sync in &mut syncs {
-            sync.writes = (0..writes.len()).filter(|index| writes[*index].fd == sync.fd).collect();
-        }
-        let execute_started = Instant::now();
-        self.stats
-            .plan_nanos_total
-            .fetch_add(nanos_since(plan_started, execute_started), Ordering::Relaxed);
-        self.backend.execute(&mut writes, &mut syncs);
-        self.stats
-            .execute_nanos_total
-            .fetch_add(nanos_since(execute_started, Instant::now()), Ordering::Relaxed);
-
-        for sync in &syncs {
-            debug_assert!(sync.done || sync.error.is_some(), "backend left a sync unfinished");
-            self.stats.record_sync(sync.elapsed, sync.error.is_none());
-            if sync.error.is_none() {
-                self.dirty.remove(&sync.fd);
-            } else if due.iter().any(|target| target.fd() == sync.fd) {
-                // Nobody waits on an interval sync: the error goes to the log.
-                tracing::error!(fd = sync.fd, error = ?sync.error, "interval fdatasync failed");
-                self.dirty.remove(&sync.fd);
-            }
-        }
-        let write_errors: Vec<Option<io::Error>> = writes.iter().map(|op| op.error.as_ref().map(copy_error)).collect();
-        drop(writes);
-        plan.finish(&write_errors);
-        let outcomes: Vec<io::Result<()>> = plan
-            .op_of_request
-            .iter()
-            .zip(&sync_of_request)
-            .zip(round.iter())
-            .map(|((op, sync), request)| {
-                if let Some(index) = op {
-                    if let Some(error) = &write_errors[*index] {
-                        return Err(copy_error(error));
-                    }
-                    if let Request::Write(write) = request {
-                        self.stats.writes.fetch_add(1, Ordering::Relaxed);
-                        self.stats
-                            .bytes_written
-                            .fetch_add(write.data.len() as u64, Ordering::Relaxed);
-                    }
-                }
-                match sync.map(|index| &syncs[index]) {
-                    Some(SyncOp {
-                        error: Some(error), ..
-                    }) => Err(copy_error(error)),
-                    _ => Ok(()),
-                }
-            })
-            .collect();
-        plan.recycle(&mut self.pool);
-        for (request, outcome) in round.drain(..).zip(outcomes) {
-            match request {
-                Request::Write(write) => (write.done)(outcome),
-                Request::Sync { done, .. } => done(outcome),
-            }
-        }
-    }
-}
-
-/// How a round's requests become writes: buffered requests one to one,
-/// contiguous direct requests to the same file coalesced into one aligned write.
-struct WritePlan {
-    /// For each request, the index of the write op that carries it.
-    op_of_request: Vec<Option<usize>>,
-    ops: Vec<PlannedOp>,
-}
-
-enum PlannedOp {
-    /// Request `index`'s bytes as they are.
-    Buffered { request: usize },
-    /// Coalesced requests in one aligned buffer (or the error building it).
-    Direct {
-        file: Arc<direct::DirectFile>,
-        write: io::Result<direct::DirectWrite>,
-    },
-}
-
-fn plan_writes(round: &[Request], pool: &mut direct::BufferPool) -> WritePlan {
-    let mut op_of_request = vec![None; round.len()];
-    let mut ops = Vec::new();
-    // Direct requests grouped per file while they stay contiguous.
-    let mut groups: Vec<(Arc<direct::DirectFile>, u64, u64, Vec<usize>)> = Vec::new();
-    for (index, request) in round.iter().enumerate() {
-        let Request::Write(write) = request else { continue };
-        match &write.target {
-            WriteTarget::Buffered(_) => {
-                op_of_request[index] = Some(ops.len());
-                ops.push(PlannedOp::Buffered { request: index });
-            }
-            WriteTarget::Direct(file) => {
-                let end = write.position + write.data.len() as u64;
-                match groups.iter_mut().rev().find(|group| Arc::ptr_eq(&group.0, file)) {
-                    Some(group) if group.2 == write.position => {
-                        group.2 = end;
-                        group.3.push(index);
-                    }
-                    _ => groups.push((file.clone(), write.position, end, vec![index])),
-                }
-            }
-        }
-    }
-    for (file, position, _, members) in groups {
-        let pieces: Vec<&[u8]> = members
-            .iter()
-            .filter_map(|index| match &round[*index] {
-                Request::Write(write) => Some(write.data.as_slice()),
-                Request::Sync { .. } => None,
-            })
-            .collect();
-        let write = direct::coalesce(&file, position, &pieces, pool);
-        for member in members {
-            op_of_request[member] = Some(ops.len());
-        }
-        ops.push(PlannedOp::Direct { file, write });
-    }
-    WritePlan { op_of_request, ops }
-}
-
-impl WritePlan {
-    /// The backend's view of the planned writes. A direct write whose buffer
-    /// could not be built is handed over already failed.
-    fn ops<'a>(&'a self, round: &'a [Request]) -> Vec<WriteOp<'a>> {
-        self.ops
-            .iter()
-            .map(|op| match op {
-                PlannedOp::Buffered { request } => match &round[*request] {
-                    Request::Write(write) => WriteOp {
-                        fd: write.target.fd(),
-                        position: write.position,
-                        data: &write.data,
-                        written: 0,
-                        align: 1,
-                        error: None,
-                    },
-                    Request::Sync { .. } => unreachable!("planned ops are writes"),
-                },
-                PlannedOp::Direct { file, write } => match write {
-                    Ok(write) => WriteOp {
-                        fd: file.fd(),
-                        position: write.block_position,
-                        data: write.bytes(),
-                        written: 0,
-                        align: direct::DIRECT_BLOCK_BYTES,
-                        error: None,
-                    },
-                    Err(error) => WriteOp {
-                        fd: file.fd(),
-                        position: 0,
-                        data: &[],
-                        written: 0,
-                        align: 1,
-                        error: Some(copy_error(error)),
-                    },
-                },
-            })
-            .collect()
-    }
-
-    /// Carries each direct file's tail forward (or forgets it on failure).
-    fn finish(&self, errors: &[Option<io::Error>]) {
-        for (op, error) in self.ops.iter().zip(errors) {
-            if let PlannedOp::Direct { file, write: Ok(write) } = op {
-                direct::finish(file, write, error.is_none());
-            }
-        }
-    }
-
-    /// Hands the aligned buffers back for the next round.
-    fn recycle(self, pool: &mut direct::BufferPool) {
-        for op in self.ops {
-            if let PlannedOp::Direct { write: Ok(write), .. } = op {
-                pool.give(write.buffer);
-            }
-        }
-    }
-}
-
 fn nanos_since(from: Instant, to: Instant) -> u64 {
     u64::try_from(to.duration_since(from).as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn request_bytes(request: &Request) -> usize {
-    match request {
-        Request::Write(write) => write.data.len(),
-        Request::Sync { .. } => 0,
-    }
 }
 
 /// io::Error is not Clone; keep the OS code (what callers match on) and text.

@@ -1,0 +1,130 @@
+//! The engine's two threads and the slot between them.
+//!
+//! The planner takes requests from the bounded channel and adds them to the
+//! *next* round in the slot (copying direct writes into aligned buffers)
+//! while the executor performs the current round. When the executor
+//! finishes, it takes everything the planner gathered meanwhile: that round
+//! is the group commit. The slot holds at most `round_requests_max`
+//! requests or `round_bytes_max` bytes; beyond that the planner waits, the
+//! channel fills, and appenders block: backpressure all the way back.
+//!
+//! Lifecycle: when every sender is gone the planner marks the slot closed;
+//! the executor performs what is left, syncs every file owed an interval
+//! sync, and exits.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+use super::direct::BufferPool;
+use super::round::Round;
+use super::{Backend, EngineStats, Request, WriteTarget};
+
+/// The round being gathered, handed from planner to executor.
+#[derive(Default)]
+struct Slot {
+    next: Round,
+    /// Set by the planner once the channel is closed and drained.
+    closed: bool,
+}
+
+/// State shared by the two threads.
+pub(crate) struct Handoff {
+    slot: Mutex<Slot>,
+    /// Signalled by the planner when the slot gains a request or closes.
+    filled: Condvar,
+    /// Signalled by the executor when it empties the slot.
+    emptied: Condvar,
+    pool: Mutex<BufferPool>,
+}
+
+impl Handoff {
+    pub(crate) fn new() -> Arc<Handoff> {
+        Arc::new(Handoff {
+            slot: Mutex::new(Slot::default()),
+            filled: Condvar::new(),
+            emptied: Condvar::new(),
+            pool: Mutex::new(BufferPool::default()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+/// Limits of one round.
+#[derive(Clone, Copy)]
+pub(crate) struct RoundLimits {
+    pub requests_max: usize,
+    pub bytes_max: usize,
+}
+
+/// Planner thread body.
+pub(crate) fn plan(receiver: Receiver<Request>, handoff: Arc<Handoff>, limits: RoundLimits) {
+    while let Ok(request) = receiver.recv() {
+        let mut slot = handoff.lock();
+        while slot.next.is_full(limits.requests_max, limits.bytes_max) {
+            slot = handoff.emptied.wait(slot).unwrap_or_else(|poison| poison.into_inner());
+        }
+        slot.next.push(request, &handoff.pool);
+        // Take whatever else is queued without releasing the slot in between.
+        while !slot.next.is_full(limits.requests_max, limits.bytes_max) {
+            match receiver.try_recv() {
+                Ok(request) => slot.next.push(request, &handoff.pool),
+                Err(_) => break,
+            }
+        }
+        drop(slot);
+        handoff.filled.notify_one();
+    }
+    handoff.lock().closed = true;
+    handoff.filled.notify_one();
+}
+
+/// Executor thread body.
+pub(crate) fn execute(mut backend: Box<dyn Backend>, handoff: Arc<Handoff>, stats: Arc<EngineStats>) {
+    // Files written with `SyncMode::Within`, and the instant by which each
+    // must be synced. Entries leave when a sync covers them.
+    let mut dirty: HashMap<RawFd, (WriteTarget, Instant)> = HashMap::new();
+    loop {
+        let (round, closed) = {
+            let mut slot = handoff.lock();
+            loop {
+                if !slot.next.is_empty() || slot.closed {
+                    break;
+                }
+                let deadline = dirty.values().map(|(_, deadline)| *deadline).min();
+                match deadline {
+                    None => slot = handoff.filled.wait(slot).unwrap_or_else(|poison| poison.into_inner()),
+                    Some(deadline) => {
+                        let timeout = deadline.saturating_duration_since(Instant::now());
+                        if timeout.is_zero() {
+                            break;
+                        }
+                        slot = handoff
+                            .filled
+                            .wait_timeout(slot, timeout)
+                            .unwrap_or_else(|poison| poison.into_inner())
+                            .0;
+                    }
+                }
+            }
+            (std::mem::take(&mut slot.next), slot.closed)
+        };
+        handoff.emptied.notify_one();
+        // On shutdown every pending interval sync is due now.
+        let now = if closed {
+            Instant::now() + Duration::from_secs(3600 * 24 * 365)
+        } else {
+            Instant::now()
+        };
+        round.execute(backend.as_mut(), &stats, &mut dirty, now, &handoff.pool);
+        if closed && handoff.lock().next.is_empty() {
+            return;
+        }
+    }
+}
