@@ -14,7 +14,10 @@ mod storage;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "weir-bench", about = "Weir benchmarks, each next to the raw hardware baseline of the same run")]
+#[command(
+    name = "weir-bench",
+    about = "Weir benchmarks, each next to the raw hardware baseline of the same run"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

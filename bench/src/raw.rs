@@ -141,14 +141,19 @@ pub fn direct(path: &Path, duration: Duration, bytes_max: u64) -> anyhow::Result
     // SAFETY: plain syscall on an open descriptor.
     let allocated = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, bytes_max as libc::off_t) };
     if allocated != 0 {
-        bail!("fallocate {}: {}", path.display(), std::io::Error::last_os_error());
+        bail!(
+            "fallocate {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     let mut buffer = AlignedBuffer::new(RAW_WRITE_BYTES)?;
     fill_pattern(buffer.as_mut_slice());
     let started = Instant::now();
     let mut position = 0u64;
     while started.elapsed() < duration && position + RAW_WRITE_BYTES as u64 <= bytes_max {
-        file.write_all_at(buffer.as_slice(), position).context("raw O_DIRECT write")?;
+        file.write_all_at(buffer.as_slice(), position)
+            .context("raw O_DIRECT write")?;
         position += RAW_WRITE_BYTES as u64;
     }
     // The data is on the device once the writes return; one final sync

@@ -96,7 +96,9 @@ fn build_batch(record_bytes: usize, batch_bytes: usize, seed: u64) -> (Vec<u8>, 
     }
     let mut records = 0u64;
     let stamp_bytes = value.len().min(8);
-    while builder.len_bytes() + builder.record_bytes(0, None, Some(&value), &[]) <= batch_bytes || records == 0 {
+    while builder.len_bytes() + builder.record_bytes(0, None, Some(&value), &[]) <= batch_bytes
+        || records == 0
+    {
         value[..stamp_bytes].copy_from_slice(&records.to_le_bytes()[..stamp_bytes]);
         builder.push(0, None, Some(&value), &[]);
         records += 1;
@@ -109,9 +111,11 @@ fn build_batch(record_bytes: usize, batch_bytes: usize, seed: u64) -> (Vec<u8>, 
 /// # Errors
 /// Bad arguments, or any I/O error of the phases.
 pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
-    let flush = FlushPolicy::parse(&args.flush).context("--flush must be always, interval, interval:<ms> or never")?;
+    let flush = FlushPolicy::parse(&args.flush)
+        .context("--flush must be always, interval, interval:<ms> or never")?;
     let kind = EngineKind::parse(&args.engine).context("--engine must be auto, uring or sync")?;
-    let write_mode = WriteMode::parse(&args.write_mode).context("--write-mode must be direct or buffered")?;
+    let write_mode =
+        WriteMode::parse(&args.write_mode).context("--write-mode must be direct or buffered")?;
     let phase = Duration::from_secs(args.seconds);
     let phase_bytes_max = args.phase_mib_max << 20;
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
@@ -148,10 +152,13 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
             let log = log.clone();
             let bytes_written = bytes_written.clone();
             let records_written = records_written.clone();
-            let (template, records) = build_batch(args.record_bytes, args.batch_bytes, writer as u64 + 1);
+            let (template, records) =
+                build_batch(args.record_bytes, args.batch_bytes, writer as u64 + 1);
             std::thread::spawn(move || -> anyhow::Result<Histogram<u64>> {
                 let mut latencies = Histogram::<u64>::new(3)?;
-                while started.elapsed() < phase && bytes_written.load(Ordering::Relaxed) < phase_bytes_max {
+                while started.elapsed() < phase
+                    && bytes_written.load(Ordering::Relaxed) < phase_bytes_max
+                {
                     let batch = template.clone();
                     let append_started = Instant::now();
                     log.append_blocking(batch)?;
@@ -165,7 +172,9 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
         .collect();
     let mut latencies = Histogram::<u64>::new(3)?;
     for writer in writers {
-        let histogram = writer.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
+        let histogram = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
         latencies.add(histogram)?;
     }
     let append_elapsed = started.elapsed();
@@ -180,7 +189,11 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
     while offset < log.end_offset() {
         let read = log.read(offset, 1 << 20)?;
         read_bytes += read.len() as u64;
-        checksum = checksum.wrapping_add(read.chunks().map(|chunk| u64::from(chunk.last().copied().unwrap_or(0))).sum::<u64>());
+        checksum = checksum.wrapping_add(
+            read.chunks()
+                .map(|chunk| u64::from(chunk.last().copied().unwrap_or(0)))
+                .sum::<u64>(),
+        );
         offset = read.next_offset();
     }
     let read_elapsed = read_started.elapsed();
@@ -206,7 +219,8 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
         raw_sync_fsync_p99_us: raw_sync.map(|r| r.sync_p99_us),
         raw_direct_mb_s: raw_direct.map(|r| r.mb_s()),
         weir_mb_s,
-        weir_records_s: records_written.load(Ordering::Relaxed) as f64 / append_elapsed.as_secs_f64(),
+        weir_records_s: records_written.load(Ordering::Relaxed) as f64
+            / append_elapsed.as_secs_f64(),
         ratio_sync: raw_sync.map(|r| weir_mb_s / r.mb_s()),
         ratio_direct: raw_direct.map(|r| weir_mb_s / r.mb_s()),
         append_p50_us: latencies.value_at_quantile(0.50),
@@ -217,7 +231,7 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
         engine_plan_ms: stats.plan_nanos_total.load(Ordering::Relaxed) as f64 / 1e6,
         engine_execute_ms: stats.execute_nanos_total.load(Ordering::Relaxed) as f64 / 1e6,
         engine_syncs: syncs,
-        bytes_per_sync: if syncs == 0 { 0 } else { bytes / syncs },
+        bytes_per_sync: bytes.checked_div(syncs).unwrap_or(0),
         read_mb_s: read_bytes as f64 / 1e6 / read_elapsed.as_secs_f64().max(1e-9),
         bytes_written: bytes,
     };
@@ -231,20 +245,46 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
 
 fn print_table(report: &StorageReport) {
     let show = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
-    println!("engine {} · {} writes · flush {} · {} writers · {} B records in {} B batches · {} s per phase",
-        report.engine, report.write_mode, report.flush, report.writers, report.record_bytes, report.batch_bytes, report.seconds);
-    println!("raw pwrite+fdatasync/1MiB  {:>9} MB/s   (fdatasync p50 {} µs, p99 {} µs)",
+    println!(
+        "engine {} · {} writes · flush {} · {} writers · {} B records in {} B batches · {} s per phase",
+        report.engine,
+        report.write_mode,
+        report.flush,
+        report.writers,
+        report.record_bytes,
+        report.batch_bytes,
+        report.seconds
+    );
+    println!(
+        "raw pwrite+fdatasync/1MiB  {:>9} MB/s   (fdatasync p50 {} µs, p99 {} µs)",
         show(report.raw_sync_mb_s),
         report.raw_sync_fsync_p50_us.unwrap_or(0),
-        report.raw_sync_fsync_p99_us.unwrap_or(0));
-    println!("raw O_DIRECT 1MiB          {:>9} MB/s", show(report.raw_direct_mb_s));
-    println!("weir append                {:>9.1} MB/s   ({:.0} records/s; ×{} of raw sync, ×{} of raw direct)",
-        report.weir_mb_s, report.weir_records_s,
+        report.raw_sync_fsync_p99_us.unwrap_or(0)
+    );
+    println!(
+        "raw O_DIRECT 1MiB          {:>9} MB/s",
+        show(report.raw_direct_mb_s)
+    );
+    println!(
+        "weir append                {:>9.1} MB/s   ({:.0} records/s; ×{} of raw sync, ×{} of raw direct)",
+        report.weir_mb_s,
+        report.weir_records_s,
         report.ratio_sync.map_or("-".into(), |r| format!("{r:.2}")),
-        report.ratio_direct.map_or("-".into(), |r| format!("{r:.2}")));
-    println!("append latency             p50 {} µs · p99 {} µs · p99.9 {} µs · max {} µs",
-        report.append_p50_us, report.append_p99_us, report.append_p999_us, report.append_max_us);
-    println!("group commit               {} rounds · {} syncs · {} bytes per sync · engine busy {:.0} ms planning, {:.0} ms on the device",
-        report.engine_rounds, report.engine_syncs, report.bytes_per_sync, report.engine_plan_ms, report.engine_execute_ms);
+        report
+            .ratio_direct
+            .map_or("-".into(), |r| format!("{r:.2}"))
+    );
+    println!(
+        "append latency             p50 {} µs · p99 {} µs · p99.9 {} µs · max {} µs",
+        report.append_p50_us, report.append_p99_us, report.append_p999_us, report.append_max_us
+    );
+    println!(
+        "group commit               {} rounds · {} syncs · {} bytes per sync · engine busy {:.0} ms planning, {:.0} ms on the device",
+        report.engine_rounds,
+        report.engine_syncs,
+        report.bytes_per_sync,
+        report.engine_plan_ms,
+        report.engine_execute_ms
+    );
     println!("weir read (mmap)           {:>9.1} MB/s", report.read_mb_s);
 }

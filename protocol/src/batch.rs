@@ -135,7 +135,9 @@ pub fn peek_batch_bytes(bytes: &[u8]) -> Option<usize> {
         return None;
     }
     let length = be_u32(bytes, BATCH_LENGTH_AT) as i32;
-    usize::try_from(length).ok().map(|len| len + BATCH_LENGTH_PREFIX_BYTES)
+    usize::try_from(length)
+        .ok()
+        .map(|len| len + BATCH_LENGTH_PREFIX_BYTES)
 }
 
 impl<'a> Batch<'a> {

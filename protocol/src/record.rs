@@ -112,7 +112,8 @@ impl<'a> Records<'a> {
     fn parse_one(&mut self) -> Result<Record<'a>, BatchError> {
         let mut outer = Cursor { rest: self.rest };
         let length = outer.varint()?;
-        let length = usize::try_from(length).map_err(|_| BatchError::BadRecord("negative length"))?;
+        let length =
+            usize::try_from(length).map_err(|_| BatchError::BadRecord("negative length"))?;
         let body = outer.take(length)?;
         self.rest = outer.rest;
         let mut cursor = Cursor { rest: body };
@@ -183,8 +184,8 @@ impl<'a> Iterator for Headers<'a> {
             let key = cursor
                 .nullable_bytes()?
                 .ok_or(BatchError::BadRecord("null header key"))?;
-            let key =
-                std::str::from_utf8(key).map_err(|_| BatchError::BadRecord("header key not utf-8"))?;
+            let key = std::str::from_utf8(key)
+                .map_err(|_| BatchError::BadRecord("header key not utf-8"))?;
             let value = cursor.nullable_bytes()?;
             Ok(Header { key, value })
         })();

@@ -4,7 +4,12 @@ use proptest::prelude::*;
 use weir_protocol::batch::{self, BATCH_HEADER_BYTES};
 use weir_protocol::{Batch, BatchBuilder, BatchError, Batches, Compression, ProducerStamp};
 
-type OwnedRecord = (i64, Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Option<Vec<u8>>)>);
+type OwnedRecord = (
+    i64,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Vec<(String, Option<Vec<u8>>)>,
+);
 
 fn build(base_ts: i64, records: &[OwnedRecord]) -> Vec<u8> {
     let mut builder = BatchBuilder::new(base_ts);
@@ -60,7 +65,12 @@ fn single_record_layout_matches_kafka_spec() {
     let batch = Batch::parse_verified(&bytes).expect("valid batch");
     assert_eq!(batch.producer_id(), 7);
     assert_eq!(batch.base_sequence(), 3);
-    let record = batch.records().expect("uncompressed").next().expect("one").expect("ok");
+    let record = batch
+        .records()
+        .expect("uncompressed")
+        .next()
+        .expect("one")
+        .expect("ok");
     assert_eq!(record.key, Some(&b"k"[..]));
     assert_eq!(record.value, Some(&b"vv"[..]));
     assert_eq!(record.timestamp_ms, 1_005);
@@ -73,14 +83,24 @@ fn single_record_layout_matches_kafka_spec() {
 /// every record's offset.
 #[test]
 fn patching_offsets_keeps_crc() {
-    let mut bytes = build(0, &[(0, None, Some(b"a".to_vec()), vec![]), (1, None, None, vec![])]);
+    let mut bytes = build(
+        0,
+        &[
+            (0, None, Some(b"a".to_vec()), vec![]),
+            (1, None, None, vec![]),
+        ],
+    );
     batch::patch_base_offset(&mut bytes, 1_000_000);
     batch::patch_leader_epoch(&mut bytes, 9);
     let batch = Batch::parse_verified(&bytes).expect("still valid");
     assert_eq!(batch.base_offset(), 1_000_000);
     assert_eq!(batch.last_offset(), 1_000_001);
     assert_eq!(batch.partition_leader_epoch(), 9);
-    let offsets: Vec<u64> = batch.records().expect("plain").map(|r| r.expect("ok").offset).collect();
+    let offsets: Vec<u64> = batch
+        .records()
+        .expect("plain")
+        .map(|r| r.expect("ok").offset)
+        .collect();
     assert_eq!(offsets, [1_000_000, 1_000_001]);
 }
 
@@ -92,34 +112,58 @@ fn bad_batches_are_refused_with_the_reason() {
     let mut bad_crc = good.clone();
     let last = bad_crc.len() - 1;
     bad_crc[last] ^= 0x40;
-    assert!(matches!(Batch::parse_verified(&bad_crc), Err(BatchError::BadCrc { .. })));
-    assert!(Batch::parse(&bad_crc).is_ok(), "framing alone does not read the CRC");
+    assert!(matches!(
+        Batch::parse_verified(&bad_crc),
+        Err(BatchError::BadCrc { .. })
+    ));
+    assert!(
+        Batch::parse(&bad_crc).is_ok(),
+        "framing alone does not read the CRC"
+    );
 
     let mut bad_magic = good.clone();
     bad_magic[16] = 1;
-    assert_eq!(Batch::parse(&bad_magic).err(), Some(BatchError::BadMagic(1)));
+    assert_eq!(
+        Batch::parse(&bad_magic).err(),
+        Some(BatchError::BadMagic(1))
+    );
 
     assert!(matches!(
         Batch::parse(&good[..good.len() - 1]),
         Err(BatchError::Truncated { .. })
     ));
-    assert!(matches!(Batch::parse(&good[..20]), Err(BatchError::Truncated { .. })));
+    assert!(matches!(
+        Batch::parse(&good[..20]),
+        Err(BatchError::Truncated { .. })
+    ));
 
     let mut bad_length = good.clone();
     bad_length[8..12].copy_from_slice(&(-5i32).to_be_bytes());
-    assert_eq!(Batch::parse(&bad_length).err(), Some(BatchError::BadLength(-5)));
+    assert_eq!(
+        Batch::parse(&bad_length).err(),
+        Some(BatchError::BadLength(-5))
+    );
 
     let mut zero_records = good.clone();
     zero_records[57..61].copy_from_slice(&0i32.to_be_bytes());
-    assert_eq!(Batch::parse(&zero_records).err(), Some(BatchError::NoRecords(0)));
+    assert_eq!(
+        Batch::parse(&zero_records).err(),
+        Some(BatchError::NoRecords(0))
+    );
 
     let mut bad_delta = good.clone();
     bad_delta[23..27].copy_from_slice(&5i32.to_be_bytes());
-    assert!(matches!(Batch::parse(&bad_delta), Err(BatchError::OffsetDeltaMismatch { .. })));
+    assert!(matches!(
+        Batch::parse(&bad_delta),
+        Err(BatchError::OffsetDeltaMismatch { .. })
+    ));
 
     let mut bad_codec = good;
     bad_codec[22] |= 0x07;
-    assert_eq!(Batch::parse(&bad_codec).err(), Some(BatchError::UnknownCompression(7)));
+    assert_eq!(
+        Batch::parse(&bad_codec).err(),
+        Some(BatchError::UnknownCompression(7))
+    );
 }
 
 /// A batch marked compressed is stored as is but its records are not parsed here.
@@ -131,7 +175,10 @@ fn compressed_records_are_not_iterated() {
     bytes[17..21].copy_from_slice(&crc.to_be_bytes());
     let batch = Batch::parse_verified(&bytes).expect("valid framing");
     assert_eq!(batch.compression(), Compression::Zstd);
-    assert_eq!(batch.records().err(), Some(BatchError::Compressed(Compression::Zstd)));
+    assert_eq!(
+        batch.records().err(),
+        Some(BatchError::Compressed(Compression::Zstd))
+    );
 }
 
 fn arb_record() -> impl Strategy<Value = OwnedRecord> {

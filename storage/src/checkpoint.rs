@@ -94,26 +94,43 @@ impl EpochCache {
         let path = dir.join(LEADER_EPOCH_FILE);
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::default());
+            }
             Err(error) => return Err(StorageError::io(&path, error)),
         };
         let malformed = || {
             StorageError::io(
                 &path,
-                std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed leader-epoch checkpoint"),
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "malformed leader-epoch checkpoint",
+                ),
             )
         };
         let mut lines = text.lines();
         if lines.next().map(str::trim) != Some("0") {
             return Err(malformed());
         }
-        let count: usize = lines.next().and_then(|line| line.trim().parse().ok()).ok_or_else(malformed)?;
+        let count: usize = lines
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .ok_or_else(malformed)?;
         let mut entries = Vec::with_capacity(count);
         for line in lines.take(count) {
             let mut fields = line.split_whitespace();
-            let epoch = fields.next().and_then(|field| field.parse().ok()).ok_or_else(malformed)?;
-            let start_offset = fields.next().and_then(|field| field.parse().ok()).ok_or_else(malformed)?;
-            entries.push(EpochEntry { epoch, start_offset });
+            let epoch = fields
+                .next()
+                .and_then(|field| field.parse().ok())
+                .ok_or_else(malformed)?;
+            let start_offset = fields
+                .next()
+                .and_then(|field| field.parse().ok())
+                .ok_or_else(malformed)?;
+            entries.push(EpochEntry {
+                epoch,
+                start_offset,
+            });
         }
         if entries.len() != count {
             return Err(malformed());
@@ -151,10 +168,16 @@ impl EpochCache {
         }
         // An epoch that starts where the previous one started replaces it: no
         // record was written under the previous one.
-        while self.latest().is_some_and(|latest| latest.start_offset >= start_offset) {
+        while self
+            .latest()
+            .is_some_and(|latest| latest.start_offset >= start_offset)
+        {
             self.entries.pop();
         }
-        self.entries.push(EpochEntry { epoch, start_offset });
+        self.entries.push(EpochEntry {
+            epoch,
+            start_offset,
+        });
         true
     }
 
@@ -162,7 +185,10 @@ impl EpochCache {
     /// that the log knows, as a leader answers a follower's
     /// OffsetForLeaderEpoch; `None` if the log knows no such epoch.
     pub fn end_offset_for(&self, epoch: i32, log_end_offset: u64) -> Option<(i32, u64)> {
-        let position = self.entries.iter().rposition(|entry| entry.epoch <= epoch)?;
+        let position = self
+            .entries
+            .iter()
+            .rposition(|entry| entry.epoch <= epoch)?;
         let found = self.entries[position];
         let end = self
             .entries

@@ -72,7 +72,10 @@ impl Index {
 
     fn words(&self) -> &[AtomicU32] {
         let len = self.capacity * self.words_per_entry;
-        assert!(self.map.len() >= len * 4, "index map shorter than its capacity");
+        assert!(
+            self.map.len() >= len * 4,
+            "index map shorter than its capacity"
+        );
         // SAFETY: the map is page-aligned, at least `len * 4` bytes long and
         // lives as long as `self`; all access is atomic, so shared mutation
         // through `&self` is sound.

@@ -66,7 +66,9 @@ impl AppendFuture {
     /// # Panics
     /// If called from inside an async runtime (await the future there).
     pub fn wait(self) -> Result<AppendInfo> {
-        self.receiver.blocking_recv().unwrap_or(Err(StorageError::Closed))
+        self.receiver
+            .blocking_recv()
+            .unwrap_or(Err(StorageError::Closed))
     }
 }
 
@@ -103,7 +105,11 @@ enum ReadPart {
 impl ReadPart {
     fn bytes(&self) -> &[u8] {
         match self {
-            ReadPart::Mapped { segment, start, end } => segment.map_slice(*start, *end),
+            ReadPart::Mapped {
+                segment,
+                start,
+                end,
+            } => segment.map_slice(*start, *end),
             ReadPart::Cached(bytes) => bytes,
         }
     }
@@ -257,7 +263,9 @@ impl Log {
     pub fn open(dir: impl AsRef<Path>, config: LogConfig, engine: Arc<IoEngine>) -> Result<Log> {
         let dir = dir.as_ref().to_path_buf();
         let config = LogConfig {
-            batch_bytes_max: config.batch_bytes_max.min(config.segment_bytes_max as usize),
+            batch_bytes_max: config
+                .batch_bytes_max
+                .min(config.segment_bytes_max as usize),
             ..config
         };
         if !dir.exists() {
@@ -269,11 +277,13 @@ impl Log {
         let recovered = recovery::recover(&dir, &config)?;
         let mut segments = recovered.segments;
         if segments.is_empty() {
-            let segment = Segment::create(&dir, 0, config.segment_bytes_max, index_capacity(&config))?;
+            let segment =
+                Segment::create(&dir, 0, config.segment_bytes_max, index_capacity(&config))?;
             checkpoint::sync_dir(&dir)?;
             segments.insert(0, Arc::new(segment));
         }
-        let (start_offset, active) = match (segments.values().next(), segments.values().next_back()) {
+        let (start_offset, active) = match (segments.values().next(), segments.values().next_back())
+        {
             (Some(first), Some(last)) => (first.base_offset(), last.clone()),
             _ => unreachable!("at least one segment exists"),
         };
@@ -334,7 +344,11 @@ impl Log {
 
     /// Whether appends use O_DIRECT.
     pub fn write_mode(&self) -> WriteMode {
-        if self.direct { WriteMode::Direct } else { WriteMode::Buffered }
+        if self.direct {
+            WriteMode::Direct
+        } else {
+            WriteMode::Buffered
+        }
     }
 
     /// Refills the recent-batch cache from the active segment so that it
@@ -398,7 +412,10 @@ impl Log {
 
     /// Published bytes over all segments.
     pub fn size_bytes(&self) -> u64 {
-        self.read_segments().values().map(|segment| segment.published_bytes()).sum()
+        self.read_segments()
+            .values()
+            .map(|segment| segment.published_bytes())
+            .sum()
     }
 
     /// The leader-epoch cache (epoch → first offset).
@@ -407,11 +424,17 @@ impl Log {
     }
 
     fn read_segments(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Arc<Segment>>> {
-        self.shared.segments.read().unwrap_or_else(|poison| poison.into_inner())
+        self.shared
+            .segments
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     fn write_segments(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u64, Arc<Segment>>> {
-        self.shared.segments.write().unwrap_or_else(|poison| poison.into_inner())
+        self.shared
+            .segments
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     /// Appends a batch, assigning its offsets (by patching the header) and
@@ -459,8 +482,11 @@ impl Log {
                 (parsed.len() - weir_protocol::batch::BATCH_LENGTH_PREFIX_BYTES) as i32,
             )));
         }
-        let (last_offset_delta, batch_max_timestamp_ms, given_base) =
-            (u64::from(parsed.last_offset_delta() as u32), parsed.max_timestamp(), parsed.base_offset());
+        let (last_offset_delta, batch_max_timestamp_ms, given_base) = (
+            u64::from(parsed.last_offset_delta() as u32),
+            parsed.max_timestamp(),
+            parsed.base_offset(),
+        );
 
         let mut writer = lock(&self.writer);
         if writer.closed {
@@ -489,7 +515,10 @@ impl Log {
         let next_offset = base_offset + last_offset_delta + 1;
         let position = writer.write_position;
         let segment = writer.active.clone();
-        assert!(position + len <= segment.mapped_bytes(), "append past the segment map");
+        assert!(
+            position + len <= segment.mapped_bytes(),
+            "append past the segment map"
+        );
         writer.active_max_timestamp_ms = writer.active_max_timestamp_ms.max(batch_max_timestamp_ms);
         if writer.bytes_since_index >= self.config.index_interval_bytes {
             segment.add_index_entries(base_offset, position, writer.active_max_timestamp_ms);
@@ -511,7 +540,14 @@ impl Log {
         let data = Arc::new(batch);
         let cached = data.clone();
         let done = Box::new(move |result: std::io::Result<()>| {
-            let outcome = complete_append(&shared, &completed_segment, position + len, info, &cached, result);
+            let outcome = complete_append(
+                &shared,
+                &completed_segment,
+                position + len,
+                info,
+                &cached,
+                result,
+            );
             // The caller may have stopped waiting; the append stands regardless.
             let _ = sender.send(outcome);
         });
@@ -541,7 +577,10 @@ impl Log {
         if writer.write_position == 0 {
             return false;
         }
-        let capacity = self.config.segment_bytes_max.min(writer.active.mapped_bytes());
+        let capacity = self
+            .config
+            .segment_bytes_max
+            .min(writer.active.mapped_bytes());
         writer.write_position + incoming_bytes > capacity
             || writer.active_since.elapsed().as_millis() as u64 >= self.config.segment_age_ms_max
     }
@@ -595,9 +634,18 @@ impl Log {
         }
         drop(publish);
         let base = writer.next_offset;
-        let segment = Segment::create(&self.dir, base, self.config.segment_bytes_max, index_capacity(&self.config))?;
+        let segment = Segment::create(
+            &self.dir,
+            base,
+            self.config.segment_bytes_max,
+            index_capacity(&self.config),
+        )?;
         let old = writer.active.clone();
-        assert_eq!(old.published_next_offset(), base, "rolling with unpublished writes");
+        assert_eq!(
+            old.published_next_offset(),
+            base,
+            "rolling with unpublished writes"
+        );
         if let Err(error) = old.seal().and_then(|()| checkpoint::sync_dir(&self.dir)) {
             let _ = segment.delete_files();
             return Err(error);
@@ -615,7 +663,11 @@ impl Log {
 
     fn set_recovery_point(&self, writer: &mut Writer, offset: u64) -> Result<()> {
         if writer.recovery_point != offset {
-            checkpoint::write_atomic(&self.dir, RECOVERY_POINT_FILE, offset.to_string().as_bytes())?;
+            checkpoint::write_atomic(
+                &self.dir,
+                RECOVERY_POINT_FILE,
+                offset.to_string().as_bytes(),
+            )?;
             writer.recovery_point = offset;
         }
         Ok(())
@@ -684,8 +736,14 @@ impl Log {
     /// The segment holding `offset` (or the first after it).
     fn segment_for(&self, offset: u64, end: u64) -> Result<Arc<Segment>> {
         let segments = self.read_segments();
-        let mut found = segments.range(..=offset).next_back().map(|(_, s)| s.clone());
-        while let Some(segment) = found.as_ref().filter(|s| s.published_next_offset() <= offset) {
+        let mut found = segments
+            .range(..=offset)
+            .next_back()
+            .map(|(_, s)| s.clone());
+        while let Some(segment) = found
+            .as_ref()
+            .filter(|s| s.published_next_offset() <= offset)
+        {
             found = segments
                 .range((Bound::Excluded(segment.base_offset()), Bound::Unbounded))
                 .next()
@@ -708,7 +766,9 @@ impl Log {
         let (mapped_limit, cached) = {
             let recent = lock(&self.shared.recent);
             let start = recent.start_offset();
-            let cached = start.and_then(|start| recent.read(start, usize::MAX)).unwrap_or_default();
+            let cached = start
+                .and_then(|start| recent.read(start, usize::MAX))
+                .unwrap_or_default();
             (start.unwrap_or(u64::MAX), cached)
         };
         let segments: Vec<Arc<Segment>> = self.read_segments().values().cloned().collect();
@@ -726,7 +786,9 @@ impl Log {
                 Some(below) => segment
                     .time_index
                     .floor(index::time_target(below), index::time_key)
-                    .map_or(segment.base_offset(), |entry| segment.base_offset() + u64::from(entry[2])),
+                    .map_or(segment.base_offset(), |entry| {
+                        segment.base_offset() + u64::from(entry[2])
+                    }),
                 None => segment.base_offset(),
             };
             let mut position = segment.position_of(from)?;
@@ -785,7 +847,10 @@ impl Log {
         } else {
             segment.position_of(offset)?
         };
-        let later: Vec<u64> = segments.range((Bound::Excluded(base), Bound::Unbounded)).map(|(b, _)| *b).collect();
+        let later: Vec<u64> = segments
+            .range((Bound::Excluded(base), Bound::Unbounded))
+            .map(|(b, _)| *b)
+            .collect();
         for later_base in later {
             if let Some(removed) = segments.remove(&later_base) {
                 removed.delete_files()?;
@@ -835,7 +900,12 @@ impl Log {
         for (_, segment) in std::mem::take(&mut *segments) {
             segment.delete_files()?;
         }
-        let segment = Arc::new(Segment::create(&self.dir, offset, self.config.segment_bytes_max, index_capacity(&self.config))?);
+        let segment = Arc::new(Segment::create(
+            &self.dir,
+            offset,
+            self.config.segment_bytes_max,
+            index_capacity(&self.config),
+        )?);
         segments.insert(offset, segment.clone());
         drop(segments);
         checkpoint::sync_dir(&self.dir)?;
@@ -891,23 +961,36 @@ impl Log {
         }
         let mut outcome = RetentionOutcome::default();
         let mut segments = self.write_segments();
-        let mut total: u64 = segments.values().map(|segment| segment.published_bytes()).sum();
-        let candidates: Vec<Arc<Segment>> = segments.values().filter(|s| s.is_sealed()).cloned().collect();
+        let mut total: u64 = segments
+            .values()
+            .map(|segment| segment.published_bytes())
+            .sum();
+        let candidates: Vec<Arc<Segment>> = segments
+            .values()
+            .filter(|s| s.is_sealed())
+            .cloned()
+            .collect();
         for segment in candidates {
             if segment.base_offset() == writer.active.base_offset() {
                 break;
             }
             let bytes = segment.published_bytes();
-            let by_size = self.config.retention_bytes.is_some_and(|limit| total - bytes >= limit);
-            let by_age = self
+            let by_size = self
                 .config
-                .retention_ms
-                .is_some_and(|limit| segment.max_timestamp_ms() < now_ms.saturating_sub(limit as i64));
+                .retention_bytes
+                .is_some_and(|limit| total - bytes >= limit);
+            let by_age = self.config.retention_ms.is_some_and(|limit| {
+                segment.max_timestamp_ms() < now_ms.saturating_sub(limit as i64)
+            });
             if !(by_size || by_age) {
                 break;
             }
             segments.remove(&segment.base_offset());
-            let new_start = segments.keys().next().copied().unwrap_or(writer.next_offset);
+            let new_start = segments
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or(writer.next_offset);
             self.shared.start_offset.store(new_start, Ordering::Release);
             segment.delete_files()?;
             total -= bytes;
@@ -988,7 +1071,12 @@ fn first_at_or_after(batch: &Batch<'_>, timestamp_ms: i64) -> Option<u64> {
         return None;
     }
     let record_offset = batch.records().ok().and_then(|mut records| {
-        records.find_map(|record| record.ok().filter(|r| r.timestamp_ms >= timestamp_ms).map(|r| r.offset))
+        records.find_map(|record| {
+            record
+                .ok()
+                .filter(|r| r.timestamp_ms >= timestamp_ms)
+                .map(|r| r.offset)
+        })
     });
     Some(record_offset.unwrap_or(batch.base_offset()))
 }
@@ -997,7 +1085,10 @@ fn cached_read(batches: Vec<CachedBatch>) -> LogRead {
     let next_offset = batches.last().map_or(0, |batch| batch.next_offset);
     let len = batches.iter().map(|batch| batch.bytes.len()).sum();
     LogRead {
-        parts: batches.into_iter().map(|batch| ReadPart::Cached(batch.bytes)).collect(),
+        parts: batches
+            .into_iter()
+            .map(|batch| ReadPart::Cached(batch.bytes))
+            .collect(),
         len,
         next_offset,
     }
@@ -1039,7 +1130,10 @@ fn complete_append(
         match result {
             Ok(()) => {
                 let end = shared.end_offset.load(Ordering::Acquire);
-                assert_eq!(end, info.base_offset, "appends must publish in offset order");
+                assert_eq!(
+                    end, info.base_offset,
+                    "appends must publish in offset order"
+                );
                 segment.publish(end_position, info.last_offset + 1, info.max_timestamp_ms);
                 // Cache before publishing the end, so a reader that sees the
                 // new end finds the batch in the cache (direct mode).
@@ -1048,7 +1142,9 @@ fn complete_append(
                     next_offset: info.last_offset + 1,
                     bytes: data.clone(),
                 });
-                shared.end_offset.store(info.last_offset + 1, Ordering::Release);
+                shared
+                    .end_offset
+                    .store(info.last_offset + 1, Ordering::Release);
                 Ok(info)
             }
             Err(error) => {

@@ -51,7 +51,10 @@ impl RecentBatches {
             return;
         }
         if let Some(last) = self.batches.back() {
-            assert_eq!(last.next_offset, batch.base_offset, "recent batches must be contiguous");
+            assert_eq!(
+                last.next_offset, batch.base_offset,
+                "recent batches must be contiguous"
+            );
         }
         self.bytes += batch.bytes.len();
         self.batches.push_back(batch);
@@ -82,7 +85,9 @@ impl RecentBatches {
         if offset < first.base_offset || self.batches.back()?.next_offset <= offset {
             return None;
         }
-        let start = self.batches.partition_point(|batch| batch.next_offset <= offset);
+        let start = self
+            .batches
+            .partition_point(|batch| batch.next_offset <= offset);
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for batch in self.batches.range(start..) {

@@ -59,11 +59,15 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
             let _ = std::fs::remove_file(entry.path());
             continue;
         }
-        let Some((stem, extension)) = name.split_once('.') else { continue };
+        let Some((stem, extension)) = name.split_once('.') else {
+            continue;
+        };
         if stem.len() != FILE_NAME_DIGITS {
             continue;
         }
-        let Ok(base) = stem.parse::<u64>() else { continue };
+        let Ok(base) = stem.parse::<u64>() else {
+            continue;
+        };
         match extension {
             "log" => bases.push(base),
             "index" | "timeindex" => index_files.push((base, entry.path())),
@@ -105,7 +109,12 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig) -> Result<Recovered> {
             break;
         }
         let last = next_base.is_none();
-        let (segment, file_bytes) = Segment::open(dir, base, last.then_some(config.segment_bytes_max), capacity)?;
+        let (segment, file_bytes) = Segment::open(
+            dir,
+            base,
+            last.then_some(config.segment_bytes_max),
+            capacity,
+        )?;
         let may_hold_unsynced = next_base.is_none_or(|next| next > recovery_point);
         let scan = if !clean && may_hold_unsynced {
             report.segments_scanned += 1;
@@ -137,7 +146,11 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig) -> Result<Recovered> {
                     %reason,
                     "recovery cut the log at the first bad batch"
                 );
-                report.cut.get_or_insert((segment.path().to_path_buf(), end.bytes, reason.to_string()));
+                report.cut.get_or_insert((
+                    segment.path().to_path_buf(),
+                    end.bytes,
+                    reason.to_string(),
+                ));
             } else if short {
                 report.cut.get_or_insert((
                     segment.path().to_path_buf(),
@@ -179,12 +192,23 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig) -> Result<Recovered> {
 fn full_scan(segment: &Segment, file_bytes: u64, config: &LogConfig) -> ScanEnd {
     segment.offset_index.truncate_entries(0);
     segment.time_index.truncate_entries(0);
-    segment.scan(0, segment.base_offset(), file_bytes, config.index_interval_bytes, true)
+    segment.scan(
+        0,
+        segment.base_offset(),
+        file_bytes,
+        config.index_interval_bytes,
+        true,
+    )
 }
 
 /// After a clean shutdown: trust the active segment's indexes and scan only
 /// from its last index entry (falling back to a full scan if they look wrong).
-fn tail_scan(segment: &Segment, file_bytes: u64, config: &LogConfig, report: &mut RecoveryReport) -> ScanEnd {
+fn tail_scan(
+    segment: &Segment,
+    file_bytes: u64,
+    config: &LogConfig,
+    report: &mut RecoveryReport,
+) -> ScanEnd {
     if !segment.indexes_valid(file_bytes) {
         report.indexes_rebuilt += 1;
         return full_scan(segment, file_bytes, config);
@@ -192,11 +216,20 @@ fn tail_scan(segment: &Segment, file_bytes: u64, config: &LogConfig, report: &mu
     let (position, next_offset) = match segment.offset_index.len().checked_sub(1) {
         Some(at) => {
             let entry = segment.offset_index.entry(at);
-            (u64::from(entry[1]), segment.base_offset() + u64::from(entry[0]))
+            (
+                u64::from(entry[1]),
+                segment.base_offset() + u64::from(entry[0]),
+            )
         }
         None => (0, segment.base_offset()),
     };
-    let mut end = segment.scan(position, next_offset, file_bytes, config.index_interval_bytes, false);
+    let mut end = segment.scan(
+        position,
+        next_offset,
+        file_bytes,
+        config.index_interval_bytes,
+        false,
+    );
     let indexed_max = segment
         .time_index
         .len()
@@ -207,7 +240,12 @@ fn tail_scan(segment: &Segment, file_bytes: u64, config: &LogConfig, report: &mu
 }
 
 /// Deletes the segments starting at `bases` (they lie after a cut).
-fn delete_from(dir: &Path, bases: &[u64], capacity: usize, report: &mut RecoveryReport) -> Result<()> {
+fn delete_from(
+    dir: &Path,
+    bases: &[u64],
+    capacity: usize,
+    report: &mut RecoveryReport,
+) -> Result<()> {
     for base in bases {
         let (segment, _) = Segment::open(dir, *base, None, capacity)?;
         tracing::warn!(path = %segment.path().display(), "recovery deleted a segment after the cut");

@@ -85,7 +85,8 @@ impl Segment {
         }
         // Stale indexes of an earlier segment with this base would lie.
         for extension in ["index", "timeindex"] {
-            let _ = std::fs::remove_file(dir.join(format!("{}.{extension}", file_stem(base_offset))));
+            let _ =
+                std::fs::remove_file(dir.join(format!("{}.{extension}", file_stem(base_offset))));
         }
         Self::from_file(dir, base_offset, path, file, index_capacity)
     }
@@ -114,7 +115,10 @@ impl Segment {
         {
             preallocate(&file, bytes).map_err(io)?;
         }
-        Ok((Self::from_file(dir, base_offset, path, file, index_capacity)?, file_bytes))
+        Ok((
+            Self::from_file(dir, base_offset, path, file, index_capacity)?,
+            file_bytes,
+        ))
     }
 
     fn from_file(
@@ -179,9 +183,13 @@ impl Segment {
         if !direct {
             return Ok(WriteTarget::Buffered(self.file.clone()));
         }
-        let mut handle = self.direct.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut handle = self
+            .direct
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         if handle.is_none() {
-            let opened = DirectFile::open(&self.path).map_err(|error| StorageError::io(&self.path, error))?;
+            let opened = DirectFile::open(&self.path)
+                .map_err(|error| StorageError::io(&self.path, error))?;
             *handle = Some(Arc::new(opened));
         }
         match handle.as_ref() {
@@ -191,7 +199,12 @@ impl Segment {
     }
 
     fn forget_direct_tail(&self) {
-        if let Some(file) = self.direct.lock().unwrap_or_else(|poison| poison.into_inner()).as_ref() {
+        if let Some(file) = self
+            .direct
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .as_ref()
+        {
             file.forget_tail();
         }
     }
@@ -220,17 +233,24 @@ impl Segment {
     /// Makes bytes up to `bytes` (ending at `next_offset`) visible to readers.
     pub(crate) fn publish(&self, bytes: u64, next_offset: u64, max_timestamp_ms: i64) {
         assert!(bytes <= self.mapped_bytes(), "published past the map");
-        assert!(next_offset >= self.base_offset, "published offset below the segment base");
-        self.max_timestamp_ms.fetch_max(max_timestamp_ms, Ordering::AcqRel);
-        self.published_next_offset.store(next_offset, Ordering::Release);
+        assert!(
+            next_offset >= self.base_offset,
+            "published offset below the segment base"
+        );
+        self.max_timestamp_ms
+            .fetch_max(max_timestamp_ms, Ordering::AcqRel);
+        self.published_next_offset
+            .store(next_offset, Ordering::Release);
         self.published_bytes.store(bytes, Ordering::Release);
     }
 
     /// Resets the published extent (truncation and recovery only).
     pub(crate) fn reset_published(&self, bytes: u64, next_offset: u64, max_timestamp_ms: i64) {
         self.published_bytes.store(bytes, Ordering::Release);
-        self.published_next_offset.store(next_offset, Ordering::Release);
-        self.max_timestamp_ms.store(max_timestamp_ms, Ordering::Release);
+        self.published_next_offset
+            .store(next_offset, Ordering::Release);
+        self.max_timestamp_ms
+            .store(max_timestamp_ms, Ordering::Release);
     }
 
     /// The published bytes from `position` to the end.
@@ -318,15 +338,18 @@ impl Segment {
                     position += batch.len() as u64;
                 }
                 Ok(batch) => {
-                    cut = Some(BatchError::BadRecord(if batch.base_offset() < next_offset {
-                        "batch offset goes backwards"
-                    } else {
-                        "gap in offsets"
-                    }));
+                    cut = Some(BatchError::BadRecord(
+                        if batch.base_offset() < next_offset {
+                            "batch offset goes backwards"
+                        } else {
+                            "gap in offsets"
+                        },
+                    ));
                     break;
                 }
                 Err(error) => {
-                    let header = &bytes[..bytes.len().min(weir_protocol::batch::BATCH_HEADER_BYTES)];
+                    let header =
+                        &bytes[..bytes.len().min(weir_protocol::batch::BATCH_HEADER_BYTES)];
                     if header.iter().any(|byte| *byte != 0) {
                         cut = Some(error);
                     }
@@ -346,14 +369,27 @@ impl Segment {
     /// `running_max_timestamp_ms` is the largest timestamp in the segment up
     /// to and including this batch (so a time lookup may skip everything
     /// before an entry whose timestamp is below its target).
-    pub(crate) fn add_index_entries(&self, base_offset: u64, position: u64, running_max_timestamp_ms: i64) {
+    pub(crate) fn add_index_entries(
+        &self,
+        base_offset: u64,
+        position: u64,
+        running_max_timestamp_ms: i64,
+    ) {
         let max_timestamp_ms = running_max_timestamp_ms;
         let relative = relative_offset(base_offset, self.base_offset);
-        assert!(position <= u64::from(u32::MAX), "segment position exceeds u32");
+        assert!(
+            position <= u64::from(u32::MAX),
+            "segment position exceeds u32"
+        );
         self.offset_index.push([relative, position as u32, 0]);
-        let last_time = self.time_index.len().checked_sub(1).map(|at| index::time_of(self.time_index.entry(at)));
+        let last_time = self
+            .time_index
+            .len()
+            .checked_sub(1)
+            .map(|at| index::time_of(self.time_index.entry(at)));
         if last_time.is_none_or(|last| max_timestamp_ms > last) {
-            self.time_index.push(index::time_entry(max_timestamp_ms, relative));
+            self.time_index
+                .push(index::time_entry(max_timestamp_ms, relative));
         }
     }
 
@@ -378,14 +414,18 @@ impl Segment {
         // The first batch of a segment always gets an entry, and sealing adds
         // a final time entry, so data without entries means a lost index.
         if data_bytes > 0
-            && (self.offset_index.len() == 0 || self.offset_index.entry(0)[..2] != [0, 0] || self.time_index.len() == 0)
+            && (self.offset_index.len() == 0
+                || self.offset_index.entry(0)[..2] != [0, 0]
+                || self.time_index.len() == 0)
         {
             return false;
         }
         let mut previous: Option<[u32; 3]> = None;
         for at in 0..self.offset_index.len() {
             let entry = self.offset_index.entry(at);
-            if u64::from(entry[1]) >= data_bytes || previous.is_some_and(|p| p[0] >= entry[0] || p[1] >= entry[1]) {
+            if u64::from(entry[1]) >= data_bytes
+                || previous.is_some_and(|p| p[0] >= entry[0] || p[1] >= entry[1])
+            {
                 return false;
             }
             previous = Some(entry);
@@ -418,10 +458,15 @@ impl Segment {
         // Record the segment's newest timestamp so retention and time lookups
         // need no scan after a restart.
         if next > self.base_offset {
-            let last_time = self.time_index.len().checked_sub(1).map(|at| index::time_of(self.time_index.entry(at)));
+            let last_time = self
+                .time_index
+                .len()
+                .checked_sub(1)
+                .map(|at| index::time_of(self.time_index.entry(at)));
             if last_time.is_none_or(|last| max_timestamp_ms > last) {
                 let relative = relative_offset(next - 1, self.base_offset);
-                self.time_index.push(index::time_entry(max_timestamp_ms, relative));
+                self.time_index
+                    .push(index::time_entry(max_timestamp_ms, relative));
             }
         }
         self.file.sync_data().map_err(io)?;
@@ -430,7 +475,10 @@ impl Segment {
         self.offset_index.seal()?;
         self.time_index.seal()?;
         self.sealed.store(true, Ordering::Release);
-        self.direct.lock().unwrap_or_else(|poison| poison.into_inner()).take();
+        self.direct
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
         Ok(())
     }
 
@@ -459,7 +507,11 @@ impl Segment {
 
     /// Removes the segment's files.
     pub(crate) fn delete_files(&self) -> Result<()> {
-        for path in [&self.path, &self.offset_index.path().to_path_buf(), &self.time_index.path().to_path_buf()] {
+        for path in [
+            &self.path,
+            &self.offset_index.path().to_path_buf(),
+            &self.time_index.path().to_path_buf(),
+        ] {
             match std::fs::remove_file(path) {
                 Ok(()) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -476,7 +528,10 @@ impl Segment {
 /// If the segment spans more than 2^32 offsets (segments roll long before).
 pub(crate) fn relative_offset(offset: u64, base_offset: u64) -> u32 {
     let relative = offset - base_offset;
-    assert!(relative <= u64::from(u32::MAX), "segment spans more than 2^32 offsets");
+    assert!(
+        relative <= u64::from(u32::MAX),
+        "segment spans more than 2^32 offsets"
+    );
     relative as u32
 }
 
@@ -496,7 +551,14 @@ fn zero_range(file: &File, position: u64, len: u64) -> std::io::Result<()> {
     if punched == 0 {
         // Best effort: without space the range is allocated as it is written.
         // SAFETY: as above.
-        let _ = unsafe { libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, position as libc::off_t, len as libc::off_t) };
+        let _ = unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_KEEP_SIZE,
+                position as libc::off_t,
+                len as libc::off_t,
+            )
+        };
         return Ok(());
     }
     use std::os::unix::fs::FileExt;

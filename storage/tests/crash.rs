@@ -24,7 +24,11 @@ const CHILD_LIFETIME_MAX: Duration = Duration::from_secs(30);
 /// written one way and continued the other.
 fn config(run: usize) -> LogConfig {
     LogConfig {
-        write_mode: if run % 2 == 0 { WriteMode::Direct } else { WriteMode::Buffered },
+        write_mode: if run.is_multiple_of(2) {
+            WriteMode::Direct
+        } else {
+            WriteMode::Buffered
+        },
         segment_bytes_max: 256 * 1024,
         index_interval_bytes: 1024,
         flush: FlushPolicy::Always,
@@ -46,7 +50,8 @@ fn crash_child() {
     };
     let kind = EngineKind::parse(&kind).expect("engine name");
     let run: u64 = run.parse().expect("run number");
-    let log = Arc::new(Log::open(&dir, config(run as usize), engine(kind)).expect("child opens log"));
+    let log =
+        Arc::new(Log::open(&dir, config(run as usize), engine(kind)).expect("child opens log"));
     let started = Instant::now();
     let writers: Vec<_> = (0..CHILD_WRITERS)
         .map(|writer| {
@@ -57,7 +62,9 @@ fn crash_child() {
                     let tag = run << 40 | writer << 32 | seq;
                     let count = 1 + (seq % 5) as usize;
                     let value_bytes = 100 + ((seq * 997) % 1900) as usize;
-                    let info = log.append_blocking(batch(tag, count, value_bytes, seq as i64)).expect("append");
+                    let info = log
+                        .append_blocking(batch(tag, count, value_bytes, seq as i64))
+                        .expect("append");
                     let mut out = std::io::stdout().lock();
                     writeln!(out, "ACK {} {} {}", info.base_offset, count, tag).expect("report");
                     out.flush().expect("flush");
@@ -73,7 +80,13 @@ fn crash_child() {
 
 fn spawn_child(dir: &std::path::Path, kind: &str, run: usize) -> std::process::Child {
     Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("WEIR_CRASH_DIR", dir)
         .env("WEIR_CRASH_ENGINE", kind)
         .env("WEIR_CRASH_RUN", run.to_string())
@@ -103,7 +116,10 @@ fn crash_test_kill_9_loses_no_acknowledged_batch() {
                     while reader.read_line(&mut line).is_ok_and(|read| read > 0) {
                         // A line cut by the kill has no newline: not an ack.
                         if line.ends_with('\n') && line.starts_with("ACK ") {
-                            lines.lock().expect("lines").push(line.trim_end().to_string());
+                            lines
+                                .lock()
+                                .expect("lines")
+                                .push(line.trim_end().to_string());
                         }
                         line.clear();
                     }
@@ -120,11 +136,15 @@ fn crash_test_kill_9_loses_no_acknowledged_batch() {
                 kills_with_acks += 1;
             }
             for line in lines {
-                let fields: Vec<u64> = line[4..].split(' ').map(|f| f.parse().expect("number")).collect();
+                let fields: Vec<u64> = line[4..]
+                    .split(' ')
+                    .map(|f| f.parse().expect("number"))
+                    .collect();
                 acked.insert(fields[0], (fields[1], fields[2]));
             }
 
-            let log = Log::open(dir.path(), config(run + 1), engine(kind)).expect("reopen after kill");
+            let log =
+                Log::open(dir.path(), config(run + 1), engine(kind)).expect("reopen after kill");
             let stored: BTreeMap<u64, (u64, u64)> = read_all(&log)
                 .into_iter()
                 .map(|(base, count, tag)| (base, (count, tag)))
@@ -138,7 +158,7 @@ fn crash_test_kill_9_loses_no_acknowledged_batch() {
             }
             // Some of the time close cleanly; otherwise leave the log for the
             // next child to recover again.
-            if run % 3 == 0 {
+            if run.is_multiple_of(3) {
                 log.close().expect("close");
             }
         }
@@ -146,6 +166,9 @@ fn crash_test_kill_9_loses_no_acknowledged_batch() {
             kills_with_acks >= KILLS_PER_ENGINE / 2,
             "{name}: most kills must land while appends are acknowledged ({kills_with_acks})"
         );
-        assert!(acked.len() > 100, "{name}: the test acknowledged too little to prove anything");
+        assert!(
+            acked.len() > 100,
+            "{name}: the test acknowledged too little to prove anything"
+        );
     }
 }

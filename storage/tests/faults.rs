@@ -27,7 +27,10 @@ impl Tmpfs {
             .arg(dir.path())
             .status()
             .expect("run mount");
-        assert!(status.success(), "mounting a tmpfs needs root; the disk-full test cannot run otherwise");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root; the disk-full test cannot run otherwise"
+        );
         Tmpfs {
             path: dir.path().to_path_buf(),
             _dir: dir,
@@ -71,13 +74,24 @@ fn disk_full_is_reported_and_recoverable() {
             }
             assert!(acked.len() < 10_000, "the disk never filled");
         };
-        assert!(matches!(error, StorageError::StorageFull { .. }), "{kind:?}: got {error}");
+        assert!(
+            matches!(error, StorageError::StorageFull { .. }),
+            "{kind:?}: got {error}"
+        );
         let stored: Vec<u64> = read_all(&log).iter().map(|b| b.0).collect();
-        assert_eq!(stored, acked, "{kind:?}: the log holds exactly what was acknowledged");
+        assert_eq!(
+            stored, acked,
+            "{kind:?}: the log holds exactly what was acknowledged"
+        );
         // Still full: still a clear error, still nothing changed.
-        assert!(matches!(log.append_blocking(batch(0, 4, 2000, 0)), Err(StorageError::StorageFull { .. })));
+        assert!(matches!(
+            log.append_blocking(batch(0, 4, 2000, 0)),
+            Err(StorageError::StorageFull { .. })
+        ));
         std::fs::remove_file(ballast).expect("free space");
-        let info = log.append_blocking(batch(9999, 1, 10, 0)).expect("append works once space returns");
+        let info = log
+            .append_blocking(batch(9999, 1, 10, 0))
+            .expect("append works once space returns");
         assert_eq!(info.base_offset, log.end_offset() - 1);
         drop(log);
         let log = Log::open(&dir, config, engine).expect("reopen");
@@ -130,18 +144,33 @@ fn failed_writes_fail_appends_and_the_log_repairs_itself() {
                 }
             }
         }
-        assert!(failures > 0, "{kind:?}: the file size limit must refuse writes");
-        assert!(log.end_offset() < 100_000, "nothing was published past the limit");
+        assert!(
+            failures > 0,
+            "{kind:?}: the file size limit must refuse writes"
+        );
+        assert!(
+            log.end_offset() < 100_000,
+            "nothing was published past the limit"
+        );
         let stored: Vec<(u64, u64)> = read_all(&log).iter().map(|b| (b.0, b.2)).collect();
         assert_eq!(stored, acked, "{kind:?}: exactly the acknowledged batches");
         set_file_size_limit(libc::RLIM_INFINITY);
-        let info = log.append_blocking(batch(7777, 2, 1500, 0)).expect("appends work again");
+        let info = log
+            .append_blocking(batch(7777, 2, 1500, 0))
+            .expect("appends work again");
         drop(log);
         let log = Log::open(dir.path(), config, engine).expect("reopen");
-        assert!(log.recovery_report().cut.is_none(), "{kind:?}: {:?}", log.recovery_report());
+        assert!(
+            log.recovery_report().cut.is_none(),
+            "{kind:?}: {:?}",
+            log.recovery_report()
+        );
         let stored: Vec<(u64, u64)> = read_all(&log).iter().map(|b| (b.0, b.2)).collect();
         let mut expected = acked.clone();
         expected.push((info.base_offset, 7777));
-        assert_eq!(stored, expected, "{kind:?}: nothing of the failed writes came back");
+        assert_eq!(
+            stored, expected,
+            "{kind:?}: nothing of the failed writes came back"
+        );
     }
 }

@@ -18,20 +18,42 @@ fn append_and_read_in_order_across_rolls() {
         let mut expected = Vec::new();
         for tag in 0..200u64 {
             let count = 1 + (tag as usize % 7);
-            let info = log.append_blocking(batch(tag, count, 400, 1_000 + tag as i64)).expect("append");
+            let info = log
+                .append_blocking(batch(tag, count, 400, 1_000 + tag as i64))
+                .expect("append");
             assert_eq!(info.last_offset - info.base_offset + 1, count as u64);
             expected.push((info.base_offset, count as u64, tag));
         }
-        assert!(log.segment_count() > 3, "{kind:?}/{mode:?}: small segments must roll");
+        assert!(
+            log.segment_count() > 3,
+            "{kind:?}/{mode:?}: small segments must roll"
+        );
         assert_eq!(read_all(&log), expected, "{kind:?}/{mode:?}");
-        assert_eq!(log.end_offset(), expected.last().map(|e| e.0 + e.1).unwrap_or(0));
+        assert_eq!(
+            log.end_offset(),
+            expected.last().map(|e| e.0 + e.1).unwrap_or(0)
+        );
         // Reading from the middle of a batch returns that whole batch first.
         let (base, count, tag) = expected[50];
         let read = log.read(base + count - 1, 1).expect("read mid-batch");
         let first = read.batches().next().expect("one batch");
-        assert_eq!((first.base_offset(), first.records_count() as u64), (base, count));
-        assert_eq!(read.batches().count(), 1, "max_bytes 1 still returns one whole batch");
-        let value = first.records().expect("plain").next().expect("record").expect("ok").value.expect("value");
+        assert_eq!(
+            (first.base_offset(), first.records_count() as u64),
+            (base, count)
+        );
+        assert_eq!(
+            read.batches().count(),
+            1,
+            "max_bytes 1 still returns one whole batch"
+        );
+        let value = first
+            .records()
+            .expect("plain")
+            .next()
+            .expect("record")
+            .expect("ok")
+            .value
+            .expect("value");
         assert_eq!(u64::from_be_bytes(value[..8].try_into().expect("8")), tag);
         log.close().expect("close");
     }
@@ -46,7 +68,11 @@ fn reads_out_of_range_are_typed_errors() {
         log.append_blocking(batch(1, 3, 10, 0)).expect("append");
         assert!(log.read(3, 100).expect("at end").is_empty());
         match log.read(4, 100) {
-            Err(StorageError::OffsetOutOfRange { offset: 4, start: 0, end: 3 }) => {}
+            Err(StorageError::OffsetOutOfRange {
+                offset: 4,
+                start: 0,
+                end: 3,
+            }) => {}
             other => panic!("{kind:?}/{mode:?}: expected out of range, got {other:?}"),
         }
     }
@@ -65,13 +91,22 @@ fn malformed_batches_are_refused_and_change_nothing() {
         let good = batch(2, 2, 10, 0);
         let mut bad_crc = good.clone();
         *bad_crc.last_mut().expect("non-empty") ^= 1;
-        assert!(matches!(log.append(bad_crc), Err(StorageError::InvalidBatch(BatchError::BadCrc { .. }))));
+        assert!(matches!(
+            log.append(bad_crc),
+            Err(StorageError::InvalidBatch(BatchError::BadCrc { .. }))
+        ));
         let mut bad_magic = good.clone();
         bad_magic[16] = 0;
-        assert!(matches!(log.append(bad_magic), Err(StorageError::InvalidBatch(BatchError::BadMagic(0)))));
+        assert!(matches!(
+            log.append(bad_magic),
+            Err(StorageError::InvalidBatch(BatchError::BadMagic(0)))
+        ));
         let mut trailing = good.clone();
         trailing.extend_from_slice(&[0, 0, 0]);
-        assert!(matches!(log.append(trailing), Err(StorageError::InvalidBatch(_))));
+        assert!(matches!(
+            log.append(trailing),
+            Err(StorageError::InvalidBatch(_))
+        ));
         assert!(matches!(
             log.append(good[..good.len() - 5].to_vec()),
             Err(StorageError::InvalidBatch(BatchError::Truncated { .. }))
@@ -80,12 +115,25 @@ fn malformed_batches_are_refused_and_change_nothing() {
         zero_records[57..61].copy_from_slice(&0i32.to_be_bytes());
         let crc = crc32c::crc32c(&zero_records[21..]);
         zero_records[17..21].copy_from_slice(&crc.to_be_bytes());
-        assert!(matches!(log.append(zero_records), Err(StorageError::InvalidBatch(BatchError::NoRecords(0)))));
+        assert!(matches!(
+            log.append(zero_records),
+            Err(StorageError::InvalidBatch(BatchError::NoRecords(0)))
+        ));
         let huge = batch(3, 1, config.batch_bytes_max + 1, 0);
-        assert!(matches!(log.append(huge), Err(StorageError::BatchTooLarge { .. })));
-        assert!(matches!(log.append(Vec::new()), Err(StorageError::InvalidBatch(_))));
+        assert!(matches!(
+            log.append(huge),
+            Err(StorageError::BatchTooLarge { .. })
+        ));
+        assert!(matches!(
+            log.append(Vec::new()),
+            Err(StorageError::InvalidBatch(_))
+        ));
 
-        assert_eq!((log.end_offset(), log.size_bytes()), before, "{kind:?}/{mode:?}: nothing changed");
+        assert_eq!(
+            (log.end_offset(), log.size_bytes()),
+            before,
+            "{kind:?}/{mode:?}: nothing changed"
+        );
         assert_eq!(read_all(&log).len(), 1);
         // And the log still takes good batches.
         assert_eq!(log.append_blocking(good).expect("append").base_offset, 2);
@@ -103,7 +151,11 @@ fn truncate_to_cuts_whole_batches() {
         let log = open(dir.path(), &config, &engine);
         let mut bases = Vec::new();
         for tag in 0..120u64 {
-            bases.push(log.append_blocking(batch(tag, 3, 200, tag as i64)).expect("append").base_offset);
+            bases.push(
+                log.append_blocking(batch(tag, 3, 200, tag as i64))
+                    .expect("append")
+                    .base_offset,
+            );
         }
         let segments_before = log.segment_count();
         // Inside a batch: the whole batch goes.
@@ -114,7 +166,10 @@ fn truncate_to_cuts_whole_batches() {
         log.truncate_to(bases[10]).expect("truncate");
         assert_eq!(log.end_offset(), bases[10]);
         assert!(log.segment_count() < segments_before);
-        assert_eq!(read_all(&log).iter().map(|b| b.2).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            read_all(&log).iter().map(|b| b.2).collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>()
+        );
         // Appends continue from the cut, and the data survives a reopen.
         let info = log.append_blocking(batch(999, 2, 10, 5)).expect("append");
         assert_eq!(info.base_offset, bases[10]);
@@ -126,7 +181,12 @@ fn truncate_to_cuts_whole_batches() {
         // Below the start: the log becomes empty at that offset.
         log.truncate_to(0).expect("truncate");
         assert_eq!((log.start_offset(), log.end_offset()), (0, 0));
-        assert_eq!(log.append_blocking(batch(5, 1, 10, 0)).expect("append").base_offset, 0);
+        assert_eq!(
+            log.append_blocking(batch(5, 1, 10, 0))
+                .expect("append")
+                .base_offset,
+            0
+        );
     }
 }
 
@@ -145,7 +205,10 @@ fn truncate_at_segment_boundary() {
         assert_eq!(log.end_offset(), 5);
         let third = log.append_blocking(batch(3, 1, 100, 0)).expect("append");
         assert_eq!(third.base_offset, 5);
-        assert_eq!(read_all(&log).iter().map(|b| b.2).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(
+            read_all(&log).iter().map(|b| b.2).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
     }
 }
 
@@ -161,16 +224,26 @@ fn retention_by_size_and_age() {
         };
         let log = open(dir.path(), &config, &engine(kind));
         for tag in 0..400u64 {
-            log.append_blocking(batch(tag, 2, 500, 1_000_000 + tag as i64)).expect("append");
+            log.append_blocking(batch(tag, 2, 500, 1_000_000 + tag as i64))
+                .expect("append");
         }
         let before = log.size_bytes();
         assert!(before > 200 * 1024);
         let outcome = log.apply_retention(Some(1_000_000)).expect("retention");
         assert!(outcome.segments_deleted > 0);
-        assert!(log.size_bytes() >= 100 * 1024, "{kind:?}/{mode:?}: size retention keeps at least the limit");
-        assert!(log.size_bytes() < 100 * 1024 + 64 * 1024, "{kind:?}/{mode:?}: and no more than a segment over it");
+        assert!(
+            log.size_bytes() >= 100 * 1024,
+            "{kind:?}/{mode:?}: size retention keeps at least the limit"
+        );
+        assert!(
+            log.size_bytes() < 100 * 1024 + 64 * 1024,
+            "{kind:?}/{mode:?}: and no more than a segment over it"
+        );
         assert!(log.start_offset() > 0);
-        assert!(matches!(log.read(0, 10), Err(StorageError::OffsetOutOfRange { .. })));
+        assert!(matches!(
+            log.read(0, 10),
+            Err(StorageError::OffsetOutOfRange { .. })
+        ));
         let remaining = read_all(&log);
         assert_eq!(remaining.first().map(|b| b.0), Some(log.start_offset()));
         // Age: every record is far older than the limit at this "now".
@@ -193,7 +266,11 @@ fn segment_rolls_by_age() {
         for tag in 0..3 {
             log.append_blocking(batch(tag, 1, 10, 0)).expect("append");
         }
-        assert_eq!(log.segment_count(), 3, "{kind:?}/{mode:?}: each append after the first rolls");
+        assert_eq!(
+            log.segment_count(),
+            3,
+            "{kind:?}/{mode:?}: each append after the first rolls"
+        );
     }
 }
 
@@ -205,19 +282,35 @@ fn lookup_by_timestamp_finds_first_record_at_or_after() {
         let log = open(dir.path(), &small_config(mode), &engine(kind));
         let mut bases = Vec::new();
         for tag in 0..300u64 {
-            bases.push(log.append_blocking(batch(tag, 2, 100, 10 * tag as i64)).expect("append").base_offset);
+            bases.push(
+                log.append_blocking(batch(tag, 2, 100, 10 * tag as i64))
+                    .expect("append")
+                    .base_offset,
+            );
         }
         assert_eq!(log.lookup_by_timestamp(i64::MIN).expect("lookup"), Some(0));
         assert_eq!(log.lookup_by_timestamp(0).expect("lookup"), Some(0));
-        assert_eq!(log.lookup_by_timestamp(1_000).expect("lookup"), Some(bases[100]));
-        assert_eq!(log.lookup_by_timestamp(1_001).expect("lookup"), Some(bases[101]));
-        assert_eq!(log.lookup_by_timestamp(2_990).expect("lookup"), Some(bases[299]));
+        assert_eq!(
+            log.lookup_by_timestamp(1_000).expect("lookup"),
+            Some(bases[100])
+        );
+        assert_eq!(
+            log.lookup_by_timestamp(1_001).expect("lookup"),
+            Some(bases[101])
+        );
+        assert_eq!(
+            log.lookup_by_timestamp(2_990).expect("lookup"),
+            Some(bases[299])
+        );
         assert_eq!(log.lookup_by_timestamp(2_991).expect("lookup"), None);
         // And after a clean reopen, from the persisted time indexes.
         log.close().expect("close");
         drop(log);
         let log = open(dir.path(), &small_config(mode), &engine(kind));
-        assert_eq!(log.lookup_by_timestamp(1_500).expect("lookup"), Some(bases[150]));
+        assert_eq!(
+            log.lookup_by_timestamp(1_500).expect("lookup"),
+            Some(bases[150])
+        );
     }
 }
 
@@ -233,7 +326,13 @@ fn leader_epochs_are_stamped_and_checkpointed() {
         log.assign_epoch(3).expect("epoch");
         log.append_blocking(batch(2, 4, 10, 0)).expect("append");
         let read = log.read(4, 1000).expect("read");
-        assert_eq!(read.batches().next().expect("batch").partition_leader_epoch(), 3);
+        assert_eq!(
+            read.batches()
+                .next()
+                .expect("batch")
+                .partition_leader_epoch(),
+            3
+        );
         let epochs = log.epochs();
         assert_eq!(epochs.end_offset_for(1, log.end_offset()), Some((1, 4)));
         assert_eq!(epochs.end_offset_for(2, log.end_offset()), Some((1, 4)));
@@ -242,7 +341,11 @@ fn leader_epochs_are_stamped_and_checkpointed() {
         let log = open(dir.path(), &small_config(mode), &engine);
         assert_eq!(log.epochs().entries().len(), 2);
         log.truncate_to(4).expect("truncate");
-        assert_eq!(log.epochs().entries().len(), 1, "epoch 3 started at the cut");
+        assert_eq!(
+            log.epochs().entries().len(),
+            1,
+            "epoch 3 started at the cut"
+        );
     }
 }
 
@@ -256,13 +359,25 @@ fn replica_appends_keep_offsets_and_epoch() {
         weir_protocol::batch::patch_base_offset(&mut replicated, 5);
         assert!(matches!(
             log.append_replica(replicated.clone()),
-            Err(StorageError::UnexpectedOffset { expected: 0, got: 5 })
+            Err(StorageError::UnexpectedOffset {
+                expected: 0,
+                got: 5
+            })
         ));
         weir_protocol::batch::patch_base_offset(&mut replicated, 0);
         weir_protocol::batch::patch_leader_epoch(&mut replicated, 7);
-        log.append_replica(replicated).expect("append").wait().expect("durable");
+        log.append_replica(replicated)
+            .expect("append")
+            .wait()
+            .expect("durable");
         let read = log.read(0, 100).expect("read");
-        assert_eq!(read.batches().next().expect("batch").partition_leader_epoch(), 7);
+        assert_eq!(
+            read.batches()
+                .next()
+                .expect("batch")
+                .partition_leader_epoch(),
+            7
+        );
     }
 }
 
@@ -271,7 +386,11 @@ fn replica_appends_keep_offsets_and_epoch() {
 #[test]
 fn concurrent_appenders_and_readers() {
     for (kind, mode) in VARIANTS {
-        for flush in [FlushPolicy::Always, FlushPolicy::IntervalMs(5), FlushPolicy::Never] {
+        for flush in [
+            FlushPolicy::Always,
+            FlushPolicy::IntervalMs(5),
+            FlushPolicy::Never,
+        ] {
             let dir = tempfile::tempdir().expect("tempdir");
             let config = LogConfig {
                 flush,
@@ -285,7 +404,8 @@ fn concurrent_appenders_and_readers() {
                         (0..40u64)
                             .map(|seq| {
                                 let tag = writer << 32 | seq;
-                                let info = log.append_blocking(batch(tag, 3, 300, 0)).expect("append");
+                                let info =
+                                    log.append_blocking(batch(tag, 3, 300, 0)).expect("append");
                                 (info.base_offset, tag)
                             })
                             .collect::<Vec<_>>()
@@ -303,11 +423,17 @@ fn concurrent_appenders_and_readers() {
                     reads
                 })
             };
-            let mut acked: Vec<(u64, u64)> = writers.into_iter().flat_map(|w| w.join().expect("writer")).collect();
+            let mut acked: Vec<(u64, u64)> = writers
+                .into_iter()
+                .flat_map(|w| w.join().expect("writer"))
+                .collect();
             reader.join().expect("reader never saw a bad batch");
             acked.sort_unstable();
             let stored: Vec<(u64, u64)> = read_all(&log).iter().map(|b| (b.0, b.2)).collect();
-            assert_eq!(stored, acked, "{kind:?}/{mode:?} {flush}: the log holds exactly the acked batches");
+            assert_eq!(
+                stored, acked,
+                "{kind:?}/{mode:?} {flush}: the log holds exactly the acked batches"
+            );
             log.flush().expect("flush");
         }
     }
@@ -321,7 +447,11 @@ fn corruption_in_sealed_segment_is_detected_on_read() {
         let log = open(dir.path(), &small_config(mode), &engine(kind));
         let mut bases = Vec::new();
         for tag in 0..100u64 {
-            bases.push(log.append_blocking(batch(tag, 2, 300, 0)).expect("append").base_offset);
+            bases.push(
+                log.append_blocking(batch(tag, 2, 300, 0))
+                    .expect("append")
+                    .base_offset,
+            );
         }
         assert!(log.segment_count() > 1);
         let first_segment = dir.path().join(format!("{:020}.log", 0));
@@ -345,6 +475,9 @@ fn corruption_in_sealed_segment_is_detected_on_read() {
                 Err(other) => panic!("unexpected error {other}"),
             }
         }
-        assert_eq!(errors, 1, "{kind:?}/{mode:?}: exactly the damaged batch is refused");
+        assert_eq!(
+            errors, 1,
+            "{kind:?}/{mode:?}: exactly the damaged batch is refused"
+        );
     }
 }

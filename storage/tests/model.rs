@@ -9,12 +9,22 @@ use weir_storage::{EngineKind, Log, LogConfig, WriteMode};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { count: usize, value_bytes: usize },
-    Read { at: prop::sample::Index, max_bytes: usize },
-    Truncate { at: prop::sample::Index },
+    Append {
+        count: usize,
+        value_bytes: usize,
+    },
+    Read {
+        at: prop::sample::Index,
+        max_bytes: usize,
+    },
+    Truncate {
+        at: prop::sample::Index,
+    },
     Roll,
     Retention,
-    Reopen { clean: bool },
+    Reopen {
+        clean: bool,
+    },
     Epoch,
 }
 
@@ -61,9 +71,15 @@ fn run((kind, mode): (EngineKind, WriteMode), ops: &[Op]) -> Result<(), TestCase
         match op {
             Op::Append { count, value_bytes } => {
                 let tag = step as u64;
-                let info = log.append_blocking(batch(tag, *count, *value_bytes, step as i64)).expect("append");
+                let info = log
+                    .append_blocking(batch(tag, *count, *value_bytes, step as i64))
+                    .expect("append");
                 prop_assert_eq!(info.base_offset, next_offset);
-                model.push(Stored { base: next_offset, count: *count as u64, tag });
+                model.push(Stored {
+                    base: next_offset,
+                    count: *count as u64,
+                    tag,
+                });
                 next_offset += *count as u64;
             }
             Op::Read { at, max_bytes } => {
@@ -75,9 +91,19 @@ fn run((kind, mode): (EngineKind, WriteMode), ops: &[Op]) -> Result<(), TestCase
                 let read = log.read(offset, *max_bytes).expect("read");
                 let got: Vec<u64> = read.batches().map(|b| b.base_offset()).collect();
                 prop_assert!(!got.is_empty());
-                prop_assert_eq!(got[0], target.base, "a read starts with the batch holding the offset");
-                let from = model.iter().position(|s| s.base == target.base).expect("present");
-                let expected: Vec<u64> = model[from..from + got.len()].iter().map(|s| s.base).collect();
+                prop_assert_eq!(
+                    got[0],
+                    target.base,
+                    "a read starts with the batch holding the offset"
+                );
+                let from = model
+                    .iter()
+                    .position(|s| s.base == target.base)
+                    .expect("present");
+                let expected: Vec<u64> = model[from..from + got.len()]
+                    .iter()
+                    .map(|s| s.base)
+                    .collect();
                 prop_assert_eq!(got, expected);
             }
             Op::Truncate { at } => {
@@ -96,7 +122,10 @@ fn run((kind, mode): (EngineKind, WriteMode), ops: &[Op]) -> Result<(), TestCase
                 log.apply_retention(None).expect("retention");
                 start_offset = log.start_offset();
                 model.retain(|s| s.base >= start_offset);
-                prop_assert!(model.first().is_none_or(|s| s.base == start_offset), "start is a batch boundary");
+                prop_assert!(
+                    model.first().is_none_or(|s| s.base == start_offset),
+                    "start is a batch boundary"
+                );
             }
             Op::Reopen { clean } => {
                 if *clean {
@@ -105,7 +134,11 @@ fn run((kind, mode): (EngineKind, WriteMode), ops: &[Op]) -> Result<(), TestCase
                 drop(log);
                 log = Log::open(dir.path(), config(mode), engine.clone()).expect("reopen");
                 prop_assert_eq!(log.recovery_report().clean, *clean);
-                prop_assert!(log.recovery_report().cut.is_none(), "a healthy log is never cut: {:?}", log.recovery_report());
+                prop_assert!(
+                    log.recovery_report().cut.is_none(),
+                    "a healthy log is never cut: {:?}",
+                    log.recovery_report()
+                );
             }
             Op::Epoch => {
                 epoch += 1;

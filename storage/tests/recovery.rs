@@ -17,7 +17,12 @@ fn segment_path(dir: &Path, base: u64, extension: &str) -> PathBuf {
 
 /// Fills a log with `batches` batches and drops it without `close` (a crash,
 /// as far as the marker is concerned). Returns the base offsets and sizes.
-fn fill(dir: &Path, config: &LogConfig, kind: weir_storage::EngineKind, batches: u64) -> Vec<(u64, usize)> {
+fn fill(
+    dir: &Path,
+    config: &LogConfig,
+    kind: weir_storage::EngineKind,
+    batches: u64,
+) -> Vec<(u64, usize)> {
     let log = open(dir, config, &engine(kind));
     let mut out = Vec::new();
     for tag in 0..batches {
@@ -29,7 +34,11 @@ fn fill(dir: &Path, config: &LogConfig, kind: weir_storage::EngineKind, batches:
 }
 
 fn flip(path: &Path, position: u64) {
-    let file = OpenOptions::new().read(true).write(true).open(path).expect("open");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
     let mut byte = [0u8];
     file.read_exact_at(&mut byte, position).expect("read byte");
     byte[0] ^= 0x5a;
@@ -41,22 +50,35 @@ fn flip(path: &Path, position: u64) {
 fn truncated_tail_mid_batch() {
     for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = LogConfig { segment_bytes_max: 1 << 20, ..small_config(mode) };
+        let config = LogConfig {
+            segment_bytes_max: 1 << 20,
+            ..small_config(mode)
+        };
         let written = fill(dir.path(), &config, kind, 20);
         let tail_start: u64 = written[..19].iter().map(|(_, len)| *len as u64).sum();
         // Zero the second half of the last batch, as if its write was torn.
         let path = segment_path(dir.path(), 0, "log");
         let file = OpenOptions::new().write(true).open(&path).expect("open");
         let half = written[19].1 as u64 / 2;
-        file.write_all_at(&vec![0u8; half as usize], tail_start + half).expect("tear");
+        file.write_all_at(&vec![0u8; half as usize], tail_start + half)
+            .expect("tear");
         drop(file);
         let log = open(dir.path(), &config, &engine(kind));
-        assert_eq!(log.end_offset(), written[19].0, "{kind:?}/{mode:?}: the torn batch is gone");
+        assert_eq!(
+            log.end_offset(),
+            written[19].0,
+            "{kind:?}/{mode:?}: the torn batch is gone"
+        );
         let report = log.recovery_report();
         assert!(!report.clean);
         assert!(report.cut.is_some(), "the cut is reported");
         assert_eq!(read_all(&log).len(), 19);
-        assert_eq!(log.append_blocking(batch(77, 1, 10, 0)).expect("append").base_offset, written[19].0);
+        assert_eq!(
+            log.append_blocking(batch(77, 1, 10, 0))
+                .expect("append")
+                .base_offset,
+            written[19].0
+        );
         assert_eq!(read_all(&log).last().map(|b| b.2), Some(77));
     }
 }
@@ -66,7 +88,10 @@ fn truncated_tail_mid_batch() {
 fn flipped_byte_in_tail() {
     for (kind, mode) in VARIANTS {
         let dir = tempfile::tempdir().expect("tempdir");
-        let config = LogConfig { segment_bytes_max: 1 << 20, ..small_config(mode) };
+        let config = LogConfig {
+            segment_bytes_max: 1 << 20,
+            ..small_config(mode)
+        };
         let written = fill(dir.path(), &config, kind, 10);
         let tail_start: u64 = written[..9].iter().map(|(_, len)| *len as u64).sum();
         flip(&segment_path(dir.path(), 0, "log"), tail_start + 80);
@@ -87,18 +112,34 @@ fn flipped_byte_in_middle_cuts_everything_after() {
         let config = small_config(mode);
         let written = fill(dir.path(), &config, kind, 800);
         // Forget the recovery point so every segment is scanned.
-        std::fs::remove_file(dir.path().join("recovery-point")).expect("recovery point exists after rolls");
-        let segments_before = std::fs::read_dir(dir.path()).expect("dir").filter(|e| {
-            e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
-        }).count();
+        std::fs::remove_file(dir.path().join("recovery-point"))
+            .expect("recovery point exists after rolls");
+        let segments_before = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
+            })
+            .count();
         assert!(segments_before > 3);
-        let position: u64 = written[..30].iter().map(|(_, len)| *len as u64).sum::<u64>() + 100;
+        let position: u64 = written[..30]
+            .iter()
+            .map(|(_, len)| *len as u64)
+            .sum::<u64>()
+            + 100;
         flip(&segment_path(dir.path(), 0, "log"), position);
         let log = open(dir.path(), &config, &engine(kind));
         let report = log.recovery_report().clone();
-        assert!(report.segments_deleted >= segments_before - 1 - 1, "{kind:?}/{mode:?}: {report:?}");
+        assert!(
+            report.segments_deleted >= segments_before - 1 - 1,
+            "{kind:?}/{mode:?}: {report:?}"
+        );
         let survivors = read_all(&log);
-        assert_eq!(survivors.len(), 30, "{kind:?}/{mode:?}: the log ends before the damaged batch");
+        assert_eq!(
+            survivors.len(),
+            30,
+            "{kind:?}/{mode:?}: the log ends before the damaged batch"
+        );
         for (index, (_, _, tag)) in survivors.iter().enumerate() {
             assert_eq!(*tag, index as u64, "survivors are exactly the prefix");
         }
@@ -121,7 +162,8 @@ fn missing_indexes_are_rebuilt() {
             let config = small_config(mode);
             let log = open(dir.path(), &config, &engine(kind));
             for tag in 0..300u64 {
-                log.append_blocking(batch(tag, 2, 150, 10 * tag as i64)).expect("append");
+                log.append_blocking(batch(tag, 2, 150, 10 * tag as i64))
+                    .expect("append");
             }
             let expected = read_all(&log);
             let lookup = log.lookup_by_timestamp(1_505).expect("lookup");
@@ -131,12 +173,18 @@ fn missing_indexes_are_rebuilt() {
             drop(log);
             for entry in std::fs::read_dir(dir.path()).expect("dir") {
                 let path = entry.expect("entry").path();
-                if path.extension().is_some_and(|x| x == "index" || x == "timeindex") {
+                if path
+                    .extension()
+                    .is_some_and(|x| x == "index" || x == "timeindex")
+                {
                     std::fs::remove_file(path).expect("remove index");
                 }
             }
             let log = open(dir.path(), &config, &engine(kind));
-            assert!(log.recovery_report().indexes_rebuilt > 0, "{kind:?}/{mode:?} clean={clean}");
+            assert!(
+                log.recovery_report().indexes_rebuilt > 0,
+                "{kind:?}/{mode:?} clean={clean}"
+            );
             assert_eq!(read_all(&log), expected);
             assert_eq!(log.lookup_by_timestamp(1_505).expect("lookup"), lookup);
         }
@@ -151,7 +199,8 @@ fn stale_index_is_rebuilt() {
         let config = small_config(mode);
         let log = open(dir.path(), &config, &engine(kind));
         for tag in 0..300u64 {
-            log.append_blocking(batch(tag, 2, 150, tag as i64)).expect("append");
+            log.append_blocking(batch(tag, 2, 150, tag as i64))
+                .expect("append");
         }
         let expected = read_all(&log);
         log.close().expect("close");
@@ -183,17 +232,24 @@ fn clean_marker_decides_the_scan() {
         let config = small_config(mode);
         let log = open(dir.path(), &config, &engine(kind));
         for tag in 0..200u64 {
-            log.append_blocking(batch(tag, 2, 150, tag as i64)).expect("append");
+            log.append_blocking(batch(tag, 2, 150, tag as i64))
+                .expect("append");
         }
         let expected = read_all(&log);
         log.close().expect("close");
-        assert!(matches!(log.append(batch(1, 1, 1, 0)), Err(StorageError::Closed)));
+        assert!(matches!(
+            log.append(batch(1, 1, 1, 0)),
+            Err(StorageError::Closed)
+        ));
         drop(log);
         assert!(dir.path().join(CLEAN_SHUTDOWN_FILE).exists());
         let log = open(dir.path(), &config, &engine(kind));
         assert!(log.recovery_report().clean);
         assert_eq!(log.recovery_report().segments_scanned, 0);
-        assert!(!dir.path().join(CLEAN_SHUTDOWN_FILE).exists(), "the marker is removed on open");
+        assert!(
+            !dir.path().join(CLEAN_SHUTDOWN_FILE).exists(),
+            "the marker is removed on open"
+        );
         assert_eq!(read_all(&log), expected);
         drop(log);
         // Now without the marker: the active segment (past the recovery point) is scanned.
@@ -201,7 +257,10 @@ fn clean_marker_decides_the_scan() {
         let report = log.recovery_report();
         assert!(!report.clean);
         assert!(report.segments_scanned >= 1);
-        assert!(report.cut.is_none(), "{kind:?}/{mode:?}: nothing to cut in a good log: {report:?}");
+        assert!(
+            report.cut.is_none(),
+            "{kind:?}/{mode:?}: nothing to cut in a good log: {report:?}"
+        );
         assert_eq!(read_all(&log), expected);
     }
 }

@@ -61,7 +61,10 @@ impl DirectFile {
     /// Forgets the carried tail (the file was cut): the next write reads its
     /// first block back from disk.
     pub(crate) fn forget_tail(&self) {
-        self.tail.lock().unwrap_or_else(|poison| poison.into_inner()).valid = false;
+        self.tail
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .valid = false;
     }
 
     /// The bytes of the block at `block_position` that precede
@@ -72,7 +75,10 @@ impl DirectFile {
             return Ok(Vec::new());
         }
         {
-            let tail = self.tail.lock().unwrap_or_else(|poison| poison.into_inner());
+            let tail = self
+                .tail
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
             if tail.valid && tail.block_position == block_position && tail.bytes.len() >= wanted {
                 return Ok(tail.bytes[..wanted].to_vec());
             }
@@ -108,7 +114,10 @@ impl DirectFile {
         let tail_block = end - end % DIRECT_BLOCK_BYTES as u64;
         let from = (tail_block - block_position) as usize;
         let to = (end - block_position) as usize;
-        let mut tail = self.tail.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut tail = self
+            .tail
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         tail.block_position = tail_block;
         tail.bytes.clear();
         tail.bytes.extend_from_slice(&buffer[from..to]);
@@ -133,7 +142,8 @@ impl AlignedBuffer {
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: the layout has a non-zero size.
         let pointer = unsafe { std::alloc::alloc_zeroed(layout) };
-        let pointer = std::ptr::NonNull::new(pointer).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        let pointer = std::ptr::NonNull::new(pointer)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
         Ok(AlignedBuffer { pointer, layout })
     }
 
@@ -171,7 +181,11 @@ const POOL_GRANULE_BYTES: usize = 1 << 20;
 impl BufferPool {
     /// A buffer of at least `bytes` (contents unspecified).
     pub(crate) fn take(&mut self, bytes: usize) -> io::Result<AlignedBuffer> {
-        match self.spare.iter().position(|buffer| buffer.as_slice().len() >= bytes) {
+        match self
+            .spare
+            .iter()
+            .position(|buffer| buffer.as_slice().len() >= bytes)
+        {
             Some(index) => Ok(self.spare.swap_remove(index)),
             None => AlignedBuffer::zeroed(bytes.next_multiple_of(POOL_GRANULE_BYTES)),
         }

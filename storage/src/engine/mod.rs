@@ -145,7 +145,9 @@ pub struct IoEngine {
 
 impl std::fmt::Debug for IoEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IoEngine").field("kind", &self.kind).finish()
+        f.debug_struct("IoEngine")
+            .field("kind", &self.kind)
+            .finish()
     }
 }
 
@@ -164,7 +166,9 @@ impl IoEngine {
         let (backend, kind): (Box<dyn Backend>, EngineKind) = match config.kind {
             EngineKind::Sync => (Box::new(sync::SyncBackend), EngineKind::Sync),
             EngineKind::Uring => (
-                Box::new(uring::UringBackend::new(ring_entries).map_err(StorageError::EngineStart)?),
+                Box::new(
+                    uring::UringBackend::new(ring_entries).map_err(StorageError::EngineStart)?,
+                ),
                 EngineKind::Uring,
             ),
             EngineKind::Auto => match uring::UringBackend::new(ring_entries) {
@@ -230,7 +234,10 @@ impl IoEngine {
     /// Queues a request, blocking while the channel is full.
     pub(crate) fn submit(&self, request: Request) -> Result<()> {
         let sender = {
-            let guard = self.sender.lock().unwrap_or_else(|poison| poison.into_inner());
+            let guard = self
+                .sender
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
             guard.clone().ok_or(StorageError::Closed)?
         };
         // Try without blocking first so the common case avoids the slow path.
@@ -250,7 +257,12 @@ impl IoEngine {
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
             .take();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|poison| poison.into_inner()));
+        let threads = std::mem::take(
+            &mut *self
+                .threads
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()),
+        );
         for thread in threads {
             if thread.join().is_err() {
                 tracing::error!("io engine thread panicked");

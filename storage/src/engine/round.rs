@@ -39,10 +39,15 @@ impl DirectGroup {
 
 enum PlannedOp {
     /// Request `request`'s bytes as they are.
-    Buffered { request: usize },
+    Buffered {
+        request: usize,
+    },
     Direct(DirectGroup),
     /// The group could not be prepared (reading its first block failed).
-    Failed { fd: RawFd, error: io::Error },
+    Failed {
+        fd: RawFd,
+        error: io::Error,
+    },
 }
 
 /// A round being built or executed.
@@ -84,7 +89,9 @@ impl Round {
                         self.ops.push(PlannedOp::Buffered { request: index });
                         self.ops.len() - 1
                     }
-                    WriteTarget::Direct(file) => self.plan_direct(file, write.position, &write.data, pool),
+                    WriteTarget::Direct(file) => {
+                        self.plan_direct(file, write.position, &write.data, pool)
+                    }
                 })
             }
             Request::Sync { .. } => None,
@@ -94,7 +101,13 @@ impl Round {
         self.plan_nanos += nanos_since(started, Instant::now());
     }
 
-    fn plan_direct(&mut self, file: &Arc<DirectFile>, position: u64, data: &[u8], pool: &Mutex<BufferPool>) -> usize {
+    fn plan_direct(
+        &mut self,
+        file: &Arc<DirectFile>,
+        position: u64,
+        data: &[u8],
+        pool: &Mutex<BufferPool>,
+    ) -> usize {
         let key = Arc::as_ptr(file);
         let open = self.open_groups.get(&key).copied();
         if let Some(op) = open
@@ -107,11 +120,20 @@ impl Round {
         self.start_group(file, position, data, pool)
     }
 
-    fn start_group(&mut self, file: &Arc<DirectFile>, position: u64, data: &[u8], pool: &Mutex<BufferPool>) -> usize {
+    fn start_group(
+        &mut self,
+        file: &Arc<DirectFile>,
+        position: u64,
+        data: &[u8],
+        pool: &Mutex<BufferPool>,
+    ) -> usize {
         let block_position = position - position % DIRECT_BLOCK_BYTES as u64;
         let planned = file.prefix(block_position, position).and_then(|prefix| {
             let needed = (prefix.len() + data.len()).next_multiple_of(DIRECT_BLOCK_BYTES);
-            let mut buffer = pool.lock().unwrap_or_else(|poison| poison.into_inner()).take(needed)?;
+            let mut buffer = pool
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .take(needed)?;
             let slice = buffer.as_mut_slice();
             slice[..prefix.len()].copy_from_slice(&prefix);
             slice[prefix.len()..prefix.len() + data.len()].copy_from_slice(data);
@@ -131,7 +153,10 @@ impl Round {
             }
             Err(error) => {
                 file.forget_tail();
-                self.ops.push(PlannedOp::Failed { fd: file.fd(), error });
+                self.ops.push(PlannedOp::Failed {
+                    fd: file.fd(),
+                    error,
+                });
                 self.open_groups.remove(&Arc::as_ptr(file));
             }
         }
@@ -158,7 +183,9 @@ impl Round {
             return;
         }
         stats.rounds.fetch_add(1, Ordering::Relaxed);
-        stats.plan_nanos_total.fetch_add(self.plan_nanos, Ordering::Relaxed);
+        stats
+            .plan_nanos_total
+            .fetch_add(self.plan_nanos, Ordering::Relaxed);
 
         let mut syncs: Vec<SyncOp> = Vec::new();
         let mut sync_index: HashMap<RawFd, usize> = HashMap::new();
@@ -204,20 +231,32 @@ impl Round {
                 group.buffer.as_mut_slice()[valid..write].fill(0);
             }
         }
-        let mut writes: Vec<WriteOp<'_>> = self.ops.iter().map(|op| write_op(op, &self.requests)).collect();
+        let mut writes: Vec<WriteOp<'_>> = self
+            .ops
+            .iter()
+            .map(|op| write_op(op, &self.requests))
+            .collect();
         for sync in &mut syncs {
-            sync.writes = (0..writes.len()).filter(|index| writes[*index].fd == sync.fd).collect();
+            sync.writes = (0..writes.len())
+                .filter(|index| writes[*index].fd == sync.fd)
+                .collect();
         }
         let started = Instant::now();
         backend.execute(&mut writes, &mut syncs);
         stats
             .execute_nanos_total
             .fetch_add(nanos_since(started, Instant::now()), Ordering::Relaxed);
-        let write_errors: Vec<Option<io::Error>> = writes.iter().map(|op| op.error.as_ref().map(copy_error)).collect();
+        let write_errors: Vec<Option<io::Error>> = writes
+            .iter()
+            .map(|op| op.error.as_ref().map(copy_error))
+            .collect();
         drop(writes);
 
         for sync in &syncs {
-            debug_assert!(sync.done || sync.error.is_some(), "backend left a sync unfinished");
+            debug_assert!(
+                sync.done || sync.error.is_some(),
+                "backend left a sync unfinished"
+            );
             stats.record_sync(sync.elapsed, sync.error.is_none());
             if sync.error.is_none() {
                 dirty.remove(&sync.fd);
@@ -244,11 +283,15 @@ impl Round {
                     }
                     if let Request::Write(write) = request {
                         stats.writes.fetch_add(1, Ordering::Relaxed);
-                        stats.bytes_written.fetch_add(write.data.len() as u64, Ordering::Relaxed);
+                        stats
+                            .bytes_written
+                            .fetch_add(write.data.len() as u64, Ordering::Relaxed);
                     }
                 }
                 match sync.map(|index| &syncs[index]) {
-                    Some(SyncOp { error: Some(error), .. }) => Err(copy_error(error)),
+                    Some(SyncOp {
+                        error: Some(error), ..
+                    }) => Err(copy_error(error)),
                     _ => Ok(()),
                 }
             })
@@ -291,9 +334,11 @@ fn append_to_group(group: &mut DirectGroup, data: &[u8], pool: &Mutex<BufferPool
 
 /// Makes the group's last partial block the file's carried tail.
 fn carry_tail(group: &DirectGroup) {
-    group
-        .file
-        .set_tail(group.block_position, &group.buffer.as_slice()[..group.valid_bytes()], group.end);
+    group.file.set_tail(
+        group.block_position,
+        &group.buffer.as_slice()[..group.valid_bytes()],
+        group.end,
+    );
 }
 
 fn write_op<'a>(op: &'a PlannedOp, requests: &'a [Request]) -> WriteOp<'a> {

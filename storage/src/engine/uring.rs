@@ -60,7 +60,11 @@ impl UringBackend {
             let from = op.resume_at();
             let rest = &op.data[from..];
             let last = position + 1 == pending.len() && !needs_sync;
-            let flags = if last { squeue::Flags::empty() } else { squeue::Flags::IO_LINK };
+            let flags = if last {
+                squeue::Flags::empty()
+            } else {
+                squeue::Flags::IO_LINK
+            };
             let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
             let entry = opcode::Write::new(types::Fd(op.fd), rest.as_ptr(), len)
                 .offset(op.position + from as u64)
@@ -131,7 +135,10 @@ impl Backend for UringBackend {
                 for op in writes.iter_mut().filter(|op| !op.finished()) {
                     op.error = Some(io::Error::new(error.kind(), error.to_string()));
                 }
-                for sync in syncs.iter_mut().filter(|sync| !sync.done && sync.error.is_none()) {
+                for sync in syncs
+                    .iter_mut()
+                    .filter(|sync| !sync.done && sync.error.is_none())
+                {
                     sync.error = Some(io::Error::new(error.kind(), error.to_string()));
                 }
                 break;
@@ -179,7 +186,9 @@ impl UringBackend {
                     match result {
                         n if n > 0 => op.written = from + n as usize,
                         0 => op.error = Some(io::Error::from(io::ErrorKind::WriteZero)),
-                        code if -code == libc::ECANCELED || -code == libc::EINTR || -code == libc::EAGAIN => {}
+                        code if -code == libc::ECANCELED
+                            || -code == libc::EINTR
+                            || -code == libc::EAGAIN => {}
                         code => op.error = Some(io::Error::from_raw_os_error(-code)),
                     }
                 }

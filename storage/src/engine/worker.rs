@@ -52,7 +52,9 @@ impl Handoff {
     }
 
     fn lock(&self) -> MutexGuard<'_, Slot> {
-        self.slot.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.slot
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 }
 
@@ -68,7 +70,10 @@ pub(crate) fn plan(receiver: Receiver<Request>, handoff: Arc<Handoff>, limits: R
     while let Ok(request) = receiver.recv() {
         let mut slot = handoff.lock();
         while slot.next.is_full(limits.requests_max, limits.bytes_max) {
-            slot = handoff.emptied.wait(slot).unwrap_or_else(|poison| poison.into_inner());
+            slot = handoff
+                .emptied
+                .wait(slot)
+                .unwrap_or_else(|poison| poison.into_inner());
         }
         slot.next.push(request, &handoff.pool);
         // Take whatever else is queued without releasing the slot in between.
@@ -86,7 +91,11 @@ pub(crate) fn plan(receiver: Receiver<Request>, handoff: Arc<Handoff>, limits: R
 }
 
 /// Executor thread body.
-pub(crate) fn execute(mut backend: Box<dyn Backend>, handoff: Arc<Handoff>, stats: Arc<EngineStats>) {
+pub(crate) fn execute(
+    mut backend: Box<dyn Backend>,
+    handoff: Arc<Handoff>,
+    stats: Arc<EngineStats>,
+) {
     // Files written with `SyncMode::Within`, and the instant by which each
     // must be synced. Entries leave when a sync covers them.
     let mut dirty: HashMap<RawFd, (WriteTarget, Instant)> = HashMap::new();
@@ -99,7 +108,12 @@ pub(crate) fn execute(mut backend: Box<dyn Backend>, handoff: Arc<Handoff>, stat
                 }
                 let deadline = dirty.values().map(|(_, deadline)| *deadline).min();
                 match deadline {
-                    None => slot = handoff.filled.wait(slot).unwrap_or_else(|poison| poison.into_inner()),
+                    None => {
+                        slot = handoff
+                            .filled
+                            .wait(slot)
+                            .unwrap_or_else(|poison| poison.into_inner())
+                    }
                     Some(deadline) => {
                         let timeout = deadline.saturating_duration_since(Instant::now());
                         if timeout.is_zero() {

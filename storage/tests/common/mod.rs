@@ -67,7 +67,12 @@ pub fn read_all(log: &Log) -> Vec<(u64, u64, u64)> {
         for batch in read.batches() {
             batch.verify_crc().expect("served batch has a valid crc");
             assert_eq!(batch.base_offset(), offset, "batches are contiguous");
-            let first = batch.records().expect("uncompressed").next().expect("a record").expect("parses");
+            let first = batch
+                .records()
+                .expect("uncompressed")
+                .next()
+                .expect("a record")
+                .expect("parses");
             let value = first.value.expect("value");
             let tag = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
             out.push((batch.base_offset(), batch.records_count() as u64, tag));
