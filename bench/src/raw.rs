@@ -127,10 +127,17 @@ pub fn buffered_sync(path: &Path, duration: Duration, bytes_max: u64) -> anyhow:
 
 /// Sequential O_DIRECT writes of 1 MiB into a file preallocated to
 /// `bytes_max`, for `duration`: the device's own sequential write limit.
+/// With `sync_each`, an `fdatasync` follows every write: the best a
+/// single writer can do when each MiB must be durable before the next.
 ///
 /// # Errors
 /// I/O errors (O_DIRECT is refused by some filesystems, e.g. tmpfs).
-pub fn direct(path: &Path, duration: Duration, bytes_max: u64) -> anyhow::Result<RawResult> {
+pub fn direct(
+    path: &Path,
+    duration: Duration,
+    bytes_max: u64,
+    sync_each: bool,
+) -> anyhow::Result<RawResult> {
     let file: File = OpenOptions::new()
         .write(true)
         .create(true)
@@ -151,11 +158,18 @@ pub fn direct(path: &Path, duration: Duration, bytes_max: u64) -> anyhow::Result
     fill_pattern(buffer.as_mut_slice());
     let started = Instant::now();
     let mut position = 0u64;
+    let mut sync_us = Vec::new();
     while started.elapsed() < duration && position + RAW_WRITE_BYTES as u64 <= bytes_max {
         file.write_all_at(buffer.as_slice(), position)
             .context("raw O_DIRECT write")?;
         position += RAW_WRITE_BYTES as u64;
+        if sync_each {
+            let sync_started = Instant::now();
+            file.sync_data().context("raw fdatasync")?;
+            sync_us.push(sync_started.elapsed().as_micros() as u64);
+        }
     }
+    sync_us.sort_unstable();
     // The data is on the device once the writes return; one final sync
     // covers the file's metadata, as a fair end to the measurement.
     file.sync_data().context("raw final fdatasync")?;
@@ -165,7 +179,7 @@ pub fn direct(path: &Path, duration: Duration, bytes_max: u64) -> anyhow::Result
     Ok(RawResult {
         bytes: position,
         elapsed,
-        sync_p50_us: 0,
-        sync_p99_us: 0,
+        sync_p50_us: percentile(&sync_us, 0.50),
+        sync_p99_us: percentile(&sync_us, 0.99),
     })
 }

@@ -70,10 +70,13 @@ struct StorageReport {
     raw_sync_fsync_p50_us: Option<u64>,
     raw_sync_fsync_p99_us: Option<u64>,
     raw_direct_mb_s: Option<f64>,
+    /// O_DIRECT 1 MiB writes with an fdatasync after each.
+    raw_direct_sync_mb_s: Option<f64>,
     weir_mb_s: f64,
     weir_records_s: f64,
     ratio_sync: Option<f64>,
     ratio_direct: Option<f64>,
+    ratio_direct_sync: Option<f64>,
     append_p50_us: u64,
     append_p99_us: u64,
     append_p999_us: u64,
@@ -127,12 +130,18 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
     let phase_bytes_max = args.phase_mib_max << 20;
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
 
-    let (raw_sync, raw_direct) = if args.no_baseline {
-        (None, None)
+    let (raw_sync, raw_direct, raw_direct_sync) = if args.no_baseline {
+        (None, None, None)
     } else {
         let sync = raw::buffered_sync(&args.dir.join("raw-sync"), phase, phase_bytes_max)?;
-        let direct = raw::direct(&args.dir.join("raw-direct"), phase, phase_bytes_max)?;
-        (Some(sync), Some(direct))
+        let direct = raw::direct(&args.dir.join("raw-direct"), phase, phase_bytes_max, false)?;
+        let direct_sync = raw::direct(
+            &args.dir.join("raw-direct-sync"),
+            phase,
+            phase_bytes_max,
+            true,
+        )?;
+        (Some(sync), Some(direct), Some(direct_sync))
     };
 
     let engine = IoEngine::start(&EngineConfig {
@@ -151,7 +160,11 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
         if log_dir.exists() {
             std::fs::remove_dir_all(&log_dir)?;
         }
-        logs.push(Arc::new(Log::open(&log_dir, config.clone(), engine.clone())?));
+        logs.push(Arc::new(Log::open(
+            &log_dir,
+            config.clone(),
+            engine.clone(),
+        )?));
     }
 
     let bytes_written = Arc::new(AtomicU64::new(0));
@@ -240,11 +253,13 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
         raw_sync_fsync_p50_us: raw_sync.map(|r| r.sync_p50_us),
         raw_sync_fsync_p99_us: raw_sync.map(|r| r.sync_p99_us),
         raw_direct_mb_s: raw_direct.map(|r| r.mb_s()),
+        raw_direct_sync_mb_s: raw_direct_sync.map(|r| r.mb_s()),
         weir_mb_s,
         weir_records_s: records_written.load(Ordering::Relaxed) as f64
             / append_elapsed.as_secs_f64(),
         ratio_sync: raw_sync.map(|r| weir_mb_s / r.mb_s()),
         ratio_direct: raw_direct.map(|r| weir_mb_s / r.mb_s()),
+        ratio_direct_sync: raw_direct_sync.map(|r| weir_mb_s / r.mb_s()),
         append_p50_us: latencies.value_at_quantile(0.50),
         append_p99_us: latencies.value_at_quantile(0.99),
         append_p999_us: latencies.value_at_quantile(0.999),
@@ -268,47 +283,54 @@ pub fn run(args: &StorageArgs) -> anyhow::Result<()> {
 
 fn print_table(report: &StorageReport) {
     let show = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+    let ratio = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |v| format!("{v:.2}"));
     println!(
-        "engine {} · {} writes · flush {} · {} writers · {} B records in {} B batches · {} s per phase",
+        "engine {} · {} writes · flush {} · {} logs · {} writers · {} B records in {} B batches · {} s per phase",
         report.engine,
         report.write_mode,
         report.flush,
+        report.logs,
         report.writers,
         report.record_bytes,
         report.batch_bytes,
         report.seconds
     );
     println!(
-        "raw pwrite+fdatasync/1MiB  {:>9} MB/s   (fdatasync p50 {} µs, p99 {} µs)",
+        "raw pwrite+fdatasync/1MiB    {:>9} MB/s   (fdatasync p50 {} µs, p99 {} µs)",
         show(report.raw_sync_mb_s),
         report.raw_sync_fsync_p50_us.unwrap_or(0),
         report.raw_sync_fsync_p99_us.unwrap_or(0)
     );
     println!(
-        "raw O_DIRECT 1MiB          {:>9} MB/s",
+        "raw O_DIRECT 1MiB            {:>9} MB/s",
         show(report.raw_direct_mb_s)
     );
     println!(
-        "weir append                {:>9.1} MB/s   ({:.0} records/s; ×{} of raw sync, ×{} of raw direct)",
-        report.weir_mb_s,
-        report.weir_records_s,
-        report.ratio_sync.map_or("-".into(), |r| format!("{r:.2}")),
-        report
-            .ratio_direct
-            .map_or("-".into(), |r| format!("{r:.2}"))
+        "raw O_DIRECT+fdatasync/1MiB  {:>9} MB/s",
+        show(report.raw_direct_sync_mb_s)
     );
     println!(
-        "append latency             p50 {} µs · p99 {} µs · p99.9 {} µs · max {} µs",
+        "weir append                  {:>9.1} MB/s   ({:.0} records/s; ×{} of raw sync, ×{} of raw direct, ×{} of raw direct+sync)",
+        report.weir_mb_s,
+        report.weir_records_s,
+        ratio(report.ratio_sync),
+        ratio(report.ratio_direct),
+        ratio(report.ratio_direct_sync)
+    );
+    println!(
+        "append latency               p50 {} µs · p99 {} µs · p99.9 {} µs · max {} µs",
         report.append_p50_us, report.append_p99_us, report.append_p999_us, report.append_max_us
     );
     println!(
-        "group commit               {} rounds · {} syncs · {} bytes per sync · engine busy {:.0} ms planning, {:.0} ms on the device",
+        "group commit                 {} rounds · {} syncs · {} bytes per sync · engine busy {:.0} ms planning, {:.0} ms on the device",
         report.engine_rounds,
         report.engine_syncs,
         report.bytes_per_sync,
         report.engine_plan_ms,
         report.engine_execute_ms
     );
-    println!("weir read (mmap)           {:>9.1} MB/s from the page cache ({:.1} MB/s first pass)",
-        report.read_mb_s, report.read_first_pass_mb_s);
+    println!(
+        "weir read (mmap)             {:>9.1} MB/s from the page cache ({:.1} MB/s first pass)",
+        report.read_mb_s, report.read_first_pass_mb_s
+    );
 }
