@@ -157,7 +157,11 @@ fn run((kind, mode): (EngineKind, WriteMode), ops: &[Op]) -> Result<(), TestCase
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+    // 32 cases per variant by default; PROPTEST_CASES=N runs more.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|cases| cases.parse().ok()).unwrap_or(32),
+        ..ProptestConfig::default()
+    })]
 
     /// The uring engine with direct I/O agrees with the model.
     #[test]

@@ -163,19 +163,30 @@ impl IoEngine {
     /// thread cannot be spawned.
     pub fn start(config: &EngineConfig) -> Result<Arc<IoEngine>> {
         let ring_entries = uring::ring_entries(config.round_requests_max);
-        let (backend, kind): (Box<dyn Backend>, EngineKind) = match config.kind {
-            EngineKind::Sync => (Box::new(sync::SyncBackend), EngineKind::Sync),
+        let uring_backends = || -> std::io::Result<Vec<Box<dyn Backend>>> {
+            (0..worker::EXECUTORS)
+                .map(|_| {
+                    uring::UringBackend::new(ring_entries)
+                        .map(|backend| Box::new(backend) as Box<dyn Backend>)
+                })
+                .collect()
+        };
+        let sync_backends = || -> Vec<Box<dyn Backend>> {
+            (0..worker::EXECUTORS)
+                .map(|_| Box::new(sync::SyncBackend) as Box<dyn Backend>)
+                .collect()
+        };
+        let (backends, kind) = match config.kind {
+            EngineKind::Sync => (sync_backends(), EngineKind::Sync),
             EngineKind::Uring => (
-                Box::new(
-                    uring::UringBackend::new(ring_entries).map_err(StorageError::EngineStart)?,
-                ),
+                uring_backends().map_err(StorageError::EngineStart)?,
                 EngineKind::Uring,
             ),
-            EngineKind::Auto => match uring::UringBackend::new(ring_entries) {
-                Ok(backend) => (Box::new(backend), EngineKind::Uring),
+            EngineKind::Auto => match uring_backends() {
+                Ok(backends) => (backends, EngineKind::Uring),
                 Err(error) => {
                     tracing::warn!(%error, "io_uring unavailable; using the sync io engine");
-                    (Box::new(sync::SyncBackend), EngineKind::Sync)
+                    (sync_backends(), EngineKind::Sync)
                 }
             },
         };
@@ -194,17 +205,21 @@ impl IoEngine {
                 .spawn(move || worker::plan(receiver, handoff, limits))
                 .map_err(StorageError::EngineStart)?
         };
-        let executor = {
+        let mut threads = vec![planner];
+        for (index, backend) in backends.into_iter().enumerate() {
             let stats = stats.clone();
-            std::thread::Builder::new()
-                .name(format!("weir-io-{}", kind_name(kind)))
-                .spawn(move || worker::execute(backend, handoff, stats))
-                .map_err(StorageError::EngineStart)?
-        };
+            let handoff = handoff.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("weir-io-{}-{index}", kind_name(kind)))
+                    .spawn(move || worker::execute(backend, handoff, stats))
+                    .map_err(StorageError::EngineStart)?,
+            );
+        }
         tracing::info!(engine = kind_name(kind), "io engine started");
         Ok(Arc::new(IoEngine {
             sender: Mutex::new(Some(sender)),
-            threads: Mutex::new(vec![planner, executor]),
+            threads: Mutex::new(threads),
             kind,
             stats,
             receiver_probe: receiver,

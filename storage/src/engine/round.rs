@@ -1,9 +1,20 @@
-//! One round of the io engine: built by the planner while the previous round
-//! is on the device, then executed by the executor.
+//! One round of the io engine: built by the planner while earlier rounds are
+//! on the device, then executed by one of the executors.
 //!
 //! Building a round copies each direct write's bytes into the aligned buffer
-//! of its file's group (so that memcpy overlaps the device time of the round
-//! before); buffered writes are referenced as they are.
+//! of its file's group (so that memcpy overlaps device time); buffered writes
+//! are referenced as they are.
+//!
+//! Executing round `n` overlaps with round `n - 1` on the other executor:
+//! - phase A writes everything that no earlier round also writes: buffered
+//!   writes and direct groups minus their first block when that block is
+//!   shared with the previous write to the file (it carries that write's tail);
+//! - phase B, once every earlier round has finished its writes, writes those
+//!   shared first blocks, so a block is never written by two rounds at once;
+//! - phase C syncs each file the round needs durable (after its own writes,
+//!   hence after every earlier round's writes too);
+//! - completions run once round `n - 1` has delivered its own, so every log
+//!   sees its appends complete in order.
 
 use std::collections::HashMap;
 use std::io;
@@ -23,6 +34,9 @@ struct DirectGroup {
     buffer: AlignedBuffer,
     /// File position of `buffer[0]` (block aligned).
     block_position: u64,
+    /// File position of the group's first new byte: after `block_position`
+    /// when the first block starts with a carried tail.
+    start: u64,
     /// File position after the last valid byte.
     end: u64,
 }
@@ -34,6 +48,11 @@ impl DirectGroup {
 
     fn write_bytes(&self) -> usize {
         self.valid_bytes().next_multiple_of(DIRECT_BLOCK_BYTES)
+    }
+
+    /// The first block is also written by the previous write to the file.
+    fn shares_first_block(&self) -> bool {
+        self.start > self.block_position
     }
 }
 
@@ -141,6 +160,7 @@ impl Round {
                 file: file.clone(),
                 buffer,
                 block_position,
+                start: position,
                 end: position + data.len() as u64,
             })
         });
@@ -163,30 +183,118 @@ impl Round {
         op
     }
 
-    /// Performs the round (writes, then syncs) and completes its requests in
-    /// order. `dirty` holds the files owed an interval sync; those due by
-    /// `now` are synced in this round.
+    /// Performs the round as the module comment describes and completes its
+    /// requests in order. Files owed an interval sync by `now` are synced too.
     pub(crate) fn execute(
         mut self,
+        context: &ExecuteContext<'_>,
         backend: &mut dyn Backend,
-        stats: &EngineStats,
-        dirty: &mut HashMap<RawFd, (WriteTarget, Instant)>,
+        sequence: u64,
         now: Instant,
-        pool: &Mutex<BufferPool>,
     ) {
+        let stats = context.stats;
+        stats.rounds.fetch_add(1, Ordering::Relaxed);
+        stats
+            .plan_nanos_total
+            .fetch_add(self.plan_nanos, Ordering::Relaxed);
+        let (mut syncs, sync_of_request, due) = self.plan_syncs(context, now);
+
+        // Padding after a group's valid bytes must be zeros (buffers are reused).
+        for op in &mut self.ops {
+            if let PlannedOp::Direct(group) = op {
+                let (valid, write) = (group.valid_bytes(), group.write_bytes());
+                group.buffer.as_mut_slice()[valid..write].fill(0);
+            }
+        }
+        let started = Instant::now();
+        // Phase A: everything no earlier round also writes.
+        let mut phase_a: Vec<WriteOp<'_>> = Vec::new();
+        let mut phase_b: Vec<WriteOp<'_>> = Vec::new();
+        // For each op: its writes in phase A and B.
+        let mut op_writes: Vec<(Option<usize>, Option<usize>)> = Vec::with_capacity(self.ops.len());
+        for op in &self.ops {
+            let (whole, shared) = write_ops(op, &self.requests);
+            let a = whole.map(|write| {
+                phase_a.push(write);
+                phase_a.len() - 1
+            });
+            let b = shared.map(|write| {
+                phase_b.push(write);
+                phase_b.len() - 1
+            });
+            op_writes.push((a, b));
+        }
+        if !phase_a.is_empty() {
+            backend.execute(&mut phase_a, &mut []);
+        }
+        // Phase B: shared first blocks, after every earlier round's writes.
+        context.sequencer.wait_writes_before(sequence);
+        if !phase_b.is_empty() {
+            backend.execute(&mut phase_b, &mut []);
+        }
+        context.sequencer.finish_writes(sequence);
+        // Phase C: syncs, after this round's writes and so all earlier ones.
+        if !syncs.is_empty() {
+            backend.execute(&mut [], &mut syncs);
+        }
+        stats
+            .execute_nanos_total
+            .fetch_add(nanos_since(started, Instant::now()), Ordering::Relaxed);
+
+        let op_errors: Vec<Option<io::Error>> = op_writes
+            .iter()
+            .map(|(a, b)| {
+                let a = a.and_then(|index| phase_a[index].error.as_ref());
+                let b = b.and_then(|index| phase_b[index].error.as_ref());
+                a.or(b).map(copy_error)
+            })
+            .collect();
+        drop(phase_a);
+        drop(phase_b);
+        self.record_syncs(context, &syncs, &due);
+        for (op, error) in self.ops.iter().zip(&op_errors) {
+            if let (PlannedOp::Direct(group), Some(_)) = (op, error) {
+                group.file.forget_tail();
+            }
+        }
+        let outcomes = self.outcomes(stats, &op_errors, &sync_of_request, &syncs);
+        {
+            let mut pool = context
+                .pool
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            for op in self.ops.drain(..) {
+                if let PlannedOp::Direct(group) = op {
+                    pool.give(group.buffer);
+                }
+            }
+        }
+        context.sequencer.wait_delivered_before(sequence);
+        for (request, outcome) in self.requests.drain(..).zip(outcomes) {
+            match request {
+                Request::Write(write) => (write.done)(outcome),
+                Request::Sync { done, .. } => done(outcome),
+            }
+        }
+        context.sequencer.finish_delivery(sequence);
+    }
+
+    /// The syncs this round performs: one per file a request needs durable
+    /// now, plus files whose interval sync is due. Records interval deadlines.
+    fn plan_syncs(
+        &self,
+        context: &ExecuteContext<'_>,
+        now: Instant,
+    ) -> (Vec<SyncOp>, Vec<Option<usize>>, Vec<RawFd>) {
+        let mut dirty = context
+            .dirty
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         let due: Vec<RawFd> = dirty
             .iter()
             .filter(|(_, (_, deadline))| *deadline <= now)
             .map(|(fd, _)| *fd)
             .collect();
-        if self.requests.is_empty() && due.is_empty() {
-            return;
-        }
-        stats.rounds.fetch_add(1, Ordering::Relaxed);
-        stats
-            .plan_nanos_total
-            .fetch_add(self.plan_nanos, Ordering::Relaxed);
-
         let mut syncs: Vec<SyncOp> = Vec::new();
         let mut sync_index: HashMap<RawFd, usize> = HashMap::new();
         let mut ensure_sync = |fd: RawFd, syncs: &mut Vec<SyncOp>| -> usize {
@@ -223,41 +331,23 @@ impl Round {
         for fd in &due {
             ensure_sync(*fd, &mut syncs);
         }
+        (syncs, sync_of_request, due)
+    }
 
-        // Padding after a group's valid bytes must be zeros (buffers are reused).
-        for op in &mut self.ops {
-            if let PlannedOp::Direct(group) = op {
-                let (valid, write) = (group.valid_bytes(), group.write_bytes());
-                group.buffer.as_mut_slice()[valid..write].fill(0);
-            }
-        }
-        let mut writes: Vec<WriteOp<'_>> = self
-            .ops
-            .iter()
-            .map(|op| write_op(op, &self.requests))
-            .collect();
-        for sync in &mut syncs {
-            sync.writes = (0..writes.len())
-                .filter(|index| writes[*index].fd == sync.fd)
-                .collect();
-        }
-        let started = Instant::now();
-        backend.execute(&mut writes, &mut syncs);
-        stats
-            .execute_nanos_total
-            .fetch_add(nanos_since(started, Instant::now()), Ordering::Relaxed);
-        let write_errors: Vec<Option<io::Error>> = writes
-            .iter()
-            .map(|op| op.error.as_ref().map(copy_error))
-            .collect();
-        drop(writes);
-
-        for sync in &syncs {
+    /// Counts the syncs and clears files they covered from the dirty map.
+    fn record_syncs(&self, context: &ExecuteContext<'_>, syncs: &[SyncOp], due: &[RawFd]) {
+        let mut dirty = context
+            .dirty
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        for sync in syncs {
             debug_assert!(
                 sync.done || sync.error.is_some(),
                 "backend left a sync unfinished"
             );
-            stats.record_sync(sync.elapsed, sync.error.is_none());
+            context
+                .stats
+                .record_sync(sync.elapsed, sync.error.is_none());
             if sync.error.is_none() {
                 dirty.remove(&sync.fd);
             } else if due.contains(&sync.fd) {
@@ -266,19 +356,23 @@ impl Round {
                 dirty.remove(&sync.fd);
             }
         }
-        for (op, error) in self.ops.iter().zip(&write_errors) {
-            if let (PlannedOp::Direct(group), Some(_)) = (op, error) {
-                group.file.forget_tail();
-            }
-        }
-        let outcomes: Vec<io::Result<()>> = self
-            .op_of_request
+    }
+
+    /// Each request's outcome: its write's error, else its sync's error.
+    fn outcomes(
+        &self,
+        stats: &EngineStats,
+        op_errors: &[Option<io::Error>],
+        sync_of_request: &[Option<usize>],
+        syncs: &[SyncOp],
+    ) -> Vec<io::Result<()>> {
+        self.op_of_request
             .iter()
-            .zip(&sync_of_request)
+            .zip(sync_of_request)
             .zip(&self.requests)
             .map(|((op, sync), request)| {
                 if let Some(index) = op {
-                    if let Some(error) = &write_errors[*index] {
+                    if let Some(error) = &op_errors[*index] {
                         return Err(copy_error(error));
                     }
                     if let Request::Write(write) = request {
@@ -295,21 +389,83 @@ impl Round {
                     _ => Ok(()),
                 }
             })
-            .collect();
-        {
-            let mut pool = pool.lock().unwrap_or_else(|poison| poison.into_inner());
-            for op in self.ops.drain(..) {
-                if let PlannedOp::Direct(group) = op {
-                    pool.give(group.buffer);
-                }
-            }
+            .collect()
+    }
+}
+
+/// What every executor shares.
+pub(crate) struct ExecuteContext<'a> {
+    pub stats: &'a EngineStats,
+    /// Files written with `SyncMode::Within`, and the instant by which each
+    /// must be synced. Entries leave when a sync covers them.
+    pub dirty: &'a Mutex<HashMap<RawFd, (WriteTarget, Instant)>>,
+    pub pool: &'a Mutex<BufferPool>,
+    pub sequencer: &'a Sequencer,
+}
+
+/// Orders the overlapping rounds: round `n` writes shared blocks only after
+/// rounds `< n` have written, and completes only after they have completed.
+#[derive(Default)]
+pub(crate) struct Sequencer {
+    state: Mutex<SequencerState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct SequencerState {
+    /// Rounds `< writes_done` have finished all their writes.
+    writes_done: u64,
+    /// Rounds `< delivered` have run their completions.
+    delivered: u64,
+}
+
+impl Sequencer {
+    fn wait_until(&self, ready: impl Fn(&SequencerState) -> bool) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        while !ready(&state) {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poison| poison.into_inner());
         }
-        for (request, outcome) in self.requests.drain(..).zip(outcomes) {
-            match request {
-                Request::Write(write) => (write.done)(outcome),
-                Request::Sync { done, .. } => done(outcome),
-            }
-        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut SequencerState)) {
+        change(
+            &mut self
+                .state
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner()),
+        );
+        self.changed.notify_all();
+    }
+
+    fn wait_writes_before(&self, sequence: u64) {
+        self.wait_until(|state| state.writes_done >= sequence);
+    }
+
+    fn finish_writes(&self, sequence: u64) {
+        self.update(|state| {
+            assert_eq!(
+                state.writes_done, sequence,
+                "rounds finish their writes in order"
+            );
+            state.writes_done = sequence + 1;
+        });
+    }
+
+    fn wait_delivered_before(&self, sequence: u64) {
+        self.wait_until(|state| state.delivered >= sequence);
+    }
+
+    fn finish_delivery(&self, sequence: u64) {
+        self.update(|state| {
+            assert_eq!(state.delivered, sequence, "rounds complete in order");
+            state.delivered = sequence + 1;
+        });
     }
 }
 
@@ -341,34 +497,60 @@ fn carry_tail(group: &DirectGroup) {
     );
 }
 
-fn write_op<'a>(op: &'a PlannedOp, requests: &'a [Request]) -> WriteOp<'a> {
+/// The backend writes for one planned op: what can go in phase A, and the
+/// shared first block that must wait for phase B.
+fn write_ops<'a>(
+    op: &'a PlannedOp,
+    requests: &'a [Request],
+) -> (Option<WriteOp<'a>>, Option<WriteOp<'a>>) {
+    let write = |fd, position, data, align| WriteOp {
+        fd,
+        position,
+        data,
+        written: 0,
+        align,
+        error: None,
+    };
     match op {
         PlannedOp::Buffered { request } => match &requests[*request] {
-            Request::Write(write) => WriteOp {
-                fd: write.target.fd(),
-                position: write.position,
-                data: &write.data,
-                written: 0,
-                align: 1,
-                error: None,
-            },
+            Request::Write(request) => (
+                Some(write(
+                    request.target.fd(),
+                    request.position,
+                    &request.data,
+                    1,
+                )),
+                None,
+            ),
             Request::Sync { .. } => unreachable!("planned ops are writes"),
         },
-        PlannedOp::Direct(group) => WriteOp {
-            fd: group.file.fd(),
-            position: group.block_position,
-            data: &group.buffer.as_slice()[..group.write_bytes()],
-            written: 0,
-            align: DIRECT_BLOCK_BYTES,
-            error: None,
-        },
-        PlannedOp::Failed { fd, error } => WriteOp {
-            fd: *fd,
-            position: 0,
-            data: &[],
-            written: 0,
-            align: 1,
-            error: Some(copy_error(error)),
-        },
+        PlannedOp::Direct(group) => {
+            let bytes = &group.buffer.as_slice()[..group.write_bytes()];
+            let fd = group.file.fd();
+            if !group.shares_first_block() {
+                return (
+                    Some(write(fd, group.block_position, bytes, DIRECT_BLOCK_BYTES)),
+                    None,
+                );
+            }
+            let (head, body) = bytes.split_at(DIRECT_BLOCK_BYTES);
+            let shared = write(fd, group.block_position, head, DIRECT_BLOCK_BYTES);
+            let rest = (!body.is_empty()).then(|| {
+                write(
+                    fd,
+                    group.block_position + DIRECT_BLOCK_BYTES as u64,
+                    body,
+                    DIRECT_BLOCK_BYTES,
+                )
+            });
+            (rest, Some(shared))
+        }
+        PlannedOp::Failed { fd, error } => (
+            Some(WriteOp {
+                error: Some(copy_error(error)),
+                ..write(*fd, 0, &[], 1)
+            }),
+            None,
+        ),
     }
 }

@@ -1,10 +1,12 @@
-//! The engine's two threads and the slot between them.
+//! The engine's threads and the slot between them.
 //!
 //! The planner takes requests from the bounded channel and adds them to the
 //! *next* round in the slot (copying direct writes into aligned buffers)
-//! while the executor performs the current round. When the executor
-//! finishes, it takes everything the planner gathered meanwhile: that round
-//! is the group commit. The slot holds at most `round_requests_max`
+//! while the executors perform earlier rounds. An idle executor takes
+//! everything the planner has gathered: that round is the group commit.
+//! `EXECUTORS` executors let one round's writes overlap the previous round's
+//! syncs and completions; `round::Sequencer` keeps shared blocks and
+//! completions in order. The slot holds at most `round_requests_max`
 //! requests or `round_bytes_max` bytes; beyond that the planner waits, the
 //! channel fills, and appenders block: backpressure all the way back.
 //!
@@ -20,13 +22,19 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 
 use super::direct::BufferPool;
-use super::round::Round;
+use super::round::{ExecuteContext, Round, Sequencer};
 use super::{Backend, EngineStats, Request, WriteTarget};
+
+/// Executor threads per engine: two, so that one round can be on the device
+/// while the other finishes; more would only shrink rounds.
+pub(crate) const EXECUTORS: usize = 2;
 
 /// The round being gathered, handed from planner to executor.
 #[derive(Default)]
 struct Slot {
     next: Round,
+    /// Sequence number the next round taken will get.
+    sequence: u64,
     /// Set by the planner once the channel is closed and drained.
     closed: bool,
 }
@@ -39,6 +47,10 @@ pub(crate) struct Handoff {
     /// Signalled by the executor when it empties the slot.
     emptied: Condvar,
     pool: Mutex<BufferPool>,
+    /// Files written with `SyncMode::Within`, and the instant by which each
+    /// must be synced. Entries leave when a sync covers them.
+    dirty: Mutex<HashMap<RawFd, (WriteTarget, Instant)>>,
+    sequencer: Sequencer,
 }
 
 impl Handoff {
@@ -48,6 +60,8 @@ impl Handoff {
             filled: Condvar::new(),
             emptied: Condvar::new(),
             pool: Mutex::new(BufferPool::default()),
+            dirty: Mutex::new(HashMap::new()),
+            sequencer: Sequencer::default(),
         })
     }
 
@@ -75,19 +89,14 @@ pub(crate) fn plan(receiver: Receiver<Request>, handoff: Arc<Handoff>, limits: R
                 .wait(slot)
                 .unwrap_or_else(|poison| poison.into_inner());
         }
+        // One request per lock hold: an idle executor waits for at most one
+        // request's copy before it can take the round.
         slot.next.push(request, &handoff.pool);
-        // Take whatever else is queued without releasing the slot in between.
-        while !slot.next.is_full(limits.requests_max, limits.bytes_max) {
-            match receiver.try_recv() {
-                Ok(request) => slot.next.push(request, &handoff.pool),
-                Err(_) => break,
-            }
-        }
         drop(slot);
         handoff.filled.notify_one();
     }
     handoff.lock().closed = true;
-    handoff.filled.notify_one();
+    handoff.filled.notify_all();
 }
 
 /// Executor thread body.
@@ -96,17 +105,26 @@ pub(crate) fn execute(
     handoff: Arc<Handoff>,
     stats: Arc<EngineStats>,
 ) {
-    // Files written with `SyncMode::Within`, and the instant by which each
-    // must be synced. Entries leave when a sync covers them.
-    let mut dirty: HashMap<RawFd, (WriteTarget, Instant)> = HashMap::new();
+    let context = ExecuteContext {
+        stats: &stats,
+        dirty: &handoff.dirty,
+        pool: &handoff.pool,
+        sequencer: &handoff.sequencer,
+    };
     loop {
-        let (round, closed) = {
+        let (round, sequence, closed) = {
             let mut slot = handoff.lock();
             loop {
                 if !slot.next.is_empty() || slot.closed {
                     break;
                 }
-                let deadline = dirty.values().map(|(_, deadline)| *deadline).min();
+                let deadline = handoff
+                    .dirty
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .values()
+                    .map(|(_, deadline)| *deadline)
+                    .min();
                 match deadline {
                     None => {
                         slot = handoff
@@ -127,7 +145,9 @@ pub(crate) fn execute(
                     }
                 }
             }
-            (std::mem::take(&mut slot.next), slot.closed)
+            let sequence = slot.sequence;
+            slot.sequence += 1;
+            (std::mem::take(&mut slot.next), sequence, slot.closed)
         };
         handoff.emptied.notify_one();
         // On shutdown every pending interval sync is due now.
@@ -136,7 +156,7 @@ pub(crate) fn execute(
         } else {
             Instant::now()
         };
-        round.execute(backend.as_mut(), &stats, &mut dirty, now, &handoff.pool);
+        round.execute(&context, backend.as_mut(), sequence, now);
         if closed && handoff.lock().next.is_empty() {
             return;
         }
