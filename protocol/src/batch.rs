@@ -33,6 +33,9 @@ pub const BATCH_LENGTH_PREFIX_BYTES: usize = 12;
 pub const MAGIC_V2: u8 = 2;
 /// Where the CRC-32C coverage begins.
 pub const CRC_START: usize = 21;
+/// Smallest encoded record: length, attributes, timestamp delta, offset
+/// delta, key length, value length and header count, one byte each.
+pub const RECORD_BYTES_MIN: usize = 7;
 
 const BASE_OFFSET_AT: usize = 0;
 const BATCH_LENGTH_AT: usize = 8;
@@ -184,6 +187,16 @@ impl<'a> Batch<'a> {
                 records_count: count,
             });
         }
+        // An uncompressed record takes at least RECORD_BYTES_MIN bytes, so a
+        // count the bytes cannot hold is a lie that would burn offsets.
+        if batch.compression() == Compression::None
+            && count as usize > batch.records_bytes().len() / RECORD_BYTES_MIN
+        {
+            return Err(BatchError::TooManyRecords {
+                count,
+                limit: batch.records_bytes().len() / RECORD_BYTES_MIN,
+            });
+        }
         Ok(batch)
     }
 
@@ -232,13 +245,17 @@ impl<'a> Batch<'a> {
     }
 
     /// Offset of the last record.
+    ///
+    /// Saturates rather than overflows: the base offset is not covered by
+    /// the CRC, so a damaged one must not panic a reader.
     pub fn last_offset(&self) -> u64 {
-        self.base_offset() + self.last_offset_delta() as u64
+        self.base_offset()
+            .saturating_add(self.last_offset_delta() as u64)
     }
 
     /// The offset after this batch.
     pub fn next_offset(&self) -> u64 {
-        self.last_offset() + 1
+        self.last_offset().saturating_add(1)
     }
 
     /// The leader epoch under which the batch was appended.

@@ -38,6 +38,14 @@ pub enum BatchError {
         /// Stored record count.
         records_count: i32,
     },
+    /// More records than the batch's bytes can hold, or than a limit allows.
+    #[error("batch claims {count} records; at most {limit} allowed")]
+    TooManyRecords {
+        /// Stored record count.
+        count: i32,
+        /// The most the batch (or the configured limit) allows.
+        limit: usize,
+    },
     /// The compression bits (0–2 of the attributes) hold 5, 6 or 7.
     #[error("unknown compression codec {0}")]
     UnknownCompression(u8),

@@ -14,6 +14,8 @@ use crate::error::{Result, StorageError};
 pub const CLEAN_SHUTDOWN_FILE: &str = "clean-shutdown";
 /// Name of the recovery-point checkpoint: segments below it were synced.
 pub const RECOVERY_POINT_FILE: &str = "recovery-point";
+/// Name of the file whose advisory lock marks the directory as open.
+pub const LOCK_FILE: &str = "lock";
 /// Name of the leader-epoch checkpoint.
 pub const LEADER_EPOCH_FILE: &str = "leader-epoch-checkpoint";
 

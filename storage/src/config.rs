@@ -50,7 +50,7 @@ pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 1_000;
 pub struct LogConfig {
     /// A segment rolls before an append would take it past this size. The
     /// active segment is preallocated to it so its memory map never moves.
-    /// Default 1 GiB, Kafka's default.
+    /// Default 1 GiB, Kafka's default; at most 4 GiB (index positions are u32).
     pub segment_bytes_max: u64,
     /// A non-empty segment older than this rolls on the next append.
     /// Default 7 days, Kafka's default.
@@ -58,6 +58,10 @@ pub struct LogConfig {
     /// Largest batch accepted by `append`. Default 16 MiB: room for a
     /// producer's largest batch while bounding one request's memory.
     pub batch_bytes_max: usize,
+    /// Most records one batch may claim. Default 1,000,000: a compressed
+    /// batch's count cannot be checked against its bytes, and every record
+    /// consumes an offset.
+    pub batch_records_max: u32,
     /// Bytes of log between two sparse index entries. Default 4 KiB, Kafka's
     /// default, so a lookup scans at most a few batches.
     pub index_interval_bytes: u64,
@@ -111,6 +115,7 @@ impl Default for LogConfig {
             segment_bytes_max: 1 << 30,
             segment_age_ms_max: 7 * 24 * 3600 * 1000,
             batch_bytes_max: 16 << 20,
+            batch_records_max: 1_000_000,
             index_interval_bytes: 4096,
             retention_bytes: None,
             retention_ms: None,

@@ -66,6 +66,19 @@ pub enum StorageError {
     /// that followed it; retry shortly.
     #[error("log is recovering from a failed write; retry")]
     WriteFailed,
+    /// A background (interval) `fdatasync` failed: acknowledged appends may
+    /// not be on disk. The log refuses further work; reopen it to recover.
+    #[error("a background fdatasync of {path} failed; reopen the log")]
+    SyncFailed {
+        /// The log directory.
+        path: PathBuf,
+    },
+    /// Another `Log` in this or another process has the directory open.
+    #[error("log directory {path} is locked by another open log")]
+    Locked {
+        /// The log directory.
+        path: PathBuf,
+    },
     /// The log or its io engine has been closed.
     #[error("log is closed")]
     Closed,

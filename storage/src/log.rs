@@ -19,7 +19,7 @@ use std::future::Future;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -199,6 +199,8 @@ struct Shared {
     drained: Condvar,
     /// Newest batches, in direct mode (lock after `publish`, never before).
     recent: Mutex<RecentBatches>,
+    /// Raised by the io engine when an interval sync of this log fails.
+    sync_failed: Arc<AtomicBool>,
 }
 
 /// State only the appender (holding the writer lock) touches.
@@ -229,6 +231,8 @@ pub struct Log {
     shared: Arc<Shared>,
     writer: Mutex<Writer>,
     report: RecoveryReport,
+    /// Holds the directory's advisory lock for the life of the log.
+    _lock_file: std::fs::File,
     /// Appends use O_DIRECT (the configured mode, unless the filesystem refused it).
     direct: bool,
 }
@@ -274,14 +278,38 @@ impl Log {
                 checkpoint::sync_dir(parent)?;
             }
         }
+        let lock_file = lock_directory(&dir)?;
         let recovered = recovery::recover(&dir, &config)?;
         let mut segments = recovered.segments;
+        // An empty active segment whose map is smaller than a full segment
+        // (recovery cut a sealed one back to nothing) is replaced by a fresh
+        // one, so that an empty active segment always has full room.
+        let undersized = segments
+            .iter()
+            .next_back()
+            .filter(|(_, last)| {
+                last.published_bytes() == 0 && last.mapped_bytes() < config.segment_bytes_max
+            })
+            .map(|(base, _)| *base);
+        if let Some(base) = undersized
+            && let Some(stale) = segments.remove(&base)
+        {
+            stale.delete_files()?;
+            drop(stale);
+            let fresh = Segment::create(
+                &dir,
+                base,
+                config.segment_bytes_max,
+                index_capacity(&config),
+            )?;
+            segments.insert(base, Arc::new(fresh));
+        }
         if segments.is_empty() {
             let segment =
                 Segment::create(&dir, 0, config.segment_bytes_max, index_capacity(&config))?;
-            checkpoint::sync_dir(&dir)?;
             segments.insert(0, Arc::new(segment));
         }
+        checkpoint::sync_dir(&dir)?;
         let (start_offset, active) = match (segments.values().next(), segments.values().next_back())
         {
             (Some(first), Some(last)) => (first.base_offset(), last.clone()),
@@ -305,7 +333,18 @@ impl Log {
         } else {
             0
         };
+        // Recovery must scan at least the active segment next time: persist
+        // that now, before any append lands in it.
         let recovery_point = checkpoint::read_recovery_point(&dir).min(active.base_offset());
+        if checkpoint::read_recovery_point(&dir) != recovery_point
+            || !dir.join(RECOVERY_POINT_FILE).exists()
+        {
+            checkpoint::write_atomic(
+                &dir,
+                RECOVERY_POINT_FILE,
+                recovery_point.to_string().as_bytes(),
+            )?;
+        }
         checkpoint::remove_durably(&dir, CLEAN_SHUTDOWN_FILE)?;
         let writer = Writer {
             next_offset: end_offset,
@@ -331,14 +370,16 @@ impl Log {
                 }),
                 drained: Condvar::new(),
                 recent: Mutex::new(RecentBatches::new(recent_budget)),
+                sync_failed: Arc::new(AtomicBool::new(false)),
             }),
             writer: Mutex::new(writer),
             report: recovered.report,
+            _lock_file: lock_file,
             direct,
             config,
         };
         let active = lock(&log.writer).active.clone();
-        log.warm_recent(&active)?;
+        log.lower_end(&active, active.published_bytes(), end_offset)?;
         Ok(log)
     }
 
@@ -349,34 +390,6 @@ impl Log {
         } else {
             WriteMode::Buffered
         }
-    }
-
-    /// Refills the recent-batch cache from the active segment so that it
-    /// covers the partial block at the write position (direct mode). Called
-    /// with no write in flight.
-    fn warm_recent(&self, active: &Segment) -> Result<()> {
-        let mut recent = lock(&self.shared.recent);
-        recent.clear();
-        if !recent.enabled() {
-            return Ok(());
-        }
-        let end_position = active.published_bytes();
-        let block_start = end_position - end_position % DIRECT_BLOCK_BYTES as u64;
-        let mut cursor = active
-            .offset_index
-            .floor(block_start, |entry| u64::from(entry[1]))
-            .map_or(0, |entry| u64::from(entry[1]))
-            .min(end_position);
-        while cursor < end_position {
-            let batch = active.batch_at(cursor, false)?;
-            recent.push(CachedBatch {
-                base_offset: batch.base_offset(),
-                next_offset: batch.next_offset(),
-                bytes: Arc::new(batch.bytes().to_vec()),
-            });
-            cursor += batch.len() as u64;
-        }
-        Ok(())
     }
 
     /// The log's directory.
@@ -482,6 +495,12 @@ impl Log {
                 (parsed.len() - weir_protocol::batch::BATCH_LENGTH_PREFIX_BYTES) as i32,
             )));
         }
+        if parsed.records_count() as u32 > self.config.batch_records_max {
+            return Err(StorageError::InvalidBatch(BatchError::TooManyRecords {
+                count: parsed.records_count(),
+                limit: self.config.batch_records_max as usize,
+            }));
+        }
         let (last_offset_delta, batch_max_timestamp_ms, given_base) = (
             u64::from(parsed.last_offset_delta() as u32),
             parsed.max_timestamp(),
@@ -489,9 +508,7 @@ impl Log {
         );
 
         let mut writer = lock(&self.writer);
-        if writer.closed {
-            return Err(StorageError::Closed);
-        }
+        self.check_open(&writer)?;
         self.repair_if_failed(&mut writer)?;
         if !assign_offsets && given_base != writer.next_offset {
             return Err(StorageError::UnexpectedOffset {
@@ -500,7 +517,7 @@ impl Log {
             });
         }
         let len = batch.len() as u64;
-        if self.should_roll(&writer, len) {
+        if self.should_roll(&writer, len, last_offset_delta + 1) {
             self.roll_locked(&mut writer)?;
         }
 
@@ -556,6 +573,7 @@ impl Log {
             position,
             data,
             sync: self.config.sync_deadline(),
+            sync_failed: self.shared.sync_failed.clone(),
             done,
         });
         if let Err(error) = self.engine.submit(request) {
@@ -573,7 +591,20 @@ impl Log {
         Ok(AppendFuture { receiver })
     }
 
-    fn should_roll(&self, writer: &Writer, incoming_bytes: u64) -> bool {
+    /// Refuses writer-side work on a closed log or after a failed interval sync.
+    fn check_open(&self, writer: &Writer) -> Result<()> {
+        if writer.closed {
+            return Err(StorageError::Closed);
+        }
+        if self.shared.sync_failed.load(Ordering::Acquire) {
+            return Err(StorageError::SyncFailed {
+                path: self.dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn should_roll(&self, writer: &Writer, incoming_bytes: u64, incoming_records: u64) -> bool {
         if writer.write_position == 0 {
             return false;
         }
@@ -581,7 +612,10 @@ impl Log {
             .config
             .segment_bytes_max
             .min(writer.active.mapped_bytes());
+        // Index entries store offsets relative to the segment base as u32.
+        let offsets_after = writer.next_offset + incoming_records - writer.active.base_offset();
         writer.write_position + incoming_bytes > capacity
+            || offsets_after > u64::from(u32::MAX)
             || writer.active_since.elapsed().as_millis() as u64 >= self.config.segment_age_ms_max
     }
 
@@ -617,9 +651,7 @@ impl Log {
     /// preallocated; I/O errors sealing the old one.
     pub fn roll(&self) -> Result<()> {
         let mut writer = lock(&self.writer);
-        if writer.closed {
-            return Err(StorageError::Closed);
-        }
+        self.check_open(&writer)?;
         self.repair_if_failed(&mut writer)?;
         self.roll_locked(&mut writer)
     }
@@ -682,26 +714,32 @@ impl Log {
     /// [`StorageError::Corrupt`] if the first batch fails its checks (a
     /// later bad batch ends the read before it).
     pub fn read(&self, from_offset: u64, max_bytes: usize) -> Result<LogRead> {
-        let end = self.end_offset();
-        let start = self.start_offset();
-        if from_offset < start || from_offset > end {
-            return Err(StorageError::OffsetOutOfRange {
-                offset: from_offset,
-                start,
-                end,
-            });
-        }
-        if from_offset == end {
-            return Ok(LogRead::empty(end));
-        }
+        // The end is read under the cache lock, which truncation also holds
+        // while it lowers the end and refills the cache: the two agree.
         // In direct mode the newest batches come from the cache, and the map
         // is read only below the cache's first offset (see `recent`).
-        let mapped_limit = {
+        let (end, mapped_limit) = {
             let recent = lock(&self.shared.recent);
-            if let Some(batches) = recent.read(from_offset, max_bytes) {
-                return Ok(cached_read(batches));
+            let end = self.end_offset();
+            let start = self.start_offset();
+            if from_offset < start || from_offset > end {
+                return Err(StorageError::OffsetOutOfRange {
+                    offset: from_offset,
+                    start,
+                    end,
+                });
             }
-            recent.start_offset().unwrap_or(u64::MAX)
+            if from_offset == end {
+                return Ok(LogRead::empty(end));
+            }
+            if let Some(mut batches) = recent.read(from_offset, max_bytes) {
+                // A completion caches its batch just before it raises the end.
+                batches.retain(|batch| batch.base_offset < end);
+                if !batches.is_empty() {
+                    return Ok(cached_read(batches));
+                }
+            }
+            (end, recent.start_offset().unwrap_or(u64::MAX).min(end))
         };
         let segment = self.segment_for(from_offset, end)?;
         let position = segment.position_of(from_offset)?;
@@ -710,6 +748,7 @@ impl Log {
         let mut next_offset = from_offset;
         while cursor < segment.published_bytes() && next_offset < mapped_limit {
             match segment.batch_at(cursor, verify) {
+                Ok(batch) if batch.base_offset() >= end => break,
                 Ok(batch) => {
                     if cursor > position && (cursor - position) as usize + batch.len() > max_bytes {
                         break;
@@ -821,9 +860,7 @@ impl Log {
     /// I/O errors, with the path.
     pub fn truncate_to(&self, offset: u64) -> Result<()> {
         let mut writer = lock(&self.writer);
-        if writer.closed {
-            return Err(StorageError::Closed);
-        }
+        self.check_open(&writer)?;
         drop(self.wait_drained());
         let target = offset.min(self.end_offset());
         self.truncate_locked(&mut writer, target)?;
@@ -831,22 +868,47 @@ impl Log {
         Ok(())
     }
 
-    /// Cuts the log at `offset` (≤ the published end). No write may be in flight.
+    /// Cuts the log at `offset` (≤ the published end). No write may be in
+    /// flight. Order matters for a crash midway and for concurrent readers:
+    /// first the recovery point drops to the segment being cut (so the next
+    /// open scans it), then readers are stopped at the new end, and only then
+    /// are files cut and deleted.
     fn truncate_locked(&self, writer: &mut Writer, offset: u64) -> Result<()> {
         let start = self.start_offset();
         if offset <= start {
             return self.reset_to(writer, offset.max(start));
         }
-        let mut segments = self.write_segments();
-        let (base, segment) = match segments.range(..=offset).next_back() {
-            Some((base, segment)) => (*base, segment.clone()),
-            None => unreachable!("offset above start has a segment"),
+        let (base, segment, previous) = {
+            let segments = self.read_segments();
+            let Some((base, segment)) = segments.range(..=offset).next_back() else {
+                unreachable!("offset above start has a segment");
+            };
+            let previous = segments.range(..*base).next_back().map(|(_, s)| s.clone());
+            (*base, segment.clone(), previous)
         };
         let position = if offset >= segment.published_next_offset() {
             segment.published_bytes()
         } else {
             segment.position_of(offset)?
         };
+        let new_end = if position < segment.published_bytes() {
+            segment.batch_at(position, false)?.base_offset()
+        } else {
+            segment.published_next_offset()
+        };
+        // Nothing of this segment remains: the previous one becomes active
+        // again (or, with none, a fresh full-size segment takes its place).
+        let reactivated = previous.filter(|_| position == 0);
+        let scan_from = reactivated
+            .as_ref()
+            .map_or(base, |previous| previous.base_offset());
+        self.set_recovery_point(writer, writer.recovery_point.min(scan_from))?;
+        match &reactivated {
+            Some(previous) => self.lower_end(previous, previous.published_bytes(), new_end)?,
+            None => self.lower_end(&segment, position, new_end)?,
+        }
+
+        let mut segments = self.write_segments();
         let later: Vec<u64> = segments
             .range((Bound::Excluded(base), Bound::Unbounded))
             .map(|(b, _)| *b)
@@ -856,17 +918,10 @@ impl Log {
                 removed.delete_files()?;
             }
         }
-        let new_end = if position < segment.published_bytes() {
-            segment.batch_at(position, false)?.base_offset()
-        } else {
-            segment.published_next_offset()
-        };
         let active = if position == 0 {
-            // Nothing of this segment remains: the previous one is active
-            // again, or, if there is none, a fresh full-size segment.
             segments.remove(&base);
             segment.delete_files()?;
-            match segments.values().next_back().cloned() {
+            match reactivated {
                 Some(previous) => previous,
                 None => {
                     let fresh = Arc::new(Segment::create(
@@ -880,10 +935,10 @@ impl Log {
                 }
             }
         } else {
-            segment.cut_file(position)?;
-            segment.truncate_indexes(new_end);
             let max_timestamp_ms = max_timestamp_before(&segment, position)?;
             segment.reset_published(position, new_end, max_timestamp_ms);
+            segment.truncate_indexes(new_end);
+            segment.cut_file(position)?;
             segment
         };
         drop(segments);
@@ -896,6 +951,13 @@ impl Log {
 
     /// Makes the log empty, starting at `offset` (truncation below the start).
     fn reset_to(&self, writer: &mut Writer, offset: u64) -> Result<()> {
+        self.set_recovery_point(writer, offset.min(writer.recovery_point))?;
+        {
+            let mut recent = lock(&self.shared.recent);
+            recent.clear();
+            self.shared.end_offset.store(offset, Ordering::Release);
+            self.shared.start_offset.store(offset, Ordering::Release);
+        }
         let mut segments = self.write_segments();
         for (_, segment) in std::mem::take(&mut *segments) {
             segment.delete_files()?;
@@ -909,10 +971,29 @@ impl Log {
         segments.insert(offset, segment.clone());
         drop(segments);
         checkpoint::sync_dir(&self.dir)?;
-        self.shared.start_offset.store(offset, Ordering::Release);
         self.install_active(writer, segment)
     }
 
+    /// Lowers the end offset and, in direct mode, refills the recent cache
+    /// with the batches of `segment` that end at `end_position`, both under
+    /// the cache lock that readers take to learn the end.
+    fn lower_end(&self, segment: &Segment, end_position: u64, end_offset: u64) -> Result<()> {
+        let enabled = lock(&self.shared.recent).enabled();
+        let batches = if enabled {
+            tail_batches(segment, end_position, end_offset)?
+        } else {
+            Vec::new()
+        };
+        let mut recent = lock(&self.shared.recent);
+        recent.clear();
+        for batch in batches {
+            recent.push(batch);
+        }
+        self.shared.end_offset.store(end_offset, Ordering::Release);
+        Ok(())
+    }
+
+    /// Points the writer at `active` (whose published extent is final).
     fn install_active(&self, writer: &mut Writer, active: Arc<Segment>) -> Result<()> {
         let end = active.published_next_offset();
         writer.next_offset = end;
@@ -922,8 +1003,7 @@ impl Log {
         writer.active_since = Instant::now();
         let base = active.base_offset();
         writer.active = active.clone();
-        self.shared.end_offset.store(end, Ordering::Release);
-        self.warm_recent(&active)?;
+        self.lower_end(&active, active.published_bytes(), end)?;
         if writer.epochs.truncate_from_end(end) {
             writer.epochs.store(&self.dir)?;
         }
@@ -940,6 +1020,7 @@ impl Log {
     /// I/O errors writing the checkpoint.
     pub fn assign_epoch(&self, epoch: i32) -> Result<()> {
         let mut writer = lock(&self.writer);
+        self.check_open(&writer)?;
         let start = writer.next_offset;
         if writer.epochs.assign(epoch, start) {
             writer.epochs.store(&self.dir)?;
@@ -956,9 +1037,7 @@ impl Log {
     pub fn apply_retention(&self, at_ms: Option<i64>) -> Result<RetentionOutcome> {
         let now_ms = at_ms.unwrap_or_else(now_ms);
         let mut writer = lock(&self.writer);
-        if writer.closed {
-            return Err(StorageError::Closed);
-        }
+        self.check_open(&writer)?;
         let mut outcome = RetentionOutcome::default();
         let mut segments = self.write_segments();
         let mut total: u64 = segments
@@ -1014,9 +1093,7 @@ impl Log {
     pub fn flush(&self) -> Result<()> {
         let file = {
             let writer = lock(&self.writer);
-            if writer.closed {
-                return Err(StorageError::Closed);
-            }
+            self.check_open(&writer)?;
             writer.active.file().clone()
         };
         let (sender, receiver) = oneshot::channel();
@@ -1041,6 +1118,14 @@ impl Log {
         if writer.closed {
             return Ok(());
         }
+        if self.shared.sync_failed.load(Ordering::Acquire) {
+            // No clean marker: the next open must scan what is really on disk.
+            drop(self.wait_drained());
+            writer.closed = true;
+            return Err(StorageError::SyncFailed {
+                path: self.dir.clone(),
+            });
+        }
         self.repair_if_failed(&mut writer)?;
         drop(self.wait_drained());
         writer.closed = true;
@@ -1062,6 +1147,81 @@ impl Drop for Log {
 
 fn index_capacity(config: &LogConfig) -> usize {
     index::capacity_for(config.segment_bytes_max, config.index_interval_bytes)
+}
+
+/// Takes an exclusive advisory lock on `dir/lock`, so that two `Log`s (in
+/// this process or another) never write one directory.
+fn lock_directory(dir: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(checkpoint::LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|error| StorageError::io(&path, error))?;
+    // SAFETY: plain syscall on an open descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        return Err(if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            StorageError::Locked {
+                path: dir.to_path_buf(),
+            }
+        } else {
+            StorageError::io(&path, error)
+        });
+    }
+    Ok(file)
+}
+
+/// The batches of `segment` that a direct-mode cache must hold so that it
+/// covers the partial block at `end_position`: from the last index entry at
+/// or before that block to the end. Read through the map, which is safe
+/// because no write is in flight. Checks offset continuity up to
+/// `end_offset`: base offsets are not covered by the CRC.
+fn tail_batches(segment: &Segment, end_position: u64, end_offset: u64) -> Result<Vec<CachedBatch>> {
+    let block_start = end_position - end_position % DIRECT_BLOCK_BYTES as u64;
+    let mut cursor = segment
+        .offset_index
+        .floor(block_start, |entry| u64::from(entry[1]))
+        .map_or(0, |entry| u64::from(entry[1]))
+        .min(end_position);
+    let mut batches: Vec<CachedBatch> = Vec::new();
+    while cursor < end_position {
+        let bytes = segment.map_slice(cursor as usize, end_position as usize);
+        let batch = Batch::parse(bytes).map_err(|reason| StorageError::Corrupt {
+            path: segment.path().to_path_buf(),
+            position: cursor,
+            reason,
+        })?;
+        let continues = batches
+            .last()
+            .is_none_or(|last| last.next_offset == batch.base_offset());
+        if !continues {
+            return Err(StorageError::Corrupt {
+                path: segment.path().to_path_buf(),
+                position: cursor,
+                reason: BatchError::BadRecord("gap in offsets"),
+            });
+        }
+        batches.push(CachedBatch {
+            base_offset: batch.base_offset(),
+            next_offset: batch.next_offset(),
+            bytes: Arc::new(batch.bytes().to_vec()),
+        });
+        cursor += batch.len() as u64;
+    }
+    if batches
+        .last()
+        .is_some_and(|last| last.next_offset != end_offset)
+    {
+        return Err(StorageError::Corrupt {
+            path: segment.path().to_path_buf(),
+            position: cursor,
+            reason: BatchError::BadRecord("tail does not end at the log end"),
+        });
+    }
+    Ok(batches)
 }
 
 /// The first record of `batch` at or after `timestamp_ms` (the batch's base

@@ -122,7 +122,9 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig) -> Result<Recovered> {
             Some(full_scan(&segment, file_bytes, config))
         } else if last {
             Some(tail_scan(&segment, file_bytes, config, &mut report))
-        } else if segment.indexes_valid(file_bytes) {
+        } else if segment.indexes_valid(file_bytes)
+            && sealed_tail_is_whole(&segment, file_bytes, next_base, config)
+        {
             let max_timestamp_ms = segment
                 .time_index
                 .len()
@@ -186,6 +188,29 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig) -> Result<Recovered> {
         checkpoint::sync_dir(dir)?;
     }
     Ok(Recovered { segments, report })
+}
+
+/// A trusted sealed segment must end exactly at its file's end with the
+/// offset the next segment starts at; checked by scanning from its last
+/// index entry (at most an index interval and a batch).
+fn sealed_tail_is_whole(
+    segment: &Segment,
+    file_bytes: u64,
+    next_base: Option<u64>,
+    config: &LogConfig,
+) -> bool {
+    let Some(at) = segment.offset_index.len().checked_sub(1) else {
+        return file_bytes == 0;
+    };
+    let entry = segment.offset_index.entry(at);
+    let end = segment.scan(
+        u64::from(entry[1]),
+        segment.base_offset() + u64::from(entry[0]),
+        file_bytes,
+        config.index_interval_bytes,
+        false,
+    );
+    end.cut.is_none() && end.bytes == file_bytes && Some(end.next_offset) == next_base
 }
 
 /// Scans a whole segment from byte 0, rebuilding its indexes.

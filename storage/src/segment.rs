@@ -327,7 +327,10 @@ impl Segment {
         while (position as usize) < limit {
             let bytes = &self.map[position as usize..limit];
             match Batch::parse_verified(bytes) {
-                Ok(batch) if batch.base_offset() == next_offset => {
+                Ok(batch)
+                    if batch.base_offset() == next_offset
+                        && batch.last_offset() - self.base_offset <= u64::from(u32::MAX) =>
+                {
                     max_timestamp_ms = max_timestamp_ms.max(batch.max_timestamp());
                     if rebuild && since_entry >= index_interval_bytes {
                         self.add_index_entries(batch.base_offset(), position, max_timestamp_ms);

@@ -4,9 +4,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{VARIANTS, batch, engine, open, read_all, small_config};
+use common::{ENGINES, VARIANTS, batch, engine, open, read_all, small_config};
 use weir_protocol::BatchError;
-use weir_storage::{FlushPolicy, LogConfig, StorageError};
+use weir_storage::{FlushPolicy, Log, LogConfig, StorageError, WriteMode};
 
 /// Appends get consecutive offsets and read back whole, in order, across segment rolls.
 #[test]
@@ -480,4 +480,64 @@ fn corruption_in_sealed_segment_is_detected_on_read() {
             "{kind:?}/{mode:?}: exactly the damaged batch is refused"
         );
     }
+}
+
+/// A batch whose record count its bytes cannot hold, or that exceeds
+/// `batch_records_max`, is refused: it would burn offsets.
+#[test]
+fn implausible_record_counts_are_refused() {
+    for (kind, mode) in VARIANTS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig {
+            batch_records_max: 10,
+            ..small_config(mode)
+        };
+        let log = open(dir.path(), &config, &engine(kind));
+        let mut lying = batch(1, 1, 10, 0);
+        let claimed = i32::MAX;
+        lying[23..27].copy_from_slice(&(claimed - 1).to_be_bytes());
+        lying[57..61].copy_from_slice(&claimed.to_be_bytes());
+        let crc = crc32c::crc32c(&lying[21..]);
+        lying[17..21].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(
+            log.append(lying),
+            Err(StorageError::InvalidBatch(
+                BatchError::TooManyRecords { .. }
+            ))
+        ));
+        assert!(matches!(
+            log.append(batch(2, 11, 1, 0)),
+            Err(StorageError::InvalidBatch(BatchError::TooManyRecords {
+                count: 11,
+                limit: 10
+            }))
+        ));
+        assert_eq!(
+            log.end_offset(),
+            0,
+            "{kind:?}/{mode:?}: nothing was written"
+        );
+        assert_eq!(
+            log.append_blocking(batch(3, 10, 1, 0))
+                .expect("at the limit")
+                .last_offset,
+            9
+        );
+    }
+}
+
+/// A directory is written by one open log at a time.
+#[test]
+fn a_log_directory_opens_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = engine(ENGINES[0]);
+    let config = small_config(WriteMode::Direct);
+    let log = open(dir.path(), &config, &engine);
+    assert!(matches!(
+        Log::open(dir.path(), config.clone(), engine.clone()),
+        Err(StorageError::Locked { .. })
+    ));
+    drop(log);
+    let reopened = open(dir.path(), &config, &engine);
+    assert!(reopened.append_blocking(batch(1, 1, 1, 0)).is_ok());
 }

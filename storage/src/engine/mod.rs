@@ -70,6 +70,9 @@ pub(crate) struct WriteRequest {
     pub data: Arc<Vec<u8>>,
     /// Whether and when the write must become durable.
     pub sync: SyncMode,
+    /// Set if a later interval sync covering this write fails: nobody waits
+    /// on that sync, so the log learns of it through this flag.
+    pub sync_failed: Arc<std::sync::atomic::AtomicBool>,
     /// Runs once the write (and sync, if `SyncMode::Now`) is done.
     pub done: Completion,
 }
@@ -202,7 +205,9 @@ impl IoEngine {
             let receiver = receiver.clone();
             std::thread::Builder::new()
                 .name(format!("weir-io-plan-{}", kind_name(kind)))
-                .spawn(move || worker::plan(receiver, handoff, limits))
+                .spawn(move || {
+                    abort_on_panic("planner", || worker::plan(receiver, handoff, limits))
+                })
                 .map_err(StorageError::EngineStart)?
         };
         let mut threads = vec![planner];
@@ -212,7 +217,9 @@ impl IoEngine {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("weir-io-{}-{index}", kind_name(kind)))
-                    .spawn(move || worker::execute(backend, handoff, stats))
+                    .spawn(move || {
+                        abort_on_panic("executor", || worker::execute(backend, handoff, stats))
+                    })
                     .map_err(StorageError::EngineStart)?,
             );
         }
@@ -311,6 +318,8 @@ pub(crate) struct WriteOp<'a> {
     /// block): after a short write the backend resumes from
     /// `written - written % align`, rewriting a few bytes if need be.
     pub align: usize,
+    /// Where the attempt in flight started (backend bookkeeping).
+    pub submitted_from: usize,
     /// Set by the backend on a hard error; the write is then abandoned.
     pub error: Option<io::Error>,
 }
@@ -327,12 +336,10 @@ impl WriteOp<'_> {
     }
 }
 
-/// One `fdatasync` of a round, issued after the writes listed in `writes`.
+/// One `fdatasync` of a round.
 pub(crate) struct SyncOp {
     pub fd: RawFd,
-    /// Indices (into the round's writes) of this file's writes.
-    pub writes: Vec<usize>,
-    /// Set once the sync succeeded after all of `writes` finished.
+    /// Set once the sync succeeded.
     pub done: bool,
     /// Set by the backend if the sync itself failed.
     pub error: Option<io::Error>,
@@ -340,10 +347,34 @@ pub(crate) struct SyncOp {
     pub elapsed: Duration,
 }
 
-/// Performs one round: every write to completion (or hard error), then every
-/// sync after its file's writes.
+/// Performs part of a round: every write to completion (or hard error), then
+/// every sync.
 pub(crate) trait Backend: Send {
     fn execute(&mut self, writes: &mut [WriteOp<'_>], syncs: &mut [SyncOp]);
+}
+
+/// Runs an engine thread's body; a panic there is a broken invariant of the
+/// write path, and the other threads would wait for it forever, so the
+/// process stops (recovery on restart handles the rest).
+fn abort_on_panic(thread: &str, body: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
+        tracing::error!(thread, "io engine thread panicked; aborting");
+        std::process::abort();
+    }
+}
+
+/// Turns anything a backend left unfinished into an error, so that a backend
+/// bug can never make an unwritten append look successful.
+fn fail_unfinished(writes: &mut [WriteOp<'_>], syncs: &mut [SyncOp]) {
+    for op in writes.iter_mut().filter(|op| !op.finished()) {
+        op.error = Some(io::Error::other("io engine left a write unfinished"));
+    }
+    for sync in syncs
+        .iter_mut()
+        .filter(|sync| !sync.done && sync.error.is_none())
+    {
+        sync.error = Some(io::Error::other("io engine left a sync unfinished"));
+    }
 }
 
 fn nanos_since(from: Instant, to: Instant) -> u64 {

@@ -25,7 +25,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::direct::{AlignedBuffer, BufferPool, DIRECT_BLOCK_BYTES, DirectFile};
-use super::{Backend, EngineStats, Request, SyncOp, WriteOp, WriteTarget, copy_error, nanos_since};
+use super::{
+    Backend, EngineStats, Request, SyncOp, WriteOp, WriteTarget, copy_error, fail_unfinished,
+    nanos_since,
+};
 use crate::config::SyncMode;
 
 /// Contiguous direct writes to one file, coalesced into one aligned buffer.
@@ -197,7 +200,7 @@ impl Round {
         stats
             .plan_nanos_total
             .fetch_add(self.plan_nanos, Ordering::Relaxed);
-        let (mut syncs, sync_of_request, due) = self.plan_syncs(context, now);
+        let (mut syncs, sync_of_request, due) = self.plan_syncs(context, now, sequence);
 
         // Padding after a group's valid bytes must be zeros (buffers are reused).
         for op in &mut self.ops {
@@ -226,16 +229,19 @@ impl Round {
         }
         if !phase_a.is_empty() {
             backend.execute(&mut phase_a, &mut []);
+            fail_unfinished(&mut phase_a, &mut []);
         }
         // Phase B: shared first blocks, after every earlier round's writes.
         context.sequencer.wait_writes_before(sequence);
         if !phase_b.is_empty() {
             backend.execute(&mut phase_b, &mut []);
+            fail_unfinished(&mut phase_b, &mut []);
         }
         context.sequencer.finish_writes(sequence);
         // Phase C: syncs, after this round's writes and so all earlier ones.
         if !syncs.is_empty() {
             backend.execute(&mut [], &mut syncs);
+            fail_unfinished(&mut [], &mut syncs);
         }
         stats
             .execute_nanos_total
@@ -251,7 +257,7 @@ impl Round {
             .collect();
         drop(phase_a);
         drop(phase_b);
-        self.record_syncs(context, &syncs, &due);
+        self.record_syncs(context, &syncs, &due, sequence);
         for (op, error) in self.ops.iter().zip(&op_errors) {
             if let (PlannedOp::Direct(group), Some(_)) = (op, error) {
                 group.file.forget_tail();
@@ -285,6 +291,7 @@ impl Round {
         &self,
         context: &ExecuteContext<'_>,
         now: Instant,
+        sequence: u64,
     ) -> (Vec<SyncOp>, Vec<Option<usize>>, Vec<RawFd>) {
         let mut dirty = context
             .dirty
@@ -292,7 +299,7 @@ impl Round {
             .unwrap_or_else(|poison| poison.into_inner());
         let due: Vec<RawFd> = dirty
             .iter()
-            .filter(|(_, (_, deadline))| *deadline <= now)
+            .filter(|(_, owed)| owed.deadline <= now)
             .map(|(fd, _)| *fd)
             .collect();
         let mut syncs: Vec<SyncOp> = Vec::new();
@@ -301,7 +308,6 @@ impl Round {
             *sync_index.entry(fd).or_insert_with(|| {
                 syncs.push(SyncOp {
                     fd,
-                    writes: Vec::new(),
                     done: false,
                     error: None,
                     elapsed: Duration::ZERO,
@@ -318,8 +324,16 @@ impl Round {
                         let deadline = now + delay;
                         dirty
                             .entry(write.target.fd())
-                            .and_modify(|(_, due)| *due = (*due).min(deadline))
-                            .or_insert_with(|| (write.target.clone(), deadline));
+                            .and_modify(|owed| {
+                                owed.deadline = owed.deadline.min(deadline);
+                                owed.last_sequence = owed.last_sequence.max(sequence);
+                            })
+                            .or_insert_with(|| OwedSync {
+                                _target: write.target.clone(),
+                                deadline,
+                                last_sequence: sequence,
+                                failed: write.sync_failed.clone(),
+                            });
                         None
                     }
                     SyncMode::Never => None,
@@ -334,25 +348,37 @@ impl Round {
         (syncs, sync_of_request, due)
     }
 
-    /// Counts the syncs and clears files they covered from the dirty map.
-    fn record_syncs(&self, context: &ExecuteContext<'_>, syncs: &[SyncOp], due: &[RawFd]) {
+    /// Counts the syncs and clears files they covered from the dirty map. A
+    /// sync in round `sequence` covers writes of rounds up to `sequence`
+    /// (they finished before its phase C), not those of later rounds that
+    /// may already have registered.
+    fn record_syncs(
+        &self,
+        context: &ExecuteContext<'_>,
+        syncs: &[SyncOp],
+        due: &[RawFd],
+        sequence: u64,
+    ) {
         let mut dirty = context
             .dirty
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
         for sync in syncs {
-            debug_assert!(
-                sync.done || sync.error.is_some(),
-                "backend left a sync unfinished"
-            );
             context
                 .stats
                 .record_sync(sync.elapsed, sync.error.is_none());
-            if sync.error.is_none() {
-                dirty.remove(&sync.fd);
-            } else if due.contains(&sync.fd) {
-                // Nobody waits on an interval sync: the error goes to the log.
+            let Some(owed) = dirty.get(&sync.fd) else {
+                continue;
+            };
+            if owed.last_sequence > sequence {
+                continue;
+            }
+            if sync.error.is_some() && due.contains(&sync.fd) {
+                // Nobody waits on an interval sync: the log learns through its flag.
                 tracing::error!(fd = sync.fd, error = ?sync.error, "interval fdatasync failed");
+                owed.failed.store(true, Ordering::Release);
+            }
+            if sync.error.is_none() || due.contains(&sync.fd) {
                 dirty.remove(&sync.fd);
             }
         }
@@ -393,12 +419,24 @@ impl Round {
     }
 }
 
+/// A file written with `SyncMode::Within` and not yet synced since.
+pub(crate) struct OwedSync {
+    /// Held so the descriptor stays open, and its number unique, until synced.
+    pub _target: WriteTarget,
+    /// The instant by which it must be synced.
+    pub deadline: Instant,
+    /// The latest round that wrote it: only a sync in that round or later
+    /// covers every owed write.
+    pub last_sequence: u64,
+    /// Raised if the interval sync fails.
+    pub failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// What every executor shares.
 pub(crate) struct ExecuteContext<'a> {
     pub stats: &'a EngineStats,
-    /// Files written with `SyncMode::Within`, and the instant by which each
-    /// must be synced. Entries leave when a sync covers them.
-    pub dirty: &'a Mutex<HashMap<RawFd, (WriteTarget, Instant)>>,
+    /// Files owed an interval sync. Entries leave when a sync covers them.
+    pub dirty: &'a Mutex<HashMap<RawFd, OwedSync>>,
     pub pool: &'a Mutex<BufferPool>,
     pub sequencer: &'a Sequencer,
 }
@@ -509,6 +547,7 @@ fn write_ops<'a>(
         data,
         written: 0,
         align,
+        submitted_from: 0,
         error: None,
     };
     match op {

@@ -38,14 +38,19 @@ impl Backend for SyncBackend {
         }
         for sync in syncs.iter_mut() {
             let started = Instant::now();
-            // SAFETY: plain syscall on a descriptor the round keeps open.
-            let result = unsafe { libc::fdatasync(sync.fd) };
-            sync.elapsed = started.elapsed();
-            if result == 0 {
-                sync.done = true;
-            } else {
-                sync.error = Some(io::Error::last_os_error());
+            loop {
+                // SAFETY: plain syscall on a descriptor the round keeps open.
+                if unsafe { libc::fdatasync(sync.fd) } == 0 {
+                    sync.done = true;
+                    break;
+                }
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::Interrupted {
+                    sync.error = Some(error);
+                    break;
+                }
             }
+            sync.elapsed = started.elapsed();
         }
     }
 }

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 
 use super::direct::BufferPool;
-use super::round::{ExecuteContext, Round, Sequencer};
-use super::{Backend, EngineStats, Request, WriteTarget};
+use super::round::{ExecuteContext, OwedSync, Round, Sequencer};
+use super::{Backend, EngineStats, Request};
 
 /// Executor threads per engine: two, so that one round can be on the device
 /// while the other finishes; more would only shrink rounds.
@@ -47,9 +47,8 @@ pub(crate) struct Handoff {
     /// Signalled by the executor when it empties the slot.
     emptied: Condvar,
     pool: Mutex<BufferPool>,
-    /// Files written with `SyncMode::Within`, and the instant by which each
-    /// must be synced. Entries leave when a sync covers them.
-    dirty: Mutex<HashMap<RawFd, (WriteTarget, Instant)>>,
+    /// Files owed an interval sync (see `round::OwedSync`).
+    dirty: Mutex<HashMap<RawFd, OwedSync>>,
     sequencer: Sequencer,
 }
 
@@ -123,7 +122,7 @@ pub(crate) fn execute(
                     .lock()
                     .unwrap_or_else(|poison| poison.into_inner())
                     .values()
-                    .map(|(_, deadline)| *deadline)
+                    .map(|owed| owed.deadline)
                     .min();
                 match deadline {
                     None => {
