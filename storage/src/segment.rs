@@ -134,9 +134,12 @@ impl Segment {
         if file_bytes == 0 {
             preallocate(&file, 4096).map_err(io)?;
         }
-        // SAFETY: segment files are private to the log; bytes below the
-        // published extent are never rewritten while mapped (truncation waits
-        // for readers' views to be bounded by the new extent, see Log).
+        // SAFETY: segment files are private to the log (its directory is
+        // locked), and bytes below the published extent are not rewritten,
+        // with one exception: truncation zeroes what it removes, so a reader
+        // still holding a `LogRead` of removed batches sees zeros there. The
+        // map itself stays valid: files keep their size (hole punch) and
+        // deleted files stay mapped until the last `Arc<Segment>` goes.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
         let offset_index = Index::open(
             &dir.join(format!("{}.index", file_stem(base_offset))),

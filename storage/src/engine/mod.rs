@@ -1,22 +1,29 @@
-//! The io engine: one thread per data directory that performs every log write.
+//! The io engine: the threads of one data directory that perform every log
+//! write.
 //!
 //! Appenders hand the engine [`WriteRequest`]s through a bounded crossbeam
 //! channel (a full channel blocks them: that is the engine's backpressure).
-//! The thread works in *rounds*: it waits for one request, takes whatever
-//! else is queued (up to `round_requests_max` / `round_bytes_max`), performs
-//! all of the round's writes, then one `fdatasync` per file that a request in
-//! the round needs durable, and only then runs the completions, in the order
-//! the requests arrived. While a round is on the device the next one queues
-//! up, so concurrent appenders share each sync: that is group commit.
+//! Work happens in *rounds*. A planner thread gathers the next round from
+//! the channel (up to `round_requests_max` / `round_bytes_max`), copying
+//! O_DIRECT writes into aligned buffers; whichever of two executor threads is
+//! idle takes everything gathered so far and performs it: the round's writes,
+//! then one `fdatasync` per file that a request needs durable, then the
+//! completions, in the order the requests arrived. Appenders that arrive
+//! while a round is on the device share the next round's sync: group commit.
+//! Two executors let one round's writes overlap the previous round's sync
+//! and completions; `round` explains how they stay ordered.
 //!
-//! Two backends perform a round: `uring` (one `io_uring` per engine, writes
-//! for one file linked and followed by a linked `fdatasync`) and `sync`
-//! (`pwrite` + `fdatasync`). They share this module's round logic, so they
-//! have the same semantics and pass the same tests.
+//! Two backends perform the I/O: `uring` (one `io_uring` per executor; a
+//! file's writes linked in order, all files in one submission, then the
+//! syncs in another) and `sync` (`pwrite`, then `fdatasync`). They share the
+//! round logic, so they have the same semantics and pass the same tests.
 //!
-//! Architecture invariant: completions run in request order, on the engine
-//! thread, after the round's writes and syncs have finished. A log relies on
-//! this to publish its end offset in order.
+//! Architecture invariant: completions run in request order, on an executor
+//! thread, after the request's writes and syncs have finished. A log relies
+//! on this to publish its end offset in order.
+//!
+//! Architecture invariant: a panic on an engine thread aborts the process;
+//! the other threads would otherwise wait for it forever.
 
 pub(crate) mod direct;
 mod round;

@@ -10,9 +10,9 @@
 //! requests or `round_bytes_max` bytes; beyond that the planner waits, the
 //! channel fills, and appenders block: backpressure all the way back.
 //!
-//! Lifecycle: when every sender is gone the planner marks the slot closed;
-//! the executor performs what is left, syncs every file owed an interval
-//! sync, and exits.
+//! Lifecycle: when every sender is gone the planner marks the slot closed
+//! and wakes both executors; each performs what is left, syncs every file
+//! owed an interval sync, and exits.
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
