@@ -1,0 +1,190 @@
+//! API keys, the versions this build speaks, and error codes.
+
+/// Every API of the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ApiKey {
+    /// Version negotiation and limits; optional, usually first.
+    Handshake,
+    /// Brokers, topics, partitions, leaders.
+    Metadata,
+    /// Create topics.
+    CreateTopics,
+    /// Delete topics.
+    DeleteTopics,
+    /// Partition offsets, sizes and configs of topics.
+    DescribeTopics,
+    /// Append record batches.
+    Produce,
+    /// Pull record batches (long poll).
+    Fetch,
+    /// Start a push subscription with credit-based flow control.
+    Subscribe,
+    /// Grant a subscription more credit (bytes).
+    Credit,
+    /// End a push subscription.
+    Unsubscribe,
+    /// Offsets by position (earliest, latest) or timestamp.
+    ListOffsets,
+}
+
+impl ApiKey {
+    /// All keys, in numeric order.
+    pub const ALL: [ApiKey; 11] = [
+        ApiKey::Handshake,
+        ApiKey::Metadata,
+        ApiKey::CreateTopics,
+        ApiKey::DeleteTopics,
+        ApiKey::DescribeTopics,
+        ApiKey::Produce,
+        ApiKey::Fetch,
+        ApiKey::Subscribe,
+        ApiKey::Credit,
+        ApiKey::Unsubscribe,
+        ApiKey::ListOffsets,
+    ];
+
+    /// The number on the wire.
+    pub fn code(self) -> u16 {
+        match self {
+            ApiKey::Handshake => 0,
+            ApiKey::Metadata => 1,
+            ApiKey::CreateTopics => 2,
+            ApiKey::DeleteTopics => 3,
+            ApiKey::DescribeTopics => 4,
+            ApiKey::Produce => 5,
+            ApiKey::Fetch => 6,
+            ApiKey::Subscribe => 7,
+            ApiKey::Credit => 8,
+            ApiKey::Unsubscribe => 9,
+            ApiKey::ListOffsets => 10,
+        }
+    }
+
+    /// The key for a wire number, if it is one this build knows.
+    pub fn from_code(code: u16) -> Option<ApiKey> {
+        ApiKey::ALL.into_iter().find(|key| key.code() == code)
+    }
+
+    /// Versions of this API this build speaks (inclusive range).
+    pub fn versions(self) -> (u16, u16) {
+        (0, 0)
+    }
+
+    /// Whether this build speaks `version` of the API.
+    pub fn supports(self, version: u16) -> bool {
+        let (min, max) = self.versions();
+        (min..=max).contains(&version)
+    }
+}
+
+/// Error codes carried in responses (top-level or per topic/partition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Success.
+    None,
+    /// The broker failed in a way it did not expect; see its log.
+    Unknown,
+    /// The frame or its body could not be decoded; the connection is closed.
+    CorruptMessage,
+    /// The frame exceeds the broker's `max_frame_bytes`; the connection is closed.
+    FrameTooLarge,
+    /// The broker does not know the API key; the connection is closed.
+    UnsupportedApi,
+    /// The broker does not speak this version of the API; the connection is closed.
+    UnsupportedVersion,
+    /// A field is out of its domain (e.g. acks 2, zero partitions).
+    InvalidRequest,
+    /// The topic or partition does not exist.
+    UnknownTopicOrPartition,
+    /// CreateTopics: the topic exists already.
+    TopicAlreadyExists,
+    /// The topic name is empty, too long or has characters outside
+    /// `[A-Za-z0-9._-]`.
+    InvalidTopic,
+    /// A record batch is malformed or fails its CRC; nothing was appended.
+    CorruptBatch,
+    /// A record batch exceeds the broker's batch limit; nothing was appended.
+    BatchTooLarge,
+    /// The offset is outside the partition's `[start, end]`.
+    OffsetOutOfRange,
+    /// This broker is not the partition's leader; refresh metadata.
+    NotLeader,
+    /// The broker's disk is full; nothing was appended. Retriable.
+    StorageFull,
+    /// An I/O error on the broker; nothing acknowledged was lost. Retriable.
+    StorageError,
+    /// The request did not complete within its timeout.
+    Timeout,
+    /// Credit or Unsubscribe named a subscription this connection does not have.
+    UnknownSubscription,
+    /// The broker is at its connection limit; the connection is closed.
+    TooManyConnections,
+    /// The broker is shutting down. Retriable elsewhere or later.
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    const TABLE: [(ErrorCode, u16); 20] = [
+        (ErrorCode::None, 0),
+        (ErrorCode::Unknown, 1),
+        (ErrorCode::CorruptMessage, 2),
+        (ErrorCode::FrameTooLarge, 3),
+        (ErrorCode::UnsupportedApi, 4),
+        (ErrorCode::UnsupportedVersion, 5),
+        (ErrorCode::InvalidRequest, 6),
+        (ErrorCode::UnknownTopicOrPartition, 7),
+        (ErrorCode::TopicAlreadyExists, 8),
+        (ErrorCode::InvalidTopic, 9),
+        (ErrorCode::CorruptBatch, 10),
+        (ErrorCode::BatchTooLarge, 11),
+        (ErrorCode::OffsetOutOfRange, 12),
+        (ErrorCode::NotLeader, 13),
+        (ErrorCode::StorageFull, 14),
+        (ErrorCode::StorageError, 15),
+        (ErrorCode::Timeout, 16),
+        (ErrorCode::UnknownSubscription, 17),
+        (ErrorCode::TooManyConnections, 18),
+        (ErrorCode::ShuttingDown, 19),
+    ];
+
+    /// The number on the wire.
+    pub fn code(self) -> u16 {
+        Self::TABLE
+            .iter()
+            .find(|(error, _)| *error == self)
+            .map_or(1, |(_, code)| *code)
+    }
+
+    /// The error for a wire number; unknown numbers (from a newer broker)
+    /// read as [`ErrorCode::Unknown`].
+    pub fn from_code(code: u16) -> ErrorCode {
+        Self::TABLE
+            .iter()
+            .find(|(_, number)| *number == code)
+            .map_or(ErrorCode::Unknown, |(error, _)| *error)
+    }
+
+    /// Whether retrying the same request later can succeed.
+    pub fn is_retriable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::NotLeader
+                | ErrorCode::StorageFull
+                | ErrorCode::StorageError
+                | ErrorCode::Timeout
+                | ErrorCode::ShuttingDown
+                | ErrorCode::TooManyConnections
+        )
+    }
+
+    /// True for [`ErrorCode::None`].
+    pub fn is_ok(self) -> bool {
+        self == ErrorCode::None
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?} ({})", self.code())
+    }
+}
