@@ -801,6 +801,20 @@ impl EncodedFrame {
     }
 }
 
+/// The frame a broker sends before closing a connection whose input it
+/// cannot decode: a response whose body is one error code.
+pub fn error_frame(api_key: u16, correlation_id: u32, error: ErrorCode) -> EncodedFrame {
+    let header = FrameHeader {
+        kind: FrameKind::Response,
+        api_key,
+        api_version: 0,
+        correlation_id,
+    };
+    let mut body = Writer::new();
+    error.put(&mut body);
+    EncodedFrame::new(header, body)
+}
+
 impl Request {
     /// The whole request frame.
     pub fn encode(&self, correlation_id: u32) -> EncodedFrame {

@@ -93,6 +93,23 @@ pub struct LogRead {
     next_offset: u64,
 }
 
+/// One chunk of a [`LogRead`], owning what keeps its bytes alive.
+pub struct LogChunk(ReadPart);
+
+impl AsRef<[u8]> for LogChunk {
+    fn as_ref(&self) -> &[u8] {
+        self.0.bytes()
+    }
+}
+
+impl fmt::Debug for LogChunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogChunk")
+            .field("bytes", &self.as_ref().len())
+            .finish()
+    }
+}
+
 enum ReadPart {
     Mapped {
         segment: Arc<Segment>,
@@ -162,6 +179,12 @@ impl LogRead {
     /// The offset after the last batch returned: where the next read starts.
     pub fn next_offset(&self) -> u64 {
         self.next_offset
+    }
+
+    /// The chunks as owned values that keep their memory alive (a segment
+    /// map or a cached batch), for handing to a network layer without copying.
+    pub fn into_chunks(self) -> Vec<LogChunk> {
+        self.parts.into_iter().map(LogChunk).collect()
     }
 
     /// Iterates the batches (already checked when read).

@@ -1,0 +1,133 @@
+//! Broker configuration: embedded defaults, then a TOML file, then `WEIR_*`
+//! environment variables and command-line flags (clap reads both).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use weir_storage::{EngineKind, FlushPolicy, WriteMode};
+
+/// Every setting of a broker, with the reason for each default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Client listener. Default 127.0.0.1:9092, Kafka's port, loopback only.
+    pub listen: SocketAddr,
+    /// Where partitions live. Default `./weir-data`.
+    pub data_dir: PathBuf,
+    /// This broker's id.
+    pub broker_id: u32,
+    /// The cluster's id, reported by Metadata and Handshake.
+    pub cluster_id: String,
+    /// Connections served at once; more are refused with TooManyConnections.
+    /// Default 10,000: well above the 1,000 the tests open, below typical fd limits.
+    pub connections_max: usize,
+    /// Largest frame accepted. Default 16 MiB + 64 KiB: one maximal batch and its request.
+    pub frame_bytes_max: usize,
+    /// Request bytes one connection may have in flight before the broker
+    /// stops reading its socket (producer backpressure). Default 64 MiB.
+    pub in_flight_bytes_max: usize,
+    /// Requests one connection may have in flight. Default 1,024.
+    pub in_flight_requests_max: usize,
+    /// Longest Fetch long-poll accepted. Default 30 s.
+    pub fetch_wait_ms_max: u32,
+    /// Largest push to a subscription. Default 1 MiB.
+    pub push_bytes_max: usize,
+    /// Partitions of a topic created without a count. Default 1.
+    pub default_partitions: u32,
+    /// Flush policy of every partition: `always`, `interval:<ms>`, `never`.
+    pub flush: String,
+    /// `direct` or `buffered` writes.
+    pub write_mode: String,
+    /// io engine: `auto`, `uring`, `sync`.
+    pub io_engine: String,
+    /// Segment size. Default 1 GiB.
+    pub segment_bytes: u64,
+    /// Retention by size per partition, bytes; absent keeps everything.
+    pub retention_bytes: Option<u64>,
+    /// Retention by age, milliseconds; default 7 days, Kafka's default.
+    pub retention_ms: Option<u64>,
+    /// How often retention runs. Default 60 s.
+    pub retention_check_ms: u64,
+    /// Largest batch accepted. Default 16 MiB.
+    pub batch_bytes_max: usize,
+    /// Most time graceful shutdown waits for connections to drain. Default 10 s.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
+            data_dir: PathBuf::from("weir-data"),
+            broker_id: 1,
+            cluster_id: "weir-local".to_string(),
+            connections_max: 10_000,
+            frame_bytes_max: weir_protocol::frame::FRAME_BYTES_MAX_DEFAULT,
+            in_flight_bytes_max: 64 << 20,
+            in_flight_requests_max: 1024,
+            fetch_wait_ms_max: 30_000,
+            push_bytes_max: 1 << 20,
+            default_partitions: 1,
+            flush: "always".to_string(),
+            write_mode: "direct".to_string(),
+            io_engine: "auto".to_string(),
+            segment_bytes: 1 << 30,
+            retention_bytes: None,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            retention_check_ms: 60_000,
+            batch_bytes_max: 16 << 20,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// A setting that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {name} = {value:?}: expected {expected}")]
+pub struct ConfigError {
+    /// Setting name.
+    pub name: &'static str,
+    /// The value given.
+    pub value: String,
+    /// What would have been accepted.
+    pub expected: &'static str,
+}
+
+impl BrokerConfig {
+    /// The flush policy.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for an unknown policy.
+    pub fn flush_policy(&self) -> Result<FlushPolicy, ConfigError> {
+        FlushPolicy::parse(&self.flush).ok_or_else(|| ConfigError {
+            name: "flush",
+            value: self.flush.clone(),
+            expected: "always, never, interval or interval:<ms>",
+        })
+    }
+
+    /// The write mode.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for an unknown mode.
+    pub fn write_mode(&self) -> Result<WriteMode, ConfigError> {
+        WriteMode::parse(&self.write_mode).ok_or_else(|| ConfigError {
+            name: "write_mode",
+            value: self.write_mode.clone(),
+            expected: "direct or buffered",
+        })
+    }
+
+    /// The io engine.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for an unknown engine.
+    pub fn engine_kind(&self) -> Result<EngineKind, ConfigError> {
+        EngineKind::parse(&self.io_engine).ok_or_else(|| ConfigError {
+            name: "io_engine",
+            value: self.io_engine.clone(),
+            expected: "auto, uring or sync",
+        })
+    }
+}

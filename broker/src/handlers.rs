@@ -1,0 +1,628 @@
+//! One function per API: a request in, a response out (none for acks = 0).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use weir_protocol::message::*;
+use weir_protocol::{ApiKey, ErrorCode, Request, Response};
+use weir_storage::StorageError;
+
+use crate::partition::{Partition, storage_error_code};
+use crate::server::{ConnectionContext, PushSender, SubscriptionControl};
+use crate::topics::Topic;
+
+/// Answers one request.
+pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Option<Response> {
+    let broker = &context.broker;
+    Some(match request {
+        Request::Handshake(_) => Response::Handshake(HandshakeResponse {
+            error: ErrorCode::None,
+            broker_id: broker.config.broker_id,
+            cluster_id: broker.config.cluster_id.clone(),
+            api_versions: ApiKey::ALL
+                .iter()
+                .map(|key| ApiVersionRange {
+                    api_key: key.code(),
+                    min_version: key.versions().0,
+                    max_version: key.versions().1,
+                })
+                .collect(),
+            frame_bytes_max: u32::try_from(broker.config.frame_bytes_max).unwrap_or(u32::MAX),
+            in_flight_bytes_max: u32::try_from(broker.config.in_flight_bytes_max)
+                .unwrap_or(u32::MAX),
+        }),
+        Request::Metadata(request) => Response::Metadata(metadata(context, request)),
+        Request::CreateTopics(request) => {
+            Response::CreateTopics(create_topics(context, request).await)
+        }
+        Request::DeleteTopics(request) => {
+            Response::DeleteTopics(delete_topics(context, request).await)
+        }
+        Request::DescribeTopics(request) => {
+            Response::DescribeTopics(describe_topics(context, request))
+        }
+        Request::Produce(request) => return produce(context, request).await.map(Response::Produce),
+        Request::Fetch(request) => Response::Fetch(fetch(context, request).await),
+        Request::Subscribe(request) => Response::Subscribe(subscribe(context, request)),
+        Request::Credit(request) => Response::Credit(credit(context, request)),
+        Request::Unsubscribe(request) => Response::Unsubscribe(unsubscribe(context, request)),
+        Request::ListOffsets(request) => Response::ListOffsets(list_offsets(context, request)),
+    })
+}
+
+fn partition_metadata(topic: &Topic) -> Vec<PartitionMetadata> {
+    topic
+        .partitions
+        .iter()
+        .map(|partition| PartitionMetadata {
+            error: ErrorCode::None,
+            partition: partition.index,
+            leader: 1,
+            leader_epoch: partition.leader_epoch,
+            replicas: vec![1],
+            in_sync_replicas: vec![1],
+        })
+        .collect()
+}
+
+fn metadata(context: &ConnectionContext, request: MetadataRequest) -> MetadataResponse {
+    let broker = &context.broker;
+    let topics = match request.topics {
+        None => broker
+            .topics
+            .all()
+            .iter()
+            .map(|topic| TopicMetadata {
+                error: ErrorCode::None,
+                name: topic.name.clone(),
+                partitions: partition_metadata(topic),
+            })
+            .collect(),
+        Some(names) => names
+            .into_iter()
+            .map(|name| match broker.topics.get(&name) {
+                Some(topic) => TopicMetadata {
+                    error: ErrorCode::None,
+                    name,
+                    partitions: partition_metadata(&topic),
+                },
+                None => TopicMetadata {
+                    error: ErrorCode::UnknownTopicOrPartition,
+                    name,
+                    partitions: Vec::new(),
+                },
+            })
+            .collect(),
+    };
+    MetadataResponse {
+        cluster_id: broker.config.cluster_id.clone(),
+        controller_id: i32::try_from(broker.config.broker_id).unwrap_or(-1),
+        brokers: vec![BrokerInfo {
+            id: broker.config.broker_id,
+            host: broker.config.listen.ip().to_string(),
+            port: broker.config.listen.port(),
+        }],
+        topics,
+    }
+}
+
+async fn create_topics(
+    context: &ConnectionContext,
+    request: CreateTopicsRequest,
+) -> CreateTopicsResponse {
+    let mut results = Vec::with_capacity(request.topics.len());
+    for topic in request.topics {
+        let outcome = if topic.replication_factor > 1 {
+            Err((
+                ErrorCode::InvalidRequest,
+                "replication factor above 1 needs a cluster".to_string(),
+            ))
+        } else {
+            let partitions = if topic.partitions == 0 {
+                context.broker.config.default_partitions
+            } else {
+                topic.partitions
+            };
+            let configs: BTreeMap<String, String> = topic
+                .configs
+                .into_iter()
+                .map(|entry| (entry.key, entry.value))
+                .collect();
+            context
+                .broker
+                .topics
+                .create(&topic.name, partitions, configs)
+                .await
+                .map_err(|error| (error.code(), error.to_string()))
+        };
+        results.push(topic_result(topic.name, outcome));
+    }
+    CreateTopicsResponse { topics: results }
+}
+
+fn topic_result(name: String, outcome: Result<(), (ErrorCode, String)>) -> TopicResult {
+    match outcome {
+        Ok(()) => TopicResult {
+            name,
+            error: ErrorCode::None,
+            message: None,
+        },
+        Err((error, message)) => TopicResult {
+            name,
+            error,
+            message: Some(message),
+        },
+    }
+}
+
+async fn delete_topics(
+    context: &ConnectionContext,
+    request: DeleteTopicsRequest,
+) -> DeleteTopicsResponse {
+    let mut results = Vec::with_capacity(request.names.len());
+    for name in request.names {
+        let outcome = context
+            .broker
+            .topics
+            .delete(&name)
+            .await
+            .map_err(|error| (error.code(), error.to_string()));
+        results.push(topic_result(name, outcome));
+    }
+    DeleteTopicsResponse { topics: results }
+}
+
+fn describe_topics(
+    context: &ConnectionContext,
+    request: DescribeTopicsRequest,
+) -> DescribeTopicsResponse {
+    let topics = &context.broker.topics;
+    let selected: Vec<(String, Option<Arc<Topic>>)> = if request.names.is_empty() {
+        topics
+            .all()
+            .into_iter()
+            .map(|topic| (topic.name.clone(), Some(topic)))
+            .collect()
+    } else {
+        request
+            .names
+            .into_iter()
+            .map(|name| {
+                let topic = topics.get(&name);
+                (name, topic)
+            })
+            .collect()
+    };
+    DescribeTopicsResponse {
+        topics: selected
+            .into_iter()
+            .map(|(name, topic)| match topic {
+                None => TopicDescription {
+                    name,
+                    error: ErrorCode::UnknownTopicOrPartition,
+                    configs: Vec::new(),
+                    partitions: Vec::new(),
+                },
+                Some(topic) => TopicDescription {
+                    name,
+                    error: ErrorCode::None,
+                    configs: topic
+                        .spec
+                        .configs
+                        .iter()
+                        .map(|(key, value)| ConfigEntry {
+                            key: key.clone(),
+                            value: value.clone(),
+                        })
+                        .collect(),
+                    partitions: topic
+                        .partitions
+                        .iter()
+                        .map(|partition| PartitionDescription {
+                            partition: partition.index,
+                            error: ErrorCode::None,
+                            leader: 1,
+                            leader_epoch: partition.leader_epoch,
+                            start_offset: partition.log.start_offset(),
+                            end_offset: partition.log.end_offset(),
+                            high_watermark: partition.high_watermark(),
+                            size_bytes: partition.log.size_bytes(),
+                            segments: u32::try_from(partition.log.segment_count())
+                                .unwrap_or(u32::MAX),
+                        })
+                        .collect(),
+                },
+            })
+            .collect(),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+async fn produce(context: &ConnectionContext, request: ProduceRequest) -> Option<ProduceResponse> {
+    let acks = request.acks;
+    let timeout = Duration::from_millis(u64::from(request.timeout_ms.max(1)));
+    let mut appends = tokio::task::JoinSet::new();
+    let mut layout: Vec<(String, Vec<ProducePartitionResponse>)> = Vec::new();
+    for (topic_index, topic) in request.topics.into_iter().enumerate() {
+        layout.push((topic.name.clone(), Vec::new()));
+        for (slot, partition) in topic.partitions.into_iter().enumerate() {
+            let target = context
+                .broker
+                .topics
+                .partition(&topic.name, partition.partition);
+            let records = partition.records.to_bytes();
+            let index = partition.partition;
+            appends.spawn(async move {
+                let outcome = if !matches!(acks, -1..=1) {
+                    Err(ErrorCode::InvalidRequest)
+                } else {
+                    match target {
+                        None => Err(ErrorCode::UnknownTopicOrPartition),
+                        Some(target) => {
+                            match tokio::time::timeout(timeout, target.append(&records)).await {
+                                Ok(result) => {
+                                    result.map(|appended| (appended, target.log.start_offset()))
+                                }
+                                Err(_) => Err(ErrorCode::Timeout),
+                            }
+                        }
+                    }
+                };
+                let response = match outcome {
+                    Ok((appended, start)) => ProducePartitionResponse {
+                        partition: index,
+                        error: ErrorCode::None,
+                        base_offset: appended.base_offset as i64,
+                        log_append_time_ms: now_ms(),
+                        log_start_offset: start,
+                    },
+                    Err(error) => ProducePartitionResponse {
+                        partition: index,
+                        error,
+                        base_offset: -1,
+                        log_append_time_ms: -1,
+                        log_start_offset: 0,
+                    },
+                };
+                (topic_index, slot, response)
+            });
+        }
+    }
+    let mut answers: Vec<Vec<Option<ProducePartitionResponse>>> = Vec::new();
+    while let Some(joined) = appends.join_next().await {
+        let Ok((topic_index, slot, response)) = joined else {
+            continue;
+        };
+        if answers.len() <= topic_index {
+            answers.resize_with(topic_index + 1, Vec::new);
+        }
+        if answers[topic_index].len() <= slot {
+            answers[topic_index].resize_with(slot + 1, || None);
+        }
+        answers[topic_index][slot] = Some(response);
+    }
+    if acks == 0 {
+        return None;
+    }
+    for (topic_index, (_, partitions)) in layout.iter_mut().enumerate() {
+        if let Some(slots) = answers.get_mut(topic_index) {
+            partitions.extend(slots.drain(..).flatten());
+        }
+    }
+    Some(ProduceResponse {
+        topics: layout
+            .into_iter()
+            .map(|(name, partitions)| ProduceTopicResponse { name, partitions })
+            .collect(),
+    })
+}
+
+/// Reads up to `max_bytes` from `offset`, as record chunks that borrow the
+/// log's memory (no copy).
+fn read_records(
+    partition: &Partition,
+    offset: u64,
+    max_bytes: usize,
+) -> Result<RecordSet, ErrorCode> {
+    match partition.log.read(offset, max_bytes) {
+        Ok(read) => Ok(RecordSet(
+            read.into_chunks()
+                .into_iter()
+                .map(Bytes::from_owner)
+                .collect(),
+        )),
+        Err(StorageError::OffsetOutOfRange { .. }) => Err(ErrorCode::OffsetOutOfRange),
+        Err(error) => Err(storage_error_code(&error)),
+    }
+}
+
+async fn fetch(context: &ConnectionContext, request: FetchRequest) -> FetchResponse {
+    let broker = &context.broker;
+    let wait = Duration::from_millis(u64::from(
+        request.max_wait_ms.min(broker.config.fetch_wait_ms_max),
+    ));
+    let deadline = Instant::now() + wait;
+    loop {
+        // Register for wakeups before looking, so no append slips between.
+        let appended = broker.appended.notified();
+        tokio::pin!(appended);
+        appended.as_mut().enable();
+        let mut total = 0usize;
+        let mut partitions = Vec::with_capacity(request.partitions.len());
+        for wanted in &request.partitions {
+            let remaining = (request.max_bytes as usize).saturating_sub(total);
+            let response = match broker.topics.partition(&wanted.topic, wanted.partition) {
+                None => fetch_error(wanted, ErrorCode::UnknownTopicOrPartition, 0, 0),
+                Some(partition) => {
+                    let high_watermark = partition.high_watermark();
+                    let start = partition.log.start_offset();
+                    let budget = (wanted.partition_max_bytes as usize).min(remaining.max(1));
+                    let records = if remaining == 0 && total > 0 {
+                        Ok(RecordSet::default())
+                    } else {
+                        read_records(&partition, wanted.fetch_offset, budget)
+                    };
+                    match records {
+                        Ok(records) => {
+                            total += records.len();
+                            FetchPartitionResponse {
+                                topic: wanted.topic.clone(),
+                                partition: wanted.partition,
+                                error: ErrorCode::None,
+                                high_watermark,
+                                log_start_offset: start,
+                                records,
+                            }
+                        }
+                        Err(error) => fetch_error(wanted, error, high_watermark, start),
+                    }
+                }
+            };
+            partitions.push(response);
+        }
+        let errors = partitions.iter().any(|partition| !partition.error.is_ok());
+        if total >= request.min_bytes.max(1) as usize || errors || Instant::now() >= deadline {
+            return FetchResponse { partitions };
+        }
+        drop(partitions);
+        if tokio::time::timeout_at(deadline.into(), appended)
+            .await
+            .is_err()
+        {
+            // One last look happens on the next turn, which returns by deadline.
+        }
+    }
+}
+
+fn fetch_error(
+    wanted: &FetchPartition,
+    error: ErrorCode,
+    high_watermark: u64,
+    start: u64,
+) -> FetchPartitionResponse {
+    FetchPartitionResponse {
+        topic: wanted.topic.clone(),
+        partition: wanted.partition,
+        error,
+        high_watermark,
+        log_start_offset: start,
+        records: RecordSet::default(),
+    }
+}
+
+fn subscribe(context: &Arc<ConnectionContext>, request: SubscribeRequest) -> SubscribeResponse {
+    let Some(partition) = context
+        .broker
+        .topics
+        .partition(&request.topic, request.partition)
+    else {
+        return SubscribeResponse {
+            error: ErrorCode::UnknownTopicOrPartition,
+            high_watermark: 0,
+            log_start_offset: 0,
+        };
+    };
+    let (high_watermark, start) = (partition.high_watermark(), partition.log.start_offset());
+    if request.offset < start || request.offset > high_watermark {
+        return SubscribeResponse {
+            error: ErrorCode::OffsetOutOfRange,
+            high_watermark,
+            log_start_offset: start,
+        };
+    }
+    let mut subscriptions = context
+        .subscriptions
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    if subscriptions.contains_key(&request.subscription_id) {
+        return SubscribeResponse {
+            error: ErrorCode::InvalidRequest,
+            high_watermark,
+            log_start_offset: start,
+        };
+    }
+    let control = Arc::new(SubscriptionControl {
+        credit_bytes: AtomicI64::new(i64::from(request.credit_bytes)),
+        credit_granted: tokio::sync::Notify::new(),
+        task: std::sync::Mutex::new(None),
+    });
+    let task = tokio::spawn(push_loop(
+        context.push_sender(),
+        context.broker.appended.clone(),
+        partition,
+        control.clone(),
+        request.subscription_id,
+        request.offset,
+        context.broker.config.push_bytes_max,
+    ));
+    *control
+        .task
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner()) = Some(task);
+    subscriptions.insert(request.subscription_id, control);
+    SubscribeResponse {
+        error: ErrorCode::None,
+        high_watermark,
+        log_start_offset: start,
+    }
+}
+
+/// Pushes a subscription's batches while it has credit. Holds no memory
+/// for the consumer: what it does not push stays in the log.
+async fn push_loop(
+    sender: PushSender,
+    appended: Arc<tokio::sync::Notify>,
+    partition: Arc<Partition>,
+    control: Arc<SubscriptionControl>,
+    subscription_id: u32,
+    mut offset: u64,
+    push_bytes_max: usize,
+) {
+    loop {
+        let credit_granted = control.credit_granted.notified();
+        let data_appended = appended.notified();
+        tokio::pin!(credit_granted);
+        tokio::pin!(data_appended);
+        credit_granted.as_mut().enable();
+        data_appended.as_mut().enable();
+        let credit = control.credit_bytes.load(Ordering::Acquire);
+        if credit <= 0 {
+            credit_granted.await;
+            continue;
+        }
+        if offset >= partition.high_watermark() {
+            tokio::select! {
+                _ = data_appended => {}
+                _ = credit_granted => {}
+            }
+            continue;
+        }
+        let budget = usize::try_from(credit)
+            .unwrap_or(usize::MAX)
+            .min(push_bytes_max)
+            .max(1);
+        let (error, records) = match read_records(&partition, offset, budget) {
+            Ok(records) => (ErrorCode::None, records),
+            Err(error) => (error, RecordSet::default()),
+        };
+        if let Some(next) = next_offset(&records) {
+            offset = next;
+        }
+        control
+            .credit_bytes
+            .fetch_sub(records.len() as i64, Ordering::AcqRel);
+        let push = SubscriptionPush {
+            error,
+            high_watermark: partition.high_watermark(),
+            records,
+        };
+        if !sender.push(push.encode(subscription_id)).await || !error.is_ok() {
+            return;
+        }
+    }
+}
+
+/// The offset after the last batch of `records`.
+fn next_offset(records: &RecordSet) -> Option<u64> {
+    let mut next = None;
+    for chunk in &records.0 {
+        for batch in weir_protocol::Batches::new(chunk, false).flatten() {
+            next = Some(batch.next_offset());
+        }
+    }
+    next
+}
+
+fn credit(context: &ConnectionContext, request: CreditRequest) -> SubscriptionAck {
+    let subscriptions = context
+        .subscriptions
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    match subscriptions.get(&request.subscription_id) {
+        Some(control) => {
+            control
+                .credit_bytes
+                .fetch_add(i64::from(request.credit_bytes), Ordering::AcqRel);
+            control.credit_granted.notify_waiters();
+            SubscriptionAck {
+                error: ErrorCode::None,
+            }
+        }
+        None => SubscriptionAck {
+            error: ErrorCode::UnknownSubscription,
+        },
+    }
+}
+
+fn unsubscribe(context: &ConnectionContext, request: UnsubscribeRequest) -> SubscriptionAck {
+    let removed = context
+        .subscriptions
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .remove(&request.subscription_id);
+    match removed {
+        Some(control) => {
+            if let Some(task) = control
+                .task
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .take()
+            {
+                task.abort();
+            }
+            SubscriptionAck {
+                error: ErrorCode::None,
+            }
+        }
+        None => SubscriptionAck {
+            error: ErrorCode::UnknownSubscription,
+        },
+    }
+}
+
+fn list_offsets(context: &ConnectionContext, request: ListOffsetsRequest) -> ListOffsetsResponse {
+    let partitions = request
+        .partitions
+        .into_iter()
+        .map(|wanted| {
+            let answer = match context
+                .broker
+                .topics
+                .partition(&wanted.topic, wanted.partition)
+            {
+                None => Err(ErrorCode::UnknownTopicOrPartition),
+                Some(partition) => match wanted.spec {
+                    OFFSET_SPEC_EARLIEST => Ok(partition.log.start_offset()),
+                    OFFSET_SPEC_LATEST => Ok(partition.high_watermark()),
+                    timestamp if timestamp >= 0 => {
+                        match partition.log.lookup_by_timestamp(timestamp) {
+                            Ok(found) => Ok(found.unwrap_or_else(|| partition.high_watermark())),
+                            Err(error) => Err(storage_error_code(&error)),
+                        }
+                    }
+                    _ => Err(ErrorCode::InvalidRequest),
+                },
+            };
+            let (error, offset) = match answer {
+                Ok(offset) => (ErrorCode::None, offset as i64),
+                Err(error) => (error, -1),
+            };
+            ListOffsetsPartitionResponse {
+                topic: wanted.topic,
+                partition: wanted.partition,
+                error,
+                offset,
+                timestamp_ms: -1,
+            }
+        })
+        .collect();
+    ListOffsetsResponse { partitions }
+}

@@ -1,0 +1,106 @@
+//! `weir-broker`: with no arguments, a single-node broker on 127.0.0.1:9092
+//! with data in `./weir-data`. A TOML file (`--config`), `WEIR_*`
+//! environment variables and flags override the embedded defaults, in that
+//! order of increasing precedence.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use weir_broker::BrokerConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weir-broker",
+    about = "Weir broker: a durable, replicated append-only log"
+)]
+struct Args {
+    /// TOML file with any of the broker's settings.
+    #[arg(long, env = "WEIR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address clients connect to.
+    #[arg(long, env = "WEIR_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory.
+    #[arg(long, env = "WEIR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Flush policy: always, interval, interval:<ms>, never.
+    #[arg(long, env = "WEIR_FLUSH")]
+    flush: Option<String>,
+    /// Write mode: direct or buffered.
+    #[arg(long, env = "WEIR_WRITE_MODE")]
+    write_mode: Option<String>,
+    /// io engine: auto, uring, sync.
+    #[arg(long, env = "WEIR_IO_ENGINE")]
+    io_engine: Option<String>,
+    /// Most connections served at once.
+    #[arg(long, env = "WEIR_CONNECTIONS_MAX")]
+    connections_max: Option<usize>,
+    /// Segment size in bytes.
+    #[arg(long, env = "WEIR_SEGMENT_BYTES")]
+    segment_bytes: Option<u64>,
+}
+
+fn load(args: &Args) -> anyhow::Result<BrokerConfig> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("read {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parse {}", path.display()))?
+        }
+        None => BrokerConfig::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir = dir.clone();
+    }
+    if let Some(flush) = &args.flush {
+        config.flush = flush.clone();
+    }
+    if let Some(mode) = &args.write_mode {
+        config.write_mode = mode.clone();
+    }
+    if let Some(engine) = &args.io_engine {
+        config.io_engine = engine.clone();
+    }
+    if let Some(max) = args.connections_max {
+        config.connections_max = max;
+    }
+    if let Some(bytes) = args.segment_bytes {
+        config.segment_bytes = bytes;
+    }
+    config.flush_policy()?;
+    config.write_mode()?;
+    config.engine_kind()?;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = load(&Args::parse())?;
+    let data_dir = config.data_dir.clone();
+    let running = weir_broker::start(config).await?;
+    // One line on stdout that scripts and tests can wait for.
+    println!(
+        "weir-broker listening on {} (data in {})",
+        running.local_addr,
+        data_dir.display()
+    );
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}

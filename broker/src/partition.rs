@@ -1,0 +1,119 @@
+//! A partition: one storage log, its leader epoch, and a signal for readers
+//! waiting for new data.
+//!
+//! Replication comes later; the partition is already shaped as the unit it
+//! will drive: it has a leader epoch, and consumers read only below the high
+//! watermark, which on one node is the log's published end (durable under
+//! `flush = always`).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use weir_protocol::{Batches, ErrorCode};
+use weir_storage::{Log, StorageError};
+
+/// One partition of a topic.
+#[derive(Debug)]
+pub struct Partition {
+    /// Topic name.
+    pub topic: String,
+    /// Partition index.
+    pub index: u32,
+    /// The storage log.
+    pub log: Log,
+    /// Current leader epoch (0 on a single node).
+    pub leader_epoch: i32,
+    /// Woken after every append (shared by all partitions of the broker).
+    pub appended: Arc<Notify>,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy)]
+pub struct Appended {
+    /// Offset of the first record.
+    pub base_offset: u64,
+    /// The partition's first stored offset.
+    pub log_start_offset: u64,
+}
+
+impl Partition {
+    /// Wraps an open log.
+    pub fn new(topic: String, index: u32, log: Log, appended: Arc<Notify>) -> Arc<Partition> {
+        Arc::new(Partition {
+            topic,
+            index,
+            log,
+            leader_epoch: 0,
+            appended,
+        })
+    }
+
+    /// Offsets below it are readable by consumers.
+    pub fn high_watermark(&self) -> u64 {
+        self.log.end_offset()
+    }
+
+    /// Appends every batch in `records`. Every batch is checked (framing,
+    /// CRC, size, record count) before the first is written, so bad input
+    /// appends nothing; an I/O failure midway can leave a prefix appended. Resolves once the flush policy is met for
+    /// the last one (appends complete in order, so for all).
+    ///
+    /// # Errors
+    /// An [`ErrorCode`] for the client: CorruptBatch, BatchTooLarge,
+    /// StorageFull, StorageError, ShuttingDown.
+    pub async fn append(&self, records: &Bytes) -> Result<Appended, ErrorCode> {
+        let config = self.log.config();
+        let mut batches = Vec::new();
+        for batch in Batches::new(records, true) {
+            let batch = batch.map_err(|_| ErrorCode::CorruptBatch)?;
+            if batch.len() > config.batch_bytes_max {
+                return Err(ErrorCode::BatchTooLarge);
+            }
+            if batch.records_count() as u32 > config.batch_records_max {
+                return Err(ErrorCode::CorruptBatch);
+            }
+            batches.push(batch.bytes().to_vec());
+        }
+        if batches.is_empty() {
+            return Err(ErrorCode::CorruptBatch);
+        }
+        let mut futures = Vec::with_capacity(batches.len());
+        for batch in batches {
+            futures.push(
+                self.log
+                    .append(batch)
+                    .map_err(|error| storage_error_code(&error))?,
+            );
+        }
+        let mut first = None;
+        for future in futures {
+            let info = future.await.map_err(|error| storage_error_code(&error))?;
+            first.get_or_insert(info.base_offset);
+        }
+        self.appended.notify_waiters();
+        Ok(Appended {
+            base_offset: first.unwrap_or(0),
+            log_start_offset: self.log.start_offset(),
+        })
+    }
+}
+
+/// The error code for a storage error.
+pub fn storage_error_code(error: &StorageError) -> ErrorCode {
+    match error {
+        StorageError::InvalidBatch(_) | StorageError::UnexpectedOffset { .. } => {
+            ErrorCode::CorruptBatch
+        }
+        StorageError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
+        StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+        StorageError::StorageFull { .. } => ErrorCode::StorageFull,
+        StorageError::Closed => ErrorCode::ShuttingDown,
+        StorageError::Corrupt { .. }
+        | StorageError::Io { .. }
+        | StorageError::WriteFailed
+        | StorageError::SyncFailed { .. }
+        | StorageError::Locked { .. }
+        | StorageError::EngineStart(_) => ErrorCode::StorageError,
+    }
+}

@@ -1,0 +1,391 @@
+//! The TCP server: accepting connections under a limit, reading frames under
+//! an in-flight budget, answering requests concurrently, pushing
+//! subscriptions, and shutting down gracefully.
+//!
+//! Per connection, one reader task decodes frames and spawns a task per
+//! request; responses and pushes go through a bounded channel to one writer
+//! task. The reader takes the frame's size from a per-connection byte budget
+//! before it reads the next frame and the writer returns it once the
+//! response is written: a connection at its budget is simply not read, which
+//! is the producer's backpressure.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use weir_protocol::frame::FrameDecoder;
+use weir_protocol::message::{EncodedFrame, error_frame};
+use weir_protocol::{ErrorCode, FrameKind, Request};
+use weir_storage::{EngineConfig, IoEngine, LogConfig};
+
+use crate::config::BrokerConfig;
+use crate::handlers;
+use crate::topics::Topics;
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Bytes the writer buffers before a write syscall.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Everything the connections share.
+#[derive(Debug)]
+pub struct Broker {
+    /// Settings.
+    pub config: BrokerConfig,
+    /// Topics and partitions.
+    pub topics: Topics,
+    /// The io engine of the data directory.
+    pub engine: Arc<IoEngine>,
+    /// Woken after every append anywhere (long-poll fetches and pushes wait on it).
+    pub appended: Arc<Notify>,
+    /// Connections open now.
+    pub connections: AtomicU64,
+}
+
+/// A running broker.
+#[derive(Debug)]
+pub struct Running {
+    /// Where clients connect.
+    pub local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets connections finish their in-flight requests
+    /// (up to the grace period), closes every log cleanly.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.done.await;
+    }
+}
+
+/// Opens the data directory and starts serving.
+///
+/// # Errors
+/// Bad settings, storage that cannot open, or a listener that cannot bind.
+pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
+    let engine = IoEngine::start(&EngineConfig {
+        kind: config.engine_kind()?,
+        ..EngineConfig::default()
+    })?;
+    let log_config = LogConfig {
+        segment_bytes_max: config.segment_bytes,
+        batch_bytes_max: config.batch_bytes_max,
+        retention_bytes: config.retention_bytes,
+        retention_ms: config.retention_ms,
+        flush: config.flush_policy()?,
+        write_mode: config.write_mode()?,
+        ..LogConfig::default()
+    };
+    let appended = Arc::new(Notify::new());
+    let topics = Topics::open(
+        &config.data_dir,
+        log_config,
+        engine.clone(),
+        appended.clone(),
+    )?;
+    let listener = TcpListener::bind(config.listen).await?;
+    let local_addr = listener.local_addr()?;
+    let broker = Arc::new(Broker {
+        config,
+        topics,
+        engine,
+        appended,
+        connections: AtomicU64::new(0),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let done = tokio::spawn(serve(listener, broker, stopped));
+    Ok(Running {
+        local_addr,
+        stop,
+        done,
+    })
+}
+
+async fn serve(listener: TcpListener, broker: Arc<Broker>, mut stopped: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(broker.config.connections_max));
+    let retention = tokio::spawn(retention_loop(broker.clone(), stopped.clone()));
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of descriptors and the like: back off, keep serving.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        tokio::spawn(connection(stream, peer, broker.clone(), stopped.clone(), slot));
+                    }
+                    Err(_) => {
+                        tokio::spawn(refuse(stream, ErrorCode::TooManyConnections));
+                    }
+                }
+            }
+        }
+    }
+    drop(listener);
+    retention.abort();
+    // Wait for connections to finish what they have in flight.
+    let grace = Duration::from_millis(broker.config.shutdown_grace_ms);
+    let all = u32::try_from(broker.config.connections_max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over with connections still open");
+    }
+    broker.topics.close_all();
+    broker.engine.shutdown();
+    tracing::info!("broker stopped");
+}
+
+async fn retention_loop(broker: Arc<Broker>, mut stopped: watch::Receiver<bool>) {
+    let period = Duration::from_millis(broker.config.retention_check_ms.max(100));
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = tokio::time::sleep(period) => {
+                let broker = broker.clone();
+                let _ = tokio::task::spawn_blocking(move || broker.topics.apply_retention()).await;
+            }
+        }
+    }
+}
+
+/// Answers a connection the broker will not serve, then closes it.
+async fn refuse(mut stream: TcpStream, error: ErrorCode) {
+    let frame = error_frame(0, 0, error);
+    let _ = stream.write_all(&frame.to_vec()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// A frame for the writer, with the in-flight budget it releases when written.
+#[derive(Debug)]
+struct Outgoing {
+    frame: EncodedFrame,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+/// A subscription's control block, shared by the connection and its push task.
+#[derive(Debug)]
+pub struct SubscriptionControl {
+    /// Bytes the broker may still push (may go below zero by one batch).
+    pub credit_bytes: AtomicI64,
+    /// Woken when credit is granted.
+    pub credit_granted: Notify,
+    /// The push task.
+    pub task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// What request handlers of one connection share.
+#[derive(Debug)]
+pub struct ConnectionContext {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// Subscriptions of this connection by id.
+    pub subscriptions: Mutex<HashMap<u32, Arc<SubscriptionControl>>>,
+    outgoing: mpsc::Sender<Outgoing>,
+}
+
+impl ConnectionContext {
+    /// Queues a push frame; false once the connection is gone.
+    pub async fn push(&self, frame: EncodedFrame) -> bool {
+        self.outgoing
+            .send(Outgoing {
+                frame,
+                _budget: None,
+            })
+            .await
+            .is_ok()
+    }
+}
+
+impl ConnectionContext {
+    /// A sender for a push task (which must not hold the context itself).
+    pub fn push_sender(&self) -> PushSender {
+        PushSender(self.outgoing.clone())
+    }
+
+    /// Stops every push task of the connection.
+    fn end_subscriptions(&self) {
+        let subscriptions =
+            std::mem::take(&mut *self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()));
+        for control in subscriptions.values() {
+            if let Some(task) = control
+                .task
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Queues push frames for one connection's writer.
+#[derive(Debug, Clone)]
+pub struct PushSender(mpsc::Sender<Outgoing>);
+
+impl PushSender {
+    /// Queues a push frame, waiting while the writer is behind; false once
+    /// the connection is gone.
+    pub async fn push(&self, frame: EncodedFrame) -> bool {
+        self.0
+            .send(Outgoing {
+                frame,
+                _budget: None,
+            })
+            .await
+            .is_ok()
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    mut stopped: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) {
+    broker.connections.fetch_add(1, Ordering::Relaxed);
+    let (mut reader, writer) = stream.into_split();
+    let (outgoing, queue) = mpsc::channel::<Outgoing>(broker.config.in_flight_requests_max.max(1));
+    let writer_task = tokio::spawn(write_loop(writer, queue));
+    let context = Arc::new(ConnectionContext {
+        broker: broker.clone(),
+        subscriptions: Mutex::new(HashMap::new()),
+        outgoing,
+    });
+    let budget_bytes = broker.config.in_flight_bytes_max.max(1);
+    let budget = Arc::new(Semaphore::new(budget_bytes));
+    let decoder = FrameDecoder::new(broker.config.frame_bytes_max);
+    let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut requests = tokio::task::JoinSet::new();
+    'read: loop {
+        // Decode every whole frame already buffered.
+        loop {
+            let frame_bytes = match decoder.frame_bytes(&buffer) {
+                Ok(Some(bytes)) if buffer.len() >= bytes => bytes,
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "bad frame; closing");
+                    let code = match error {
+                        weir_protocol::FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                        _ => ErrorCode::CorruptMessage,
+                    };
+                    let _ = context.push(error_frame(0, 0, code)).await;
+                    break 'read;
+                }
+            };
+            // Hold the frame's size against the budget until its response is written.
+            let charge = u32::try_from(frame_bytes.min(budget_bytes)).unwrap_or(u32::MAX);
+            let Ok(permit) = budget.clone().acquire_many_owned(charge).await else {
+                break 'read;
+            };
+            let frame = match decoder.decode(&mut buffer) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => break 'read,
+            };
+            let header = frame.header;
+            if header.kind != FrameKind::Request {
+                let _ = context
+                    .push(error_frame(
+                        header.api_key,
+                        header.correlation_id,
+                        ErrorCode::CorruptMessage,
+                    ))
+                    .await;
+                break 'read;
+            }
+            let request = match Request::decode_body(header.api_key, header.api_version, frame.body)
+            {
+                Ok(request) => request,
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "undecodable request; closing");
+                    let _ = context
+                        .push(error_frame(
+                            header.api_key,
+                            header.correlation_id,
+                            error.error_code(),
+                        ))
+                        .await;
+                    break 'read;
+                }
+            };
+            let context = context.clone();
+            requests.spawn(async move {
+                if let Some(response) = handlers::handle(&context, request).await {
+                    let frame = response.encode(header.correlation_id);
+                    let _ = context
+                        .outgoing
+                        .send(Outgoing {
+                            frame,
+                            _budget: Some(permit),
+                        })
+                        .await;
+                }
+            });
+        }
+        // Reap finished request tasks so the set stays small.
+        while requests.try_join_next().is_some() {}
+        tokio::select! {
+            _ = stopped.changed() => break 'read,
+            read = reader.read_buf(&mut buffer) => match read {
+                Ok(0) | Err(_) => break 'read,
+                Ok(_) => {}
+            },
+        }
+    }
+    // Finish what is in flight, then let the writer drain and close.
+    context.end_subscriptions();
+    while requests.join_next().await.is_some() {}
+    context.end_subscriptions();
+    drop(context);
+    let _ = writer_task.await;
+    broker.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn write_loop(writer: tokio::net::tcp::OwnedWriteHalf, mut queue: mpsc::Receiver<Outgoing>) {
+    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
+    while let Some(outgoing) = queue.recv().await {
+        if write_frame(&mut writer, &outgoing.frame.parts)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        drop(outgoing);
+        // Flush when nothing else is waiting, so replies batch under load.
+        if queue.is_empty() && writer.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.flush().await;
+    let _ = writer.into_inner().shutdown().await;
+}
+
+async fn write_frame(
+    writer: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    parts: &[Bytes],
+) -> std::io::Result<()> {
+    for part in parts {
+        writer.write_all(part).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! The real `weir-broker` binary on a free loopback port, driven over TCP.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{BrokerProcess, Client, batch};
+use weir_protocol::message::*;
+use weir_protocol::{ApiKey, ErrorCode, FrameKind, Request, Response};
+
+/// Produced batches come back in order with consecutive offsets, from any
+/// offset, and survive a graceful restart.
+#[test]
+fn produce_fetch_replay_and_graceful_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut client = broker.client();
+    client.create_topic("orders", 2);
+    let mut next = 0u64;
+    for round in 0..50 {
+        let response = client.produce(
+            "orders",
+            1,
+            batch(&format!("r{round}"), 4, 1_000 + round),
+            1,
+        );
+        assert_eq!(response.error, ErrorCode::None);
+        assert_eq!(response.base_offset, next as i64, "offsets are consecutive");
+        next += 4;
+    }
+    let all = client.consume_all("orders", 1, 0);
+    assert_eq!(all.len(), 200);
+    assert!(
+        all.iter()
+            .enumerate()
+            .all(|(index, (offset, _))| *offset == index as u64)
+    );
+    assert_eq!(all[0].1, b"r0-0");
+    assert_eq!(all[199].1, b"r49-3");
+    // Replay from the middle of a batch.
+    let replay = client.consume_all("orders", 1, 101);
+    assert_eq!(replay.first().map(|r| r.0), Some(101));
+    assert_eq!(replay.len(), 99);
+    // Graceful restart keeps everything and the next offset.
+    drop(client);
+    assert!(broker.terminate().success(), "SIGTERM exits cleanly");
+    assert!(
+        dir.path().join("orders-1").join("clean-shutdown").exists(),
+        "clean marker written"
+    );
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut client = broker.client();
+    assert_eq!(client.consume_all("orders", 1, 0), all);
+    assert_eq!(
+        client
+            .produce("orders", 1, batch("after", 1, 0), -1)
+            .base_offset,
+        200
+    );
+}
+
+/// ListOffsets answers earliest, latest and by timestamp.
+#[test]
+fn list_offsets_by_position_and_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut client = broker.client();
+    client.create_topic("t", 1);
+    for index in 0..10 {
+        client.produce("t", 0, batch("v", 2, 1_000 * index), 1);
+    }
+    let lookup = |client: &mut Client, spec: i64| {
+        let Response::ListOffsets(mut response) =
+            client.call(Request::ListOffsets(ListOffsetsRequest {
+                partitions: vec![ListOffsetsPartition {
+                    topic: "t".into(),
+                    partition: 0,
+                    spec,
+                }],
+            }))
+        else {
+            panic!("wrong response")
+        };
+        let answer = response.partitions.remove(0);
+        assert_eq!(answer.error, ErrorCode::None);
+        answer.offset
+    };
+    assert_eq!(lookup(&mut client, OFFSET_SPEC_EARLIEST), 0);
+    assert_eq!(lookup(&mut client, OFFSET_SPEC_LATEST), 20);
+    assert_eq!(lookup(&mut client, 5_000), 10);
+    assert_eq!(lookup(&mut client, 4_500), 10);
+    assert_eq!(
+        lookup(&mut client, 99_000),
+        20,
+        "after every record: the high watermark"
+    );
+}
+
+/// Garbage, a frame over the limit, an unknown API and an unsupported version
+/// each get a clear error and a closed connection; a bad CRC and a missing
+/// topic get per-partition errors on a connection that stays open; other
+/// clients and stored data are untouched throughout.
+#[test]
+fn bad_input_is_refused_and_harms_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut bystander = broker.client();
+    bystander.create_topic("safe", 1);
+    bystander.produce("safe", 0, batch("kept", 3, 0), 1);
+    let before = bystander.consume_all("safe", 0, 0);
+
+    let expect_error_and_close = |bytes: &[u8], expected: ErrorCode| {
+        let mut client = broker.client();
+        client.stream.write_all(bytes).expect("send");
+        let frame = client
+            .read_frame()
+            .expect("an error frame before the close");
+        assert_eq!(frame.header.kind, FrameKind::Response);
+        assert_eq!(
+            frame.body.as_ref(),
+            &expected.code().to_be_bytes(),
+            "{expected:?}"
+        );
+        assert!(client.read_frame().is_none(), "then the connection closes");
+    };
+    // Garbage: a length that is not even a header.
+    expect_error_and_close(&[0, 0, 0, 3, 1, 2, 3], ErrorCode::CorruptMessage);
+    // Over the limit, refused from the prefix.
+    expect_error_and_close(&(1u32 << 30).to_be_bytes(), ErrorCode::FrameTooLarge);
+    // Unknown API key and unsupported version.
+    let header = |api_key, api_version| weir_protocol::FrameHeader {
+        kind: FrameKind::Request,
+        api_key,
+        api_version,
+        correlation_id: 7,
+    };
+    expect_error_and_close(
+        &weir_protocol::frame::encode(&header(999, 0), &[]),
+        ErrorCode::UnsupportedApi,
+    );
+    expect_error_and_close(
+        &weir_protocol::frame::encode(&header(ApiKey::Metadata.code(), 9), &[0, 0, 0, 0]),
+        ErrorCode::UnsupportedVersion,
+    );
+    // A body that does not decode.
+    expect_error_and_close(
+        &weir_protocol::frame::encode(&header(ApiKey::Fetch.code(), 0), &[1, 2, 3]),
+        ErrorCode::CorruptMessage,
+    );
+
+    // A truncated frame and then a hang-up: nothing to answer, nothing harmed.
+    {
+        let mut client = broker.client();
+        let frame = Request::Metadata(MetadataRequest { topics: None })
+            .encode(1)
+            .to_vec();
+        client
+            .stream
+            .write_all(&frame[..frame.len() - 2])
+            .expect("send");
+    }
+
+    // Bad CRC and a missing topic: per-partition errors, connection stays.
+    let mut client = broker.client();
+    let mut corrupt = batch("bad", 2, 0).to_vec();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0x55;
+    assert_eq!(
+        client.produce("safe", 0, Bytes::from(corrupt), 1).error,
+        ErrorCode::CorruptBatch
+    );
+    assert_eq!(
+        client.produce("missing", 0, batch("x", 1, 0), 1).error,
+        ErrorCode::UnknownTopicOrPartition
+    );
+    assert_eq!(
+        client.produce("safe", 9, batch("x", 1, 0), 1).error,
+        ErrorCode::UnknownTopicOrPartition
+    );
+    assert_eq!(
+        client.fetch("safe", 0, 999, 0).error,
+        ErrorCode::OffsetOutOfRange
+    );
+
+    assert_eq!(
+        bystander.consume_all("safe", 0, 0),
+        before,
+        "stored data unchanged"
+    );
+    let mut fresh = broker.client();
+    assert_eq!(
+        fresh.produce("safe", 0, batch("more", 1, 0), 1).base_offset,
+        3,
+        "the broker keeps serving"
+    );
+}
+
+/// kill -9 with acks=all traffic in flight loses no acknowledged record.
+#[test]
+fn kill_9_loses_no_acknowledged_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    broker.client().create_topic("events", 1);
+    let addr = broker.addr;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let producers: Vec<_> = (0..4)
+        .map(|producer| {
+            let sender = sender.clone();
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr);
+                for round in 0.. {
+                    let prefix = format!("p{producer}r{round}");
+                    let correlation = client.send(&Request::Produce(ProduceRequest {
+                        acks: -1,
+                        timeout_ms: 30_000,
+                        topics: vec![ProduceTopic {
+                            name: "events".into(),
+                            partitions: vec![ProducePartition {
+                                partition: 0,
+                                records: RecordSet::single(batch(&prefix, 3, 0)),
+                            }],
+                        }],
+                    }));
+                    let Some(frame) = client.read_frame() else {
+                        return;
+                    };
+                    assert_eq!(frame.header.correlation_id, correlation);
+                    let Ok(Response::Produce(response)) =
+                        Response::decode_body(frame.header.api_key, 0, frame.body)
+                    else {
+                        return;
+                    };
+                    let answer = &response.topics[0].partitions[0];
+                    if answer.error == ErrorCode::None
+                        && sender.send((answer.base_offset as u64, prefix)).is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(sender);
+    let started = Instant::now();
+    let mut acked = Vec::new();
+    while acked.len() < 200 && started.elapsed() < Duration::from_secs(60) {
+        if let Ok(ack) = receiver.recv_timeout(Duration::from_secs(1)) {
+            acked.push(ack);
+        }
+    }
+    broker.kill();
+    acked.extend(receiver.try_iter());
+    for producer in producers {
+        let _ = producer.join();
+    }
+    assert!(
+        acked.len() >= 200,
+        "enough acknowledged traffic before the kill"
+    );
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let stored = broker.client().consume_all("events", 0, 0);
+    for (offset, prefix) in &acked {
+        for index in 0..3u64 {
+            let record = stored
+                .get((offset + index) as usize)
+                .expect("acknowledged record present");
+            assert_eq!(record.0, offset + index);
+            assert_eq!(record.1, format!("{prefix}-{index}").as_bytes());
+        }
+    }
+}
+
+/// A subscription receives pushes only while it has credit; granting more
+/// resumes it exactly where it stopped.
+#[test]
+fn subscription_stops_without_credit_and_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut producer = broker.client();
+    producer.create_topic("feed", 1);
+    let one = batch("x", 10, 0);
+    for _ in 0..20 {
+        producer.produce("feed", 0, one.clone(), 1);
+    }
+    let mut consumer = broker.client();
+    let credit = (one.len() * 3) as u32;
+    let Response::Subscribe(response) = consumer.call(Request::Subscribe(SubscribeRequest {
+        subscription_id: 5,
+        topic: "feed".into(),
+        partition: 0,
+        offset: 0,
+        credit_bytes: credit,
+    })) else {
+        panic!("wrong response")
+    };
+    assert_eq!(response.error, ErrorCode::None);
+    let mut received = 0usize;
+    let mut next_offset = 0u64;
+    let read_push = |consumer: &mut Client| {
+        let frame = consumer.read_frame().expect("push");
+        assert_eq!(
+            (frame.header.kind, frame.header.correlation_id),
+            (FrameKind::Push, 5)
+        );
+        SubscriptionPush::decode(frame.body).expect("push decodes")
+    };
+    while received < credit as usize {
+        let push = read_push(&mut consumer);
+        let bytes = push.records.to_bytes();
+        for batch in weir_protocol::Batches::new(&bytes, true) {
+            let batch = batch.expect("valid");
+            assert_eq!(batch.base_offset(), next_offset, "pushes continue exactly");
+            next_offset = batch.next_offset();
+        }
+        received += bytes.len();
+    }
+    assert_eq!(
+        received, credit as usize,
+        "credit is honoured to the byte with whole batches"
+    );
+    // No credit left: nothing more arrives.
+    consumer
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let mut probe = [0u8; 1];
+    let silent = matches!(consumer.stream.read(&mut probe), Err(ref e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+    assert!(silent, "a consumer without credit receives nothing");
+    consumer
+        .stream
+        .set_read_timeout(Some(common::DEADLINE))
+        .expect("timeout");
+    // Grant the rest: it resumes where it stopped and receives everything.
+    let correlation = consumer.send(&Request::Credit(CreditRequest {
+        subscription_id: 5,
+        credit_bytes: u32::MAX / 2,
+    }));
+    while next_offset < 200 {
+        let frame = consumer.read_frame().expect("frame");
+        if frame.header.kind == FrameKind::Response {
+            assert_eq!(frame.header.correlation_id, correlation);
+            continue;
+        }
+        let push = SubscriptionPush::decode(frame.body).expect("push");
+        let bytes = push.records.to_bytes();
+        for batch in weir_protocol::Batches::new(&bytes, true) {
+            let batch = batch.expect("valid");
+            assert_eq!(batch.base_offset(), next_offset);
+            next_offset = batch.next_offset();
+        }
+    }
+    assert_eq!(next_offset, 200);
+}

@@ -1,0 +1,255 @@
+//! A real `weir-broker` process on a free loopback port, and a minimal
+//! blocking client speaking the wire protocol, for the integration tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use weir_protocol::frame::FRAME_BYTES_MAX_DEFAULT;
+use weir_protocol::message::*;
+use weir_protocol::{BatchBuilder, ErrorCode, Frame, FrameDecoder, Request, Response};
+
+/// How long a test waits for a broker to start or answer before failing.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A broker process; killed on drop.
+pub struct BrokerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl BrokerProcess {
+    /// Starts `weir-broker` on a free port with `data_dir`, waiting for its
+    /// "listening on" line.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> BrokerProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weir-broker"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn weir-broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = sender.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = receiver
+            .recv_timeout(DEADLINE)
+            .expect("broker printed its address");
+        let addr = line
+            .split_whitespace()
+            .nth(3)
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"));
+        BrokerProcess {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: plain syscall on our child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.child.wait().expect("wait for broker")
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr)
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking client: one request at a time, or pipelined by hand.
+pub struct Client {
+    pub stream: TcpStream,
+    buffer: BytesMut,
+    decoder: FrameDecoder,
+    next_correlation: u32,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        stream.set_nodelay(true).expect("nodelay");
+        Client {
+            stream,
+            buffer: BytesMut::new(),
+            decoder: FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT * 2),
+            next_correlation: 1,
+        }
+    }
+
+    pub fn send(&mut self, request: &Request) -> u32 {
+        let correlation = self.next_correlation;
+        self.next_correlation += 1;
+        self.stream
+            .write_all(&request.encode(correlation).to_vec())
+            .expect("send");
+        correlation
+    }
+
+    /// The next frame, or `None` when the broker closed the connection.
+    pub fn read_frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(frame) = self
+                .decoder
+                .decode(&mut self.buffer)
+                .expect("broker sends valid frames")
+            {
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(read) => self.buffer.extend_from_slice(&chunk[..read]),
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(error) => panic!("read: {error}"),
+            }
+        }
+    }
+
+    pub fn call(&mut self, request: Request) -> Response {
+        let correlation = self.send(&request);
+        let frame = self.read_frame().expect("a response");
+        assert_eq!(frame.header.correlation_id, correlation);
+        Response::decode_body(frame.header.api_key, frame.header.api_version, frame.body)
+            .expect("decodable response")
+    }
+
+    pub fn create_topic(&mut self, name: &str, partitions: u32) {
+        let Response::CreateTopics(response) =
+            self.call(Request::CreateTopics(CreateTopicsRequest {
+                topics: vec![NewTopic {
+                    name: name.into(),
+                    partitions,
+                    replication_factor: 1,
+                    configs: vec![],
+                }],
+                timeout_ms: 10_000,
+            }))
+        else {
+            panic!("wrong response type")
+        };
+        assert_eq!(
+            response.topics[0].error,
+            ErrorCode::None,
+            "{:?}",
+            response.topics[0].message
+        );
+    }
+
+    pub fn produce(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        records: Bytes,
+        acks: i8,
+    ) -> ProducePartitionResponse {
+        let Response::Produce(mut response) = self.call(Request::Produce(ProduceRequest {
+            acks,
+            timeout_ms: 30_000,
+            topics: vec![ProduceTopic {
+                name: topic.into(),
+                partitions: vec![ProducePartition {
+                    partition,
+                    records: RecordSet::single(records),
+                }],
+            }],
+        })) else {
+            panic!("wrong response type")
+        };
+        response.topics.remove(0).partitions.remove(0)
+    }
+
+    pub fn fetch(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_wait_ms: u32,
+    ) -> FetchPartitionResponse {
+        let Response::Fetch(mut response) = self.call(Request::Fetch(FetchRequest {
+            max_wait_ms,
+            min_bytes: 1,
+            max_bytes: 8 << 20,
+            partitions: vec![FetchPartition {
+                topic: topic.into(),
+                partition,
+                fetch_offset: offset,
+                partition_max_bytes: 1 << 20,
+            }],
+        })) else {
+            panic!("wrong response type")
+        };
+        response.partitions.remove(0)
+    }
+
+    /// Every record value from `from` to the high watermark, in order.
+    pub fn consume_all(&mut self, topic: &str, partition: u32, from: u64) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut offset = from;
+        loop {
+            let response = self.fetch(topic, partition, offset, 0);
+            assert_eq!(response.error, ErrorCode::None);
+            let bytes = response.records.to_bytes();
+            if bytes.is_empty() {
+                assert_eq!(
+                    offset, response.high_watermark,
+                    "an empty fetch means the end"
+                );
+                return out;
+            }
+            for batch in weir_protocol::Batches::new(&bytes, true) {
+                let batch = batch.expect("served batches are valid");
+                for record in batch.records().expect("uncompressed") {
+                    let record = record.expect("record");
+                    if record.offset >= offset {
+                        out.push((record.offset, record.value.unwrap_or_default().to_vec()));
+                    }
+                }
+                offset = batch.next_offset();
+            }
+        }
+    }
+}
+
+/// A batch of `count` records whose values are `prefix-i`.
+pub fn batch(prefix: &str, count: usize, timestamp_ms: i64) -> Bytes {
+    let mut builder = BatchBuilder::new(timestamp_ms);
+    for index in 0..count {
+        builder.push(
+            timestamp_ms,
+            None,
+            Some(format!("{prefix}-{index}").as_bytes()),
+            &[],
+        );
+    }
+    Bytes::from(builder.finish())
+}
