@@ -325,15 +325,21 @@ impl<'a> Batch<'a> {
     /// [`BatchError::Compressed`] if the records section is compressed;
     /// decompression belongs to the client.
     pub fn records(&self) -> Result<Records<'a>, BatchError> {
-        match self.compression() {
-            Compression::None => Ok(Records::new(
-                self.records_bytes(),
-                self.base_offset(),
-                self.base_timestamp(),
-                self.records_count(),
-            )),
-            other => Err(BatchError::Compressed(other)),
+        if self.compression() != Compression::None {
+            return Err(BatchError::Compressed(self.compression()));
         }
+        Ok(self.records_from(self.records_bytes()))
+    }
+
+    /// Iterates records from `decompressed`, the records section of this
+    /// (compressed) batch after the caller decompressed it.
+    pub fn records_from<'b>(&self, decompressed: &'b [u8]) -> Records<'b> {
+        Records::new(
+            decompressed,
+            self.base_offset(),
+            self.base_timestamp(),
+            self.records_count(),
+        )
     }
 }
 
@@ -353,6 +359,30 @@ pub fn patch_base_offset(bytes: &mut [u8], base_offset: u64) {
 /// If `bytes` is shorter than a batch header.
 pub fn patch_leader_epoch(bytes: &mut [u8], epoch: i32) {
     bytes[LEADER_EPOCH_AT..LEADER_EPOCH_AT + 4].copy_from_slice(&epoch.to_be_bytes());
+}
+
+/// Rebuilds an encoded uncompressed batch with its records section replaced
+/// by `compressed_records` (the same records compressed with `codec` by the
+/// caller): attributes, length and CRC are updated; offsets, timestamps and
+/// producer fields are kept.
+///
+/// # Panics
+/// If `batch` is shorter than a header (a caller bug: build it first).
+pub fn with_compressed_records(
+    batch: &[u8],
+    codec: Compression,
+    compressed_records: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BATCH_HEADER_BYTES + compressed_records.len());
+    out.extend_from_slice(&batch[..BATCH_HEADER_BYTES]);
+    out.extend_from_slice(compressed_records);
+    let length = (out.len() - BATCH_LENGTH_PREFIX_BYTES) as u32;
+    out[BATCH_LENGTH_AT..BATCH_LENGTH_AT + 4].copy_from_slice(&length.to_be_bytes());
+    let attributes = (be_u16(&out, ATTRIBUTES_AT) & !0x07) | codec.id();
+    out[ATTRIBUTES_AT..ATTRIBUTES_AT + 2].copy_from_slice(&attributes.to_be_bytes());
+    let crc = crc32c::crc32c(&out[CRC_START..]);
+    out[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+    out
 }
 
 /// Iterates over the consecutive batches in `bytes`, checking framing (and the

@@ -1,0 +1,180 @@
+//! `Admin`: topics and offsets.
+
+use std::time::Duration;
+
+use weir_protocol::message::*;
+use weir_protocol::{ErrorCode, Request, Response};
+
+use crate::connection::Connection;
+use crate::error::{ClientError, Result};
+
+/// Administrative calls against one broker.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), weir_client::ClientError> {
+/// let admin = weir_client::Admin::connect("127.0.0.1:9092").await?;
+/// admin.create_topic("orders", 3).await?;
+/// for topic in admin.list_topics().await? {
+///     println!("{} has {} partitions", topic.name, topic.partitions.len());
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Admin {
+    connection: Connection,
+}
+
+fn unexpected(response: &Response) -> ClientError {
+    ClientError::Protocol(format!("unexpected response {:?}", response.api()))
+}
+
+fn check(error: ErrorCode) -> Result<()> {
+    if error.is_ok() {
+        Ok(())
+    } else {
+        Err(ClientError::Broker(error))
+    }
+}
+
+impl Admin {
+    /// Connects to a broker.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`].
+    pub async fn connect(addr: &str) -> Result<Admin> {
+        Ok(Admin {
+            connection: Connection::connect(addr, Duration::from_secs(30)).await?,
+        })
+    }
+
+    /// Uses an existing connection.
+    pub fn with_connection(connection: Connection) -> Admin {
+        Admin { connection }
+    }
+
+    /// Creates a topic with `partitions` partitions.
+    ///
+    /// # Errors
+    /// `Broker(TopicAlreadyExists)`, `Broker(InvalidTopic)`, connection errors.
+    pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<()> {
+        let request = Request::CreateTopics(CreateTopicsRequest {
+            topics: vec![NewTopic {
+                name: name.to_string(),
+                partitions,
+                replication_factor: 1,
+                configs: Vec::new(),
+            }],
+            timeout_ms: 30_000,
+        });
+        match self.connection.call(request).await? {
+            Response::CreateTopics(response) => response
+                .topics
+                .first()
+                .map_or(Ok(()), |topic| check(topic.error)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Deletes a topic and its data.
+    ///
+    /// # Errors
+    /// `UnknownTopic`, connection errors.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let request = Request::DeleteTopics(DeleteTopicsRequest {
+            names: vec![name.to_string()],
+            timeout_ms: 30_000,
+        });
+        match self.connection.call(request).await? {
+            Response::DeleteTopics(response) => {
+                match response.topics.first().map(|topic| topic.error) {
+                    Some(ErrorCode::UnknownTopicOrPartition) => {
+                        Err(ClientError::UnknownTopic(name.to_string()))
+                    }
+                    Some(error) => check(error),
+                    None => Ok(()),
+                }
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Every topic with its partitions.
+    ///
+    /// # Errors
+    /// Connection errors.
+    pub async fn list_topics(&self) -> Result<Vec<TopicMetadata>> {
+        Ok(self.metadata(None).await?.topics)
+    }
+
+    /// Cluster and topic metadata (`None`: all topics).
+    ///
+    /// # Errors
+    /// Connection errors.
+    pub async fn metadata(&self, topics: Option<Vec<String>>) -> Result<MetadataResponse> {
+        match self
+            .connection
+            .call(Request::Metadata(MetadataRequest { topics }))
+            .await?
+        {
+            Response::Metadata(response) => Ok(response),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Offsets, sizes and configs of one topic.
+    ///
+    /// # Errors
+    /// `UnknownTopic`, connection errors.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        let request = Request::DescribeTopics(DescribeTopicsRequest {
+            names: vec![name.to_string()],
+        });
+        match self.connection.call(request).await? {
+            Response::DescribeTopics(mut response) if !response.topics.is_empty() => {
+                let topic = response.topics.remove(0);
+                match topic.error {
+                    ErrorCode::UnknownTopicOrPartition => {
+                        Err(ClientError::UnknownTopic(name.to_string()))
+                    }
+                    error => check(error).map(|()| topic),
+                }
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The offset for `spec` (earliest -2, latest -1, or a timestamp in ms).
+    ///
+    /// # Errors
+    /// Broker errors, connection errors.
+    pub async fn list_offset(&self, topic: &str, partition: u32, spec: i64) -> Result<u64> {
+        let request = Request::ListOffsets(ListOffsetsRequest {
+            partitions: vec![ListOffsetsPartition {
+                topic: topic.to_string(),
+                partition,
+                spec,
+            }],
+        });
+        match self.connection.call(request).await? {
+            Response::ListOffsets(mut response) if !response.partitions.is_empty() => {
+                let answer = response.partitions.remove(0);
+                check(answer.error)?;
+                u64::try_from(answer.offset)
+                    .map_err(|_| ClientError::Protocol("negative offset".into()))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The partition count of a topic.
+    ///
+    /// # Errors
+    /// `UnknownTopic`, connection errors.
+    pub async fn partition_count(&self, topic: &str) -> Result<u32> {
+        let metadata = self.metadata(Some(vec![topic.to_string()])).await?;
+        match metadata.topics.first() {
+            Some(found) if found.error.is_ok() => Ok(found.partitions.len() as u32),
+            _ => Err(ClientError::UnknownTopic(topic.to_string())),
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! One multiplexed connection to a broker: many requests in flight, matched
+//! to responses by correlation id; pushes routed to their subscription.
+//!
+//! Lifecycle: a reader task owns the socket's read half and completes the
+//! pending calls; a writer task owns the write half. When either ends (the
+//! broker closed, an I/O error, or the `Connection` is dropped), every
+//! pending call fails with `Closed` and every subscription channel closes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use weir_protocol::frame::{FRAME_BYTES_MAX_DEFAULT, FrameDecoder};
+use weir_protocol::message::SubscriptionPush;
+use weir_protocol::{ErrorCode, FrameKind, Request, Response};
+
+use crate::error::{ClientError, Result};
+
+/// Frames queued for the writer before callers wait. Bounded: a caller that
+/// outruns the socket waits instead of growing a queue.
+pub const WRITE_QUEUE_FRAMES: usize = 256;
+/// Pushes buffered per subscription. Credit bounds the bytes anyway.
+pub const PUSH_QUEUE_FRAMES: usize = 64;
+
+type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Response>>>>>;
+type Subscriptions = Arc<Mutex<HashMap<u32, mpsc::Sender<SubscriptionPush>>>>;
+
+/// A connection to one broker. Cheap to clone; all clones share it.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    addr: String,
+    writer: mpsc::Sender<Vec<Bytes>>,
+    pending: Pending,
+    subscriptions: Subscriptions,
+    next_correlation: AtomicU32,
+    request_timeout: Duration,
+    reader_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.reader_task.abort();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl Connection {
+    /// Connects to `addr` (`host:port`).
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`].
+    pub async fn connect(addr: &str, request_timeout: Duration) -> Result<Connection> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|error| ClientError::Connect {
+                addr: addr.to_string(),
+                message: error.to_string(),
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (reader, mut writer) = stream.into_split();
+        let (write_queue, mut frames) = mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE_FRAMES);
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let subscriptions: Subscriptions = Arc::new(Mutex::new(HashMap::new()));
+        tokio::spawn(async move {
+            while let Some(parts) = frames.recv().await {
+                for part in parts {
+                    if writer.write_all(&part).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let _ = writer.shutdown().await;
+        });
+        let reader_task = tokio::spawn(read_loop(reader, pending.clone(), subscriptions.clone()));
+        Ok(Connection {
+            inner: Arc::new(Inner {
+                addr: addr.to_string(),
+                writer: write_queue,
+                pending,
+                subscriptions,
+                next_correlation: AtomicU32::new(1),
+                request_timeout,
+                reader_task,
+            }),
+        })
+    }
+
+    /// The broker address.
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// Sends a request and waits for its response.
+    ///
+    /// # Errors
+    /// [`ClientError::Closed`], [`ClientError::Timeout`], or a protocol error.
+    pub async fn call(&self, request: Request) -> Result<Response> {
+        let correlation = self.inner.next_correlation.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        lock(&self.inner.pending).insert(correlation, sender);
+        let frame = request.encode(correlation);
+        if self.inner.writer.send(frame.parts).await.is_err() {
+            lock(&self.inner.pending).remove(&correlation);
+            return Err(ClientError::Closed);
+        }
+        match tokio::time::timeout(self.inner.request_timeout, receiver).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => {
+                lock(&self.inner.pending).remove(&correlation);
+                Err(ClientError::Timeout)
+            }
+        }
+    }
+
+    /// Sends a request whose response the broker will not send (Produce with
+    /// acks = 0).
+    ///
+    /// # Errors
+    /// [`ClientError::Closed`].
+    pub async fn send_only(&self, request: Request) -> Result<()> {
+        let correlation = self.inner.next_correlation.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .writer
+            .send(request.encode(correlation).parts)
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// Registers where pushes for `subscription_id` go (before subscribing).
+    pub fn route_pushes(&self, subscription_id: u32) -> mpsc::Receiver<SubscriptionPush> {
+        let (sender, receiver) = mpsc::channel(PUSH_QUEUE_FRAMES);
+        lock(&self.inner.subscriptions).insert(subscription_id, sender);
+        receiver
+    }
+
+    /// Stops routing pushes for `subscription_id`.
+    pub fn forget_pushes(&self, subscription_id: u32) {
+        lock(&self.inner.subscriptions).remove(&subscription_id);
+    }
+
+    /// A fresh id, unique on this connection, for a subscription.
+    pub fn next_id(&self) -> u32 {
+        self.inner.next_correlation.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+async fn read_loop(
+    mut reader: tokio::net::tcp::OwnedReadHalf,
+    pending: Pending,
+    subscriptions: Subscriptions,
+) {
+    let decoder = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
+    let mut buffer = BytesMut::with_capacity(64 * 1024);
+    'read: loop {
+        loop {
+            let frame = match decoder.decode(&mut buffer) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => break 'read,
+            };
+            let header = frame.header;
+            match header.kind {
+                FrameKind::Push => {
+                    let sender = lock(&subscriptions).get(&header.correlation_id).cloned();
+                    if let (Some(sender), Ok(push)) = (sender, SubscriptionPush::decode(frame.body))
+                    {
+                        // Credit bounds what the broker sends, so this waits rarely.
+                        let _ = sender.send(push).await;
+                    }
+                }
+                FrameKind::Response => {
+                    let waiter = lock(&pending).remove(&header.correlation_id);
+                    let result = decode_response(header.api_key, frame.body);
+                    let closing = matches!(
+                        result,
+                        Err(ClientError::Broker(_)) | Err(ClientError::Protocol(_))
+                    );
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(result);
+                    }
+                    if closing && header.correlation_id == 0 {
+                        break 'read;
+                    }
+                }
+                FrameKind::Request => break 'read,
+            }
+        }
+        match reader.read_buf(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    // Fail every pending call; close every subscription channel.
+    for (_, waiter) in lock(&pending).drain() {
+        let _ = waiter.send(Err(ClientError::Closed));
+    }
+    lock(&subscriptions).clear();
+}
+
+fn decode_response(api_key: u16, body: Bytes) -> Result<Response> {
+    // A response whose body is a lone error code is the broker refusing the
+    // connection's input (or Credit/Unsubscribe answering).
+    match Response::decode_body(api_key, 0, body.clone()) {
+        Ok(response) => Ok(response),
+        Err(error) if body.len() == 2 => {
+            let code = ErrorCode::from_code(u16::from_be_bytes([body[0], body[1]]));
+            if code.is_ok() {
+                Err(ClientError::Protocol(error.to_string()))
+            } else {
+                Err(ClientError::Broker(code))
+            }
+        }
+        Err(error) => Err(ClientError::Protocol(error.to_string())),
+    }
+}

@@ -1,0 +1,48 @@
+//! The client's error type.
+
+use weir_protocol::ErrorCode;
+
+/// Everything a client call can report.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The broker could not be reached or the connection failed.
+    #[error("connection to {addr} failed: {message}")]
+    Connect {
+        /// The broker address.
+        addr: String,
+        /// The OS error.
+        message: String,
+    },
+    /// The connection closed while the call was in flight.
+    #[error("connection closed")]
+    Closed,
+    /// The broker answered with an error.
+    #[error("broker error {0}")]
+    Broker(ErrorCode),
+    /// The broker answered with something this client cannot read.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// No answer within the configured timeout.
+    #[error("timed out")]
+    Timeout,
+    /// The topic does not exist.
+    #[error("unknown topic {0}")]
+    UnknownTopic(String),
+    /// The call's arguments are invalid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl ClientError {
+    /// Whether retrying the same call later can succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ClientError::Broker(code) => code.is_retriable(),
+            ClientError::Closed | ClientError::Timeout | ClientError::Connect { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Result alias for the client.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

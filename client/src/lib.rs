@@ -1,0 +1,27 @@
+//! Weir's async client.
+//!
+//! Layout:
+//! - `connection`: one multiplexed connection (correlation ids, pushes).
+//! - `admin`: [`Admin`] — topics and offsets.
+//! - `producer`: [`Producer`] — batching, compression, acks, retries,
+//!   backpressure through a bounded buffer.
+//! - `consumer`: [`Consumer`] — assigned partitions read through push
+//!   subscriptions with credit-based flow control, as a `Stream`.
+//! - `partitioner`: Kafka's murmur2, so keys land where Kafka users expect.
+//! - `error`: [`ClientError`].
+//!
+//! API boundary: depends on `weir-protocol` only, never on the broker or the
+//! storage engine.
+
+pub mod admin;
+pub mod connection;
+pub mod consumer;
+mod error;
+pub mod partitioner;
+pub mod producer;
+
+pub use admin::Admin;
+pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Offset};
+pub use error::{ClientError, Result};
+pub use producer::{Acks, Delivery, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
+pub use weir_protocol::Compression;

@@ -1,0 +1,566 @@
+//! `Producer`: batches records per partition (by size and linger), compresses,
+//! sends with acks and retries, and applies backpressure through a bounded
+//! buffer.
+//!
+//! Ordering: each partition has at most one batch in flight, so a retry can
+//! never overtake a later batch and records of a partition keep their order.
+//! (Idempotent retries without duplicates come with the idempotent producer.)
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
+use weir_protocol::batch::with_compressed_records;
+use weir_protocol::message::*;
+use weir_protocol::{BatchBuilder, Compression, ErrorCode, Request, Response};
+
+use crate::admin::Admin;
+use crate::connection::Connection;
+use crate::error::{ClientError, Result};
+use crate::partitioner::partition_for_key;
+
+/// When a produce is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acks {
+    /// Not at all: fire and forget (offsets are unknown).
+    None,
+    /// After the leader's append (durable on it under `flush = always`).
+    Leader,
+    /// After every in-sync replica.
+    All,
+}
+
+impl Acks {
+    fn wire(self) -> i8 {
+        match self {
+            Acks::None => 0,
+            Acks::Leader => 1,
+            Acks::All => -1,
+        }
+    }
+}
+
+/// Producer settings.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// How long a batch waits for more records. Default 5 ms.
+    pub linger_ms: u64,
+    /// A batch is sent once it reaches this size. Default 256 KiB.
+    pub batch_bytes: usize,
+    /// Bytes of records buffered before `send` waits. Default 32 MiB.
+    pub buffer_bytes: usize,
+    /// Acknowledgement level. Default `All`.
+    pub acks: Acks,
+    /// Retries of a batch after a retriable error. Default 5.
+    pub retries: u32,
+    /// Wait before the first retry, doubled each time. Default 100 ms.
+    pub retry_backoff_ms: u64,
+    /// How long one produce request may take. Default 30 s.
+    pub request_timeout_ms: u64,
+    /// Compression of each batch's records. Default none.
+    pub compression: Compression,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            linger_ms: 5,
+            batch_bytes: 256 * 1024,
+            buffer_bytes: 32 << 20,
+            acks: Acks::All,
+            retries: 5,
+            retry_backoff_ms: 100,
+            request_timeout_ms: 30_000,
+            compression: Compression::None,
+        }
+    }
+}
+
+/// One record to send.
+#[derive(Debug, Clone, Default)]
+pub struct ProducerRecord {
+    /// Key; decides the partition (murmur2, as Kafka) unless one is given.
+    pub key: Option<Bytes>,
+    /// Value; `None` is a tombstone.
+    pub value: Option<Bytes>,
+    /// Headers.
+    pub headers: Vec<(String, Option<Bytes>)>,
+    /// Timestamp in ms; now if `None`.
+    pub timestamp_ms: Option<i64>,
+    /// Explicit partition.
+    pub partition: Option<u32>,
+}
+
+impl ProducerRecord {
+    /// A record with a value.
+    pub fn new(value: impl Into<Bytes>) -> Self {
+        ProducerRecord {
+            value: Some(value.into()),
+            ..ProducerRecord::default()
+        }
+    }
+
+    /// Sets the key.
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push((name.into(), Some(value.into())));
+        self
+    }
+
+    /// Sends to this partition.
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// Sets the timestamp.
+    pub fn timestamp_ms(mut self, timestamp_ms: i64) -> Self {
+        self.timestamp_ms = Some(timestamp_ms);
+        self
+    }
+}
+
+/// Where a record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Partition.
+    pub partition: u32,
+    /// Offset (-1 with `Acks::None`).
+    pub offset: i64,
+}
+
+/// Resolves when the record is acknowledged.
+pub type DeliveryFuture = oneshot::Receiver<Result<Delivery>>;
+
+struct OpenBatch {
+    builder: BatchBuilder,
+    created: Instant,
+    waiters: Vec<(i32, oneshot::Sender<Result<Delivery>>)>,
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+struct ReadyBatch {
+    topic: String,
+    partition: u32,
+    bytes: Bytes,
+    waiters: Vec<(i32, oneshot::Sender<Result<Delivery>>)>,
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
+#[derive(Default)]
+struct State {
+    open: HashMap<(String, u32), OpenBatch>,
+    ready: HashMap<(String, u32), VecDeque<ReadyBatch>>,
+    in_flight: HashMap<(String, u32), bool>,
+    partition_counts: HashMap<String, u32>,
+    sticky: HashMap<String, u32>,
+    /// Batches sealed or in flight; `flush` waits for zero.
+    outstanding: usize,
+}
+
+struct Shared {
+    connection: Connection,
+    config: ProducerConfig,
+    buffer: Arc<Semaphore>,
+    state: Mutex<State>,
+    wake: Notify,
+    idle: Notify,
+}
+
+/// Sends records to a broker.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), weir_client::ClientError> {
+/// use weir_client::{Producer, ProducerConfig, ProducerRecord};
+/// let producer = Producer::connect("127.0.0.1:9092", ProducerConfig::default()).await?;
+/// let delivery = producer.send("orders", ProducerRecord::new("hello").key("customer-7")).await?;
+/// let placed = delivery.await.expect("producer alive")?;
+/// println!("partition {} offset {}", placed.partition, placed.offset);
+/// producer.flush().await?;
+/// # Ok(()) }
+/// ```
+pub struct Producer {
+    shared: Arc<Shared>,
+    sender_task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        self.sender_task.abort();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+impl Producer {
+    /// Connects to a broker.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`].
+    pub async fn connect(addr: &str, config: ProducerConfig) -> Result<Producer> {
+        let connection =
+            Connection::connect(addr, Duration::from_millis(config.request_timeout_ms)).await?;
+        let shared = Arc::new(Shared {
+            connection,
+            buffer: Arc::new(Semaphore::new(config.buffer_bytes.max(1))),
+            config,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            idle: Notify::new(),
+        });
+        let sender_task = tokio::spawn(send_loop(shared.clone()));
+        Ok(Producer {
+            shared,
+            sender_task,
+        })
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<u32> {
+        if let Some(count) = lock(&self.shared.state).partition_counts.get(topic) {
+            return Ok(*count);
+        }
+        let count = Admin::with_connection(self.shared.connection.clone())
+            .partition_count(topic)
+            .await?;
+        lock(&self.shared.state)
+            .partition_counts
+            .insert(topic.to_string(), count);
+        Ok(count)
+    }
+
+    /// Queues a record; waits while the buffer is full. The returned future
+    /// resolves when the record is acknowledged (or finally fails).
+    ///
+    /// # Errors
+    /// `UnknownTopic`, `InvalidArgument` (partition out of range, record
+    /// larger than the buffer), connection errors.
+    pub async fn send(&self, topic: &str, record: ProducerRecord) -> Result<DeliveryFuture> {
+        let partitions = self.partition_count(topic).await?;
+        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
+        let headers: Vec<(&str, Option<&[u8]>)> = record
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_deref()))
+            .collect();
+        let record_bytes = BatchBuilder::new(timestamp_ms).record_bytes(
+            timestamp_ms,
+            record.key.as_deref(),
+            record.value.as_deref(),
+            &headers,
+        );
+        if record_bytes > self.shared.config.buffer_bytes {
+            return Err(ClientError::InvalidArgument(format!(
+                "record of {record_bytes} bytes exceeds the producer buffer"
+            )));
+        }
+        let permit = self
+            .shared
+            .buffer
+            .clone()
+            .acquire_many_owned(u32::try_from(record_bytes).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        let (sender, receiver) = oneshot::channel();
+        let mut state = lock(&self.shared.state);
+        let partition = match (record.partition, &record.key) {
+            (Some(partition), _) if partition < partitions => partition,
+            (Some(partition), _) => {
+                return Err(ClientError::InvalidArgument(format!(
+                    "partition {partition} of a {partitions}-partition topic"
+                )));
+            }
+            (None, Some(key)) => partition_for_key(key, partitions),
+            (None, None) => *state
+                .sticky
+                .entry(topic.to_string())
+                .or_insert_with(|| fastrand_below(partitions)),
+        };
+        let key = (topic.to_string(), partition);
+        let full = state.open.get(&key).is_some_and(|open| {
+            open.builder.len_bytes() + record_bytes > self.shared.config.batch_bytes
+        });
+        if full {
+            seal(&mut state, &key);
+            if record.key.is_none() && record.partition.is_none() {
+                // Sticky: a full batch moves keyless records to another partition.
+                let next = (partition + 1) % partitions.max(1);
+                state.sticky.insert(topic.to_string(), next);
+            }
+        }
+        let open = state.open.entry(key.clone()).or_insert_with(|| OpenBatch {
+            builder: BatchBuilder::with_capacity(
+                timestamp_ms,
+                self.shared.config.batch_bytes.min(4 << 20),
+            ),
+            created: Instant::now(),
+            waiters: Vec::new(),
+            permits: Vec::new(),
+        });
+        let delta = open.builder.push(
+            timestamp_ms,
+            record.key.as_deref(),
+            record.value.as_deref(),
+            &headers,
+        );
+        open.waiters.push((delta, sender));
+        open.permits.push(permit);
+        if open.builder.len_bytes() >= self.shared.config.batch_bytes {
+            seal(&mut state, &key);
+        }
+        drop(state);
+        self.shared.wake.notify_one();
+        Ok(receiver)
+    }
+
+    /// Sends everything buffered now and waits until it is acknowledged.
+    ///
+    /// # Errors
+    /// [`ClientError::Closed`] if the producer's sender stopped.
+    pub async fn flush(&self) -> Result<()> {
+        loop {
+            let idle = self.shared.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            {
+                let mut state = lock(&self.shared.state);
+                let keys: Vec<(String, u32)> = state.open.keys().cloned().collect();
+                for key in keys {
+                    seal(&mut state, &key);
+                }
+                if state.outstanding == 0 {
+                    return Ok(());
+                }
+            }
+            self.shared.wake.notify_one();
+            if self.sender_task.is_finished() {
+                return Err(ClientError::Closed);
+            }
+            idle.await;
+        }
+    }
+}
+
+/// A pseudo-random partition for the first keyless record of a topic.
+fn fastrand_below(partitions: u32) -> u32 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.subsec_nanos());
+    nanos % partitions.max(1)
+}
+
+/// Moves an open batch to the partition's ready queue.
+fn seal(state: &mut State, key: &(String, u32)) {
+    let Some(open) = state.open.remove(key) else {
+        return;
+    };
+    if open.waiters.is_empty() {
+        return;
+    }
+    state.outstanding += 1;
+    state
+        .ready
+        .entry(key.clone())
+        .or_default()
+        .push_back(ReadyBatch {
+            topic: key.0.clone(),
+            partition: key.1,
+            bytes: Bytes::from(open.builder.finish()),
+            waiters: open.waiters,
+            _permits: open.permits,
+        });
+}
+
+async fn send_loop(shared: Arc<Shared>) {
+    let linger = Duration::from_millis(shared.config.linger_ms);
+    loop {
+        let woken = shared.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let next_deadline = {
+            let mut state = lock(&shared.state);
+            let due: Vec<(String, u32)> = state
+                .open
+                .iter()
+                .filter(|(_, open)| open.created.elapsed() >= linger)
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in due {
+                seal(&mut state, &key);
+            }
+            let startable: Vec<(String, u32)> = state
+                .ready
+                .iter()
+                .filter(|(key, queue)| {
+                    !queue.is_empty() && !state.in_flight.get(*key).copied().unwrap_or(false)
+                })
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in startable {
+                let Some(batch) = state.ready.get_mut(&key).and_then(VecDeque::pop_front) else {
+                    continue;
+                };
+                state.in_flight.insert(key.clone(), true);
+                tokio::spawn(deliver(shared.clone(), key, batch));
+            }
+            state.open.values().map(|open| open.created + linger).min()
+        };
+        match next_deadline {
+            Some(deadline) => {
+                let _ = tokio::time::timeout_at(deadline.into(), woken).await;
+            }
+            None => woken.await,
+        }
+    }
+}
+
+/// Sends one batch (with retries) and resolves its records.
+async fn deliver(shared: Arc<Shared>, key: (String, u32), batch: ReadyBatch) {
+    let outcome = produce_with_retries(&shared, &batch).await;
+    for (delta, waiter) in batch.waiters {
+        let result = match &outcome {
+            Ok(base) => Ok(Delivery {
+                partition: batch.partition,
+                offset: if *base < 0 {
+                    -1
+                } else {
+                    base + i64::from(delta)
+                },
+            }),
+            Err(error) => Err(error.clone()),
+        };
+        let _ = waiter.send(result);
+    }
+    {
+        let mut state = lock(&shared.state);
+        state.in_flight.insert(key, false);
+        state.outstanding -= 1;
+        if state.outstanding == 0 {
+            shared.idle.notify_waiters();
+        }
+    }
+    shared.wake.notify_one();
+}
+
+async fn produce_with_retries(shared: &Shared, batch: &ReadyBatch) -> Result<i64> {
+    let bytes = compress(&batch.bytes, shared.config.compression)?;
+    let request = Request::Produce(ProduceRequest {
+        acks: shared.config.acks.wire(),
+        timeout_ms: u32::try_from(shared.config.request_timeout_ms).unwrap_or(u32::MAX),
+        topics: vec![ProduceTopic {
+            name: batch.topic.clone(),
+            partitions: vec![ProducePartition {
+                partition: batch.partition,
+                records: RecordSet::single(bytes),
+            }],
+        }],
+    });
+    let mut backoff = Duration::from_millis(shared.config.retry_backoff_ms);
+    let mut attempt = 0;
+    loop {
+        let result = if shared.config.acks == Acks::None {
+            shared
+                .connection
+                .send_only(request.clone())
+                .await
+                .map(|()| -1)
+        } else {
+            match shared.connection.call(request.clone()).await {
+                Ok(Response::Produce(response)) => {
+                    match response.topics.first().and_then(|t| t.partitions.first()) {
+                        Some(answer) if answer.error == ErrorCode::None => Ok(answer.base_offset),
+                        Some(answer) => Err(ClientError::Broker(answer.error)),
+                        None => Err(ClientError::Protocol("empty produce response".into())),
+                    }
+                }
+                Ok(other) => Err(ClientError::Protocol(format!(
+                    "unexpected {:?}",
+                    other.api()
+                ))),
+                Err(error) => Err(error),
+            }
+        };
+        match result {
+            Err(error) if error.is_retriable() && attempt < shared.config.retries => {
+                attempt += 1;
+                tracing::debug!(%error, attempt, "retrying produce");
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Compresses a built batch's records section.
+fn compress(batch: &Bytes, codec: Compression) -> Result<Bytes> {
+    let records = &batch[weir_protocol::batch::BATCH_HEADER_BYTES..];
+    let compressed = match codec {
+        Compression::None => return Ok(batch.clone()),
+        Compression::Lz4 => {
+            let mut encoder =
+                lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(records.len() / 2));
+            std::io::Write::write_all(&mut encoder, records)
+                .map_err(|error| ClientError::InvalidArgument(error.to_string()))?;
+            encoder
+                .finish()
+                .map_err(|error| ClientError::InvalidArgument(error.to_string()))?
+        }
+        Compression::Zstd => zstd::bulk::compress(records, 3)
+            .map_err(|error| ClientError::InvalidArgument(error.to_string()))?,
+        other => {
+            return Err(ClientError::InvalidArgument(format!(
+                "{other:?} is not supported for producing"
+            )));
+        }
+    };
+    Ok(Bytes::from(with_compressed_records(
+        batch,
+        codec,
+        &compressed,
+    )))
+}
+
+/// Decompresses a batch's records section for iteration.
+///
+/// # Errors
+/// [`ClientError::Protocol`] for corrupt or unsupported compressed data.
+pub fn decompress(codec: Compression, records: &[u8]) -> Result<Vec<u8>> {
+    match codec {
+        Compression::None => Ok(records.to_vec()),
+        Compression::Lz4 => {
+            let mut decoder = lz4_flex::frame::FrameDecoder::new(records);
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut decoder, &mut out)
+                .map_err(|error| ClientError::Protocol(error.to_string()))?;
+            Ok(out)
+        }
+        Compression::Zstd => zstd::stream::decode_all(records)
+            .map_err(|error| ClientError::Protocol(error.to_string())),
+        other => Err(ClientError::Protocol(format!(
+            "{other:?} batches are not supported by this client"
+        ))),
+    }
+}

@@ -1,0 +1,246 @@
+//! The client against the real `weir-broker` binary on a free loopback port.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use weir_client::partitioner::partition_for_key;
+use weir_client::{
+    Admin, ClientError, Compression, Consumer, ConsumerConfig, Offset, Producer, ProducerConfig,
+    ProducerRecord,
+};
+
+/// The broker binary built alongside this test (the workspace build makes it).
+fn broker_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let binary = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("weir-broker"))
+        .expect("target directory");
+    assert!(
+        binary.exists(),
+        "{} missing: build the workspace (cargo build --workspace)",
+        binary.display()
+    );
+    binary
+}
+
+struct Broker {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(broker_binary())
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = sender.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = receiver
+            .recv_timeout(Duration::from_secs(60))
+            .expect("broker started");
+        let addr = line.split_whitespace().nth(3).expect("address").to_string();
+        Broker {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Admin creates, lists, describes and deletes topics, with typed errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_manages_topics() {
+    let broker = Broker::start();
+    let admin = Admin::connect(&broker.addr).await.expect("connect");
+    admin.create_topic("orders", 3).await.expect("create");
+    assert!(matches!(
+        admin.create_topic("orders", 3).await,
+        Err(ClientError::Broker(
+            weir_protocol::ErrorCode::TopicAlreadyExists
+        ))
+    ));
+    assert!(matches!(
+        admin.create_topic("bad name!", 1).await,
+        Err(ClientError::Broker(weir_protocol::ErrorCode::InvalidTopic))
+    ));
+    let topics = admin.list_topics().await.expect("list");
+    assert_eq!(topics.len(), 1);
+    assert_eq!(topics[0].partitions.len(), 3);
+    let description = admin.describe_topic("orders").await.expect("describe");
+    assert_eq!(description.partitions.len(), 3);
+    assert!(matches!(
+        admin.describe_topic("nope").await,
+        Err(ClientError::UnknownTopic(_))
+    ));
+    admin.delete_topic("orders").await.expect("delete");
+    assert!(admin.list_topics().await.expect("list").is_empty());
+    assert!(matches!(
+        admin.delete_topic("orders").await,
+        Err(ClientError::UnknownTopic(_))
+    ));
+}
+
+/// Records produced with each compression arrive once, in order per
+/// partition, keyed records on Kafka's murmur2 partition, and every delivery
+/// reports the offset the consumer then sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_and_consume_with_each_compression() {
+    let broker = Broker::start();
+    let admin = Admin::connect(&broker.addr).await.expect("connect");
+    for (index, compression) in [Compression::None, Compression::Lz4, Compression::Zstd]
+        .into_iter()
+        .enumerate()
+    {
+        let topic = format!("t{index}");
+        admin.create_topic(&topic, 4).await.expect("create");
+        let producer = Producer::connect(
+            &broker.addr,
+            ProducerConfig {
+                compression,
+                batch_bytes: 16 * 1024,
+                buffer_bytes: 256 * 1024,
+                ..ProducerConfig::default()
+            },
+        )
+        .await
+        .expect("producer");
+        let mut deliveries = Vec::new();
+        for number in 0..3000u32 {
+            let value = format!("value-{number}");
+            let record = if number % 2 == 0 {
+                ProducerRecord::new(value.clone()).key(format!("key-{}", number % 50))
+            } else {
+                ProducerRecord::new(value.clone())
+            };
+            deliveries.push((number, producer.send(&topic, record).await.expect("send")));
+        }
+        producer.flush().await.expect("flush");
+        let mut placed: HashMap<(u32, u64), String> = HashMap::new();
+        for (number, delivery) in deliveries {
+            let delivery = delivery.await.expect("resolved").expect("delivered");
+            if number % 2 == 0 {
+                assert_eq!(
+                    delivery.partition,
+                    partition_for_key(format!("key-{}", number % 50).as_bytes(), 4)
+                );
+            }
+            assert!(
+                placed
+                    .insert(
+                        (delivery.partition, delivery.offset as u64),
+                        format!("value-{number}")
+                    )
+                    .is_none()
+            );
+        }
+        let mut consumer = Consumer::connect(
+            &broker.addr,
+            ConsumerConfig {
+                credit_bytes: 64 * 1024,
+                ..ConsumerConfig::default()
+            },
+        )
+        .await
+        .expect("consumer");
+        for partition in 0..4 {
+            consumer
+                .assign(&topic, partition, Offset::Earliest)
+                .await
+                .expect("assign");
+        }
+        let mut seen: HashMap<(u32, u64), String> = HashMap::new();
+        let mut last_offset: HashMap<u32, u64> = HashMap::new();
+        while seen.len() < 3000 {
+            let record = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+                .await
+                .expect("records keep coming")
+                .expect("assigned")
+                .expect("record");
+            if let Some(previous) = last_offset.insert(record.partition, record.offset) {
+                assert_eq!(
+                    record.offset,
+                    previous + 1,
+                    "{compression:?}: order within a partition"
+                );
+            }
+            let value = String::from_utf8(record.value.expect("value").to_vec()).expect("utf8");
+            seen.insert((record.partition, record.offset), value);
+        }
+        assert_eq!(
+            seen, placed,
+            "{compression:?}: exactly the delivered records"
+        );
+    }
+}
+
+/// A consumer seeks to an offset and to a timestamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_seeks_by_offset_and_timestamp() {
+    let broker = Broker::start();
+    let admin = Admin::connect(&broker.addr).await.expect("connect");
+    admin.create_topic("clock", 1).await.expect("create");
+    let producer = Producer::connect(&broker.addr, ProducerConfig::default())
+        .await
+        .expect("producer");
+    for number in 0..100i64 {
+        producer
+            .send(
+                "clock",
+                ProducerRecord::new(format!("{number}"))
+                    .timestamp_ms(10_000 + number * 10)
+                    .partition(0),
+            )
+            .await
+            .expect("send");
+    }
+    producer.flush().await.expect("flush");
+    let mut consumer = Consumer::connect(&broker.addr, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    consumer
+        .assign("clock", 0, Offset::At(42))
+        .await
+        .expect("assign");
+    let record = consumer.next().await.expect("some").expect("record");
+    assert_eq!(
+        (record.offset, record.value.as_deref()),
+        (42, Some(&b"42"[..]))
+    );
+    consumer
+        .seek("clock", 0, Offset::Timestamp(10_000 + 75 * 10 - 5))
+        .await
+        .expect("seek");
+    let record = consumer.next().await.expect("some").expect("record");
+    assert_eq!(record.offset, 75);
+    assert_eq!(record.timestamp_ms, 10_750);
+    consumer
+        .seek("clock", 0, Offset::Latest)
+        .await
+        .expect("seek");
+    assert_eq!(consumer.position("clock", 0), Some(100));
+}
