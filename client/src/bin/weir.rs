@@ -1,0 +1,399 @@
+//! `weir`: the command line for topics, producing, consuming and the cluster.
+//!
+//! Exit codes: 0 success; 1 any other failure; 2 bad usage; 3 the broker is
+//! unreachable; 4 the topic does not exist.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use weir_client::{
+    Admin, ClientError, Consumer, ConsumerConfig, Offset, Producer, ProducerConfig, ProducerRecord,
+};
+use weir_protocol::ErrorCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "weir",
+    about = "Weir command line: topics, produce, consume, cluster"
+)]
+struct Cli {
+    /// Broker address.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "WEIR_BROKER",
+        default_value = "127.0.0.1:9092"
+    )]
+    broker: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list, describe or delete topics.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Produce lines from stdin (or a file) as records.
+    Produce {
+        /// Topic.
+        topic: String,
+        /// Read lines from this file instead of stdin.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        /// Key for every record.
+        #[arg(long)]
+        key: Option<String>,
+        /// Split each line into key and value at the first occurrence of this.
+        #[arg(long)]
+        key_separator: Option<String>,
+        /// Header `name=value` on every record (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// Send to this partition.
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Most records per second.
+        #[arg(long)]
+        rate: Option<u64>,
+    },
+    /// Print records of a topic.
+    Consume {
+        /// Topic.
+        topic: String,
+        /// Only this partition (default: all).
+        #[arg(long)]
+        partition: Option<u32>,
+        /// `earliest`, `latest`, an offset, or `@<timestamp ms>`.
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        /// Stop after this many records.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Keep waiting for new records (default: stop at the current end).
+        #[arg(long)]
+        follow: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Cluster commands.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Name.
+        name: String,
+        /// Partitions.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+    },
+    /// List topics.
+    List,
+    /// Partitions, offsets and sizes of a topic.
+    Describe {
+        /// Name.
+        name: String,
+    },
+    /// Delete a topic and its data.
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Brokers and topics.
+    Info,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    /// Each record's value on a line.
+    Text,
+    /// One JSON object per record.
+    Json,
+}
+
+fn exit_code(error: &anyhow::Error) -> ExitCode {
+    match error.downcast_ref::<ClientError>() {
+        Some(ClientError::Connect { .. }) => ExitCode::from(3),
+        Some(ClientError::UnknownTopic(_)) => ExitCode::from(4),
+        Some(ClientError::Broker(ErrorCode::UnknownTopicOrPartition)) => ExitCode::from(4),
+        _ => ExitCode::from(1),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "weir: {error}");
+            exit_code(&error)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Topic { command } => topic(&cli.broker, command).await,
+        Command::Produce {
+            topic,
+            file,
+            key,
+            key_separator,
+            headers,
+            partition,
+            rate,
+        } => {
+            produce(
+                &cli.broker,
+                &topic,
+                file,
+                key,
+                key_separator,
+                headers,
+                partition,
+                rate,
+            )
+            .await
+        }
+        Command::Consume {
+            topic,
+            partition,
+            from,
+            count,
+            follow,
+            format,
+        } => consume(&cli.broker, &topic, partition, &from, count, follow, format).await,
+        Command::Cluster {
+            command: ClusterCommand::Info,
+        } => {
+            let admin = Admin::connect(&cli.broker).await?;
+            let metadata = admin.metadata(None).await?;
+            println!(
+                "cluster {} (controller {})",
+                metadata.cluster_id, metadata.controller_id
+            );
+            for broker in metadata.brokers {
+                println!("broker {} at {}:{}", broker.id, broker.host, broker.port);
+            }
+            println!("{} topics", metadata.topics.len());
+            Ok(())
+        }
+    }
+}
+
+async fn topic(broker: &str, command: TopicCommand) -> anyhow::Result<()> {
+    let admin = Admin::connect(broker).await?;
+    match command {
+        TopicCommand::Create { name, partitions } => {
+            admin.create_topic(&name, partitions).await?;
+            println!("created topic {name} with {partitions} partitions");
+        }
+        TopicCommand::List => {
+            for topic in admin.list_topics().await? {
+                println!("{}\t{} partitions", topic.name, topic.partitions.len());
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let description = admin.describe_topic(&name).await?;
+            println!("topic {}", description.name);
+            println!("partition\tstart\tend\thigh_watermark\tbytes\tsegments");
+            for partition in description.partitions {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    partition.partition,
+                    partition.start_offset,
+                    partition.end_offset,
+                    partition.high_watermark,
+                    partition.size_bytes,
+                    partition.segments
+                );
+            }
+        }
+        TopicCommand::Delete { name } => {
+            admin.delete_topic(&name).await?;
+            println!("deleted topic {name}");
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn produce(
+    broker: &str,
+    topic: &str,
+    file: Option<std::path::PathBuf>,
+    key: Option<String>,
+    key_separator: Option<String>,
+    headers: Vec<String>,
+    partition: Option<u32>,
+    rate: Option<u64>,
+) -> anyhow::Result<()> {
+    let producer = Producer::connect(broker, ProducerConfig::default()).await?;
+    let headers: Vec<(String, Bytes)> = headers
+        .iter()
+        .map(|header| match header.split_once('=') {
+            Some((name, value)) => Ok((name.to_string(), Bytes::from(value.to_string()))),
+            None => Err(anyhow::anyhow!("header {header:?} is not name=value")),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let reader: Box<dyn BufRead> = match file {
+        Some(path) => Box::new(std::io::BufReader::new(std::fs::File::open(&path)?)),
+        None => Box::new(std::io::BufReader::new(std::io::stdin())),
+    };
+    let started = Instant::now();
+    let mut deliveries = Vec::new();
+    let mut sent = 0u64;
+    for line in reader.lines() {
+        let line = line?;
+        let (record_key, value) = match (&key_separator, &key) {
+            (Some(separator), _) => match line.split_once(separator.as_str()) {
+                Some((k, v)) => (Some(k.to_string()), v.to_string()),
+                None => (key.clone(), line),
+            },
+            (None, key) => (key.clone(), line),
+        };
+        let mut record = ProducerRecord::new(value);
+        if let Some(record_key) = record_key {
+            record = record.key(record_key);
+        }
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
+        for (name, value) in &headers {
+            record = record.header(name.clone(), value.clone());
+        }
+        deliveries.push(producer.send(topic, record).await?);
+        sent += 1;
+        if let Some(rate) = rate.filter(|rate| *rate > 0) {
+            let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+    producer.flush().await?;
+    let mut failed = 0;
+    for delivery in deliveries {
+        if !matches!(delivery.await, Ok(Ok(_))) {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {sent} records were not delivered");
+    }
+    eprintln!("produced {sent} records to {topic}");
+    Ok(())
+}
+
+fn parse_from(from: &str) -> anyhow::Result<Offset> {
+    Ok(match from {
+        "earliest" => Offset::Earliest,
+        "latest" => Offset::Latest,
+        timestamp if timestamp.starts_with('@') => Offset::Timestamp(timestamp[1..].parse()?),
+        offset => {
+            Offset::At(offset.parse().map_err(|_| {
+                anyhow::anyhow!("--from must be earliest, latest, an offset or @<ms>")
+            })?)
+        }
+    })
+}
+
+async fn consume(
+    broker: &str,
+    topic: &str,
+    partition: Option<u32>,
+    from: &str,
+    count: Option<u64>,
+    follow: bool,
+    format: Format,
+) -> anyhow::Result<()> {
+    let start = parse_from(from)?;
+    let admin = Admin::connect(broker).await?;
+    let partitions: Vec<u32> = match partition {
+        Some(partition) => vec![partition],
+        None => (0..admin.partition_count(topic).await?).collect(),
+    };
+    // Without --follow, stop at each partition's end as it is now.
+    let mut ends = std::collections::HashMap::new();
+    for partition in &partitions {
+        ends.insert(*partition, admin.list_offset(topic, *partition, -1).await?);
+    }
+    let mut consumer = Consumer::connect(broker, ConsumerConfig::default()).await?;
+    let mut open = 0;
+    for partition in &partitions {
+        consumer.assign(topic, *partition, start).await?;
+        let position = consumer.position(topic, *partition).unwrap_or(0);
+        if follow || position < ends[partition] {
+            open += 1;
+        } else {
+            consumer.unassign(topic, *partition).await?;
+        }
+    }
+    let mut printed = 0u64;
+    let stdout = std::io::stdout();
+    while open > 0 && count.is_none_or(|count| printed < count) {
+        let Some(record) = consumer.next().await else {
+            break;
+        };
+        let record = record?;
+        let mut out = stdout.lock();
+        match format {
+            Format::Text => {
+                let value = record
+                    .value
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
+                writeln!(out, "{value}")?;
+            }
+            Format::Json => {
+                let text = |bytes: Option<&Bytes>| {
+                    bytes.map(|bytes| String::from_utf8_lossy(bytes).into_owned())
+                };
+                let headers: serde_json::Map<String, serde_json::Value> = record
+                    .headers
+                    .iter()
+                    .map(|(name, value)| {
+                        (
+                            name.clone(),
+                            text(value.as_ref())
+                                .map_or(serde_json::Value::Null, serde_json::Value::String),
+                        )
+                    })
+                    .collect();
+                let object = serde_json::json!({
+                    "topic": record.topic,
+                    "partition": record.partition,
+                    "offset": record.offset,
+                    "timestamp_ms": record.timestamp_ms,
+                    "key": text(record.key.as_ref()),
+                    "value": text(record.value.as_ref()),
+                    "headers": headers,
+                });
+                writeln!(out, "{object}")?;
+            }
+        }
+        printed += 1;
+        if !follow && record.offset + 1 >= ends[&record.partition] {
+            consumer.unassign(topic, record.partition).await?;
+            open -= 1;
+        }
+    }
+    Ok(())
+}
