@@ -135,6 +135,25 @@ impl Client {
         }
     }
 
+    /// The next frame, or `None` on close or when the read timeout passes.
+    pub fn read_frame_or_timeout(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(frame) = self
+                .decoder
+                .decode(&mut self.buffer)
+                .expect("broker sends valid frames")
+            {
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(read) => self.buffer.extend_from_slice(&chunk[..read]),
+                Err(_) => return None,
+            }
+        }
+    }
+
     pub fn call(&mut self, request: Request) -> Response {
         let correlation = self.send(&request);
         let frame = self.read_frame().expect("a response");
