@@ -13,6 +13,9 @@ use weir_storage::{EngineKind, FlushPolicy, WriteMode};
 pub struct BrokerConfig {
     /// Client listener. Default 127.0.0.1:9092, Kafka's port, loopback only.
     pub listen: SocketAddr,
+    /// Admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, `/v1/...`).
+    /// Default 127.0.0.1:9644.
+    pub admin_listen: SocketAddr,
     /// Where partitions live. Default `./weir-data`.
     pub data_dir: PathBuf,
     /// This broker's id.
@@ -59,6 +62,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9644)),
             data_dir: PathBuf::from("weir-data"),
             broker_id: 1,
             cluster_id: "weir-local".to_string(),

@@ -247,6 +247,7 @@ fn now_ms() -> i64 {
 }
 
 async fn produce(context: &ConnectionContext, request: ProduceRequest) -> Option<ProduceResponse> {
+    let started = Instant::now();
     let acks = request.acks;
     let timeout = Duration::from_millis(u64::from(request.timeout_ms.max(1)));
     let mut appends = tokio::task::JoinSet::new();
@@ -260,6 +261,8 @@ async fn produce(context: &ConnectionContext, request: ProduceRequest) -> Option
                 .partition(&topic.name, partition.partition);
             let records = partition.records.to_bytes();
             let index = partition.partition;
+            let broker = context.broker.clone();
+            let topic_name = topic.name.clone();
             appends.spawn(async move {
                 let outcome = if !matches!(acks, -1..=1) {
                     Err(ErrorCode::InvalidRequest)
@@ -276,6 +279,19 @@ async fn produce(context: &ConnectionContext, request: ProduceRequest) -> Option
                         }
                     }
                 };
+                if let Ok((appended, _)) = &outcome {
+                    let labels = crate::metrics::Metrics::topic(&topic_name);
+                    broker
+                        .metrics
+                        .records_in
+                        .get_or_create(&labels)
+                        .inc_by(appended.records);
+                    broker
+                        .metrics
+                        .bytes_in
+                        .get_or_create(&labels)
+                        .inc_by(appended.bytes);
+                }
                 let response = match outcome {
                     Ok((appended, start)) => ProducePartitionResponse {
                         partition: index,
@@ -309,6 +325,11 @@ async fn produce(context: &ConnectionContext, request: ProduceRequest) -> Option
         }
         answers[topic_index][slot] = Some(response);
     }
+    context
+        .broker
+        .metrics
+        .produce_latency
+        .observe(started.elapsed().as_secs_f64());
     if acks == 0 {
         return None;
     }
@@ -349,7 +370,8 @@ async fn fetch(context: &ConnectionContext, request: FetchRequest) -> FetchRespo
     let wait = Duration::from_millis(u64::from(
         request.max_wait_ms.min(broker.config.fetch_wait_ms_max),
     ));
-    let deadline = Instant::now() + wait;
+    let started = Instant::now();
+    let deadline = started + wait;
     loop {
         // Register for wakeups before looking, so no append slips between.
         let appended = broker.appended.notified();
@@ -390,6 +412,13 @@ async fn fetch(context: &ConnectionContext, request: FetchRequest) -> FetchRespo
         }
         let errors = partitions.iter().any(|partition| !partition.error.is_ok());
         if total >= request.min_bytes.max(1) as usize || errors || Instant::now() >= deadline {
+            for partition in &partitions {
+                count_out(broker, &partition.topic, &partition.records);
+            }
+            broker
+                .metrics
+                .fetch_latency
+                .observe(started.elapsed().as_secs_f64());
             return FetchResponse { partitions };
         }
         drop(partitions);
@@ -456,7 +485,7 @@ fn subscribe(context: &Arc<ConnectionContext>, request: SubscribeRequest) -> Sub
     });
     let task = tokio::spawn(push_loop(
         context.push_sender(),
-        context.broker.appended.clone(),
+        context.broker.clone(),
         partition,
         control.clone(),
         request.subscription_id,
@@ -479,7 +508,7 @@ fn subscribe(context: &Arc<ConnectionContext>, request: SubscribeRequest) -> Sub
 /// for the consumer: what it does not push stays in the log.
 async fn push_loop(
     sender: PushSender,
-    appended: Arc<tokio::sync::Notify>,
+    broker: Arc<crate::server::Broker>,
     partition: Arc<Partition>,
     control: Arc<SubscriptionControl>,
     subscription_id: u32,
@@ -488,7 +517,7 @@ async fn push_loop(
 ) {
     loop {
         let credit_granted = control.credit_granted.notified();
-        let data_appended = appended.notified();
+        let data_appended = broker.appended.notified();
         tokio::pin!(credit_granted);
         tokio::pin!(data_appended);
         credit_granted.as_mut().enable();
@@ -528,6 +557,33 @@ async fn push_loop(
             return;
         }
     }
+}
+
+/// Counts records and bytes sent to consumers.
+fn count_out(broker: &crate::server::Broker, topic: &str, records: &RecordSet) {
+    if records.is_empty() {
+        return;
+    }
+    let count: u64 = records
+        .0
+        .iter()
+        .flat_map(|chunk| {
+            weir_protocol::Batches::new(chunk, false)
+                .flatten()
+                .map(|batch| batch.records_count() as u64)
+        })
+        .sum();
+    let labels = crate::metrics::Metrics::topic(topic);
+    broker
+        .metrics
+        .records_out
+        .get_or_create(&labels)
+        .inc_by(count);
+    broker
+        .metrics
+        .bytes_out
+        .get_or_create(&labels)
+        .inc_by(records.len() as u64);
 }
 
 /// The offset after the last batch of `records`.

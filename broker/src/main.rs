@@ -22,6 +22,9 @@ struct Args {
     /// Address clients connect to.
     #[arg(long, env = "WEIR_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Admin HTTP address.
+    #[arg(long, env = "WEIR_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
     /// Data directory.
     #[arg(long, env = "WEIR_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -53,6 +56,9 @@ fn load(args: &Args) -> anyhow::Result<BrokerConfig> {
     };
     if let Some(listen) = args.listen {
         config.listen = listen;
+    }
+    if let Some(admin) = args.admin_listen {
+        config.admin_listen = admin;
     }
     if let Some(dir) = &args.data_dir {
         config.data_dir = dir.clone();
@@ -91,9 +97,10 @@ async fn main() -> anyhow::Result<()> {
     let running = weir_broker::start(config).await?;
     // One line on stdout that scripts and tests can wait for.
     println!(
-        "weir-broker listening on {} (data in {})",
+        "weir-broker listening on {} (data in {}; admin http://{})",
         running.local_addr,
-        data_dir.display()
+        data_dir.display(),
+        running.admin_addr
     );
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

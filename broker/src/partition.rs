@@ -33,6 +33,10 @@ pub struct Partition {
 pub struct Appended {
     /// Offset of the first record.
     pub base_offset: u64,
+    /// Records appended.
+    pub records: u64,
+    /// Bytes appended.
+    pub bytes: u64,
     /// The partition's first stored offset.
     pub log_start_offset: u64,
 }
@@ -65,6 +69,7 @@ impl Partition {
     pub async fn append(&self, records: &Bytes) -> Result<Appended, ErrorCode> {
         let config = self.log.config();
         let mut batches = Vec::new();
+        let mut records_total = 0u64;
         for batch in Batches::new(records, true) {
             let batch = batch.map_err(|_| ErrorCode::CorruptBatch)?;
             if batch.len() > config.batch_bytes_max {
@@ -73,8 +78,10 @@ impl Partition {
             if batch.records_count() as u32 > config.batch_records_max {
                 return Err(ErrorCode::CorruptBatch);
             }
+            records_total += batch.records_count() as u64;
             batches.push(batch.bytes().to_vec());
         }
+        let bytes_total = batches.iter().map(|batch| batch.len() as u64).sum();
         if batches.is_empty() {
             return Err(ErrorCode::CorruptBatch);
         }
@@ -94,6 +101,8 @@ impl Partition {
         self.appended.notify_waiters();
         Ok(Appended {
             base_offset: first.unwrap_or(0),
+            records: records_total,
+            bytes: bytes_total,
             log_start_offset: self.log.start_offset(),
         })
     }

@@ -46,6 +46,10 @@ pub struct Broker {
     pub appended: Arc<Notify>,
     /// Connections open now.
     pub connections: AtomicU64,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
+    /// True while serving; false during start-up and shutdown (`/readyz`).
+    pub ready: std::sync::atomic::AtomicBool,
 }
 
 /// A running broker.
@@ -53,6 +57,8 @@ pub struct Broker {
 pub struct Running {
     /// Where clients connect.
     pub local_addr: SocketAddr,
+    /// Where the admin HTTP listens.
+    pub admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -93,17 +99,40 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     )?;
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
+    let admin_listener = TcpListener::bind(config.admin_listen).await?;
+    let admin_addr = admin_listener.local_addr()?;
     let broker = Arc::new(Broker {
         config,
         topics,
         engine,
         appended,
         connections: AtomicU64::new(0),
+        metrics: crate::metrics::Metrics::new(),
+        ready: std::sync::atomic::AtomicBool::new(true),
     });
     let (stop, stopped) = watch::channel(false);
-    let done = tokio::spawn(serve(listener, broker, stopped));
+    let admin = {
+        let mut stopped = stopped.clone();
+        let app = crate::admin_http::router(broker.clone());
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.changed().await;
+            };
+            if let Err(error) = axum::serve(admin_listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(%error, "admin http failed");
+            }
+        })
+    };
+    let done = tokio::spawn(async move {
+        serve(listener, broker, stopped).await;
+        let _ = admin.await;
+    });
     Ok(Running {
         local_addr,
+        admin_addr,
         stop,
         done,
     })
@@ -138,6 +167,7 @@ async fn serve(listener: TcpListener, broker: Arc<Broker>, mut stopped: watch::R
         }
     }
     drop(listener);
+    broker.ready.store(false, Ordering::Release);
     retention.abort();
     // Wait for connections to finish what they have in flight.
     let grace = Duration::from_millis(broker.config.shutdown_grace_ms);

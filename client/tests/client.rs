@@ -38,7 +38,13 @@ impl Broker {
     fn start() -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new(broker_binary())
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(dir.path())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

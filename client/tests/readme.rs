@@ -39,7 +39,13 @@ fn readme_quickstart_runs() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let mut broker = Command::new(target.join("weir-broker"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

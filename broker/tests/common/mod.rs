@@ -20,6 +20,7 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 pub struct BrokerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub data_dir: PathBuf,
 }
 
@@ -28,7 +29,13 @@ impl BrokerProcess {
     /// "listening on" line.
     pub fn start(data_dir: &Path, extra: &[&str]) -> BrokerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_weir-broker"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "warn")
@@ -53,9 +60,16 @@ impl BrokerProcess {
             .nth(3)
             .and_then(|addr| addr.parse().ok())
             .unwrap_or_else(|| panic!("unexpected first line: {line}"));
+        let admin_addr = line
+            .rsplit("http://")
+            .next()
+            .map(|rest| rest.trim_end_matches(')'))
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no admin address in: {line}"));
         BrokerProcess {
             child,
             addr,
+            admin_addr,
             data_dir: data_dir.to_path_buf(),
         }
     }
@@ -83,6 +97,30 @@ impl Drop for BrokerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One HTTP/1.1 request to the admin listener: (status, body).
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect admin");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// A blocking client: one request at a time, or pipelined by hand.

@@ -1,0 +1,204 @@
+//! Prometheus metrics (the Prometheus project's `prometheus-client`).
+//!
+//! Counters and histograms are updated on the request path; gauges that
+//! mirror state (connections, engine queue and fsyncs, log offsets and sizes)
+//! are read from that state when `/metrics` is scraped.
+
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::server::Broker;
+
+type Labels = Vec<(String, String)>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~26 s in factors of 2.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+/// Every metric the broker exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Records appended, per topic.
+    pub records_in: Family<Labels, Counter>,
+    /// Bytes appended, per topic.
+    pub bytes_in: Family<Labels, Counter>,
+    /// Records sent to consumers (fetch and push), per topic.
+    pub records_out: Family<Labels, Counter>,
+    /// Bytes sent to consumers, per topic.
+    pub bytes_out: Family<Labels, Counter>,
+    /// Produce latency until acknowledged, seconds.
+    pub produce_latency: Histogram,
+    /// Fetch latency including long-poll waits, seconds.
+    pub fetch_latency: Histogram,
+    connections: Gauge,
+    io_queue_depth: Gauge,
+    fsyncs: Gauge,
+    fsync_errors: Gauge,
+    fsync_seconds_sum: Gauge<f64, std::sync::atomic::AtomicU64>,
+    fsync_le_micros: Family<Labels, Gauge>,
+    log_start_offset: Family<Labels, Gauge>,
+    log_end_offset: Family<Labels, Gauge>,
+    log_size_bytes: Family<Labels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("weir");
+        let metrics = Metrics {
+            records_in: Family::default(),
+            bytes_in: Family::default(),
+            records_out: Family::default(),
+            bytes_out: Family::default(),
+            produce_latency: latency_histogram(),
+            fetch_latency: latency_histogram(),
+            connections: Gauge::default(),
+            io_queue_depth: Gauge::default(),
+            fsyncs: Gauge::default(),
+            fsync_errors: Gauge::default(),
+            fsync_seconds_sum: Gauge::default(),
+            fsync_le_micros: Family::default(),
+            log_start_offset: Family::default(),
+            log_end_offset: Family::default(),
+            log_size_bytes: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("records_in", "Records appended", metrics.records_in.clone());
+        registry.register("bytes_in", "Bytes appended", metrics.bytes_in.clone());
+        registry.register(
+            "records_out",
+            "Records sent to consumers",
+            metrics.records_out.clone(),
+        );
+        registry.register(
+            "bytes_out",
+            "Bytes sent to consumers",
+            metrics.bytes_out.clone(),
+        );
+        registry.register(
+            "produce_latency_seconds",
+            "Produce latency until acknowledged",
+            metrics.produce_latency.clone(),
+        );
+        registry.register(
+            "fetch_latency_seconds",
+            "Fetch latency including long-poll waits",
+            metrics.fetch_latency.clone(),
+        );
+        registry.register(
+            "connections",
+            "Client connections open",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "io_queue_depth",
+            "Requests waiting for the io engine",
+            metrics.io_queue_depth.clone(),
+        );
+        registry.register(
+            "io_fsyncs",
+            "fdatasync calls by the io engine",
+            metrics.fsyncs.clone(),
+        );
+        registry.register(
+            "io_fsync_errors",
+            "fdatasync calls that failed",
+            metrics.fsync_errors.clone(),
+        );
+        registry.register(
+            "io_fsync_seconds_sum",
+            "Total time in fdatasync",
+            metrics.fsync_seconds_sum.clone(),
+        );
+        registry.register(
+            "io_fsync_le_micros",
+            "fdatasync calls that took at most `le` microseconds (cumulative)",
+            metrics.fsync_le_micros.clone(),
+        );
+        registry.register(
+            "log_start_offset",
+            "First stored offset per partition",
+            metrics.log_start_offset.clone(),
+        );
+        registry.register(
+            "log_end_offset",
+            "Next offset per partition",
+            metrics.log_end_offset.clone(),
+        );
+        registry.register(
+            "log_size_bytes",
+            "Bytes stored per partition",
+            metrics.log_size_bytes.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Labels for a topic.
+    pub fn topic(topic: &str) -> Labels {
+        vec![("topic".to_string(), topic.to_string())]
+    }
+
+    /// The text exposition, with state gauges refreshed from `broker`.
+    pub fn render(&self, broker: &Broker) -> String {
+        self.connections
+            .set(broker.connections.load(Ordering::Relaxed) as i64);
+        self.io_queue_depth.set(broker.engine.queue_depth() as i64);
+        let stats = broker.engine.stats();
+        self.fsyncs.set(stats.syncs.load(Ordering::Relaxed) as i64);
+        self.fsync_errors
+            .set(stats.sync_errors.load(Ordering::Relaxed) as i64);
+        self.fsync_seconds_sum
+            .set(stats.sync_nanos_total.load(Ordering::Relaxed) as f64 / 1e9);
+        let mut cumulative = 0u64;
+        for (bucket, count) in stats.sync_latency_buckets.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = if bucket + 1 == stats.sync_latency_buckets.len() {
+                "+Inf".to_string()
+            } else {
+                (1u64 << bucket).to_string()
+            };
+            self.fsync_le_micros
+                .get_or_create(&vec![("le".to_string(), le)])
+                .set(cumulative as i64);
+        }
+        for topic in broker.topics.all() {
+            for partition in &topic.partitions {
+                let labels = vec![
+                    ("topic".to_string(), topic.name.clone()),
+                    ("partition".to_string(), partition.index.to_string()),
+                ];
+                self.log_start_offset
+                    .get_or_create(&labels)
+                    .set(partition.log.start_offset() as i64);
+                self.log_end_offset
+                    .get_or_create(&labels)
+                    .set(partition.log.end_offset() as i64);
+                self.log_size_bytes
+                    .get_or_create(&labels)
+                    .set(partition.log.size_bytes() as i64);
+            }
+        }
+        let mut text = String::new();
+        if encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+}
