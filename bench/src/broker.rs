@@ -1,0 +1,456 @@
+//! Workloads against a broker (`produce`, `consume`, `e2e`) and the
+//! `baseline` of the hardware they run on (disk, loopback TCP, fsync).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use weir_client::{Acks, Admin, Compression, Consumer, ConsumerConfig, Offset, Producer, ProducerConfig, ProducerRecord};
+
+use crate::raw;
+
+/// Arguments shared by `produce`, `consume` and `e2e`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkloadArgs {
+    /// Broker to use (ignored with --spawn-broker).
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    broker: String,
+    /// Start a broker of our own (release build next to this binary) on a
+    /// free port with a temporary data directory.
+    #[arg(long)]
+    spawn_broker: bool,
+    /// Producer clients.
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    /// Consumer clients (e2e and consume).
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Bytes per record value.
+    #[arg(long, default_value_t = 1024)]
+    record_bytes: usize,
+    /// Producer batch size.
+    #[arg(long, default_value_t = 256 * 1024)]
+    batch_bytes: usize,
+    /// 0, 1 or all.
+    #[arg(long, default_value = "1")]
+    acks: String,
+    /// none, lz4 or zstd.
+    #[arg(long, default_value = "none")]
+    compression: String,
+    /// Records per second over all producers (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct WorkloadReport {
+    workload: String,
+    producers: usize,
+    consumers: usize,
+    partitions: u32,
+    record_bytes: usize,
+    batch_bytes: usize,
+    acks: String,
+    compression: String,
+    seconds: f64,
+    records: u64,
+    mb_s: f64,
+    records_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    consume_mb_s: Option<f64>,
+    e2e_p50_ms: Option<f64>,
+    e2e_p99_ms: Option<f64>,
+    e2e_p999_ms: Option<f64>,
+}
+
+/// A broker process started for the benchmark; killed on drop.
+struct SpawnedBroker {
+    child: Child,
+    _dir: tempfile_dir::TempDir,
+}
+
+mod tempfile_dir {
+    //! A temporary directory removed on drop (without a crate for it).
+    pub struct TempDir(pub std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Drop for SpawnedBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_broker() -> anyhow::Result<(SpawnedBroker, String)> {
+    let binary = std::env::current_exe()?
+        .parent()
+        .map(|dir| dir.join("weir-broker"))
+        .context("binary directory")?;
+    if !binary.exists() {
+        bail!("{} not found: cargo build --release -p weir-broker", binary.display());
+    }
+    let dir = std::env::current_dir()?.join(format!("weir-bench-broker-{}", std::process::id()));
+    let mut child = Command::new(&binary)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("spawn weir-broker")?;
+    let stdout = child.stdout.take().context("broker stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let addr = line.split_whitespace().nth(3).context("broker address")?.to_string();
+    Ok((SpawnedBroker { child, _dir: tempfile_dir::TempDir(dir) }, addr))
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64)
+}
+
+fn percentile_ms(histogram: &Histogram<u64>, quantile: f64) -> f64 {
+    histogram.value_at_quantile(quantile) as f64 / 1_000.0
+}
+
+fn parse_acks(acks: &str) -> anyhow::Result<Acks> {
+    Ok(match acks {
+        "0" => Acks::None,
+        "1" => Acks::Leader,
+        "all" | "-1" => Acks::All,
+        other => bail!("--acks must be 0, 1 or all, not {other}"),
+    })
+}
+
+fn parse_compression(compression: &str) -> anyhow::Result<Compression> {
+    Ok(match compression {
+        "none" => Compression::None,
+        "lz4" => Compression::Lz4,
+        "zstd" => Compression::Zstd,
+        other => bail!("--compression must be none, lz4 or zstd, not {other}"),
+    })
+}
+
+/// Produces for `seconds`; returns (records, bytes, ack latency histogram in µs).
+async fn produce_phase(
+    addr: &str,
+    topic: &str,
+    args: &WorkloadArgs,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(u64, u64, Histogram<u64>)> {
+    let acks = parse_acks(&args.acks)?;
+    let compression = parse_compression(&args.compression)?;
+    let records = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let per_producer_rate = args.rate / args.producers.max(1) as u64;
+    for producer_index in 0..args.producers.max(1) {
+        let producer = Producer::connect(
+            addr,
+            ProducerConfig {
+                acks,
+                compression,
+                batch_bytes: args.batch_bytes,
+                linger_ms: 2,
+                ..ProducerConfig::default()
+            },
+        )
+        .await?;
+        let stop = stop.clone();
+        let records = records.clone();
+        let topic = topic.to_string();
+        let record_bytes = args.record_bytes.max(16);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Histogram::<u64>::new(3)?;
+            let mut in_flight = std::collections::VecDeque::new();
+            let mut value = vec![0u8; record_bytes];
+            let started = Instant::now();
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                value[..8].copy_from_slice(&now_nanos().to_le_bytes());
+                value[8..16].copy_from_slice(&(producer_index as u64).to_le_bytes());
+                let sent_at = Instant::now();
+                let delivery = producer.send(&topic, ProducerRecord::new(Bytes::copy_from_slice(&value))).await?;
+                in_flight.push_back((sent_at, delivery));
+                sent += 1;
+                // Reap acknowledged records without blocking the sender.
+                while let Some((sent_at, front)) = in_flight.front_mut() {
+                    match front.try_recv() {
+                        Ok(result) => {
+                            result?;
+                            latencies.record(sent_at.elapsed().as_micros() as u64)?;
+                            records.fetch_add(1, Ordering::Relaxed);
+                            in_flight.pop_front();
+                        }
+                        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+                        Err(_) => anyhow::bail!("producer dropped a delivery"),
+                    }
+                }
+                if per_producer_rate > 0 {
+                    let due = started + Duration::from_secs_f64(sent as f64 / per_producer_rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+            }
+            producer.flush().await?;
+            for (sent_at, delivery) in in_flight {
+                delivery.await??;
+                latencies.record(sent_at.elapsed().as_micros() as u64)?;
+                records.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Histogram::<u64>::new(3)?;
+    for task in tasks {
+        latencies.add(task.await??)?;
+    }
+    let count = records.load(Ordering::Relaxed);
+    Ok((count, count * args.record_bytes as u64, latencies))
+}
+
+/// Consumes every partition from earliest until `expected` records or `stop`;
+/// returns (records, bytes, e2e latency histogram in µs).
+async fn consume_phase(
+    addr: &str,
+    topic: &str,
+    args: &WorkloadArgs,
+    expected: Option<u64>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(u64, u64, Histogram<u64>)> {
+    let consumers = args.consumers.max(1);
+    let mut tasks = Vec::new();
+    let total = Arc::new(AtomicU64::new(0));
+    for consumer_index in 0..consumers {
+        let mut consumer = Consumer::connect(addr, ConsumerConfig::default()).await?;
+        for partition in (0..args.partitions).filter(|partition| *partition as usize % consumers == consumer_index) {
+            consumer.assign(topic, partition, Offset::Earliest).await?;
+        }
+        let stop = stop.clone();
+        let total = total.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Histogram::<u64>::new(3)?;
+            let mut bytes = 0u64;
+            loop {
+                if stop.load(Ordering::Relaxed) || expected.is_some_and(|expected| total.load(Ordering::Relaxed) >= expected) {
+                    break;
+                }
+                let record = match tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
+                    Ok(Some(record)) => record?,
+                    Ok(None) => break,
+                    Err(_) => continue,
+                };
+                if let Some(value) = &record.value {
+                    bytes += value.len() as u64;
+                    if value.len() >= 8 {
+                        let sent = u64::from_le_bytes(value[..8].try_into()?);
+                        latencies.record(now_nanos().saturating_sub(sent) / 1_000)?;
+                    }
+                }
+                total.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok((bytes, latencies))
+        }));
+    }
+    let mut latencies = Histogram::<u64>::new(3)?;
+    let mut bytes = 0;
+    for task in tasks {
+        let (consumer_bytes, histogram) = task.await??;
+        bytes += consumer_bytes;
+        latencies.add(histogram)?;
+    }
+    Ok((total.load(Ordering::Relaxed), bytes, latencies))
+}
+
+/// Runs `produce`, `consume` or `e2e`.
+///
+/// # Errors
+/// Bad arguments, an unreachable broker, or a failed workload.
+pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
+    let (_spawned, addr) = if args.spawn_broker {
+        let (spawned, addr) = spawn_broker()?;
+        (Some(spawned), addr)
+    } else {
+        (None, args.broker.clone())
+    };
+    let topic = format!("bench-{}-{}", workload, std::process::id());
+    Admin::connect(&addr).await?.create_topic(&topic, args.partitions).await?;
+    let seconds = Duration::from_secs(args.seconds);
+    let stop = Arc::new(AtomicBool::new(false));
+    let timer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(seconds).await;
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let mut report = WorkloadReport {
+        workload: workload.to_string(),
+        producers: args.producers,
+        consumers: args.consumers,
+        partitions: args.partitions,
+        record_bytes: args.record_bytes,
+        batch_bytes: args.batch_bytes,
+        acks: args.acks.clone(),
+        compression: args.compression.clone(),
+        ..WorkloadReport::default()
+    };
+    let started = Instant::now();
+    match workload {
+        "produce" | "consume" => {
+            let (records, bytes, latencies) = produce_phase(&addr, &topic, args, stop.clone()).await?;
+            let elapsed = started.elapsed().as_secs_f64();
+            report.records = records;
+            report.seconds = elapsed;
+            report.mb_s = bytes as f64 / 1e6 / elapsed;
+            report.records_s = records as f64 / elapsed;
+            report.p50_ms = percentile_ms(&latencies, 0.5);
+            report.p99_ms = percentile_ms(&latencies, 0.99);
+            report.p999_ms = percentile_ms(&latencies, 0.999);
+            report.max_ms = latencies.max() as f64 / 1_000.0;
+            if workload == "consume" {
+                // Read back everything just produced (from the page cache or the device).
+                let consume_started = Instant::now();
+                let never = Arc::new(AtomicBool::new(false));
+                let (consumed, consumed_bytes, _) = consume_phase(&addr, &topic, args, Some(records), never).await?;
+                let elapsed = consume_started.elapsed().as_secs_f64();
+                report.consume_mb_s = Some(consumed_bytes as f64 / 1e6 / elapsed);
+                if consumed < records {
+                    bail!("consumed {consumed} of {records} records");
+                }
+            }
+        }
+        "e2e" => {
+            let consume = {
+                let addr = addr.clone();
+                let topic = topic.clone();
+                let args = args.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move { consume_phase(&addr, &topic, &args, None, stop).await })
+            };
+            let (records, bytes, latencies) = produce_phase(&addr, &topic, args, stop.clone()).await?;
+            let elapsed = started.elapsed().as_secs_f64();
+            // Let the consumers drain what was produced before stopping them.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stop.store(true, Ordering::Relaxed);
+            let (_, _, e2e) = consume.await??;
+            report.records = records;
+            report.seconds = elapsed;
+            report.mb_s = bytes as f64 / 1e6 / elapsed;
+            report.records_s = records as f64 / elapsed;
+            report.p50_ms = percentile_ms(&latencies, 0.5);
+            report.p99_ms = percentile_ms(&latencies, 0.99);
+            report.p999_ms = percentile_ms(&latencies, 0.999);
+            report.max_ms = latencies.max() as f64 / 1_000.0;
+            report.e2e_p50_ms = Some(percentile_ms(&e2e, 0.5));
+            report.e2e_p99_ms = Some(percentile_ms(&e2e, 0.99));
+            report.e2e_p999_ms = Some(percentile_ms(&e2e, 0.999));
+        }
+        other => bail!("unknown workload {other}"),
+    }
+    timer.abort();
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+/// Arguments of `weir-bench baseline`.
+#[derive(Debug, clap::Args)]
+pub struct BaselineArgs {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Directory for the disk measurement (removed afterwards).
+    #[arg(long, default_value = "weir-bench-data")]
+    dir: std::path::PathBuf,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct BaselineReport {
+    disk_mb_s: f64,
+    disk_sync_mb_s: f64,
+    fsync_p50_ms: f64,
+    fsync_p99_ms: f64,
+    loopback_mb_s: f64,
+}
+
+/// Loopback TCP bandwidth: one thread writes 1 MiB chunks, another reads.
+fn loopback_mb_s(duration: Duration) -> anyhow::Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> anyhow::Result<u64> {
+        let (mut stream, _) = listener.accept()?;
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            match stream.read(&mut buffer)? {
+                0 => return Ok(total),
+                read => total += read as u64,
+            }
+        }
+    });
+    let mut stream = TcpStream::connect(addr)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        stream.write_all(&chunk)?;
+    }
+    drop(stream);
+    let total = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    Ok(total as f64 / 1e6 / started.elapsed().as_secs_f64())
+}
+
+/// Runs `baseline`.
+///
+/// # Errors
+/// I/O errors.
+pub fn baseline(args: &BaselineArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.dir)?;
+    let duration = Duration::from_secs(args.seconds);
+    let direct = raw::direct(&args.dir.join("baseline-direct"), duration, 8 << 30, false)?;
+    let direct_sync = raw::direct(&args.dir.join("baseline-direct-sync"), duration, 8 << 30, true)?;
+    let loopback = loopback_mb_s(duration)?;
+    std::fs::remove_dir(&args.dir).ok();
+    let report = BaselineReport {
+        disk_mb_s: direct.mb_s(),
+        disk_sync_mb_s: direct_sync.mb_s(),
+        fsync_p50_ms: direct_sync.sync_p50_us as f64 / 1_000.0,
+        fsync_p99_ms: direct_sync.sync_p99_us as f64 / 1_000.0,
+        loopback_mb_s: loopback,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
