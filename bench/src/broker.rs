@@ -12,7 +12,10 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use weir_client::{Acks, Admin, Compression, Consumer, ConsumerConfig, Offset, Producer, ProducerConfig, ProducerRecord};
+use weir_client::{
+    Acks, Admin, Compression, Consumer, ConsumerConfig, Offset, Producer, ProducerConfig,
+    ProducerRecord,
+};
 
 use crate::raw;
 
@@ -111,11 +114,20 @@ fn spawn_broker() -> anyhow::Result<(SpawnedBroker, String)> {
         .map(|dir| dir.join("weir-broker"))
         .context("binary directory")?;
     if !binary.exists() {
-        bail!("{} not found: cargo build --release -p weir-broker", binary.display());
+        bail!(
+            "{} not found: cargo build --release -p weir-broker",
+            binary.display()
+        );
     }
     let dir = std::env::current_dir()?.join(format!("weir-bench-broker-{}", std::process::id()));
     let mut child = Command::new(&binary)
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -124,8 +136,18 @@ fn spawn_broker() -> anyhow::Result<(SpawnedBroker, String)> {
     let stdout = child.stdout.take().context("broker stdout")?;
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line.split_whitespace().nth(3).context("broker address")?.to_string();
-    Ok((SpawnedBroker { child, _dir: tempfile_dir::TempDir(dir) }, addr))
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .context("broker address")?
+        .to_string();
+    Ok((
+        SpawnedBroker {
+            child,
+            _dir: tempfile_dir::TempDir(dir),
+        },
+        addr,
+    ))
 }
 
 fn now_nanos() -> u64 {
@@ -194,7 +216,9 @@ async fn produce_phase(
                 value[..8].copy_from_slice(&now_nanos().to_le_bytes());
                 value[8..16].copy_from_slice(&(producer_index as u64).to_le_bytes());
                 let sent_at = Instant::now();
-                let delivery = producer.send(&topic, ProducerRecord::new(Bytes::copy_from_slice(&value))).await?;
+                let delivery = producer
+                    .send(&topic, ProducerRecord::new(Bytes::copy_from_slice(&value)))
+                    .await?;
                 in_flight.push_back((sent_at, delivery));
                 sent += 1;
                 // Reap acknowledged records without blocking the sender.
@@ -211,7 +235,8 @@ async fn produce_phase(
                     }
                 }
                 if per_producer_rate > 0 {
-                    let due = started + Duration::from_secs_f64(sent as f64 / per_producer_rate as f64);
+                    let due =
+                        started + Duration::from_secs_f64(sent as f64 / per_producer_rate as f64);
                     tokio::time::sleep_until(due.into()).await;
                 }
             }
@@ -246,7 +271,9 @@ async fn consume_phase(
     let total = Arc::new(AtomicU64::new(0));
     for consumer_index in 0..consumers {
         let mut consumer = Consumer::connect(addr, ConsumerConfig::default()).await?;
-        for partition in (0..args.partitions).filter(|partition| *partition as usize % consumers == consumer_index) {
+        for partition in (0..args.partitions)
+            .filter(|partition| *partition as usize % consumers == consumer_index)
+        {
             consumer.assign(topic, partition, Offset::Earliest).await?;
         }
         let stop = stop.clone();
@@ -255,14 +282,17 @@ async fn consume_phase(
             let mut latencies = Histogram::<u64>::new(3)?;
             let mut bytes = 0u64;
             loop {
-                if stop.load(Ordering::Relaxed) || expected.is_some_and(|expected| total.load(Ordering::Relaxed) >= expected) {
+                if stop.load(Ordering::Relaxed)
+                    || expected.is_some_and(|expected| total.load(Ordering::Relaxed) >= expected)
+                {
                     break;
                 }
-                let record = match tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
-                    Ok(Some(record)) => record?,
-                    Ok(None) => break,
-                    Err(_) => continue,
-                };
+                let record =
+                    match tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
+                        Ok(Some(record)) => record?,
+                        Ok(None) => break,
+                        Err(_) => continue,
+                    };
                 if let Some(value) = &record.value {
                     bytes += value.len() as u64;
                     if value.len() >= 8 {
@@ -297,7 +327,10 @@ pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
         (None, args.broker.clone())
     };
     let topic = format!("bench-{}-{}", workload, std::process::id());
-    Admin::connect(&addr).await?.create_topic(&topic, args.partitions).await?;
+    Admin::connect(&addr)
+        .await?
+        .create_topic(&topic, args.partitions)
+        .await?;
     let seconds = Duration::from_secs(args.seconds);
     let stop = Arc::new(AtomicBool::new(false));
     let timer = {
@@ -321,7 +354,8 @@ pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     match workload {
         "produce" | "consume" => {
-            let (records, bytes, latencies) = produce_phase(&addr, &topic, args, stop.clone()).await?;
+            let (records, bytes, latencies) =
+                produce_phase(&addr, &topic, args, stop.clone()).await?;
             let elapsed = started.elapsed().as_secs_f64();
             report.records = records;
             report.seconds = elapsed;
@@ -335,7 +369,8 @@ pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
                 // Read back everything just produced (from the page cache or the device).
                 let consume_started = Instant::now();
                 let never = Arc::new(AtomicBool::new(false));
-                let (consumed, consumed_bytes, _) = consume_phase(&addr, &topic, args, Some(records), never).await?;
+                let (consumed, consumed_bytes, _) =
+                    consume_phase(&addr, &topic, args, Some(records), never).await?;
                 let elapsed = consume_started.elapsed().as_secs_f64();
                 report.consume_mb_s = Some(consumed_bytes as f64 / 1e6 / elapsed);
                 if consumed < records {
@@ -351,7 +386,8 @@ pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
                 let stop = stop.clone();
                 tokio::spawn(async move { consume_phase(&addr, &topic, &args, None, stop).await })
             };
-            let (records, bytes, latencies) = produce_phase(&addr, &topic, args, stop.clone()).await?;
+            let (records, bytes, latencies) =
+                produce_phase(&addr, &topic, args, stop.clone()).await?;
             let elapsed = started.elapsed().as_secs_f64();
             // Let the consumers drain what was produced before stopping them.
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -425,7 +461,9 @@ fn loopback_mb_s(duration: Duration) -> anyhow::Result<f64> {
         stream.write_all(&chunk)?;
     }
     drop(stream);
-    let total = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    let total = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
     Ok(total as f64 / 1e6 / started.elapsed().as_secs_f64())
 }
 
@@ -437,7 +475,12 @@ pub fn baseline(args: &BaselineArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)?;
     let duration = Duration::from_secs(args.seconds);
     let direct = raw::direct(&args.dir.join("baseline-direct"), duration, 8 << 30, false)?;
-    let direct_sync = raw::direct(&args.dir.join("baseline-direct-sync"), duration, 8 << 30, true)?;
+    let direct_sync = raw::direct(
+        &args.dir.join("baseline-direct-sync"),
+        duration,
+        8 << 30,
+        true,
+    )?;
     let loopback = loopback_mb_s(duration)?;
     std::fs::remove_dir(&args.dir).ok();
     let report = BaselineReport {
