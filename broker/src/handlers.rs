@@ -14,6 +14,26 @@ use crate::partition::{Partition, storage_error_code};
 use crate::server::{ConnectionContext, PushSender, SubscriptionControl};
 use crate::topics::Topic;
 
+/// Subscriptions one connection may hold: each has a push task.
+pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 1024;
+/// Topics one Metadata or DescribeTopics request may name; more are refused
+/// with one `InvalidRequest` entry rather than answered.
+pub const TOPICS_PER_REQUEST_MAX: usize = 10_000;
+
+/// Distinct names, at most `TOPICS_PER_REQUEST_MAX`; `Err` with the count if more.
+fn distinct_names(names: Vec<String>) -> Result<Vec<String>, usize> {
+    let mut seen = std::collections::HashSet::new();
+    let distinct: Vec<String> = names
+        .into_iter()
+        .filter(|name| seen.insert(name.clone()))
+        .collect();
+    if distinct.len() > TOPICS_PER_REQUEST_MAX {
+        Err(distinct.len())
+    } else {
+        Ok(distinct)
+    }
+}
+
 /// Answers one request.
 pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Option<Response> {
     let broker = &context.broker;
@@ -44,7 +64,12 @@ pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Optio
         Request::DescribeTopics(request) => {
             Response::DescribeTopics(describe_topics(context, request))
         }
-        Request::Produce(request) => return produce(context, request).await.map(Response::Produce),
+        Request::Produce(request) => {
+            let submitted = submit_produce(context, request);
+            return finish_produce(context, submitted)
+                .await
+                .map(Response::Produce);
+        }
         Request::Fetch(request) => Response::Fetch(fetch(context, request).await),
         Request::Subscribe(request) => Response::Subscribe(subscribe(context, request)),
         Request::Credit(request) => Response::Credit(credit(context, request)),
@@ -81,21 +106,28 @@ fn metadata(context: &ConnectionContext, request: MetadataRequest) -> MetadataRe
                 partitions: partition_metadata(topic),
             })
             .collect(),
-        Some(names) => names
-            .into_iter()
-            .map(|name| match broker.topics.get(&name) {
-                Some(topic) => TopicMetadata {
-                    error: ErrorCode::None,
-                    name,
-                    partitions: partition_metadata(&topic),
-                },
-                None => TopicMetadata {
-                    error: ErrorCode::UnknownTopicOrPartition,
-                    name,
-                    partitions: Vec::new(),
-                },
-            })
-            .collect(),
+        Some(names) => match distinct_names(names) {
+            Err(count) => vec![TopicMetadata {
+                error: ErrorCode::InvalidRequest,
+                name: format!("{count} topics named; at most {TOPICS_PER_REQUEST_MAX} per request"),
+                partitions: Vec::new(),
+            }],
+            Ok(names) => names
+                .into_iter()
+                .map(|name| match broker.topics.get(&name) {
+                    Some(topic) => TopicMetadata {
+                        error: ErrorCode::None,
+                        name,
+                        partitions: partition_metadata(&topic),
+                    },
+                    None => TopicMetadata {
+                        error: ErrorCode::UnknownTopicOrPartition,
+                        name,
+                        partitions: Vec::new(),
+                    },
+                })
+                .collect(),
+        },
     };
     MetadataResponse {
         cluster_id: broker.config.cluster_id.clone(),
@@ -121,11 +153,7 @@ async fn create_topics(
                 "replication factor above 1 needs a cluster".to_string(),
             ))
         } else {
-            let partitions = if topic.partitions == 0 {
-                context.broker.config.default_partitions
-            } else {
-                topic.partitions
-            };
+            let partitions = topic.partitions;
             let configs: BTreeMap<String, String> = topic
                 .configs
                 .into_iter()
@@ -187,14 +215,27 @@ fn describe_topics(
             .map(|topic| (topic.name.clone(), Some(topic)))
             .collect()
     } else {
-        request
-            .names
-            .into_iter()
-            .map(|name| {
-                let topic = topics.get(&name);
-                (name, topic)
-            })
-            .collect()
+        match distinct_names(request.names) {
+            Err(count) => {
+                return DescribeTopicsResponse {
+                    topics: vec![TopicDescription {
+                        name: format!(
+                            "{count} topics named; at most {TOPICS_PER_REQUEST_MAX} per request"
+                        ),
+                        error: ErrorCode::InvalidRequest,
+                        configs: Vec::new(),
+                        partitions: Vec::new(),
+                    }],
+                };
+            }
+            Ok(names) => names
+                .into_iter()
+                .map(|name| {
+                    let topic = topics.get(&name);
+                    (name, topic)
+                })
+                .collect(),
+        }
     };
     DescribeTopicsResponse {
         topics: selected
@@ -246,41 +287,79 @@ fn now_ms() -> i64 {
         .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
-async fn produce(context: &ConnectionContext, request: ProduceRequest) -> Option<ProduceResponse> {
-    let started = Instant::now();
+/// One partition of a submitted produce: its index and what the log said.
+type SubmittedPartition = (u32, Result<crate::partition::PendingAppend, ErrorCode>);
+
+/// A produce request whose batches the log has (or has refused).
+#[derive(Debug)]
+pub struct SubmittedProduce {
+    started: Instant,
+    acks: i8,
+    timeout: Duration,
+    topics: Vec<(String, Vec<SubmittedPartition>)>,
+}
+
+/// Validates a produce request and hands its batches to the logs, in the
+/// order the connection sent them (called on the connection's reader task).
+pub fn submit_produce(context: &ConnectionContext, request: ProduceRequest) -> SubmittedProduce {
     let acks = request.acks;
-    let timeout = Duration::from_millis(u64::from(request.timeout_ms.max(1)));
-    let mut appends = tokio::task::JoinSet::new();
-    let mut layout: Vec<(String, Vec<ProducePartitionResponse>)> = Vec::new();
-    for (topic_index, topic) in request.topics.into_iter().enumerate() {
-        layout.push((topic.name.clone(), Vec::new()));
-        for (slot, partition) in topic.partitions.into_iter().enumerate() {
-            let target = context
-                .broker
-                .topics
-                .partition(&topic.name, partition.partition);
-            let records = partition.records.to_bytes();
-            let index = partition.partition;
-            let broker = context.broker.clone();
-            let topic_name = topic.name.clone();
-            appends.spawn(async move {
-                let outcome = if !matches!(acks, -1..=1) {
-                    Err(ErrorCode::InvalidRequest)
-                } else {
-                    match target {
-                        None => Err(ErrorCode::UnknownTopicOrPartition),
-                        Some(target) => {
-                            match tokio::time::timeout(timeout, target.append(&records)).await {
-                                Ok(result) => {
-                                    result.map(|appended| (appended, target.log.start_offset()))
-                                }
-                                Err(_) => Err(ErrorCode::Timeout),
-                            }
+    let topics = request
+        .topics
+        .into_iter()
+        .map(|topic| {
+            let partitions = topic
+                .partitions
+                .into_iter()
+                .map(|partition| {
+                    let outcome = if !matches!(acks, -1..=1) {
+                        Err(ErrorCode::InvalidRequest)
+                    } else {
+                        match context
+                            .broker
+                            .topics
+                            .partition(&topic.name, partition.partition)
+                        {
+                            None => Err(ErrorCode::UnknownTopicOrPartition),
+                            Some(target) => target.submit(&partition.records.to_bytes()),
                         }
-                    }
-                };
-                if let Ok((appended, _)) = &outcome {
-                    let labels = crate::metrics::Metrics::topic(&topic_name);
+                    };
+                    (partition.partition, outcome)
+                })
+                .collect();
+            (topic.name, partitions)
+        })
+        .collect();
+    SubmittedProduce {
+        started: Instant::now(),
+        acks,
+        timeout: Duration::from_millis(u64::from(request.timeout_ms.max(1))),
+        topics,
+    }
+}
+
+/// Waits for a submitted produce to meet its acks and builds the response
+/// (none for acks = 0).
+pub async fn finish_produce(
+    context: &ConnectionContext,
+    submitted: SubmittedProduce,
+) -> Option<ProduceResponse> {
+    let broker = &context.broker;
+    let deadline = submitted.started + submitted.timeout;
+    let mut topics = Vec::with_capacity(submitted.topics.len());
+    for (name, partitions) in submitted.topics {
+        let mut answers = Vec::with_capacity(partitions.len());
+        for (index, pending) in partitions {
+            let outcome = match pending {
+                Err(error) => Err(error),
+                Ok(pending) => match tokio::time::timeout_at(deadline.into(), pending.wait()).await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(ErrorCode::Timeout),
+                },
+            };
+            answers.push(match outcome {
+                Ok(appended) => {
+                    let labels = crate::metrics::Metrics::topic(&name);
                     broker
                         .metrics
                         .records_in
@@ -291,59 +370,36 @@ async fn produce(context: &ConnectionContext, request: ProduceRequest) -> Option
                         .bytes_in
                         .get_or_create(&labels)
                         .inc_by(appended.bytes);
-                }
-                let response = match outcome {
-                    Ok((appended, start)) => ProducePartitionResponse {
+                    ProducePartitionResponse {
                         partition: index,
                         error: ErrorCode::None,
                         base_offset: appended.base_offset as i64,
                         log_append_time_ms: now_ms(),
-                        log_start_offset: start,
-                    },
-                    Err(error) => ProducePartitionResponse {
-                        partition: index,
-                        error,
-                        base_offset: -1,
-                        log_append_time_ms: -1,
-                        log_start_offset: 0,
-                    },
-                };
-                (topic_index, slot, response)
+                        log_start_offset: appended.log_start_offset,
+                    }
+                }
+                Err(error) => ProducePartitionResponse {
+                    partition: index,
+                    error,
+                    base_offset: -1,
+                    log_append_time_ms: -1,
+                    log_start_offset: 0,
+                },
             });
         }
+        topics.push(ProduceTopicResponse {
+            name,
+            partitions: answers,
+        });
     }
-    let mut answers: Vec<Vec<Option<ProducePartitionResponse>>> = Vec::new();
-    while let Some(joined) = appends.join_next().await {
-        let Ok((topic_index, slot, response)) = joined else {
-            continue;
-        };
-        if answers.len() <= topic_index {
-            answers.resize_with(topic_index + 1, Vec::new);
-        }
-        if answers[topic_index].len() <= slot {
-            answers[topic_index].resize_with(slot + 1, || None);
-        }
-        answers[topic_index][slot] = Some(response);
-    }
-    context
-        .broker
+    broker
         .metrics
         .produce_latency
-        .observe(started.elapsed().as_secs_f64());
-    if acks == 0 {
+        .observe(submitted.started.elapsed().as_secs_f64());
+    if submitted.acks == 0 {
         return None;
     }
-    for (topic_index, (_, partitions)) in layout.iter_mut().enumerate() {
-        if let Some(slots) = answers.get_mut(topic_index) {
-            partitions.extend(slots.drain(..).flatten());
-        }
-    }
-    Some(ProduceResponse {
-        topics: layout
-            .into_iter()
-            .map(|(name, partitions)| ProduceTopicResponse { name, partitions })
-            .collect(),
-    })
+    Some(ProduceResponse { topics })
 }
 
 /// Reads up to `max_bytes` from `offset`, as record chunks that borrow the
@@ -380,7 +436,15 @@ async fn fetch(context: &ConnectionContext, request: FetchRequest) -> FetchRespo
         let mut total = 0usize;
         let mut partitions = Vec::with_capacity(request.partitions.len());
         for wanted in &request.partitions {
-            let remaining = (request.max_bytes as usize).saturating_sub(total);
+            // A response stays within a frame, whatever max_bytes asks.
+            let max_bytes = (request.max_bytes as usize).min(
+                broker
+                    .config
+                    .frame_bytes_max
+                    .saturating_sub(64 * 1024)
+                    .max(1),
+            );
+            let remaining = max_bytes.saturating_sub(total);
             let response = match broker.topics.partition(&wanted.topic, wanted.partition) {
                 None => fetch_error(wanted, ErrorCode::UnknownTopicOrPartition, 0, 0),
                 Some(partition) => {
@@ -411,7 +475,7 @@ async fn fetch(context: &ConnectionContext, request: FetchRequest) -> FetchRespo
             partitions.push(response);
         }
         let errors = partitions.iter().any(|partition| !partition.error.is_ok());
-        if total >= request.min_bytes.max(1) as usize || errors || Instant::now() >= deadline {
+        if total >= request.min_bytes as usize || errors || Instant::now() >= deadline {
             for partition in &partitions {
                 count_out(broker, &partition.topic, &partition.records);
             }
@@ -471,7 +535,9 @@ fn subscribe(context: &Arc<ConnectionContext>, request: SubscribeRequest) -> Sub
         .subscriptions
         .lock()
         .unwrap_or_else(|poison| poison.into_inner());
-    if subscriptions.contains_key(&request.subscription_id) {
+    if subscriptions.contains_key(&request.subscription_id)
+        || subscriptions.len() >= SUBSCRIPTIONS_PER_CONNECTION_MAX
+    {
         return SubscribeResponse {
             error: ErrorCode::InvalidRequest,
             high_watermark,

@@ -33,12 +33,12 @@ pub struct Partition {
 pub struct Appended {
     /// Offset of the first record.
     pub base_offset: u64,
+    /// The partition's first stored offset when the append was submitted.
+    pub log_start_offset: u64,
     /// Records appended.
     pub records: u64,
     /// Bytes appended.
     pub bytes: u64,
-    /// The partition's first stored offset.
-    pub log_start_offset: u64,
 }
 
 impl Partition {
@@ -58,15 +58,21 @@ impl Partition {
         self.log.end_offset()
     }
 
-    /// Appends every batch in `records`. Every batch is checked (framing,
-    /// CRC, size, record count) before the first is written, so bad input
-    /// appends nothing; an I/O failure midway can leave a prefix appended. Resolves once the flush policy is met for
-    /// the last one (appends complete in order, so for all).
+    /// Checks every batch in `records` (framing, CRC, size, record count)
+    /// and, only if all pass, hands them to the log in order. Synchronous,
+    /// so that a connection's produce requests reach a partition in the
+    /// order they arrived. A storage failure while submitting can leave a
+    /// prefix appended.
+    ///
+    /// The returned [`PendingAppend`] resolves when the flush policy is met.
+    /// Waiting for that happens in a task of its own, which also wakes
+    /// readers, so a produce request that times out or is dropped never
+    /// leaves fetches and subscriptions unaware of data that did land.
     ///
     /// # Errors
     /// An [`ErrorCode`] for the client: CorruptBatch, BatchTooLarge,
     /// StorageFull, StorageError, ShuttingDown.
-    pub async fn append(&self, records: &Bytes) -> Result<Appended, ErrorCode> {
+    pub fn submit(&self, records: &Bytes) -> Result<PendingAppend, ErrorCode> {
         let config = self.log.config();
         let mut batches = Vec::new();
         let mut records_total = 0u64;
@@ -86,25 +92,62 @@ impl Partition {
             return Err(ErrorCode::CorruptBatch);
         }
         let mut futures = Vec::with_capacity(batches.len());
+        let mut failure = None;
         for batch in batches {
-            futures.push(
-                self.log
-                    .append(batch)
-                    .map_err(|error| storage_error_code(&error))?,
-            );
+            match self.log.append(batch) {
+                Ok(future) => futures.push(future),
+                Err(error) => {
+                    failure = Some(storage_error_code(&error));
+                    break;
+                }
+            }
         }
-        let mut first = None;
-        for future in futures {
-            let info = future.await.map_err(|error| storage_error_code(&error))?;
-            first.get_or_insert(info.base_offset);
-        }
-        self.appended.notify_waiters();
-        Ok(Appended {
-            base_offset: first.unwrap_or(0),
-            records: records_total,
-            bytes: bytes_total,
-            log_start_offset: self.log.start_offset(),
-        })
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let appended = self.appended.clone();
+        let log_start_offset = self.log.start_offset();
+        tokio::spawn(async move {
+            let mut first = None;
+            let mut outcome = Ok(());
+            for future in futures {
+                match future.await {
+                    Ok(info) => {
+                        first.get_or_insert(info.base_offset);
+                    }
+                    Err(error) => {
+                        outcome = Err(storage_error_code(&error));
+                        break;
+                    }
+                }
+            }
+            appended.notify_waiters();
+            let result = match (failure, outcome) {
+                (Some(code), _) | (None, Err(code)) => Err(code),
+                (None, Ok(())) => Ok(Appended {
+                    base_offset: first.unwrap_or(0),
+                    records: records_total,
+                    bytes: bytes_total,
+                    log_start_offset,
+                }),
+            };
+            let _ = sender.send(result);
+        });
+        Ok(PendingAppend { receiver })
+    }
+}
+
+/// An append handed to the log, not yet durable.
+#[derive(Debug)]
+pub struct PendingAppend {
+    receiver: tokio::sync::oneshot::Receiver<Result<Appended, ErrorCode>>,
+}
+
+impl PendingAppend {
+    /// Resolves when the flush policy is met for every batch.
+    ///
+    /// # Errors
+    /// The append's [`ErrorCode`].
+    pub async fn wait(self) -> Result<Appended, ErrorCode> {
+        self.receiver.await.unwrap_or(Err(ErrorCode::ShuttingDown))
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use weir_protocol::frame::FrameDecoder;
 use weir_protocol::message::{EncodedFrame, error_frame};
-use weir_protocol::{ErrorCode, FrameKind, Request};
+use weir_protocol::{ErrorCode, FrameKind, Request, Response};
 use weir_storage::{EngineConfig, IoEngine, LogConfig};
 
 use crate::config::BrokerConfig;
@@ -207,7 +207,7 @@ async fn refuse(mut stream: TcpStream, error: ErrorCode) {
 #[derive(Debug)]
 struct Outgoing {
     frame: EncodedFrame,
-    _budget: Option<OwnedSemaphorePermit>,
+    _budget: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 /// A subscription's control block, shared by the connection and its push task.
@@ -303,6 +303,7 @@ async fn connection(
     });
     let budget_bytes = broker.config.in_flight_bytes_max.max(1);
     let budget = Arc::new(Semaphore::new(budget_bytes));
+    let request_slots = Arc::new(Semaphore::new(broker.config.in_flight_requests_max.max(1)));
     let decoder = FrameDecoder::new(broker.config.frame_bytes_max);
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut requests = tokio::task::JoinSet::new();
@@ -324,13 +325,24 @@ async fn connection(
             };
             // Hold the frame's size against the budget until its response is written.
             let charge = u32::try_from(frame_bytes.min(budget_bytes)).unwrap_or(u32::MAX);
-            let Ok(permit) = budget.clone().acquire_many_owned(charge).await else {
+            let Ok(bytes_permit) = budget.clone().acquire_many_owned(charge).await else {
                 break 'read;
             };
+            // And one of the connection's request slots.
+            let Ok(slot_permit) = request_slots.clone().acquire_owned().await else {
+                break 'read;
+            };
+            let permit = (bytes_permit, slot_permit);
             let frame = match decoder.decode(&mut buffer) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
-                Err(_) => break 'read,
+                Err(_) => {
+                    // Unknown kind or reserved flags: answer, then close.
+                    let _ = context
+                        .push(error_frame(0, 0, ErrorCode::CorruptMessage))
+                        .await;
+                    break 'read;
+                }
             };
             let header = frame.header;
             if header.kind != FrameKind::Request {
@@ -359,8 +371,20 @@ async fn connection(
                 }
             };
             let context = context.clone();
+            // Produce is submitted to the logs here, on the reader, so a
+            // connection's batches reach each partition in the order sent.
+            let submitted = match request {
+                Request::Produce(produce) => Ok(handlers::submit_produce(&context, produce)),
+                other => Err(other),
+            };
             requests.spawn(async move {
-                if let Some(response) = handlers::handle(&context, request).await {
+                let response = match submitted {
+                    Ok(submitted) => handlers::finish_produce(&context, submitted)
+                        .await
+                        .map(Response::Produce),
+                    Err(request) => handlers::handle(&context, request).await,
+                };
+                if let Some(response) = response {
                     let frame = response.encode(header.correlation_id);
                     let _ = context
                         .outgoing

@@ -252,13 +252,22 @@ impl Topics {
                     .map_err(|error| weir_storage::StorageError::io(&dir, error))?;
             }
         }
-        let topic = self.open_topic(
+        let topic = match self.open_topic(
             name,
             TopicSpec {
                 partitions,
                 configs,
             },
-        )?;
+        ) {
+            Ok(topic) => topic,
+            Err(error) => {
+                // Give back whatever was preallocated (a full disk, often).
+                for index in 0..partitions {
+                    let _ = std::fs::remove_dir_all(partition_dir(&self.data_dir, name, index));
+                }
+                return Err(error);
+            }
+        };
         self.write().insert(name.to_string(), Arc::new(topic));
         if let Err(error) = self.store() {
             self.write().remove(name);

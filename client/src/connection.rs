@@ -24,8 +24,6 @@ use crate::error::{ClientError, Result};
 /// Frames queued for the writer before callers wait. Bounded: a caller that
 /// outruns the socket waits instead of growing a queue.
 pub const WRITE_QUEUE_FRAMES: usize = 256;
-/// Pushes buffered per subscription. Credit bounds the bytes anyway.
-pub const PUSH_QUEUE_FRAMES: usize = 64;
 
 type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Response>>>>>;
 type Subscriptions = Arc<Mutex<HashMap<u32, mpsc::Sender<SubscriptionPush>>>>;
@@ -141,8 +139,15 @@ impl Connection {
     }
 
     /// Registers where pushes for `subscription_id` go (before subscribing).
-    pub fn route_pushes(&self, subscription_id: u32) -> mpsc::Receiver<SubscriptionPush> {
-        let (sender, receiver) = mpsc::channel(PUSH_QUEUE_FRAMES);
+    /// `capacity` must hold every push the subscription's credit allows, so
+    /// that the reader never waits on a slow application (which would stall
+    /// every response on the connection).
+    pub fn route_pushes(
+        &self,
+        subscription_id: u32,
+        capacity: usize,
+    ) -> mpsc::Receiver<SubscriptionPush> {
+        let (sender, receiver) = mpsc::channel(capacity.max(1));
         lock(&self.inner.subscriptions).insert(subscription_id, sender);
         receiver
     }

@@ -153,7 +153,11 @@ impl Consumer {
         self.unassign(topic, partition).await?;
         let offset = self.resolve(topic, partition, start).await?;
         let subscription_id = self.connection.next_id();
-        let pushes = self.connection.route_pushes(subscription_id);
+        // Every push carries at least one batch header's worth of credit,
+        // plus one batch of overshoot per push: this many always fit.
+        let capacity =
+            self.config.credit_bytes as usize / weir_protocol::batch::BATCH_HEADER_BYTES + 16;
+        let pushes = self.connection.route_pushes(subscription_id, capacity);
         let response = self
             .connection
             .call(Request::Subscribe(SubscribeRequest {
@@ -221,11 +225,11 @@ impl Consumer {
             return Ok(());
         };
         let assignment = self.assignments.remove(index);
-        self.connection.forget_pushes(assignment.subscription_id);
+        let subscription_id = assignment.subscription_id;
+        self.connection.forget_pushes(subscription_id);
+        drop(assignment);
         self.connection
-            .call(Request::Unsubscribe(UnsubscribeRequest {
-                subscription_id: assignment.subscription_id,
-            }))
+            .call(Request::Unsubscribe(UnsubscribeRequest { subscription_id }))
             .await?;
         Ok(())
     }

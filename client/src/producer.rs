@@ -61,6 +61,10 @@ pub struct ProducerConfig {
     pub request_timeout_ms: u64,
     /// Compression of each batch's records. Default none.
     pub compression: Compression,
+    /// Largest record accepted by `send`. Default 8 MiB: well under the
+    /// broker's 16 MiB batch and frame limits, so one record never costs
+    /// the connection a `FrameTooLarge`.
+    pub record_bytes_max: usize,
 }
 
 impl Default for ProducerConfig {
@@ -74,6 +78,7 @@ impl Default for ProducerConfig {
             retry_backoff_ms: 100,
             request_timeout_ms: 30_000,
             compression: Compression::None,
+            record_bytes_max: 8 << 20,
         }
     }
 }
@@ -271,9 +276,15 @@ impl Producer {
             record.value.as_deref(),
             &headers,
         );
-        if record_bytes > self.shared.config.buffer_bytes {
+        if record_bytes
+            > self
+                .shared
+                .config
+                .buffer_bytes
+                .min(self.shared.config.record_bytes_max)
+        {
             return Err(ClientError::InvalidArgument(format!(
-                "record of {record_bytes} bytes exceeds the producer buffer"
+                "record of {record_bytes} bytes exceeds record_bytes_max or the producer buffer"
             )));
         }
         let permit = self
