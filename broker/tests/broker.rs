@@ -353,3 +353,67 @@ fn subscription_stops_without_credit_and_resumes() {
     }
     assert_eq!(next_offset, 200);
 }
+
+/// Pipelined produce requests on one connection (acks = 0, no waiting) land
+/// in the order they were sent.
+#[test]
+fn pipelined_produces_keep_their_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut client = broker.client();
+    client.create_topic("ordered", 1);
+    for round in 0..300 {
+        client.send(&Request::Produce(ProduceRequest {
+            acks: 0,
+            timeout_ms: 30_000,
+            topics: vec![ProduceTopic {
+                name: "ordered".into(),
+                partitions: vec![ProducePartition {
+                    partition: 0,
+                    records: RecordSet::single(batch(&format!("n{round}"), 1, 0)),
+                }],
+            }],
+        }));
+    }
+    // An acknowledged produce behind them: once it is answered, all are in.
+    assert_eq!(
+        client
+            .produce("ordered", 0, batch("last", 1, 0), 1)
+            .base_offset,
+        300
+    );
+    let values: Vec<Vec<u8>> = client
+        .consume_all("ordered", 0, 0)
+        .into_iter()
+        .map(|record| record.1)
+        .collect();
+    let expected: Vec<Vec<u8>> = (0..300)
+        .map(|round| format!("n{round}-0").into_bytes())
+        .chain([b"last-0".to_vec()])
+        .collect();
+    assert_eq!(values, expected);
+}
+
+/// Metadata answers each named topic once, and refuses more than the limit
+/// with one InvalidRequest entry instead of building a huge response.
+#[test]
+fn metadata_dedupes_and_caps_topic_lists() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut client = broker.client();
+    client.create_topic("a", 1);
+    let Response::Metadata(response) = client.call(Request::Metadata(MetadataRequest {
+        topics: Some(vec!["a".to_string(); 50_000]),
+    })) else {
+        panic!("wrong response")
+    };
+    assert_eq!(response.topics.len(), 1);
+    assert_eq!(response.topics[0].error, ErrorCode::None);
+    let Response::Metadata(response) = client.call(Request::Metadata(MetadataRequest {
+        topics: Some((0..10_001).map(|index| format!("t{index}")).collect()),
+    })) else {
+        panic!("wrong response")
+    };
+    assert_eq!(response.topics.len(), 1);
+    assert_eq!(response.topics[0].error, ErrorCode::InvalidRequest);
+}
