@@ -128,6 +128,23 @@ enum Format {
     Json,
 }
 
+/// A progress bar on stderr when it is a terminal; hidden otherwise (pipes,
+/// scripts, tests).
+fn progress(what: &'static str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+        "{{spinner}} {{pos}} records {what} ({{per_sec}}) {{elapsed}}"
+    )) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
 fn exit_code(error: &anyhow::Error) -> ExitCode {
     match error.downcast_ref::<ClientError>() {
         Some(ClientError::Connect { .. }) => ExitCode::from(3),
@@ -261,6 +278,7 @@ async fn produce(
     let started = Instant::now();
     let mut deliveries = Vec::new();
     let mut sent = 0u64;
+    let bar = progress("produced");
     for line in reader.lines() {
         let line = line?;
         let (record_key, value) = match (&key_separator, &key) {
@@ -282,6 +300,7 @@ async fn produce(
         }
         deliveries.push(producer.send(topic, record).await?);
         sent += 1;
+        bar.inc(1);
         if let Some(rate) = rate.filter(|rate| *rate > 0) {
             let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
             tokio::time::sleep_until(due.into()).await;
@@ -294,6 +313,7 @@ async fn produce(
             failed += 1;
         }
     }
+    bar.finish_and_clear();
     if failed > 0 {
         anyhow::bail!("{failed} of {sent} records were not delivered");
     }
@@ -347,6 +367,7 @@ async fn consume(
     }
     let mut printed = 0u64;
     let stdout = std::io::stdout();
+    let bar = progress("consumed");
     while open > 0 && count.is_none_or(|count| printed < count) {
         let Some(record) = consumer.next().await else {
             break;
@@ -390,10 +411,12 @@ async fn consume(
             }
         }
         printed += 1;
+        bar.inc(1);
         if !follow && record.offset + 1 >= ends[&record.partition] {
             consumer.unassign(topic, record.partition).await?;
             open -= 1;
         }
     }
+    bar.finish_and_clear();
     Ok(())
 }
