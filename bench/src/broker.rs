@@ -50,6 +50,9 @@ pub struct WorkloadArgs {
     /// none, lz4 or zstd.
     #[arg(long, default_value = "none")]
     compression: String,
+    /// Producer batches in flight per partition.
+    #[arg(long, default_value_t = 1)]
+    in_flight: usize,
     /// Records per second over all producers (0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
@@ -69,6 +72,7 @@ struct WorkloadReport {
     partitions: u32,
     record_bytes: usize,
     batch_bytes: usize,
+    in_flight: usize,
     acks: String,
     compression: String,
     seconds: f64,
@@ -198,6 +202,7 @@ async fn produce_phase(
                 compression,
                 batch_bytes: args.batch_bytes,
                 linger_ms: 2,
+                in_flight_per_partition: args.in_flight.max(1),
                 ..ProducerConfig::default()
             },
         )
@@ -347,6 +352,7 @@ pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
         partitions: args.partitions,
         record_bytes: args.record_bytes,
         batch_bytes: args.batch_bytes,
+        in_flight: args.in_flight,
         acks: args.acks.clone(),
         compression: args.compression.clone(),
         ..WorkloadReport::default()

@@ -106,6 +106,15 @@ impl Connection {
     /// # Errors
     /// [`ClientError::Closed`], [`ClientError::Timeout`], or a protocol error.
     pub async fn call(&self, request: Request) -> Result<Response> {
+        self.start_call(request).await?.wait().await
+    }
+
+    /// Queues a request for the writer and returns its pending response.
+    /// Requests started one after another leave on the wire in that order.
+    ///
+    /// # Errors
+    /// [`ClientError::Closed`].
+    pub async fn start_call(&self, request: Request) -> Result<PendingCall> {
         let correlation = self.inner.next_correlation.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
         lock(&self.inner.pending).insert(correlation, sender);
@@ -114,14 +123,12 @@ impl Connection {
             lock(&self.inner.pending).remove(&correlation);
             return Err(ClientError::Closed);
         }
-        match tokio::time::timeout(self.inner.request_timeout, receiver).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ClientError::Closed),
-            Err(_) => {
-                lock(&self.inner.pending).remove(&correlation);
-                Err(ClientError::Timeout)
-            }
-        }
+        Ok(PendingCall {
+            receiver,
+            correlation,
+            pending: self.inner.pending.clone(),
+            timeout: self.inner.request_timeout,
+        })
     }
 
     /// Sends a request whose response the broker will not send (Produce with
@@ -160,6 +167,32 @@ impl Connection {
     /// A fresh id, unique on this connection, for a subscription.
     pub fn next_id(&self) -> u32 {
         self.inner.next_correlation.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A request on the wire, waiting for its response.
+#[derive(Debug)]
+pub struct PendingCall {
+    receiver: oneshot::Receiver<Result<Response>>,
+    correlation: u32,
+    pending: Pending,
+    timeout: Duration,
+}
+
+impl PendingCall {
+    /// Waits for the response, up to the connection's request timeout.
+    ///
+    /// # Errors
+    /// [`ClientError::Closed`], [`ClientError::Timeout`], or the response's error.
+    pub async fn wait(self) -> Result<Response> {
+        match tokio::time::timeout(self.timeout, self.receiver).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => {
+                lock(&self.pending).remove(&self.correlation);
+                Err(ClientError::Timeout)
+            }
+        }
     }
 }
 

@@ -54,8 +54,8 @@ pub enum Offset {
 /// One record read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerRecord {
-    /// Topic.
-    pub topic: String,
+    /// Topic (shared by every record of the partition: no allocation per record).
+    pub topic: std::sync::Arc<str>,
     /// Partition.
     pub partition: u32,
     /// Offset.
@@ -72,6 +72,8 @@ pub struct ConsumerRecord {
 
 struct Assignment {
     topic: String,
+    /// The same name, shared with every record handed out.
+    shared_topic: std::sync::Arc<str>,
     partition: u32,
     subscription_id: u32,
     pushes: mpsc::Receiver<SubscriptionPush>,
@@ -194,6 +196,7 @@ impl Consumer {
         }
         self.assignments.push(Assignment {
             topic: topic.to_string(),
+            shared_topic: std::sync::Arc::from(topic),
             partition,
             subscription_id,
             pushes,
@@ -324,7 +327,7 @@ fn unpack(assignment: &mut Assignment, bytes: &Bytes) -> Result<()> {
             }
             let slice = |part: Option<&[u8]>| part.map(|part| owner.slice_ref(part));
             assignment.records.push_back(ConsumerRecord {
-                topic: assignment.topic.clone(),
+                topic: assignment.shared_topic.clone(),
                 partition: assignment.partition,
                 offset: record.offset,
                 timestamp_ms: record.timestamp_ms,

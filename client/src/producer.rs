@@ -61,6 +61,12 @@ pub struct ProducerConfig {
     pub request_timeout_ms: u64,
     /// Compression of each batch's records. Default none.
     pub compression: Compression,
+    /// Batches in flight per partition. Default 1: a retry can then never
+    /// overtake a later batch. More raises throughput (the broker appends a
+    /// connection's batches in the order sent) but a batch that fails and is
+    /// retried may land after batches sent after it; the idempotent producer
+    /// will make more than one safe.
+    pub in_flight_per_partition: usize,
     /// Largest record accepted by `send`. Default 8 MiB: well under the
     /// broker's 16 MiB batch and frame limits, so one record never costs
     /// the connection a `FrameTooLarge`.
@@ -79,6 +85,7 @@ impl Default for ProducerConfig {
             request_timeout_ms: 30_000,
             compression: Compression::None,
             record_bytes_max: 8 << 20,
+            in_flight_per_partition: 1,
         }
     }
 }
@@ -163,7 +170,7 @@ struct ReadyBatch {
 struct State {
     open: HashMap<(String, u32), OpenBatch>,
     ready: HashMap<(String, u32), VecDeque<ReadyBatch>>,
-    in_flight: HashMap<(String, u32), bool>,
+    in_flight: HashMap<(String, u32), usize>,
     partition_counts: HashMap<String, u32>,
     sticky: HashMap<String, u32>,
     /// Batches sealed or in flight; `flush` waits for zero.
@@ -410,6 +417,7 @@ async fn send_loop(shared: Arc<Shared>) {
         let woken = shared.wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
+        let mut to_start = Vec::new();
         let next_deadline = {
             let mut state = lock(&shared.state);
             let due: Vec<(String, u32)> = state
@@ -421,23 +429,34 @@ async fn send_loop(shared: Arc<Shared>) {
             for key in due {
                 seal(&mut state, &key);
             }
+            let limit = shared.config.in_flight_per_partition.max(1);
             let startable: Vec<(String, u32)> = state
                 .ready
                 .iter()
                 .filter(|(key, queue)| {
-                    !queue.is_empty() && !state.in_flight.get(*key).copied().unwrap_or(false)
+                    !queue.is_empty() && state.in_flight.get(*key).copied().unwrap_or(0) < limit
                 })
                 .map(|(key, _)| key.clone())
                 .collect();
             for key in startable {
-                let Some(batch) = state.ready.get_mut(&key).and_then(VecDeque::pop_front) else {
-                    continue;
-                };
-                state.in_flight.insert(key.clone(), true);
-                tokio::spawn(deliver(shared.clone(), key, batch));
+                while state.in_flight.get(&key).copied().unwrap_or(0) < limit {
+                    let Some(batch) = state.ready.get_mut(&key).and_then(VecDeque::pop_front)
+                    else {
+                        break;
+                    };
+                    *state.in_flight.entry(key.clone()).or_insert(0) += 1;
+                    to_start.push((key.clone(), batch));
+                }
             }
             state.open.values().map(|open| open.created + linger).min()
         };
+        // Put each batch's first attempt on the wire here, in order: the
+        // broker appends a connection's batches in arrival order. Waiting
+        // (and any retry) happens in a task per batch.
+        for (key, batch) in to_start {
+            let first = first_attempt(&shared, &batch).await;
+            tokio::spawn(deliver(shared.clone(), key, batch, first));
+        }
         match next_deadline {
             Some(deadline) => {
                 let _ = tokio::time::timeout_at(deadline.into(), woken).await;
@@ -447,9 +466,69 @@ async fn send_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Sends one batch (with retries) and resolves its records.
-async fn deliver(shared: Arc<Shared>, key: (String, u32), batch: ReadyBatch) {
-    let outcome = produce_with_retries(&shared, &batch).await;
+/// The produce request for a batch (compressed as configured).
+fn produce_request(shared: &Shared, batch: &ReadyBatch) -> Result<Request> {
+    let bytes = compress(&batch.bytes, shared.config.compression)?;
+    Ok(Request::Produce(ProduceRequest {
+        acks: shared.config.acks.wire(),
+        timeout_ms: u32::try_from(shared.config.request_timeout_ms).unwrap_or(u32::MAX),
+        topics: vec![ProduceTopic {
+            name: batch.topic.clone(),
+            partitions: vec![ProducePartition {
+                partition: batch.partition,
+                records: RecordSet::single(bytes),
+            }],
+        }],
+    }))
+}
+
+/// The first attempt of a batch, already queued on the connection.
+enum FirstAttempt {
+    /// Waiting for the broker's answer.
+    Pending(Request, crate::connection::PendingCall),
+    /// Sent with acks = 0: nothing to wait for.
+    Sent,
+    /// Could not even be sent; retried (if retriable) by `deliver`.
+    Failed(Option<Request>, ClientError),
+}
+
+async fn first_attempt(shared: &Shared, batch: &ReadyBatch) -> FirstAttempt {
+    let request = match produce_request(shared, batch) {
+        Ok(request) => request,
+        Err(error) => return FirstAttempt::Failed(None, error),
+    };
+    if shared.config.acks == Acks::None {
+        return match shared.connection.send_only(request.clone()).await {
+            Ok(()) => FirstAttempt::Sent,
+            Err(error) => FirstAttempt::Failed(Some(request), error),
+        };
+    }
+    match shared.connection.start_call(request.clone()).await {
+        Ok(pending) => FirstAttempt::Pending(request, pending),
+        Err(error) => FirstAttempt::Failed(Some(request), error),
+    }
+}
+
+/// The base offset from a produce response.
+fn base_offset(response: Result<Response>) -> Result<i64> {
+    match response? {
+        Response::Produce(response) => {
+            match response.topics.first().and_then(|t| t.partitions.first()) {
+                Some(answer) if answer.error == ErrorCode::None => Ok(answer.base_offset),
+                Some(answer) => Err(ClientError::Broker(answer.error)),
+                None => Err(ClientError::Protocol("empty produce response".into())),
+            }
+        }
+        other => Err(ClientError::Protocol(format!(
+            "unexpected {:?}",
+            other.api()
+        ))),
+    }
+}
+
+/// Finishes one batch (retrying as configured) and resolves its records.
+async fn deliver(shared: Arc<Shared>, key: (String, u32), batch: ReadyBatch, first: FirstAttempt) {
+    let outcome = finish(&shared, first).await;
     for (delta, waiter) in batch.waiters {
         let result = match &outcome {
             Ok(base) => Ok(Delivery {
@@ -466,7 +545,9 @@ async fn deliver(shared: Arc<Shared>, key: (String, u32), batch: ReadyBatch) {
     }
     {
         let mut state = lock(&shared.state);
-        state.in_flight.insert(key, false);
+        if let Some(count) = state.in_flight.get_mut(&key) {
+            *count = count.saturating_sub(1);
+        }
         state.outstanding -= 1;
         if state.outstanding == 0 {
             shared.idle.notify_waiters();
@@ -475,50 +556,31 @@ async fn deliver(shared: Arc<Shared>, key: (String, u32), batch: ReadyBatch) {
     shared.wake.notify_one();
 }
 
-async fn produce_with_retries(shared: &Shared, batch: &ReadyBatch) -> Result<i64> {
-    let bytes = compress(&batch.bytes, shared.config.compression)?;
-    let request = Request::Produce(ProduceRequest {
-        acks: shared.config.acks.wire(),
-        timeout_ms: u32::try_from(shared.config.request_timeout_ms).unwrap_or(u32::MAX),
-        topics: vec![ProduceTopic {
-            name: batch.topic.clone(),
-            partitions: vec![ProducePartition {
-                partition: batch.partition,
-                records: RecordSet::single(bytes),
-            }],
-        }],
-    });
+async fn finish(shared: &Shared, first: FirstAttempt) -> Result<i64> {
+    let (request, mut result) = match first {
+        FirstAttempt::Sent => return Ok(-1),
+        FirstAttempt::Pending(request, pending) => (request, base_offset(pending.wait().await)),
+        FirstAttempt::Failed(None, error) => return Err(error),
+        FirstAttempt::Failed(Some(request), error) => (request, Err(error)),
+    };
     let mut backoff = Duration::from_millis(shared.config.retry_backoff_ms);
     let mut attempt = 0;
     loop {
-        let result = if shared.config.acks == Acks::None {
-            shared
-                .connection
-                .send_only(request.clone())
-                .await
-                .map(|()| -1)
-        } else {
-            match shared.connection.call(request.clone()).await {
-                Ok(Response::Produce(response)) => {
-                    match response.topics.first().and_then(|t| t.partitions.first()) {
-                        Some(answer) if answer.error == ErrorCode::None => Ok(answer.base_offset),
-                        Some(answer) => Err(ClientError::Broker(answer.error)),
-                        None => Err(ClientError::Protocol("empty produce response".into())),
-                    }
-                }
-                Ok(other) => Err(ClientError::Protocol(format!(
-                    "unexpected {:?}",
-                    other.api()
-                ))),
-                Err(error) => Err(error),
-            }
-        };
         match result {
             Err(error) if error.is_retriable() && attempt < shared.config.retries => {
                 attempt += 1;
                 tracing::debug!(%error, attempt, "retrying produce");
                 tokio::time::sleep(backoff).await;
                 backoff = backoff.saturating_mul(2);
+                result = if shared.config.acks == Acks::None {
+                    shared
+                        .connection
+                        .send_only(request.clone())
+                        .await
+                        .map(|()| -1)
+                } else {
+                    base_offset(shared.connection.call(request.clone()).await)
+                };
             }
             other => return other,
         }

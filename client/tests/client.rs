@@ -250,3 +250,52 @@ async fn consumer_seeks_by_offset_and_timestamp() {
         .expect("seek");
     assert_eq!(consumer.position("clock", 0), Some(100));
 }
+
+/// With several batches in flight per partition, records still land in the
+/// order they were sent (the broker appends a connection's batches in
+/// arrival order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_batches_in_flight_keep_order() {
+    let broker = Broker::start();
+    Admin::connect(&broker.addr)
+        .await
+        .expect("connect")
+        .create_topic("seq", 1)
+        .await
+        .expect("create");
+    let producer = Producer::connect(
+        &broker.addr,
+        ProducerConfig {
+            batch_bytes: 4 * 1024,
+            in_flight_per_partition: 8,
+            ..ProducerConfig::default()
+        },
+    )
+    .await
+    .expect("producer");
+    let mut deliveries = Vec::new();
+    for number in 0..5000u32 {
+        deliveries.push(
+            producer
+                .send("seq", ProducerRecord::new(number.to_string()))
+                .await
+                .expect("send"),
+        );
+    }
+    producer.flush().await.expect("flush");
+    for (number, delivery) in deliveries.into_iter().enumerate() {
+        let delivery = delivery.await.expect("resolved").expect("delivered");
+        assert_eq!(delivery.offset, number as i64, "offsets follow send order");
+    }
+    let mut consumer = Consumer::connect(&broker.addr, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    consumer
+        .assign("seq", 0, Offset::Earliest)
+        .await
+        .expect("assign");
+    for number in 0..5000u32 {
+        let record = consumer.next().await.expect("some").expect("record");
+        assert_eq!(record.value.as_deref(), Some(number.to_string().as_bytes()));
+    }
+}

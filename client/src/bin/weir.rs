@@ -399,7 +399,7 @@ async fn consume(
                     })
                     .collect();
                 let object = serde_json::json!({
-                    "topic": record.topic,
+                    "topic": &*record.topic,
                     "partition": record.partition,
                     "offset": record.offset,
                     "timestamp_ms": record.timestamp_ms,
