@@ -84,6 +84,7 @@ impl Partition {
             if batch.records_count() as u32 > config.batch_records_max {
                 return Err(ErrorCode::CorruptBatch);
             }
+            check_records(&batch)?;
             records_total += batch.records_count() as u64;
             batches.push(batch.bytes().to_vec());
         }
@@ -133,6 +134,28 @@ impl Partition {
         });
         Ok(PendingAppend { receiver })
     }
+}
+
+/// Checks that every record of an uncompressed batch parses and carries the
+/// offset delta of its position, so consumers can trust `offset`. Compressed
+/// batches are checked by their CRC and framing only (decompressing them here
+/// would cost the broker what the client saved).
+fn check_records(batch: &weir_protocol::Batch<'_>) -> Result<(), ErrorCode> {
+    let Ok(records) = batch.records() else {
+        return Ok(());
+    };
+    let mut count = 0i64;
+    for (position, record) in records.enumerate() {
+        let record = record.map_err(|_| ErrorCode::CorruptBatch)?;
+        if record.offset != batch.base_offset() + position as u64 {
+            return Err(ErrorCode::CorruptBatch);
+        }
+        count += 1;
+    }
+    if count != i64::from(batch.records_count()) {
+        return Err(ErrorCode::CorruptBatch);
+    }
+    Ok(())
 }
 
 /// An append handed to the log, not yet durable.

@@ -417,3 +417,32 @@ fn metadata_dedupes_and_caps_topic_lists() {
     assert_eq!(response.topics.len(), 1);
     assert_eq!(response.topics[0].error, ErrorCode::InvalidRequest);
 }
+
+/// A batch whose records do not carry the offset deltas of their positions
+/// is refused: consumers rely on every record's offset.
+#[test]
+fn records_with_wrong_offset_deltas_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut client = broker.client();
+    client.create_topic("strict", 1);
+    let two = batch("x", 2, 0);
+    let one = batch("x", 1, 0);
+    // Header of a two-record batch, followed by the same record twice (delta 0 both times).
+    let mut lying = two[..61].to_vec();
+    lying.extend_from_slice(&one[61..]);
+    lying.extend_from_slice(&one[61..]);
+    let length = (lying.len() - 12) as u32;
+    lying[8..12].copy_from_slice(&length.to_be_bytes());
+    let crc = crc32c::crc32c(&lying[21..]);
+    lying[17..21].copy_from_slice(&crc.to_be_bytes());
+    assert_eq!(
+        client.produce("strict", 0, Bytes::from(lying), 1).error,
+        ErrorCode::CorruptBatch
+    );
+    assert_eq!(
+        client.produce("strict", 0, two, 1).base_offset,
+        0,
+        "nothing was appended before"
+    );
+}

@@ -268,6 +268,9 @@ impl Consumer {
                 match assignment.pushes.poll_recv(context) {
                     Poll::Ready(Some(push)) => {
                         if !push.error.is_ok() {
+                            // The broker ended this subscription.
+                            self.assignments.remove(index);
+                            self.next_assignment = 0;
                             return Poll::Ready(Some(Err(ClientError::Broker(push.error))));
                         }
                         let bytes = push.records.to_bytes();
@@ -292,7 +295,12 @@ impl Consumer {
                             });
                         }
                     }
-                    Poll::Ready(None) => return Poll::Ready(Some(Err(ClientError::Closed))),
+                    Poll::Ready(None) => {
+                        // The connection closed: report it once, then drop the partition.
+                        self.assignments.remove(index);
+                        self.next_assignment = 0;
+                        return Poll::Ready(Some(Err(ClientError::Closed)));
+                    }
                     Poll::Pending => break,
                 }
             }
