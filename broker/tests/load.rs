@@ -148,3 +148,60 @@ fn slow_consumer_two_gib_behind_costs_no_memory() {
     }
     assert_eq!(offset, expected);
 }
+
+/// A connection at its in-flight limit is not read: with room for four
+/// requests, four long-poll fetches hold it, a fifth request waits unread,
+/// and is answered as soon as the fetches complete.
+#[test]
+fn a_connection_at_its_in_flight_limit_is_not_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, "in_flight_requests_max = 4\n").expect("config");
+    let data = dir.path().join("data");
+    let broker = BrokerProcess::start(&data, &["--config", config.to_str().expect("utf-8 path")]);
+    let mut admin = broker.client();
+    admin.create_topic("quiet", 1);
+    let mut client = broker.client();
+    let fetches: Vec<u32> = (0..4)
+        .map(|_| {
+            client.send(&Request::Fetch(FetchRequest {
+                max_wait_ms: 30_000,
+                min_bytes: 1,
+                max_bytes: 1 << 20,
+                partitions: vec![FetchPartition {
+                    topic: "quiet".into(),
+                    partition: 0,
+                    fetch_offset: 0,
+                    partition_max_bytes: 1 << 20,
+                }],
+            }))
+        })
+        .collect();
+    let metadata = client.send(&Request::Metadata(MetadataRequest { topics: None }));
+    // Nothing may come back while the fetches wait: the metadata request is unread.
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    assert!(
+        client.read_frame_or_timeout().is_none(),
+        "a request beyond the limit must not be answered"
+    );
+    client
+        .stream
+        .set_read_timeout(Some(common::DEADLINE))
+        .expect("timeout");
+    // Data arrives: the fetches complete, then the metadata request is read and answered.
+    admin.produce("quiet", 0, batch("wake", 1, 0), 1);
+    let mut answered = Vec::new();
+    while answered.len() < 5 {
+        let frame = client.read_frame().expect("responses");
+        answered.push(frame.header.correlation_id);
+    }
+    assert!(fetches.iter().all(|id| answered.contains(id)));
+    assert!(answered.contains(&metadata));
+    assert_ne!(
+        answered[0], metadata,
+        "the fifth request is read only after a fetch frees a slot"
+    );
+}
