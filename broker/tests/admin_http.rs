@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{BrokerProcess, batch, http};
+use common::{BrokerProcess, Connect, batch, http};
 use weir_protocol::ErrorCode;
 
 /// Health and readiness answer; the JSON API creates, shows and deletes

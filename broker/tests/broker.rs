@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{BrokerProcess, Client, batch};
+use common::{BrokerProcess, Client, Connect, batch};
 use weir_protocol::message::*;
 use weir_protocol::{ApiKey, ErrorCode, FrameKind, Request, Response};
 

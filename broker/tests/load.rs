@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{BrokerProcess, Client, batch};
+use common::{BrokerProcess, Client, Connect, batch};
 use weir_protocol::message::*;
 use weir_protocol::{ErrorCode, FrameKind, Request, Response};
 

@@ -1,9 +1,6 @@
 //! The client against the real `weir-broker` binary on a free loopback port.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use weir_client::partitioner::partition_for_key;
@@ -11,25 +8,12 @@ use weir_client::{
     Admin, ClientError, Compression, Consumer, ConsumerConfig, Offset, Producer, ProducerConfig,
     ProducerRecord,
 };
+use weir_testkit::BrokerProcess;
 
-/// The broker binary built alongside this test (the workspace build makes it).
-fn broker_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let binary = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("weir-broker"))
-        .expect("target directory");
-    assert!(
-        binary.exists(),
-        "{} missing: build the workspace (cargo build --workspace)",
-        binary.display()
-    );
-    binary
-}
-
+/// A broker process on free ports with its own data directory.
 struct Broker {
-    child: Child,
+    /// Held so the process lives as long as the test (killed on drop).
+    _process: BrokerProcess,
     addr: String,
     _dir: tempfile::TempDir,
 }
@@ -37,44 +21,12 @@ struct Broker {
 impl Broker {
     fn start() -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut child = Command::new(broker_binary())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(dir.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn broker");
-        let stdout = child.stdout.take().expect("stdout");
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = sender.send(line);
-            }
-            for _ in lines {}
-        });
-        let line = receiver
-            .recv_timeout(Duration::from_secs(60))
-            .expect("broker started");
-        let addr = line.split_whitespace().nth(3).expect("address").to_string();
+        let process = BrokerProcess::start(dir.path(), &[]);
         Broker {
-            child,
-            addr,
+            addr: process.addr.to_string(),
+            _process: process,
             _dir: dir,
         }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

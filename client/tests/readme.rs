@@ -1,10 +1,10 @@
 //! Runs every command of the README's Quickstart against a real broker, so
 //! the README cannot rot.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
+
+use weir_testkit::BrokerProcess;
 
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
@@ -38,32 +38,8 @@ fn readme_quickstart_runs() {
         "build the workspace first"
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut broker = Command::new(target.join("weir-broker"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn broker");
-    let stdout = broker.stdout.take().expect("stdout");
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(line)) = lines.next() {
-            let _ = sender.send(line);
-        }
-        for _ in lines {}
-    });
-    let line = receiver
-        .recv_timeout(Duration::from_secs(60))
-        .expect("broker started");
-    let addr = line.split_whitespace().nth(3).expect("address").to_string();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let addr = broker.addr.to_string();
     let path = format!(
         "{}:{}",
         target.display(),
@@ -100,8 +76,7 @@ fn readme_quickstart_runs() {
         "{}",
         String::from_utf8_lossy(&missing.stderr)
     );
-    let _ = broker.kill();
-    let _ = broker.wait();
+    broker.kill();
     // consume --from earliest: all three values; alice's two in order.
     let all = &outputs[2];
     for value in ["first order", "second order", "third order"] {

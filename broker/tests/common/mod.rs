@@ -2,100 +2,25 @@
 //! blocking client speaking the wire protocol, for the integration tests.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use weir_protocol::frame::FRAME_BYTES_MAX_DEFAULT;
 use weir_protocol::message::*;
 use weir_protocol::{BatchBuilder, ErrorCode, Frame, FrameDecoder, Request, Response};
 
-/// How long a test waits for a broker to start or answer before failing.
-pub const DEADLINE: Duration = Duration::from_secs(60);
+pub use weir_testkit::{BrokerProcess, DEADLINE};
 
-/// A broker process; killed on drop.
-pub struct BrokerProcess {
-    pub child: Child,
-    pub addr: SocketAddr,
-    pub admin_addr: SocketAddr,
-    pub data_dir: PathBuf,
+/// A client of a test broker.
+pub trait Connect {
+    /// A new blocking client connection.
+    fn client(&self) -> Client;
 }
 
-impl BrokerProcess {
-    /// Starts `weir-broker` on a free port with `data_dir`, waiting for its
-    /// "listening on" line.
-    pub fn start(data_dir: &Path, extra: &[&str]) -> BrokerProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir-broker"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn weir-broker");
-        let stdout = child.stdout.take().expect("stdout");
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = sender.send(line);
-            }
-            for _ in lines {}
-        });
-        let line = receiver
-            .recv_timeout(DEADLINE)
-            .expect("broker printed its address");
-        let addr = line
-            .split_whitespace()
-            .nth(3)
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"));
-        let admin_addr = line
-            .rsplit("http://")
-            .next()
-            .map(|rest| rest.trim_end_matches(')'))
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no admin address in: {line}"));
-        BrokerProcess {
-            child,
-            addr,
-            admin_addr,
-            data_dir: data_dir.to_path_buf(),
-        }
-    }
-
-    /// SIGKILL.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM and wait for a clean exit.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: plain syscall on our child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        self.child.wait().expect("wait for broker")
-    }
-
-    pub fn client(&self) -> Client {
+impl Connect for BrokerProcess {
+    fn client(&self) -> Client {
         Client::connect(self.addr)
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

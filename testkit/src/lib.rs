@@ -1,0 +1,123 @@
+//! Test support shared by the integration tests of several crates: a real
+//! `weir-broker` process on free loopback ports, killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// How long a test waits for a broker to start or answer before failing.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A binary of the workspace, next to the running test's own directory
+/// (`target/<profile>/`), which a workspace build fills.
+///
+/// # Panics
+/// If it is missing, with the command that builds it.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let binary = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(name))
+        .expect("target directory");
+    assert!(
+        binary.exists(),
+        "{} missing: build the workspace (cargo build --workspace)",
+        binary.display()
+    );
+    binary
+}
+
+/// A broker process; killed on drop.
+#[derive(Debug)]
+pub struct BrokerProcess {
+    /// The process.
+    pub child: Child,
+    /// Client address.
+    pub addr: SocketAddr,
+    /// Admin HTTP address.
+    pub admin_addr: SocketAddr,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+}
+
+impl BrokerProcess {
+    /// Starts `binary` on free loopback ports with `data_dir` and `extra`
+    /// flags, and waits for its "listening on" line.
+    ///
+    /// # Panics
+    /// If the broker does not start within [`DEADLINE`].
+    pub fn start_binary(binary: &Path, data_dir: &Path, extra: &[&str]) -> BrokerProcess {
+        let mut child = Command::new(binary)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn weir-broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = sender.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = receiver
+            .recv_timeout(DEADLINE)
+            .expect("broker printed its address");
+        let addr = line
+            .split_whitespace()
+            .nth(3)
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"));
+        let admin_addr = line
+            .rsplit("http://")
+            .next()
+            .map(|rest| rest.trim_end_matches(')'))
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no admin address in: {line}"));
+        BrokerProcess {
+            child,
+            addr,
+            admin_addr,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    /// Starts the workspace's `weir-broker`.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> BrokerProcess {
+        Self::start_binary(&workspace_binary("weir-broker"), data_dir, extra)
+    }
+
+    /// SIGKILL, and wait for it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: plain syscall on our child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.child.wait().expect("wait for broker")
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
