@@ -276,7 +276,10 @@ async fn produce(
         None => Box::new(std::io::BufReader::new(std::io::stdin())),
     };
     let started = Instant::now();
-    let mut deliveries = Vec::new();
+    // Outstanding deliveries, oldest first; settled ones are dropped as we go
+    // so memory follows the producer's buffer, not the size of the input.
+    let mut deliveries = std::collections::VecDeque::new();
+    let mut failed = 0u64;
     let mut sent = 0u64;
     let bar = progress("produced");
     for line in reader.lines() {
@@ -298,8 +301,16 @@ async fn produce(
         for (name, value) in &headers {
             record = record.header(name.clone(), value.clone());
         }
-        deliveries.push(producer.send(topic, record).await?);
+        deliveries.push_back(producer.send(topic, record).await?);
         sent += 1;
+        while let Some(front) = deliveries.front_mut() {
+            match front.try_recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(tokio::sync::oneshot::error::TryRecvError::Closed) => failed += 1,
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+            }
+            deliveries.pop_front();
+        }
         bar.inc(1);
         if let Some(rate) = rate.filter(|rate| *rate > 0) {
             let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
@@ -307,7 +318,6 @@ async fn produce(
         }
     }
     producer.flush().await?;
-    let mut failed = 0;
     for delivery in deliveries {
         if !matches!(delivery.await, Ok(Ok(_))) {
             failed += 1;
