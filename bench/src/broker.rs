@@ -1,9 +1,8 @@
 //! Workloads against a broker (`produce`, `consume`, `e2e`) and the
 //! `baseline` of the hardware they run on (disk, loopback TCP, fsync).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -89,26 +88,39 @@ struct WorkloadReport {
     e2e_p999_ms: Option<f64>,
 }
 
-/// A broker process started for the benchmark; killed on drop.
-struct SpawnedBroker {
-    child: Child,
-    _dir: tempfile_dir::TempDir,
-}
-
-mod tempfile_dir {
-    //! A temporary directory removed on drop (without a crate for it).
-    pub struct TempDir(pub std::path::PathBuf);
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+impl WorkloadReport {
+    /// Fills in what the produce phase measured.
+    fn record_produce(
+        &mut self,
+        records: u64,
+        bytes: u64,
+        latencies: &Histogram<u64>,
+        elapsed: f64,
+    ) {
+        self.records = records;
+        self.seconds = elapsed;
+        self.mb_s = bytes as f64 / 1e6 / elapsed;
+        self.records_s = records as f64 / elapsed;
+        self.p50_ms = percentile_ms(latencies, 0.5);
+        self.p99_ms = percentile_ms(latencies, 0.99);
+        self.p999_ms = percentile_ms(latencies, 0.999);
+        self.max_ms = latencies.max() as f64 / 1_000.0;
     }
 }
 
-impl Drop for SpawnedBroker {
+/// A broker started for the benchmark: the process (killed on drop) and its
+/// data directory (removed on drop).
+struct SpawnedBroker {
+    _process: weir_testkit::BrokerProcess,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -124,31 +136,12 @@ fn spawn_broker() -> anyhow::Result<(SpawnedBroker, String)> {
         );
     }
     let dir = std::env::current_dir()?.join(format!("weir-bench-broker-{}", std::process::id()));
-    let mut child = Command::new(&binary)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("spawn weir-broker")?;
-    let stdout = child.stdout.take().context("broker stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let addr = line
-        .split_whitespace()
-        .nth(3)
-        .context("broker address")?
-        .to_string();
+    let process = weir_testkit::BrokerProcess::start_binary(&binary, &dir, &[]);
+    let addr = process.addr.to_string();
     Ok((
         SpawnedBroker {
-            child,
-            _dir: tempfile_dir::TempDir(dir),
+            _process: process,
+            _dir: TempDir(dir),
         },
         addr,
     ))
@@ -363,14 +356,7 @@ pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
             let (records, bytes, latencies) =
                 produce_phase(&addr, &topic, args, stop.clone()).await?;
             let elapsed = started.elapsed().as_secs_f64();
-            report.records = records;
-            report.seconds = elapsed;
-            report.mb_s = bytes as f64 / 1e6 / elapsed;
-            report.records_s = records as f64 / elapsed;
-            report.p50_ms = percentile_ms(&latencies, 0.5);
-            report.p99_ms = percentile_ms(&latencies, 0.99);
-            report.p999_ms = percentile_ms(&latencies, 0.999);
-            report.max_ms = latencies.max() as f64 / 1_000.0;
+            report.record_produce(records, bytes, &latencies, elapsed);
             if workload == "consume" {
                 // Read back everything just produced (from the page cache or the device).
                 let consume_started = Instant::now();
@@ -399,14 +385,7 @@ pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(500)).await;
             stop.store(true, Ordering::Relaxed);
             let (_, _, e2e) = consume.await??;
-            report.records = records;
-            report.seconds = elapsed;
-            report.mb_s = bytes as f64 / 1e6 / elapsed;
-            report.records_s = records as f64 / elapsed;
-            report.p50_ms = percentile_ms(&latencies, 0.5);
-            report.p99_ms = percentile_ms(&latencies, 0.99);
-            report.p999_ms = percentile_ms(&latencies, 0.999);
-            report.max_ms = latencies.max() as f64 / 1_000.0;
+            report.record_produce(records, bytes, &latencies, elapsed);
             report.e2e_p50_ms = Some(percentile_ms(&e2e, 0.5));
             report.e2e_p99_ms = Some(percentile_ms(&e2e, 0.99));
             report.e2e_p999_ms = Some(percentile_ms(&e2e, 0.999));

@@ -1,5 +1,6 @@
-//! Test support shared by the integration tests of several crates: a real
-//! `weir-broker` process on free loopback ports, killed when dropped.
+//! Support shared by the integration tests of several crates and by
+//! `weir-bench --spawn-broker`: a real `weir-broker` process on free loopback
+//! ports, killed when dropped.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

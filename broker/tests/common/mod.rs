@@ -80,6 +80,15 @@ impl Client {
 
     /// The next frame, or `None` when the broker closed the connection.
     pub fn read_frame(&mut self) -> Option<Frame> {
+        self.next_frame(false)
+    }
+
+    /// The next frame, or `None` on close or when the read timeout passes.
+    pub fn read_frame_or_timeout(&mut self) -> Option<Frame> {
+        self.next_frame(true)
+    }
+
+    fn next_frame(&mut self, timeout_ends: bool) -> Option<Frame> {
         loop {
             if let Some(frame) = self
                 .decoder
@@ -93,26 +102,8 @@ impl Client {
                 Ok(0) => return None,
                 Ok(read) => self.buffer.extend_from_slice(&chunk[..read]),
                 Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(_) if timeout_ends => return None,
                 Err(error) => panic!("read: {error}"),
-            }
-        }
-    }
-
-    /// The next frame, or `None` on close or when the read timeout passes.
-    pub fn read_frame_or_timeout(&mut self) -> Option<Frame> {
-        loop {
-            if let Some(frame) = self
-                .decoder
-                .decode(&mut self.buffer)
-                .expect("broker sends valid frames")
-            {
-                return Some(frame);
-            }
-            let mut chunk = [0u8; 64 * 1024];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(read) => self.buffer.extend_from_slice(&chunk[..read]),
-                Err(_) => return None,
             }
         }
     }
