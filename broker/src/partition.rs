@@ -74,9 +74,9 @@ impl Partition {
     /// StorageFull, StorageError, ShuttingDown.
     pub fn submit(&self, records: &Bytes) -> Result<PendingAppend, ErrorCode> {
         let config = self.log.config();
-        let mut batches = Vec::new();
+        let mut parsed = Vec::new();
         let mut records_total = 0u64;
-        for batch in Batches::new(records, true) {
+        for batch in Batches::new(records, false) {
             let batch = batch.map_err(|_| ErrorCode::CorruptBatch)?;
             if batch.len() > config.batch_bytes_max {
                 return Err(ErrorCode::BatchTooLarge);
@@ -86,8 +86,18 @@ impl Partition {
             }
             check_records(&batch)?;
             records_total += batch.records_count() as u64;
-            batches.push(batch.bytes().to_vec());
+            parsed.push(batch);
         }
+        // The log checks each batch's CRC as it appends. A lone batch is
+        // left to that check (one pass over the bytes, not two); several
+        // are checked here first, so that a bad one refuses them all rather
+        // than leaving a prefix appended.
+        if parsed.len() > 1 {
+            for batch in &parsed {
+                batch.verify_crc().map_err(|_| ErrorCode::CorruptBatch)?;
+            }
+        }
+        let batches: Vec<Vec<u8>> = parsed.iter().map(|batch| batch.bytes().to_vec()).collect();
         let bytes_total = batches.iter().map(|batch| batch.len() as u64).sum();
         if batches.is_empty() {
             return Err(ErrorCode::CorruptBatch);

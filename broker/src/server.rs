@@ -88,6 +88,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         retention_ms: config.retention_ms,
         flush: config.flush_policy()?,
         write_mode: config.write_mode()?,
+        verify_crc_on_read: config.verify_crc_on_read,
         ..LogConfig::default()
     };
     let appended = Arc::new(Notify::new());

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use weir_protocol::message::*;
-use weir_protocol::{Batches, Compression, ErrorCode, Request, Response};
+use weir_protocol::{Batches, Compression, ErrorCode, Record, Request, Response};
 
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
@@ -79,9 +79,154 @@ struct Assignment {
     pushes: mpsc::Receiver<SubscriptionPush>,
     /// Next offset the application should see.
     position: u64,
+    /// Records of `chunk` being handed out one by one.
     records: VecDeque<ConsumerRecord>,
+    /// The chunk `records` came from, handed back whole (from `position`)
+    /// if the application switches to [`Consumer::next_batch`].
+    chunk: Option<ConsumerBatch>,
     /// Bytes taken since the last credit grant.
     taken_bytes: u32,
+}
+
+/// Records of one partition as they arrived, checked (framing, CRC) and
+/// decompressed but not decoded record by record: the way to read at the
+/// rate the network delivers. [`ConsumerBatch::records`] walks them without
+/// allocating.
+#[derive(Debug, Clone)]
+pub struct ConsumerBatch {
+    topic: std::sync::Arc<str>,
+    partition: u32,
+    /// Whole RecordBatches as the broker sent them.
+    bytes: Bytes,
+    /// Decompressed records sections of the compressed batches, in order.
+    decompressed: Vec<Bytes>,
+    /// Records before this offset were already delivered: skipped.
+    start_offset: u64,
+    /// The offset after the last batch.
+    next_offset: u64,
+}
+
+impl ConsumerBatch {
+    /// Checks `bytes` and decompresses what needs it.
+    fn new(
+        topic: std::sync::Arc<str>,
+        partition: u32,
+        bytes: Bytes,
+        start_offset: u64,
+    ) -> Result<ConsumerBatch> {
+        let mut decompressed = Vec::new();
+        let mut next_offset = start_offset;
+        for batch in Batches::new(&bytes, true) {
+            let batch = batch.map_err(|error| ClientError::Protocol(error.to_string()))?;
+            if batch.compression() != Compression::None {
+                decompressed.push(Bytes::from(decompress(
+                    batch.compression(),
+                    batch.records_bytes(),
+                )?));
+            }
+            next_offset = next_offset.max(batch.next_offset());
+        }
+        Ok(ConsumerBatch {
+            topic,
+            partition,
+            bytes,
+            decompressed,
+            start_offset,
+            next_offset,
+        })
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The partition.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The offset after the last record: where the partition continues.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// The RecordBatch bytes as stored (the first batch may begin before
+    /// the consumer's position; [`ConsumerBatch::records`] skips those).
+    pub fn raw_bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Each record, borrowed from the batch, in offset order.
+    pub fn records(&self) -> impl Iterator<Item = Result<Record<'_>>> + '_ {
+        let mut compressed_index = 0;
+        Batches::new(&self.bytes, false)
+            .filter_map(Result::ok)
+            .flat_map(move |batch| {
+                let section: &[u8] = if batch.compression() == Compression::None {
+                    batch.records_bytes()
+                } else {
+                    let section = self
+                        .decompressed
+                        .get(compressed_index)
+                        .map_or(&[][..], |bytes| &bytes[..]);
+                    compressed_index += 1;
+                    section
+                };
+                batch.records_from(section)
+            })
+            .map(|record| record.map_err(|error| ClientError::Protocol(error.to_string())))
+            .filter(move |record| {
+                record
+                    .as_ref()
+                    .map_or(true, |record| record.offset >= self.start_offset)
+            })
+    }
+
+    /// Owned records, as [`Consumer::next`] hands them out.
+    fn to_records(&self, out: &mut VecDeque<ConsumerRecord>) -> Result<()> {
+        let mut compressed_index = 0;
+        for batch in Batches::new(&self.bytes, false) {
+            let batch = batch.map_err(|error| ClientError::Protocol(error.to_string()))?;
+            let owner = if batch.compression() == Compression::None {
+                self.bytes.clone()
+            } else {
+                let owner = self
+                    .decompressed
+                    .get(compressed_index)
+                    .cloned()
+                    .unwrap_or_default();
+                compressed_index += 1;
+                owner
+            };
+            let section = if batch.compression() == Compression::None {
+                batch.records_bytes()
+            } else {
+                &owner[..]
+            };
+            for record in batch.records_from(section) {
+                let record = record.map_err(|error| ClientError::Protocol(error.to_string()))?;
+                if record.offset < self.start_offset {
+                    continue;
+                }
+                let slice = |part: Option<&[u8]>| part.map(|part| owner.slice_ref(part));
+                out.push_back(ConsumerRecord {
+                    topic: self.topic.clone(),
+                    partition: self.partition,
+                    offset: record.offset,
+                    timestamp_ms: record.timestamp_ms,
+                    key: slice(record.key),
+                    value: slice(record.value),
+                    headers: record
+                        .headers()
+                        .filter_map(|header| header.ok())
+                        .map(|header| (header.key.to_string(), slice(header.value)))
+                        .collect(),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Reads assigned partitions.
@@ -202,6 +347,7 @@ impl Consumer {
             pushes,
             position: offset,
             records: VecDeque::new(),
+            chunk: None,
             taken_bytes: 0,
         });
         Ok(())
@@ -251,7 +397,70 @@ impl Consumer {
         std::future::poll_fn(|context| self.poll_record(context)).await
     }
 
+    /// The next chunk of records from any assigned partition, undecoded
+    /// (see [`ConsumerBatch`]); `None` once nothing is assigned or the
+    /// connection closed. Records that [`Consumer::next`] already took
+    /// are not repeated.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), weir_client::ClientError> {
+    /// use weir_client::{Consumer, ConsumerConfig, Offset};
+    /// let mut consumer = Consumer::connect("127.0.0.1:9092", ConsumerConfig::default()).await?;
+    /// consumer.assign("orders", 0, Offset::Earliest).await?;
+    /// while let Some(batch) = consumer.next_batch().await {
+    ///     for record in batch?.records() {
+    ///         let record = record?;
+    ///         println!("{}: {:?}", record.offset, record.value);
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn next_batch(&mut self) -> Option<Result<ConsumerBatch>> {
+        std::future::poll_fn(|context| self.poll_batch(context)).await
+    }
+
     fn poll_record(&mut self, context: &mut Context<'_>) -> Poll<Option<Result<ConsumerRecord>>> {
+        let count = self.assignments.len();
+        for step in 0..count {
+            let index = (self.next_assignment + step) % count;
+            let assignment = &mut self.assignments[index];
+            if let Some(record) = assignment.records.pop_front() {
+                assignment.position = record.offset + 1;
+                self.next_assignment = (index + 1) % count;
+                return Poll::Ready(Some(Ok(record)));
+            }
+        }
+        loop {
+            match self.poll_batch(context) {
+                Poll::Ready(Some(Ok(batch))) => {
+                    let Some(index) = self.assignments.iter().position(|assignment| {
+                        assignment.partition == batch.partition
+                            && *assignment.shared_topic == *batch.topic
+                    }) else {
+                        continue;
+                    };
+                    let assignment = &mut self.assignments[index];
+                    // Rewind: the records are handed out one at a time.
+                    assignment.position = batch.start_offset;
+                    if let Err(error) = batch.to_records(&mut assignment.records) {
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                    let next_offset = batch.next_offset;
+                    assignment.chunk = Some(batch);
+                    if let Some(record) = assignment.records.pop_front() {
+                        assignment.position = record.offset + 1;
+                        return Poll::Ready(Some(Ok(record)));
+                    }
+                    assignment.position = next_offset;
+                }
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn poll_batch(&mut self, context: &mut Context<'_>) -> Poll<Option<Result<ConsumerBatch>>> {
         if self.assignments.is_empty() {
             return Poll::Ready(None);
         }
@@ -259,12 +468,17 @@ impl Consumer {
         for step in 0..count {
             let index = (self.next_assignment + step) % count;
             let assignment = &mut self.assignments[index];
-            loop {
-                if let Some(record) = assignment.records.pop_front() {
-                    assignment.position = record.offset + 1;
+            if !assignment.records.is_empty() {
+                // Hand back what record-at-a-time reading left undelivered.
+                assignment.records.clear();
+                if let Some(mut chunk) = assignment.chunk.take() {
+                    chunk.start_offset = assignment.position;
+                    assignment.position = chunk.next_offset;
                     self.next_assignment = (index + 1) % count;
-                    return Poll::Ready(Some(Ok(record)));
+                    return Poll::Ready(Some(Ok(chunk)));
                 }
+            }
+            loop {
                 match assignment.pushes.poll_recv(context) {
                     Poll::Ready(Some(push)) => {
                         if !push.error.is_ok() {
@@ -275,9 +489,12 @@ impl Consumer {
                         }
                         let bytes = push.records.to_bytes();
                         let pushed = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-                        if let Err(error) = unpack(assignment, &bytes) {
-                            return Poll::Ready(Some(Err(error)));
-                        }
+                        let batch = ConsumerBatch::new(
+                            assignment.shared_topic.clone(),
+                            assignment.partition,
+                            bytes,
+                            assignment.position,
+                        );
                         // Return the credit these bytes used once half the
                         // window has been taken, so pushes keep flowing.
                         assignment.taken_bytes = assignment.taken_bytes.saturating_add(pushed);
@@ -294,6 +511,17 @@ impl Consumer {
                                     .await;
                             });
                         }
+                        let batch = match batch {
+                            Ok(batch) => batch,
+                            Err(error) => return Poll::Ready(Some(Err(error))),
+                        };
+                        if batch.next_offset <= assignment.position {
+                            // Nothing new (a push that overlapped a seek).
+                            continue;
+                        }
+                        assignment.position = batch.next_offset;
+                        self.next_assignment = (index + 1) % count;
+                        return Poll::Ready(Some(Ok(batch)));
                     }
                     Poll::Ready(None) => {
                         // The connection closed: report it once, then drop the partition.
@@ -315,39 +543,4 @@ impl futures_core::Stream for Consumer {
     fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.get_mut().poll_record(context)
     }
-}
-
-/// Turns pushed batches into records at or after the assignment's position.
-fn unpack(assignment: &mut Assignment, bytes: &Bytes) -> Result<()> {
-    for batch in Batches::new(bytes, true) {
-        let batch = batch.map_err(|error| ClientError::Protocol(error.to_string()))?;
-        let decompressed;
-        let (records, owner) = if batch.compression() == Compression::None {
-            (batch.records_from(batch.records_bytes()), bytes.clone())
-        } else {
-            decompressed = Bytes::from(decompress(batch.compression(), batch.records_bytes())?);
-            (batch.records_from(&decompressed), decompressed.clone())
-        };
-        for record in records {
-            let record = record.map_err(|error| ClientError::Protocol(error.to_string()))?;
-            if record.offset < assignment.position {
-                continue;
-            }
-            let slice = |part: Option<&[u8]>| part.map(|part| owner.slice_ref(part));
-            assignment.records.push_back(ConsumerRecord {
-                topic: assignment.shared_topic.clone(),
-                partition: assignment.partition,
-                offset: record.offset,
-                timestamp_ms: record.timestamp_ms,
-                key: slice(record.key),
-                value: slice(record.value),
-                headers: record
-                    .headers()
-                    .filter_map(|header| header.ok())
-                    .map(|header| (header.key.to_string(), slice(header.value)))
-                    .collect(),
-            });
-        }
-    }
-    Ok(())
 }

@@ -21,7 +21,8 @@ pub mod partitioner;
 pub mod producer;
 
 pub use admin::Admin;
-pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Offset};
+pub use consumer::{Consumer, ConsumerBatch, ConsumerConfig, ConsumerRecord, Offset};
 pub use error::{ClientError, Result};
 pub use producer::{Acks, Delivery, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
 pub use weir_protocol::Compression;
+pub use weir_protocol::Record;

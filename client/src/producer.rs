@@ -420,16 +420,24 @@ async fn send_loop(shared: Arc<Shared>) {
         let mut to_start = Vec::new();
         let next_deadline = {
             let mut state = lock(&shared.state);
+            let limit = shared.config.in_flight_per_partition.max(1);
+            // A partition at its in-flight limit (or with sealed batches
+            // waiting) keeps its open batch open past linger, so records
+            // arriving meanwhile join it: under load batches grow to what
+            // one round trip accumulates instead of queueing up tiny ones.
+            let can_start = |state: &State, key: &(String, u32)| {
+                state.in_flight.get(key).copied().unwrap_or(0) < limit
+                    && state.ready.get(key).is_none_or(VecDeque::is_empty)
+            };
             let due: Vec<(String, u32)> = state
                 .open
                 .iter()
-                .filter(|(_, open)| open.created.elapsed() >= linger)
+                .filter(|(key, open)| open.created.elapsed() >= linger && can_start(&state, key))
                 .map(|(key, _)| key.clone())
                 .collect();
             for key in due {
                 seal(&mut state, &key);
             }
-            let limit = shared.config.in_flight_per_partition.max(1);
             let startable: Vec<(String, u32)> = state
                 .ready
                 .iter()
@@ -448,7 +456,13 @@ async fn send_loop(shared: Arc<Shared>) {
                     to_start.push((key.clone(), batch));
                 }
             }
-            state.open.values().map(|open| open.created + linger).min()
+            // Blocked partitions are woken by their batch completing.
+            state
+                .open
+                .iter()
+                .filter(|(key, _)| can_start(&state, key))
+                .map(|(_, open)| open.created + linger)
+                .min()
         };
         // Put each batch's first attempt on the wire here, in order: the
         // broker appends a connection's batches in arrival order. Waiting

@@ -251,3 +251,77 @@ async fn several_batches_in_flight_keep_order() {
         assert_eq!(record.value.as_deref(), Some(number.to_string().as_bytes()));
     }
 }
+
+/// `next_batch` hands out checked, decompressed chunks whose borrowed
+/// records continue exactly where record-at-a-time reading stopped: every
+/// offset once, in order, with its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_consumption_continues_after_single_records() {
+    let broker = Broker::start();
+    Admin::connect(&broker.addr)
+        .await
+        .expect("connect")
+        .create_topic("chunks", 1)
+        .await
+        .expect("create");
+    for compression in [Compression::None, Compression::Lz4] {
+        let producer = Producer::connect(
+            &broker.addr,
+            ProducerConfig {
+                compression,
+                batch_bytes: 8 * 1024,
+                ..ProducerConfig::default()
+            },
+        )
+        .await
+        .expect("producer");
+        for number in 0..1000u32 {
+            producer
+                .send("chunks", ProducerRecord::new(format!("{number:0>100}")))
+                .await
+                .expect("send");
+        }
+        producer.flush().await.expect("flush");
+    }
+    let mut consumer = Consumer::connect(
+        &broker.addr,
+        ConsumerConfig {
+            credit_bytes: 32 * 1024,
+            ..ConsumerConfig::default()
+        },
+    )
+    .await
+    .expect("consumer");
+    consumer
+        .assign("chunks", 0, Offset::Earliest)
+        .await
+        .expect("assign");
+    for expected in 0..7u64 {
+        let record = consumer.next().await.expect("some").expect("record");
+        assert_eq!(record.offset, expected);
+    }
+    let mut next_offset = 7u64;
+    let mut chunks = 0;
+    while next_offset < 2000 {
+        let batch = tokio::time::timeout(Duration::from_secs(60), consumer.next_batch())
+            .await
+            .expect("chunks keep coming")
+            .expect("assigned")
+            .expect("chunk");
+        assert_eq!((batch.topic(), batch.partition()), ("chunks", 0));
+        chunks += 1;
+        for record in batch.records() {
+            let record = record.expect("record");
+            assert_eq!(record.offset, next_offset, "every offset once, in order");
+            let expected = format!("{:0>100}", next_offset % 1000);
+            assert_eq!(record.value, Some(expected.as_bytes()));
+            next_offset += 1;
+        }
+        assert_eq!(batch.next_offset(), next_offset);
+        assert_eq!(consumer.position("chunks", 0), Some(next_offset));
+    }
+    assert!(
+        chunks > 1,
+        "credit of 32 KiB splits 2000 records into chunks"
+    );
+}

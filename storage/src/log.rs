@@ -38,6 +38,11 @@ use crate::recent::{CachedBatch, RecentBatches};
 use crate::recovery::{self, RecoveryReport};
 use crate::segment::Segment;
 
+/// How far past a read from a segment the log asks the kernel to read
+/// ahead. A reader catching up on data that direct writes left out of the
+/// page cache then overlaps its network sends with the device's reads.
+pub const READ_AHEAD_BYTES: usize = 8 << 20;
+
 /// What an append wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendInfo {
@@ -770,10 +775,21 @@ impl Log {
         let mut cursor = position;
         let mut next_offset = from_offset;
         while cursor < segment.published_bytes() && next_offset < mapped_limit {
-            match segment.batch_at(cursor, verify) {
+            // Framing first: a batch that will not be returned (past the end
+            // or over the budget) is not worth its CRC pass.
+            match segment.batch_at(cursor, false) {
                 Ok(batch) if batch.base_offset() >= end => break,
+                Ok(batch)
+                    if cursor > position
+                        && (cursor - position) as usize + batch.len() > max_bytes =>
+                {
+                    break;
+                }
                 Ok(batch) => {
-                    if cursor > position && (cursor - position) as usize + batch.len() > max_bytes {
+                    if verify && let Err(reason) = batch.verify_crc() {
+                        if cursor == position {
+                            return Err(segment.corrupt_at(cursor, reason));
+                        }
                         break;
                     }
                     cursor += batch.len() as u64;
@@ -784,6 +800,11 @@ impl Log {
             }
         }
         let len = (cursor - position) as usize;
+        // Keep the readahead front READ_AHEAD_BYTES past the reader: ask
+        // only for the slice that just entered the window, so each byte is
+        // asked for once per pass (asking for the whole window every time
+        // costs a page-cache walk of it per read).
+        segment.prefetch(position as usize + READ_AHEAD_BYTES, len);
         Ok(LogRead {
             parts: vec![ReadPart::Mapped {
                 segment,

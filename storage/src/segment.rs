@@ -141,6 +141,9 @@ impl Segment {
         // map itself stays valid: files keep their size (hole punch) and
         // deleted files stay mapped until the last `Arc<Segment>` goes.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        // Readers walk a segment front to back: ask for larger readahead.
+        // Only a hint; a kernel that ignores it serves the same bytes.
+        let _ = map.advise(memmap2::Advice::Sequential);
         let offset_index = Index::open(
             &dir.join(format!("{}.index", file_stem(base_offset))),
             OFFSET_ENTRY_WORDS,
@@ -263,6 +266,21 @@ impl Segment {
         &self.map[start..end]
     }
 
+    /// Starts reading published bytes `[start, start + len)` from the
+    /// device in the background, so a reader catching up finds its next
+    /// reads in memory instead of faulting them in one by one. (Direct
+    /// writes leave nothing in the page cache.) Only a hint.
+    pub(crate) fn prefetch(&self, start: usize, len: usize) {
+        let end = start
+            .saturating_add(len)
+            .min(self.published_bytes() as usize);
+        if start < end {
+            let _ = self
+                .map
+                .advise_range(memmap2::Advice::WillNeed, start, end - start);
+        }
+    }
+
     /// Bytes `[start, end)` of the map. The caller got the range from a
     /// published extent, so it lies below the map's end.
     pub(crate) fn map_slice(&self, start: usize, end: usize) -> &[u8] {
@@ -282,11 +300,16 @@ impl Segment {
         } else {
             Batch::parse(bytes)
         };
-        parsed.map_err(|reason| StorageError::Corrupt {
+        parsed.map_err(|reason| self.corrupt_at(position, reason))
+    }
+
+    /// The error for a bad batch at `position` of this segment.
+    pub(crate) fn corrupt_at(&self, position: u64, reason: BatchError) -> StorageError {
+        StorageError::Corrupt {
             path: self.path.clone(),
             position,
             reason,
-        })
+        }
     }
 
     /// Byte position of the batch containing `offset`, or of the first batch
