@@ -28,6 +28,10 @@ pub struct WorkloadArgs {
     /// free port with a temporary data directory.
     #[arg(long)]
     spawn_broker: bool,
+    /// The broker's admin HTTP address, to read its own produce latency
+    /// histogram after the run (known by itself with --spawn-broker).
+    #[arg(long)]
+    admin: Option<String>,
     /// Producer clients.
     #[arg(long, default_value_t = 1)]
     producers: usize,
@@ -97,6 +101,13 @@ struct WorkloadReport {
     p99_ms: f64,
     p999_ms: f64,
     max_ms: f64,
+    /// The broker's own produce latency (request read → response queued),
+    /// from its histogram: the upper bound of the bucket holding the quantile.
+    broker_produce_p50_ms: Option<f64>,
+    /// See `broker_produce_p50_ms`.
+    broker_produce_p99_ms: Option<f64>,
+    /// See `broker_produce_p50_ms`.
+    broker_produce_p999_ms: Option<f64>,
     consume_mb_s: Option<f64>,
     /// MB/s of each consume pass, first (from the device) to last.
     consume_passes_mb_s: Vec<f64>,
@@ -128,7 +139,7 @@ impl WorkloadReport {
 /// A broker started for the benchmark: the process (killed on drop) and its
 /// data directory (removed on drop).
 struct SpawnedBroker {
-    _process: weir_testkit::BrokerProcess,
+    process: weir_testkit::BrokerProcess,
     _dir: TempDir,
 }
 
@@ -157,7 +168,7 @@ fn spawn_broker() -> anyhow::Result<(SpawnedBroker, String)> {
     let addr = process.addr.to_string();
     Ok((
         SpawnedBroker {
-            _process: process,
+            process,
             _dir: TempDir(dir),
         },
         addr,
@@ -358,12 +369,16 @@ async fn consume_phase(
 /// # Errors
 /// Bad arguments, an unreachable broker, or a failed workload.
 pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
-    let (_spawned, addr) = if args.spawn_broker {
+    let (spawned, addr) = if args.spawn_broker {
         let (spawned, addr) = spawn_broker()?;
         (Some(spawned), addr)
     } else {
         (None, args.broker.clone())
     };
+    let admin = spawned
+        .as_ref()
+        .map(|spawned| spawned.process.admin_addr.to_string())
+        .or_else(|| args.admin.clone());
     let topic = format!("bench-{}-{}", workload, std::process::id());
     Admin::connect(&addr)
         .await?
@@ -442,12 +457,62 @@ pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
         other => bail!("unknown workload {other}"),
     }
     timer.abort();
+    if let Some(admin) = &admin {
+        let buckets =
+            produce_latency_buckets(admin).with_context(|| format!("reading {admin}/metrics"))?;
+        report.broker_produce_p50_ms = bucket_quantile_ms(&buckets, 0.5);
+        report.broker_produce_p99_ms = bucket_quantile_ms(&buckets, 0.99);
+        report.broker_produce_p999_ms = bucket_quantile_ms(&buckets, 0.999);
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+/// The broker's cumulative produce latency buckets, (upper bound in
+/// seconds, count), read from its `/metrics` with a plain HTTP/1.0 GET.
+fn produce_latency_buckets(admin: &str) -> anyhow::Result<Vec<(f64, u64)>> {
+    let mut stream = TcpStream::connect(admin)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: weir\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let mut buckets = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("weir_produce_latency_seconds_bucket{le=\"") else {
+            continue;
+        };
+        let Some((bound, count)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let bound = if bound == "+Inf" {
+            f64::INFINITY
+        } else {
+            bound.parse()?
+        };
+        buckets.push((bound, count.trim().parse()?));
+    }
+    if buckets.is_empty() {
+        bail!("no weir_produce_latency_seconds buckets");
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(buckets)
+}
+
+/// The upper bound (ms) of the first bucket holding `quantile` of the count.
+fn bucket_quantile_ms(buckets: &[(f64, u64)], quantile: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let wanted = (total as f64 * quantile).ceil() as u64;
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= wanted)
+        .map(|(bound, _)| bound * 1_000.0)
 }
 
 /// Arguments of `weir-bench baseline`.

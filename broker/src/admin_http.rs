@@ -168,7 +168,7 @@ async fn create_topic(
 }
 
 async fn delete_topic(State(broker): State<Arc<Broker>>, Path(name): Path<String>) -> Response {
-    match broker.topics.delete(&name).await {
+    match broker.delete_topic(&name).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(failure) => error(topic_error_status(&failure), failure.to_string()),
     }

@@ -194,8 +194,7 @@ async fn delete_topics(
     for name in request.names {
         let outcome = context
             .broker
-            .topics
-            .delete(&name)
+            .delete_topic(&name)
             .await
             .map_err(|error| (error.code(), error.to_string()));
         results.push(topic_result(name, outcome));
@@ -475,7 +474,8 @@ async fn fetch(context: &ConnectionContext, request: FetchRequest) -> FetchRespo
             partitions.push(response);
         }
         let errors = partitions.iter().any(|partition| !partition.error.is_ok());
-        if total >= request.min_bytes as usize || errors || Instant::now() >= deadline {
+        let stopping = *broker.stopping.borrow();
+        if total >= request.min_bytes as usize || errors || stopping || Instant::now() >= deadline {
             for partition in &partitions {
                 count_out(broker, &partition.topic, &partition.records);
             }
@@ -486,11 +486,18 @@ async fn fetch(context: &ConnectionContext, request: FetchRequest) -> FetchRespo
             return FetchResponse { partitions };
         }
         drop(partitions);
-        if tokio::time::timeout_at(deadline.into(), appended)
-            .await
-            .is_err()
-        {
-            // One last look happens on the next turn, which returns by deadline.
+        // Whichever comes first; the next turn looks once more and answers
+        // (by the deadline, or at once when the broker is stopping).
+        let mut stopping = broker.stopping.clone();
+        tokio::select! {
+            _ = appended => {}
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = async {
+                if stopping.wait_for(|stopping| *stopping).await.is_err() {
+                    // No one can stop the broker any more: never fires.
+                    std::future::pending::<()>().await;
+                }
+            } => {}
         }
     }
 }
@@ -551,7 +558,6 @@ fn subscribe(context: &Arc<ConnectionContext>, request: SubscribeRequest) -> Sub
     });
     let task = tokio::spawn(push_loop(
         context.push_sender(),
-        context.broker.clone(),
         partition,
         control.clone(),
         request.subscription_id,
@@ -574,7 +580,6 @@ fn subscribe(context: &Arc<ConnectionContext>, request: SubscribeRequest) -> Sub
 /// for the consumer: what it does not push stays in the log.
 async fn push_loop(
     sender: PushSender,
-    broker: Arc<crate::server::Broker>,
     partition: Arc<Partition>,
     control: Arc<SubscriptionControl>,
     subscription_id: u32,
@@ -583,7 +588,7 @@ async fn push_loop(
 ) {
     loop {
         let credit_granted = control.credit_granted.notified();
-        let data_appended = broker.appended.notified();
+        let data_appended = partition.partition_appended.notified();
         tokio::pin!(credit_granted);
         tokio::pin!(data_appended);
         credit_granted.as_mut().enable();

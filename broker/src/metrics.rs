@@ -18,8 +18,9 @@ use crate::server::Broker;
 type Labels = Vec<(String, String)>;
 
 fn latency_histogram() -> Histogram {
-    // 50 µs to ~26 s in factors of 2.
-    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+    // 25 µs to ~40 s in factors of √2: fine enough near an fsync's
+    // ~0.1 ms to tell a p99 of 0.3 ms from one of 0.5 ms.
+    Histogram::new(exponential_buckets(0.000_025, std::f64::consts::SQRT_2, 42))
 }
 
 /// Every metric the broker exports.
@@ -153,6 +154,33 @@ impl Metrics {
     /// Labels for a topic.
     pub fn topic(topic: &str) -> Labels {
         vec![("topic".to_string(), topic.to_string())]
+    }
+
+    /// Drops the series of a deleted topic, so that `/metrics` does not
+    /// report it forever (nor a later topic of the same name inherit them).
+    pub fn forget_topic(&self, topic: &str, partitions: u32) {
+        let labels = Metrics::topic(topic);
+        for family in [
+            &self.records_in,
+            &self.bytes_in,
+            &self.records_out,
+            &self.bytes_out,
+        ] {
+            family.remove(&labels);
+        }
+        for index in 0..partitions {
+            let labels = vec![
+                ("topic".to_string(), topic.to_string()),
+                ("partition".to_string(), index.to_string()),
+            ];
+            for family in [
+                &self.log_start_offset,
+                &self.log_end_offset,
+                &self.log_size_bytes,
+            ] {
+                family.remove(&labels);
+            }
+        }
     }
 
     /// The text exposition, with state gauges refreshed from `broker`.

@@ -10,8 +10,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
-use weir_protocol::{Batches, ErrorCode};
+use weir_protocol::{Batches, Compression, ErrorCode};
 use weir_storage::{Log, StorageError};
+
+/// Largest records section a compressed batch may expand to when the broker
+/// checks its records: 64 MiB, four times the largest batch accepted.
+pub const DECOMPRESSED_BYTES_MAX: usize = 64 << 20;
 
 /// One partition of a topic.
 #[derive(Debug)]
@@ -24,8 +28,12 @@ pub struct Partition {
     pub log: Log,
     /// Current leader epoch (0 on a single node).
     pub leader_epoch: i32,
-    /// Woken after every append (shared by all partitions of the broker).
+    /// Woken after every append anywhere (shared by all partitions of the
+    /// broker): a Fetch over several partitions waits on it.
     pub appended: Arc<Notify>,
+    /// Woken after every append to this partition: a subscription waits on
+    /// it, so an append wakes only the readers of its own partition.
+    pub partition_appended: Arc<Notify>,
 }
 
 /// What an append did.
@@ -50,7 +58,15 @@ impl Partition {
             log,
             leader_epoch: 0,
             appended,
+            partition_appended: Arc::new(Notify::new()),
         })
+    }
+
+    /// Wakes everyone waiting for this partition's data (an append, a
+    /// close, a delete).
+    pub fn wake_readers(&self) {
+        self.partition_appended.notify_waiters();
+        self.appended.notify_waiters();
     }
 
     /// Offsets below it are readable by consumers.
@@ -84,7 +100,7 @@ impl Partition {
             if batch.records_count() as u32 > config.batch_records_max {
                 return Err(ErrorCode::CorruptBatch);
             }
-            check_records(&batch)?;
+            check_records(&batch, DECOMPRESSED_BYTES_MAX)?;
             records_total += batch.records_count() as u64;
             parsed.push(batch);
         }
@@ -115,6 +131,7 @@ impl Partition {
         }
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let appended = self.appended.clone();
+        let partition_appended = self.partition_appended.clone();
         let log_start_offset = self.log.start_offset();
         tokio::spawn(async move {
             let mut first = None;
@@ -130,6 +147,7 @@ impl Partition {
                     }
                 }
             }
+            partition_appended.notify_waiters();
             appended.notify_waiters();
             let result = match (failure, outcome) {
                 (Some(code), _) | (None, Err(code)) => Err(code),
@@ -150,9 +168,24 @@ impl Partition {
 /// offset delta of its position, so consumers can trust `offset`. Compressed
 /// batches are checked by their CRC and framing only (decompressing them here
 /// would cost the broker what the client saved).
-fn check_records(batch: &weir_protocol::Batch<'_>) -> Result<(), ErrorCode> {
-    let Ok(records) = batch.records() else {
-        return Ok(());
+fn check_records(
+    batch: &weir_protocol::Batch<'_>,
+    decompressed_bytes_max: usize,
+) -> Result<(), ErrorCode> {
+    let decompressed;
+    let records = match batch.compression() {
+        Compression::None => batch.records_from(batch.records_bytes()),
+        Compression::Lz4 | Compression::Zstd => {
+            decompressed = decompress(
+                batch.compression(),
+                batch.records_bytes(),
+                decompressed_bytes_max,
+            )
+            .ok_or(ErrorCode::CorruptBatch)?;
+            batch.records_from(&decompressed)
+        }
+        // Stored as sent: Weir reads neither, and checks their framing only.
+        Compression::Gzip | Compression::Snappy => return Ok(()),
     };
     let mut count = 0i64;
     for (position, record) in records.enumerate() {
@@ -166,6 +199,25 @@ fn check_records(batch: &weir_protocol::Batch<'_>) -> Result<(), ErrorCode> {
         return Err(ErrorCode::CorruptBatch);
     }
     Ok(())
+}
+
+/// A compressed records section, decompressed; `None` if it is corrupt or
+/// would exceed `bytes_max` (a small batch must not expand into gigabytes).
+fn decompress(codec: Compression, bytes: &[u8], bytes_max: usize) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let limit = bytes_max as u64 + 1;
+    let read = match codec {
+        Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(bytes)
+            .take(limit)
+            .read_to_end(&mut out),
+        Compression::Zstd => zstd::stream::read::Decoder::new(bytes)
+            .ok()?
+            .take(limit)
+            .read_to_end(&mut out),
+        _ => return None,
+    };
+    (read.is_ok() && out.len() <= bytes_max).then_some(out)
 }
 
 /// An append handed to the log, not yet durable.

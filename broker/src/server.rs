@@ -50,6 +50,21 @@ pub struct Broker {
     pub metrics: crate::metrics::Metrics,
     /// True while serving; false during start-up and shutdown (`/readyz`).
     pub ready: std::sync::atomic::AtomicBool,
+    /// Becomes true when shutdown begins: long polls answer at once rather
+    /// than hold the connection past the grace period.
+    pub stopping: watch::Receiver<bool>,
+}
+
+impl Broker {
+    /// Deletes a topic, its data and its metric series.
+    ///
+    /// # Errors
+    /// As [`Topics::delete`].
+    pub async fn delete_topic(&self, name: &str) -> Result<(), crate::topics::TopicError> {
+        let partitions = self.topics.delete(name).await?;
+        self.metrics.forget_topic(name, partitions);
+        Ok(())
+    }
 }
 
 /// A running broker.
@@ -102,6 +117,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let local_addr = listener.local_addr()?;
     let admin_listener = TcpListener::bind(config.admin_listen).await?;
     let admin_addr = admin_listener.local_addr()?;
+    let (stop, stopped) = watch::channel(false);
     let broker = Arc::new(Broker {
         config,
         topics,
@@ -110,8 +126,8 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         connections: AtomicU64::new(0),
         metrics: crate::metrics::Metrics::new(),
         ready: std::sync::atomic::AtomicBool::new(true),
+        stopping: stopped.clone(),
     });
-    let (stop, stopped) = watch::channel(false);
     let admin = {
         let mut stopped = stopped.clone();
         let app = crate::admin_http::router(broker.clone());

@@ -244,6 +244,17 @@ impl Topics {
                 format!("topic {name} exists"),
             ));
         }
+        // Preallocating segments and syncing metadata block: keep them off
+        // the runtime's workers' queues (other connections keep running).
+        blocking(|| self.create_locked(name, partitions, configs))
+    }
+
+    fn create_locked(
+        &self,
+        name: &str,
+        partitions: u32,
+        configs: BTreeMap<String, String>,
+    ) -> Result<(), TopicError> {
         // Leftovers of a topic deleted before a crash must not come back.
         for index in 0..partitions {
             let dir = partition_dir(&self.data_dir, name, index);
@@ -276,12 +287,13 @@ impl Topics {
         Ok(())
     }
 
-    /// Deletes a topic and its data. Readers holding its partitions finish
-    /// with what they read; appends to it fail once its logs close.
+    /// Deletes a topic and its data; returns how many partitions it had.
+    /// Readers holding its partitions finish with what they read; appends
+    /// to it fail once its logs close.
     ///
     /// # Errors
     /// UnknownTopicOrPartition, or a storage error.
-    pub async fn delete(&self, name: &str) -> Result<(), TopicError> {
+    pub async fn delete(&self, name: &str) -> Result<u32, TopicError> {
         let _changes = self.changes.lock().await;
         let Some(topic) = self.write().remove(name) else {
             return Err(TopicError::refused(
@@ -289,15 +301,17 @@ impl Topics {
                 format!("no topic {name}"),
             ));
         };
-        self.store()?;
-        for partition in &topic.partitions {
-            partition.log.close()?;
-            let dir = partition_dir(&self.data_dir, name, partition.index);
-            std::fs::remove_dir_all(&dir)
-                .map_err(|error| weir_storage::StorageError::io(&dir, error))?;
-            partition.appended.notify_waiters();
-        }
-        Ok(())
+        blocking(|| {
+            self.store()?;
+            for partition in &topic.partitions {
+                partition.log.close()?;
+                let dir = partition_dir(&self.data_dir, name, partition.index);
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|error| weir_storage::StorageError::io(&dir, error))?;
+                partition.wake_readers();
+            }
+            Ok(topic.partitions.len() as u32)
+        })
     }
 
     /// Applies retention to every partition.
@@ -318,8 +332,20 @@ impl Topics {
                 if let Err(error) = partition.log.close() {
                     tracing::error!(topic = topic.name, partition = partition.index, %error, "close failed");
                 }
-                partition.appended.notify_waiters();
+                partition.wake_readers();
             }
         }
+    }
+}
+
+/// Runs blocking file work from async code: on a multi-threaded runtime
+/// the worker hands its other tasks to the rest first; elsewhere (a
+/// current-thread runtime, no runtime) it simply runs.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
     }
 }

@@ -419,7 +419,8 @@ fn metadata_dedupes_and_caps_topic_lists() {
 }
 
 /// A batch whose records do not carry the offset deltas of their positions
-/// is refused: consumers rely on every record's offset.
+/// is refused, compressed or not, as is a compressed section that does not
+/// decompress or expands too far: consumers rely on every record's offset.
 #[test]
 fn records_with_wrong_offset_deltas_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -436,8 +437,54 @@ fn records_with_wrong_offset_deltas_are_refused() {
     lying[8..12].copy_from_slice(&length.to_be_bytes());
     let crc = crc32c::crc32c(&lying[21..]);
     lying[17..21].copy_from_slice(&crc.to_be_bytes());
+    let lying_records = lying[61..].to_vec();
     assert_eq!(
         client.produce("strict", 0, Bytes::from(lying), 1).error,
+        ErrorCode::CorruptBatch
+    );
+    // The same lie inside lz4 and zstd: the broker decompresses to check.
+    let lz4 = {
+        let mut encoder = lz4_flex::frame::FrameEncoder::new(Vec::new());
+        encoder.write_all(&lying_records).expect("compress");
+        encoder.finish().expect("compress")
+    };
+    let zstd = zstd::bulk::compress(&lying_records, 3).expect("compress");
+    for (codec, compressed) in [
+        (weir_protocol::Compression::Lz4, lz4),
+        (weir_protocol::Compression::Zstd, zstd),
+    ] {
+        let compressed = weir_protocol::batch::with_compressed_records(&two, codec, &compressed);
+        assert_eq!(
+            client
+                .produce("strict", 0, Bytes::from(compressed), 1)
+                .error,
+            ErrorCode::CorruptBatch,
+            "{codec:?}"
+        );
+    }
+    // Bytes that are not lz4 at all, and lz4 that expands past the
+    // broker's 64 MiB decompression limit.
+    let garbage = weir_protocol::batch::with_compressed_records(
+        &two,
+        weir_protocol::Compression::Lz4,
+        b"not an lz4 frame",
+    );
+    assert_eq!(
+        client.produce("strict", 0, Bytes::from(garbage), 1).error,
+        ErrorCode::CorruptBatch
+    );
+    let bomb = {
+        let mut encoder = lz4_flex::frame::FrameEncoder::new(Vec::new());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..65 {
+            encoder.write_all(&zeros).expect("compress");
+        }
+        encoder.finish().expect("compress")
+    };
+    let bomb =
+        weir_protocol::batch::with_compressed_records(&two, weir_protocol::Compression::Lz4, &bomb);
+    assert_eq!(
+        client.produce("strict", 0, Bytes::from(bomb), 1).error,
         ErrorCode::CorruptBatch
     );
     assert_eq!(

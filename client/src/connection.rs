@@ -25,7 +25,10 @@ use crate::error::{ClientError, Result};
 /// outruns the socket waits instead of growing a queue.
 pub const WRITE_QUEUE_FRAMES: usize = 256;
 
-type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Response>>>>>;
+/// Calls waiting for responses by correlation id; `None` once the reader
+/// has ended, so that a call started after that fails at once instead of
+/// waiting out its timeout.
+type Pending = Arc<Mutex<Option<HashMap<u32, oneshot::Sender<Result<Response>>>>>>;
 type Subscriptions = Arc<Mutex<HashMap<u32, mpsc::Sender<SubscriptionPush>>>>;
 
 /// A connection to one broker. Cheap to clone; all clones share it.
@@ -70,7 +73,7 @@ impl Connection {
         let _ = stream.set_nodelay(true);
         let (reader, mut writer) = stream.into_split();
         let (write_queue, mut frames) = mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE_FRAMES);
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let subscriptions: Subscriptions = Arc::new(Mutex::new(HashMap::new()));
         tokio::spawn(async move {
             while let Some(parts) = frames.recv().await {
@@ -117,10 +120,13 @@ impl Connection {
     pub async fn start_call(&self, request: Request) -> Result<PendingCall> {
         let correlation = self.inner.next_correlation.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
-        lock(&self.inner.pending).insert(correlation, sender);
+        match lock(&self.inner.pending).as_mut() {
+            Some(calls) => calls.insert(correlation, sender),
+            None => return Err(ClientError::Closed),
+        };
         let frame = request.encode(correlation);
         if self.inner.writer.send(frame.parts).await.is_err() {
-            lock(&self.inner.pending).remove(&correlation);
+            forget(&self.inner.pending, correlation);
             return Err(ClientError::Closed);
         }
         Ok(PendingCall {
@@ -189,11 +195,18 @@ impl PendingCall {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ClientError::Closed),
             Err(_) => {
-                lock(&self.pending).remove(&self.correlation);
+                forget(&self.pending, self.correlation);
                 Err(ClientError::Timeout)
             }
         }
     }
+}
+
+/// Removes a call's waiter, if it is still there.
+fn forget(pending: &Pending, correlation: u32) -> Option<oneshot::Sender<Result<Response>>> {
+    lock(pending)
+        .as_mut()
+        .and_then(|calls| calls.remove(&correlation))
 }
 
 async fn read_loop(
@@ -221,7 +234,7 @@ async fn read_loop(
                     }
                 }
                 FrameKind::Response => {
-                    let waiter = lock(&pending).remove(&header.correlation_id);
+                    let waiter = forget(&pending, header.correlation_id);
                     let result = decode_response(header.api_key, frame.body);
                     let closing = matches!(
                         result,
@@ -243,7 +256,8 @@ async fn read_loop(
         }
     }
     // Fail every pending call; close every subscription channel.
-    for (_, waiter) in lock(&pending).drain() {
+    let calls = lock(&pending).take().unwrap_or_default();
+    for (_, waiter) in calls {
         let _ = waiter.send(Err(ClientError::Closed));
     }
     lock(&subscriptions).clear();

@@ -325,3 +325,166 @@ async fn batch_consumption_continues_after_single_records() {
         "credit of 32 KiB splits 2000 records into chunks"
     );
 }
+
+/// SIGTERM with acks=all produces in flight and a long poll waiting: the
+/// long poll is answered at once (not after its 600 s wait), the broker
+/// exits cleanly, and after a restart every acknowledged record is there
+/// at the offset its delivery reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_restart_with_traffic_in_flight() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use weir_client::connection::Connection;
+    use weir_protocol::message::{FetchPartition, FetchRequest};
+    use weir_protocol::{Request, Response};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        "fetch_wait_ms_max = 600000\nshutdown_grace_ms = 600000\n",
+    )
+    .expect("config");
+    let config_arg = config.to_str().expect("utf-8 path").to_string();
+    let process = BrokerProcess::start(&data, &["--config", &config_arg]);
+    let addr = process.addr.to_string();
+    Admin::connect(&addr)
+        .await
+        .expect("connect")
+        .create_topic("live", 2)
+        .await
+        .expect("create");
+
+    // A long poll on an empty partition, asking to wait 600 s.
+    let poller = Connection::connect(&addr, Duration::from_secs(900))
+        .await
+        .expect("connect");
+    let long_poll = tokio::spawn(async move {
+        poller
+            .call(Request::Fetch(FetchRequest {
+                max_wait_ms: 600_000,
+                min_bytes: 1,
+                max_bytes: 1 << 20,
+                partitions: vec![FetchPartition {
+                    topic: "live".into(),
+                    partition: 1,
+                    fetch_offset: 0,
+                    partition_max_bytes: 1 << 20,
+                }],
+            }))
+            .await
+    });
+
+    // A producer that keeps sending until told to stop.
+    let producer = Producer::connect(
+        &addr,
+        ProducerConfig {
+            batch_bytes: 16 * 1024,
+            linger_ms: 1,
+            retries: 0,
+            ..ProducerConfig::default()
+        },
+    )
+    .await
+    .expect("producer");
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let sender = {
+        let stop = stop.clone();
+        let acknowledged = acknowledged.clone();
+        tokio::spawn(async move {
+            let mut deliveries = Vec::new();
+            let mut number = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let value = format!("live-{number}");
+                let record = ProducerRecord::new(value.clone()).partition(0);
+                let Ok(Ok(delivery)) =
+                    tokio::time::timeout(Duration::from_secs(1), producer.send("live", record))
+                        .await
+                else {
+                    break;
+                };
+                deliveries.push((value, delivery));
+                number += 1;
+                if number.is_multiple_of(64) {
+                    // Count what has been acknowledged so far, without waiting.
+                    let done = deliveries
+                        .iter_mut()
+                        .filter(|(_, delivery)| !delivery.is_empty())
+                        .count();
+                    acknowledged.store(done as u64, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            }
+            deliveries
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while acknowledged.load(Ordering::Relaxed) < 2000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "producer makes progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let stopping = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || process.terminate())
+        .await
+        .expect("terminate");
+    let exit_took = stopping.elapsed();
+    assert!(status.success(), "SIGTERM exits cleanly: {status:?}");
+    assert!(
+        exit_took < Duration::from_secs(120),
+        "the long poll did not hold shutdown for its 600 s ({exit_took:?})"
+    );
+    assert!(data.join("live-0").join("clean-shutdown").exists());
+    match long_poll.await.expect("poll task") {
+        Ok(Response::Fetch(response)) => {
+            assert!(
+                response.partitions[0].records.is_empty(),
+                "nothing to fetch"
+            );
+        }
+        other => panic!("the long poll is answered, not dropped: {other:?}"),
+    }
+    stop.store(true, Ordering::Relaxed);
+    let deliveries = sender.await.expect("sender");
+    let mut acked = HashMap::new();
+    for (value, delivery) in deliveries {
+        if let Ok(Ok(delivery)) = tokio::time::timeout(Duration::from_secs(60), delivery)
+            .await
+            .expect("every delivery resolves")
+        {
+            acked.insert(delivery.offset as u64, value);
+        }
+    }
+    assert!(acked.len() >= 2000, "{} acknowledged", acked.len());
+
+    let process = BrokerProcess::start(&data, &["--config", &config_arg]);
+    let mut consumer = Consumer::connect(&process.addr.to_string(), ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    consumer
+        .assign("live", 0, Offset::Earliest)
+        .await
+        .expect("assign");
+    let last = *acked.keys().max().expect("some acknowledged");
+    let mut found = 0;
+    loop {
+        let record = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .expect("acknowledged records are readable")
+            .expect("assigned")
+            .expect("record");
+        if let Some(value) = acked.get(&record.offset) {
+            assert_eq!(record.value.as_deref(), Some(value.as_bytes()));
+            found += 1;
+        }
+        if record.offset >= last {
+            break;
+        }
+    }
+    assert_eq!(found, acked.len(), "every acknowledged record survived");
+}
