@@ -593,9 +593,24 @@ async fn push_loop(
         tokio::pin!(data_appended);
         credit_granted.as_mut().enable();
         data_appended.as_mut().enable();
+        if partition.is_deleted() {
+            // Tell the consumer, and let go of the deleted files' maps.
+            let push = SubscriptionPush {
+                error: ErrorCode::UnknownTopicOrPartition,
+                high_watermark: 0,
+                records: RecordSet::default(),
+            };
+            let _ = sender.push(push.encode(subscription_id)).await;
+            return;
+        }
         let credit = control.credit_bytes.load(Ordering::Acquire);
         if credit <= 0 {
-            credit_granted.await;
+            // Appends wake this too (cheaply: one look, then back to
+            // sleep), so that a deletion reaches a stalled subscription.
+            tokio::select! {
+                _ = credit_granted => {}
+                _ = data_appended => {}
+            }
             continue;
         }
         if offset >= partition.high_watermark() {

@@ -16,6 +16,7 @@
 //! one stops the producer of work rather than growing.
 
 pub mod admin_http;
+pub mod blocking;
 pub mod config;
 pub mod handlers;
 pub mod metrics;

@@ -13,9 +13,14 @@ use tokio::sync::Notify;
 use weir_protocol::{Batches, Compression, ErrorCode};
 use weir_storage::{Log, StorageError};
 
-/// Largest records section a compressed batch may expand to when the broker
-/// checks its records: 64 MiB, four times the largest batch accepted.
+/// Most bytes the compressed batches of one produce request may expand to
+/// when the broker checks their records: 64 MiB, four times the largest
+/// batch accepted. Shared by all batches of the request, so a frame full of
+/// small, highly compressed batches cannot make the broker expand gigabytes.
 pub const DECOMPRESSED_BYTES_MAX: usize = 64 << 20;
+
+/// Largest zstd window accepted (2^24 = 16 MiB, the largest batch).
+const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 
 /// One partition of a topic.
 #[derive(Debug)]
@@ -34,6 +39,8 @@ pub struct Partition {
     /// Woken after every append to this partition: a subscription waits on
     /// it, so an append wakes only the readers of its own partition.
     pub partition_appended: Arc<Notify>,
+    /// Set when its topic is deleted: subscriptions end with an error.
+    deleted: std::sync::atomic::AtomicBool,
 }
 
 /// What an append did.
@@ -59,7 +66,20 @@ impl Partition {
             leader_epoch: 0,
             appended,
             partition_appended: Arc::new(Notify::new()),
+            deleted: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Marks the partition's topic deleted and wakes its readers.
+    pub fn mark_deleted(&self) {
+        self.deleted
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.wake_readers();
+    }
+
+    /// Whether its topic was deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Wakes everyone waiting for this partition's data (an append, a
@@ -90,20 +110,33 @@ impl Partition {
     /// StorageFull, StorageError, ShuttingDown.
     pub fn submit(&self, records: &Bytes) -> Result<PendingAppend, ErrorCode> {
         let config = self.log.config();
-        let mut parsed = Vec::new();
-        let mut records_total = 0u64;
-        for batch in Batches::new(records, false) {
-            let batch = batch.map_err(|_| ErrorCode::CorruptBatch)?;
-            if batch.len() > config.batch_bytes_max {
-                return Err(ErrorCode::BatchTooLarge);
+        let check = || {
+            let mut parsed = Vec::new();
+            let mut records_total = 0u64;
+            let mut decompressed_budget = DECOMPRESSED_BYTES_MAX;
+            for batch in Batches::new(records, false) {
+                let batch = batch.map_err(|_| ErrorCode::CorruptBatch)?;
+                if batch.len() > config.batch_bytes_max {
+                    return Err(ErrorCode::BatchTooLarge);
+                }
+                if batch.records_count() as u32 > config.batch_records_max {
+                    return Err(ErrorCode::CorruptBatch);
+                }
+                check_records(&batch, &mut decompressed_budget)?;
+                records_total += batch.records_count() as u64;
+                parsed.push(batch);
             }
-            if batch.records_count() as u32 > config.batch_records_max {
-                return Err(ErrorCode::CorruptBatch);
-            }
-            check_records(&batch, DECOMPRESSED_BYTES_MAX)?;
-            records_total += batch.records_count() as u64;
-            parsed.push(batch);
-        }
+            Ok((parsed, records_total))
+        };
+        // Decompressing up to DECOMPRESSED_BYTES_MAX takes tens of
+        // milliseconds: let the runtime move other tasks off this worker.
+        let compressed = Batches::new(records, false)
+            .any(|batch| batch.is_ok_and(|batch| batch.compression() != Compression::None));
+        let (parsed, records_total) = if compressed {
+            crate::blocking::blocking(check)?
+        } else {
+            check()?
+        };
         // The log checks each batch's CRC as it appends. A lone batch is
         // left to that check (one pass over the bytes, not two); several
         // are checked here first, so that a bad one refuses them all rather
@@ -164,38 +197,47 @@ impl Partition {
     }
 }
 
-/// Checks that every record of an uncompressed batch parses and carries the
-/// offset delta of its position, so consumers can trust `offset`. Compressed
-/// batches are checked by their CRC and framing only (decompressing them here
-/// would cost the broker what the client saved).
+/// Checks that every record of a batch parses, carries the offset delta of
+/// its position and that nothing follows the last, so consumers can trust
+/// `offset`. lz4 and zstd batches are decompressed for it (as Kafka does),
+/// within `decompressed_budget`; gzip and snappy ones, which Weir only
+/// stores, are checked by framing (and CRC, later) only.
 fn check_records(
     batch: &weir_protocol::Batch<'_>,
-    decompressed_bytes_max: usize,
+    decompressed_budget: &mut usize,
 ) -> Result<(), ErrorCode> {
     let decompressed;
-    let records = match batch.compression() {
+    let mut records = match batch.compression() {
         Compression::None => batch.records_from(batch.records_bytes()),
         Compression::Lz4 | Compression::Zstd => {
+            // Decompressing costs far more than a CRC pass: refuse a
+            // damaged batch before spending it.
+            batch.verify_crc().map_err(|_| ErrorCode::CorruptBatch)?;
             decompressed = decompress(
                 batch.compression(),
                 batch.records_bytes(),
-                decompressed_bytes_max,
+                *decompressed_budget,
             )
             .ok_or(ErrorCode::CorruptBatch)?;
+            *decompressed_budget -= decompressed.len();
             batch.records_from(&decompressed)
         }
         // Stored as sent: Weir reads neither, and checks their framing only.
         Compression::Gzip | Compression::Snappy => return Ok(()),
     };
     let mut count = 0i64;
-    for (position, record) in records.enumerate() {
+    for position in 0.. {
+        let Some(record) = records.next() else {
+            break;
+        };
         let record = record.map_err(|_| ErrorCode::CorruptBatch)?;
         if record.offset != batch.base_offset() + position as u64 {
             return Err(ErrorCode::CorruptBatch);
         }
         count += 1;
     }
-    if count != i64::from(batch.records_count()) {
+    if count != i64::from(batch.records_count()) || records.rest_bytes() != 0 {
+        // Too few records, or bytes after the last one.
         return Err(ErrorCode::CorruptBatch);
     }
     Ok(())
@@ -211,10 +253,12 @@ fn decompress(codec: Compression, bytes: &[u8], bytes_max: usize) -> Option<Vec<
         Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(bytes)
             .take(limit)
             .read_to_end(&mut out),
-        Compression::Zstd => zstd::stream::read::Decoder::new(bytes)
-            .ok()?
-            .take(limit)
-            .read_to_end(&mut out),
+        Compression::Zstd => {
+            let mut decoder = zstd::stream::read::Decoder::new(bytes).ok()?;
+            // A window larger than a batch can be is not a real producer's.
+            decoder.window_log_max(ZSTD_WINDOW_LOG_MAX).ok()?;
+            decoder.take(limit).read_to_end(&mut out)
+        }
         _ => return None,
     };
     (read.is_ok() && out.len() <= bytes_max).then_some(out)

@@ -246,7 +246,7 @@ impl Topics {
         }
         // Preallocating segments and syncing metadata block: keep them off
         // the runtime's workers' queues (other connections keep running).
-        blocking(|| self.create_locked(name, partitions, configs))
+        crate::blocking::blocking(|| self.create_locked(name, partitions, configs))
     }
 
     fn create_locked(
@@ -301,14 +301,14 @@ impl Topics {
                 format!("no topic {name}"),
             ));
         };
-        blocking(|| {
+        crate::blocking::blocking(|| {
             self.store()?;
             for partition in &topic.partitions {
                 partition.log.close()?;
                 let dir = partition_dir(&self.data_dir, name, partition.index);
                 std::fs::remove_dir_all(&dir)
                     .map_err(|error| weir_storage::StorageError::io(&dir, error))?;
-                partition.wake_readers();
+                partition.mark_deleted();
             }
             Ok(topic.partitions.len() as u32)
         })
@@ -335,17 +335,5 @@ impl Topics {
                 partition.wake_readers();
             }
         }
-    }
-}
-
-/// Runs blocking file work from async code: on a multi-threaded runtime
-/// the worker hands its other tasks to the rest first; elsewhere (a
-/// current-thread runtime, no runtime) it simply runs.
-fn blocking<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(work)
-        }
-        _ => work(),
     }
 }

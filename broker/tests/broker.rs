@@ -487,6 +487,17 @@ fn records_with_wrong_offset_deltas_are_refused() {
         client.produce("strict", 0, Bytes::from(bomb), 1).error,
         ErrorCode::CorruptBatch
     );
+    // A whole record followed by bytes that belong to no record.
+    let mut trailing = one.to_vec();
+    trailing.extend_from_slice(&[0u8; 7]);
+    let length = (trailing.len() - 12) as u32;
+    trailing[8..12].copy_from_slice(&length.to_be_bytes());
+    let crc = crc32c::crc32c(&trailing[21..]);
+    trailing[17..21].copy_from_slice(&crc.to_be_bytes());
+    assert_eq!(
+        client.produce("strict", 0, Bytes::from(trailing), 1).error,
+        ErrorCode::CorruptBatch
+    );
     assert_eq!(
         client.produce("strict", 0, two, 1).base_offset,
         0,

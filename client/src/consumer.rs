@@ -88,6 +88,19 @@ struct Assignment {
     taken_bytes: u32,
 }
 
+impl Assignment {
+    /// The next record decoded from `chunk`, advancing the position; the
+    /// chunk is let go with its last record.
+    fn take_record(&mut self) -> Option<ConsumerRecord> {
+        let record = self.records.pop_front()?;
+        self.position = record.offset + 1;
+        if self.records.is_empty() {
+            self.chunk = None;
+        }
+        Some(record)
+    }
+}
+
 /// Records of one partition as they arrived, checked (framing, CRC) and
 /// decompressed but not decoded record by record: the way to read at the
 /// rate the network delivers. [`ConsumerBatch::records`] walks them without
@@ -419,13 +432,33 @@ impl Consumer {
         std::future::poll_fn(|context| self.poll_batch(context)).await
     }
 
+    /// Gives up an assignment whose data could not be read (a batch that
+    /// fails its CRC, an unsupported or broken compression): unsubscribes
+    /// and reports where reading stopped, so the application can decide
+    /// (skip ahead with `assign`, or stop) instead of losing offsets unseen.
+    fn abandon(&mut self, index: usize, error: ClientError) -> ClientError {
+        let assignment = self.assignments.remove(index);
+        self.next_assignment = 0;
+        self.connection.forget_pushes(assignment.subscription_id);
+        let connection = self.connection.clone();
+        let subscription_id = assignment.subscription_id;
+        tokio::spawn(async move {
+            let _ = connection
+                .call(Request::Unsubscribe(UnsubscribeRequest { subscription_id }))
+                .await;
+        });
+        ClientError::Protocol(format!(
+            "{}/{} unassigned at offset {}: {error}",
+            assignment.topic, assignment.partition, assignment.position
+        ))
+    }
+
     fn poll_record(&mut self, context: &mut Context<'_>) -> Poll<Option<Result<ConsumerRecord>>> {
         let count = self.assignments.len();
         for step in 0..count {
             let index = (self.next_assignment + step) % count;
             let assignment = &mut self.assignments[index];
-            if let Some(record) = assignment.records.pop_front() {
-                assignment.position = record.offset + 1;
+            if let Some(record) = assignment.take_record() {
                 self.next_assignment = (index + 1) % count;
                 return Poll::Ready(Some(Ok(record)));
             }
@@ -443,14 +476,17 @@ impl Consumer {
                     // Rewind: the records are handed out one at a time.
                     assignment.position = batch.start_offset;
                     if let Err(error) = batch.to_records(&mut assignment.records) {
-                        return Poll::Ready(Some(Err(error)));
+                        // Checked on arrival, so this is a bug or memory
+                        // corruption: give the partition up rather than skip.
+                        assignment.records.clear();
+                        return Poll::Ready(Some(Err(self.abandon(index, error))));
                     }
                     let next_offset = batch.next_offset;
                     assignment.chunk = Some(batch);
-                    if let Some(record) = assignment.records.pop_front() {
-                        assignment.position = record.offset + 1;
+                    if let Some(record) = assignment.take_record() {
                         return Poll::Ready(Some(Ok(record)));
                     }
+                    assignment.chunk = None;
                     assignment.position = next_offset;
                 }
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
@@ -513,7 +549,11 @@ impl Consumer {
                         }
                         let batch = match batch {
                             Ok(batch) => batch,
-                            Err(error) => return Poll::Ready(Some(Err(error))),
+                            Err(error) => {
+                                // The broker has moved past these bytes: going
+                                // on would silently skip their offsets.
+                                return Poll::Ready(Some(Err(self.abandon(index, error))));
+                            }
                         };
                         if batch.next_offset <= assignment.position {
                             // Nothing new (a push that overlapped a seek).

@@ -630,24 +630,42 @@ fn compress(batch: &Bytes, codec: Compression) -> Result<Bytes> {
     )))
 }
 
+/// Most bytes one batch's records section may expand to in this client:
+/// 64 MiB (the broker refuses batches that expand further), so a hostile
+/// or broken batch cannot make a consumer allocate without bound.
+pub const DECOMPRESSED_BYTES_MAX: usize = 64 << 20;
+
 /// Decompresses a batch's records section for iteration.
 ///
 /// # Errors
-/// [`ClientError::Protocol`] for corrupt or unsupported compressed data.
+/// [`ClientError::Protocol`] for corrupt or unsupported compressed data, or
+/// data that expands past [`DECOMPRESSED_BYTES_MAX`].
 pub fn decompress(codec: Compression, records: &[u8]) -> Result<Vec<u8>> {
-    match codec {
-        Compression::None => Ok(records.to_vec()),
-        Compression::Lz4 => {
-            let mut decoder = lz4_flex::frame::FrameDecoder::new(records);
-            let mut out = Vec::new();
-            std::io::Read::read_to_end(&mut decoder, &mut out)
-                .map_err(|error| ClientError::Protocol(error.to_string()))?;
-            Ok(out)
+    use std::io::Read;
+    let limit = DECOMPRESSED_BYTES_MAX as u64 + 1;
+    let mut out = Vec::new();
+    let read = match codec {
+        Compression::None => return Ok(records.to_vec()),
+        Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(records)
+            .take(limit)
+            .read_to_end(&mut out),
+        Compression::Zstd => zstd::stream::read::Decoder::new(records)
+            .and_then(|mut decoder| {
+                decoder.window_log_max(24)?;
+                Ok(decoder)
+            })
+            .and_then(|decoder| decoder.take(limit).read_to_end(&mut out)),
+        other => {
+            return Err(ClientError::Protocol(format!(
+                "{other:?} batches are not supported by this client"
+            )));
         }
-        Compression::Zstd => zstd::stream::decode_all(records)
-            .map_err(|error| ClientError::Protocol(error.to_string())),
-        other => Err(ClientError::Protocol(format!(
-            "{other:?} batches are not supported by this client"
-        ))),
+    };
+    read.map_err(|error| ClientError::Protocol(error.to_string()))?;
+    if out.len() > DECOMPRESSED_BYTES_MAX {
+        return Err(ClientError::Protocol(format!(
+            "a batch expands past {DECOMPRESSED_BYTES_MAX} bytes"
+        )));
     }
+    Ok(out)
 }

@@ -488,3 +488,83 @@ async fn graceful_restart_with_traffic_in_flight() {
     }
     assert_eq!(found, acked.len(), "every acknowledged record survived");
 }
+
+/// A partition whose data this client cannot read (here a gzip batch, which
+/// the broker stores but the client does not decode) is given up with an
+/// error naming where reading stopped, never skipped silently; deleting a
+/// topic ends its subscriptions with UnknownTopic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_data_and_deleted_topics_end_the_assignment() {
+    use weir_client::connection::Connection;
+    use weir_protocol::message::{ProducePartition, ProduceRequest, ProduceTopic, RecordSet};
+    use weir_protocol::{BatchBuilder, Request, Response};
+
+    let broker = Broker::start();
+    let admin = Admin::connect(&broker.addr).await.expect("connect");
+    admin.create_topic("gz", 1).await.expect("create");
+    admin.create_topic("doomed", 1).await.expect("create");
+    let mut builder = BatchBuilder::new(0);
+    builder.push(0, None, Some(b"x"), &[]);
+    let plain = builder.finish();
+    let gzip =
+        weir_protocol::batch::with_compressed_records(&plain, Compression::Gzip, b"stored as sent");
+    let connection = Connection::connect(&broker.addr, Duration::from_secs(30))
+        .await
+        .expect("connect");
+    let response = connection
+        .call(Request::Produce(ProduceRequest {
+            acks: 1,
+            timeout_ms: 30_000,
+            topics: vec![ProduceTopic {
+                name: "gz".into(),
+                partitions: vec![ProducePartition {
+                    partition: 0,
+                    records: RecordSet::single(gzip.into()),
+                }],
+            }],
+        }))
+        .await
+        .expect("produce");
+    let Response::Produce(response) = response else {
+        panic!("wrong response");
+    };
+    assert!(response.topics[0].partitions[0].error.is_ok());
+
+    let mut consumer = Consumer::connect(&broker.addr, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    consumer
+        .assign("gz", 0, Offset::Earliest)
+        .await
+        .expect("assign");
+    let error = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+        .await
+        .expect("answered")
+        .expect("an item")
+        .expect_err("gzip is not readable here");
+    assert!(
+        error.to_string().contains("gz/0 unassigned at offset 0"),
+        "{error}"
+    );
+    assert_eq!(consumer.position("gz", 0), None, "given up");
+    assert!(consumer.next().await.is_none(), "nothing assigned any more");
+
+    consumer
+        .assign("doomed", 0, Offset::Earliest)
+        .await
+        .expect("assign");
+    admin.delete_topic("doomed").await.expect("delete");
+    let ended = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+        .await
+        .expect("the deletion reaches the subscription")
+        .expect("an item");
+    assert!(
+        matches!(
+            ended,
+            Err(ClientError::Broker(
+                weir_protocol::ErrorCode::UnknownTopicOrPartition
+            ))
+        ),
+        "{ended:?}"
+    );
+}

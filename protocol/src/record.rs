@@ -109,6 +109,12 @@ impl<'a> Records<'a> {
         }
     }
 
+    /// Bytes not yet parsed. Once every record has been taken, anything
+    /// left is not part of any record: a well-formed batch has none.
+    pub fn rest_bytes(&self) -> usize {
+        self.rest.len()
+    }
+
     fn parse_one(&mut self) -> Result<Record<'a>, BatchError> {
         let mut outer = Cursor { rest: self.rest };
         let length = outer.varint()?;

@@ -141,9 +141,6 @@ impl Segment {
         // map itself stays valid: files keep their size (hole punch) and
         // deleted files stay mapped until the last `Arc<Segment>` goes.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        // Readers walk a segment front to back: ask for larger readahead.
-        // Only a hint; a kernel that ignores it serves the same bytes.
-        let _ = map.advise(memmap2::Advice::Sequential);
         let offset_index = Index::open(
             &dir.join(format!("{}.index", file_stem(base_offset))),
             OFFSET_ENTRY_WORDS,
