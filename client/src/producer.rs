@@ -155,7 +155,8 @@ struct OpenBatch {
     builder: BatchBuilder,
     created: Instant,
     waiters: Vec<(i32, oneshot::Sender<Result<Delivery>>)>,
-    permits: Vec<OwnedSemaphorePermit>,
+    /// Buffer space of every record in the batch, merged into one permit.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 struct ReadyBatch {
@@ -163,7 +164,7 @@ struct ReadyBatch {
     partition: u32,
     bytes: Bytes,
     waiters: Vec<(i32, oneshot::Sender<Result<Delivery>>)>,
-    _permits: Vec<OwnedSemaphorePermit>,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Default)]
@@ -311,10 +312,14 @@ impl Producer {
                 )));
             }
             (None, Some(key)) => partition_for_key(key, partitions),
-            (None, None) => *state
-                .sticky
-                .entry(topic.to_string())
-                .or_insert_with(|| fastrand_below(partitions)),
+            (None, None) => match state.sticky.get(topic) {
+                Some(partition) => *partition,
+                None => {
+                    let partition = fastrand_below(partitions);
+                    state.sticky.insert(topic.to_string(), partition);
+                    partition
+                }
+            },
         };
         let key = (topic.to_string(), partition);
         let full = state.open.get(&key).is_some_and(|open| {
@@ -328,14 +333,14 @@ impl Producer {
                 state.sticky.insert(topic.to_string(), next);
             }
         }
-        let open = state.open.entry(key.clone()).or_insert_with(|| OpenBatch {
+        let open = state.open.entry(key).or_insert_with(|| OpenBatch {
             builder: BatchBuilder::with_capacity(
                 timestamp_ms,
                 self.shared.config.batch_bytes.min(4 << 20),
             ),
             created: Instant::now(),
             waiters: Vec::new(),
-            permits: Vec::new(),
+            permit: None,
         });
         let delta = open.builder.push(
             timestamp_ms,
@@ -344,9 +349,12 @@ impl Producer {
             &headers,
         );
         open.waiters.push((delta, sender));
-        open.permits.push(permit);
+        match &mut open.permit {
+            Some(held) => held.merge(permit),
+            None => open.permit = Some(permit),
+        }
         if open.builder.len_bytes() >= self.shared.config.batch_bytes {
-            seal(&mut state, &key);
+            seal(&mut state, &(topic.to_string(), partition));
         }
         drop(state);
         self.shared.wake.notify_one();
@@ -407,7 +415,7 @@ fn seal(state: &mut State, key: &(String, u32)) {
             partition: key.1,
             bytes: Bytes::from(open.builder.finish()),
             waiters: open.waiters,
-            _permits: open.permits,
+            _permit: open.permit,
         });
 }
 
