@@ -53,9 +53,13 @@ pub struct WorkloadArgs {
     /// none, lz4 or zstd.
     #[arg(long, default_value = "none")]
     compression: String,
-    /// Producer batches in flight per partition.
-    #[arg(long, default_value_t = 1)]
+    /// Producer batches in flight per partition (the producer's default;
+    /// at most 5 while idempotent).
+    #[arg(long, default_value_t = 5)]
     in_flight: usize,
+    /// Turn the producer's idempotence (on by default) off.
+    #[arg(long)]
+    no_idempotence: bool,
     /// Records per second over all producers (0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
@@ -89,6 +93,7 @@ struct WorkloadReport {
     record_bytes: usize,
     batch_bytes: usize,
     in_flight: usize,
+    idempotent: bool,
     acks: String,
     compression: String,
     consumer_api: String,
@@ -224,6 +229,7 @@ async fn produce_phase(
                 batch_bytes: args.batch_bytes,
                 linger_ms: args.linger_ms,
                 in_flight_per_partition: args.in_flight.max(1),
+                idempotent: !args.no_idempotence,
                 ..ProducerConfig::default()
             },
         )
@@ -401,6 +407,7 @@ pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
         record_bytes: args.record_bytes,
         batch_bytes: args.batch_bytes,
         in_flight: args.in_flight,
+        idempotent: !args.no_idempotence,
         acks: args.acks.clone(),
         compression: args.compression.clone(),
         consumer_api: args.consumer_api.clone(),

@@ -34,6 +34,9 @@ fn distinct_names(names: Vec<String>) -> Result<Vec<String>, usize> {
     }
 }
 
+/// Longest producer name InitProducerId accepts.
+pub const PRODUCER_NAME_BYTES_MAX: usize = 256;
+
 /// Answers one request.
 pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Option<Response> {
     let broker = &context.broker;
@@ -71,6 +74,28 @@ pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Optio
                 .map(Response::Produce);
         }
         Request::Fetch(request) => Response::Fetch(fetch(context, request).await),
+        Request::InitProducerId(request) => {
+            let name = request.producer_name;
+            let outcome = if name.as_ref().is_some_and(|name| name.len() > PRODUCER_NAME_BYTES_MAX)
+            {
+                Err(ErrorCode::InvalidRequest)
+            } else {
+                // One small file written and synced: off the worker's queue.
+                crate::blocking::blocking(|| broker.producer_ids.init(name.as_deref()))
+            };
+            Response::InitProducerId(match outcome {
+                Ok((producer_id, producer_epoch)) => InitProducerIdResponse {
+                    error: ErrorCode::None,
+                    producer_id,
+                    producer_epoch,
+                },
+                Err(error) => InitProducerIdResponse {
+                    error,
+                    producer_id: -1,
+                    producer_epoch: -1,
+                },
+            })
+        }
         Request::Subscribe(request) => Response::Subscribe(subscribe(context, request)),
         Request::Credit(request) => Response::Credit(credit(context, request)),
         Request::Unsubscribe(request) => Response::Unsubscribe(unsubscribe(context, request)),

@@ -21,6 +21,7 @@ pub mod config;
 pub mod handlers;
 pub mod metrics;
 pub mod partition;
+pub mod producers;
 pub mod server;
 pub mod topics;
 

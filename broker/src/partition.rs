@@ -6,12 +6,15 @@
 //! watermark, which on one node is the log's published end (durable under
 //! `flush = always`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
-use weir_protocol::{Batches, Compression, ErrorCode};
+use tokio::sync::{Notify, watch};
+use weir_protocol::{Batch, Batches, Compression, ErrorCode};
 use weir_storage::{Log, StorageError};
+
+use crate::producers::{Check, ProducerStates, Stamp};
 
 /// Most bytes the compressed batches of one produce request may expand to
 /// when the broker checks their records: 64 MiB, four times the largest
@@ -41,6 +44,44 @@ pub struct Partition {
     pub partition_appended: Arc<Notify>,
     /// Set when its topic is deleted: subscriptions end with an error.
     deleted: std::sync::atomic::AtomicBool,
+    /// Idempotent producers' last batches, and those not yet durable.
+    producers: Arc<Mutex<Producers>>,
+}
+
+/// The producer table and the stamped appends still in flight, under one
+/// lock with the append itself, so check, append and record are atomic.
+#[derive(Debug, Default)]
+struct Producers {
+    states: ProducerStates,
+    /// (producer id, first sequence) → the append's outcome once known.
+    in_flight: HashMap<(i64, i32), watch::Receiver<Option<Result<(), ErrorCode>>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// A stamped append: recorded in the producer table at submit, forgotten
+/// again if it fails.
+struct StampedAppend {
+    producers: Arc<Mutex<Producers>>,
+    stamp: Stamp,
+    base_offset: u64,
+    done: watch::Sender<Option<Result<(), ErrorCode>>>,
+}
+
+impl StampedAppend {
+    fn finish(self, result: Result<(), ErrorCode>) {
+        let mut producers = lock(&self.producers);
+        producers
+            .in_flight
+            .remove(&(self.stamp.producer_id, self.stamp.first_sequence));
+        if result.is_err() {
+            producers.states.forget(&self.stamp, self.base_offset);
+        }
+        drop(producers);
+        let _ = self.done.send(Some(result));
+    }
 }
 
 /// What an append did.
@@ -57,8 +98,12 @@ pub struct Appended {
 }
 
 impl Partition {
-    /// Wraps an open log.
+    /// Wraps an open log, rebuilding its idempotent producers' state.
     pub fn new(topic: String, index: u32, log: Log, appended: Arc<Notify>) -> Arc<Partition> {
+        let producers = Producers {
+            states: ProducerStates::recover(&log),
+            in_flight: HashMap::new(),
+        };
         Arc::new(Partition {
             topic,
             index,
@@ -67,7 +112,25 @@ impl Partition {
             appended,
             partition_appended: Arc::new(Notify::new()),
             deleted: std::sync::atomic::AtomicBool::new(false),
+            producers: Arc::new(Mutex::new(producers)),
         })
+    }
+
+    /// Writes the producer snapshot (every batch below the log's end),
+    /// so that the next open replays only what follows.
+    ///
+    /// # Errors
+    /// Storage errors writing it.
+    pub fn save_producer_state(&self) -> Result<(), StorageError> {
+        let producers = lock(&self.producers);
+        producers
+            .states
+            .save(self.log.dir(), self.log.end_offset())
+    }
+
+    /// Idempotent producers this partition tracks.
+    pub fn producer_count(&self) -> usize {
+        lock(&self.producers).states.len()
     }
 
     /// Marks the partition's topic deleted and wakes its readers.
@@ -137,6 +200,18 @@ impl Partition {
         } else {
             check()?
         };
+        let stamps = parsed
+            .iter()
+            .map(Stamp::of)
+            .collect::<Result<Vec<_>, _>>()?;
+        if stamps.iter().any(Option::is_some) {
+            // As in Kafka: an idempotent batch travels alone, so that a
+            // retry is exactly one earlier batch.
+            let ([batch], [Some(stamp)]) = (&parsed[..], &stamps[..]) else {
+                return Err(ErrorCode::InvalidRequest);
+            };
+            return self.submit_stamped(batch, *stamp, records_total);
+        }
         // The log checks each batch's CRC as it appends. A lone batch is
         // left to that check (one pass over the bytes, not two); several
         // are checked here first, so that a bad one refuses them all rather
@@ -162,6 +237,92 @@ impl Partition {
                 }
             }
         }
+        Ok(self.complete(futures, failure, records_total, bytes_total, None))
+    }
+
+    /// A stamped (idempotent) batch: a duplicate is answered with the
+    /// original's offset once that is durable; a new one is appended and
+    /// recorded.
+    fn submit_stamped(
+        &self,
+        batch: &Batch<'_>,
+        stamp: Stamp,
+        records_total: u64,
+    ) -> Result<PendingAppend, ErrorCode> {
+        let mut producers = lock(&self.producers);
+        match producers.states.check(&stamp)? {
+            Check::Duplicate(base_offset) => {
+                // Not appended, so the log will not check it: do it here.
+                batch.verify_crc().map_err(|_| ErrorCode::CorruptBatch)?;
+                let original = producers
+                    .in_flight
+                    .get(&(stamp.producer_id, stamp.first_sequence))
+                    .cloned();
+                drop(producers);
+                let answer = Appended {
+                    base_offset,
+                    log_start_offset: self.log.start_offset(),
+                    records: 0,
+                    bytes: 0,
+                };
+                let (sender, receiver) = tokio::sync::oneshot::channel();
+                match original {
+                    None => {
+                        let _ = sender.send(Ok(answer));
+                    }
+                    Some(mut original) => {
+                        tokio::spawn(async move {
+                            let outcome = match original.wait_for(Option::is_some).await {
+                                Ok(outcome) => outcome.unwrap_or(Err(ErrorCode::Unknown)),
+                                Err(_) => Err(ErrorCode::ShuttingDown),
+                            };
+                            let _ = sender.send(outcome.map(|()| answer));
+                        });
+                    }
+                }
+                Ok(PendingAppend { receiver })
+            }
+            Check::Append => {
+                let bytes = batch.bytes().to_vec();
+                let bytes_total = bytes.len() as u64;
+                let future = self
+                    .log
+                    .append(bytes)
+                    .map_err(|error| storage_error_code(&error))?;
+                let base_offset = future.base_offset();
+                producers.states.record(&stamp, base_offset);
+                let (done, outcome) = watch::channel(None);
+                producers
+                    .in_flight
+                    .insert((stamp.producer_id, stamp.first_sequence), outcome);
+                drop(producers);
+                let stamped = StampedAppend {
+                    producers: self.producers.clone(),
+                    stamp,
+                    base_offset,
+                    done,
+                };
+                Ok(self.complete(
+                    vec![future],
+                    None,
+                    records_total,
+                    bytes_total,
+                    Some(stamped),
+                ))
+            }
+        }
+    }
+
+    /// Waits for `futures` in a task of its own (which also wakes readers
+    /// and settles a stamped append) and returns what resolves with them.
+    fn complete(
+        &self,
+        futures: Vec<weir_storage::AppendFuture>,
+        failure: Option<ErrorCode>,
+        records_total: u64,
+        bytes_total: u64,
+        stamped: Option<StampedAppend>,
+    ) -> PendingAppend {
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let appended = self.appended.clone();
         let partition_appended = self.partition_appended.clone();
@@ -191,9 +352,12 @@ impl Partition {
                     log_start_offset,
                 }),
             };
+            if let Some(stamped) = stamped {
+                stamped.finish(result.map(|_| ()));
+            }
             let _ = sender.send(result);
         });
-        Ok(PendingAppend { receiver })
+        PendingAppend { receiver }
     }
 }
 

@@ -53,6 +53,8 @@ pub struct Broker {
     /// Becomes true when shutdown begins: long polls answer at once rather
     /// than hold the connection past the grace period.
     pub stopping: watch::Receiver<bool>,
+    /// Idempotent producers' ids and epochs.
+    pub producer_ids: crate::producers::ProducerIds,
 }
 
 impl Broker {
@@ -113,6 +115,8 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         engine.clone(),
         appended.clone(),
     )?;
+    let producer_ids =
+        crate::producers::ProducerIds::open(&config.data_dir).map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
     let admin_listener = TcpListener::bind(config.admin_listen).await?;
@@ -127,6 +131,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         metrics: crate::metrics::Metrics::new(),
         ready: std::sync::atomic::AtomicBool::new(true),
         stopping: stopped.clone(),
+        producer_ids,
     });
     let admin = {
         let mut stopped = stopped.clone();
@@ -207,7 +212,12 @@ async fn retention_loop(broker: Arc<Broker>, mut stopped: watch::Receiver<bool>)
             _ = stopped.changed() => return,
             _ = tokio::time::sleep(period) => {
                 let broker = broker.clone();
-                let _ = tokio::task::spawn_blocking(move || broker.topics.apply_retention()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    broker.topics.apply_retention();
+                    // Keeps the replay after an unclean stop short.
+                    broker.topics.save_producer_states();
+                })
+                .await;
             }
         }
     }

@@ -325,12 +325,26 @@ impl Topics {
         }
     }
 
+    /// Writes every partition's producer snapshot.
+    pub fn save_producer_states(&self) {
+        for topic in self.all() {
+            for partition in &topic.partitions {
+                if let Err(error) = partition.save_producer_state() {
+                    tracing::warn!(topic = topic.name, partition = partition.index, %error, "producer snapshot failed");
+                }
+            }
+        }
+    }
+
     /// Closes every partition cleanly (clean-shutdown markers).
     pub fn close_all(&self) {
         for topic in self.all() {
             for partition in &topic.partitions {
                 if let Err(error) = partition.log.close() {
                     tracing::error!(topic = topic.name, partition = partition.index, %error, "close failed");
+                }
+                if let Err(error) = partition.save_producer_state() {
+                    tracing::warn!(topic = topic.name, partition = partition.index, %error, "producer snapshot failed");
                 }
                 partition.wake_readers();
             }

@@ -2,9 +2,13 @@
 //! sends with acks and retries, and applies backpressure through a bounded
 //! buffer.
 //!
-//! Ordering: each partition has at most one batch in flight, so a retry can
-//! never overtake a later batch and records of a partition keep their order.
-//! (Idempotent retries without duplicates come with the idempotent producer.)
+//! Idempotent by default: the producer takes an id and epoch from the broker
+//! (InitProducerId) and numbers the records of each partition; the broker
+//! appends a batch only if it continues the sequence, and answers a retry of
+//! an appended batch with its original offsets. So a retry never duplicates
+//! a record, and with up to five batches in flight per partition a retried
+//! batch can never land after a later one (the later one is refused as out
+//! of sequence until the retry is in, then retried itself).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -20,6 +24,10 @@ use crate::admin::Admin;
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::partitioner::partition_for_key;
+
+/// Most batches in flight per partition for an idempotent producer: the
+/// broker remembers the last five of each producer (as Kafka does).
+pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
 
 /// When a produce is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,12 +69,18 @@ pub struct ProducerConfig {
     pub request_timeout_ms: u64,
     /// Compression of each batch's records. Default none.
     pub compression: Compression,
-    /// Batches in flight per partition. Default 1: a retry can then never
-    /// overtake a later batch. More raises throughput (the broker appends a
-    /// connection's batches in the order sent) but a batch that fails and is
-    /// retried may land after batches sent after it; the idempotent producer
-    /// will make more than one safe.
+    /// Batches in flight per partition. Default 5 (at most
+    /// [`IDEMPOTENT_IN_FLIGHT_MAX`] when idempotent). With `idempotent` (the
+    /// default) order holds; without it, more than 1 lets a retried batch
+    /// land after batches sent after it.
     pub in_flight_per_partition: usize,
+    /// Numbered batches the broker deduplicates. Default true.
+    pub idempotent: bool,
+    /// A stable name for this producer (e.g. an application instance): a
+    /// new producer with the same name takes over the same producer id with
+    /// the next epoch, and the broker refuses the older one's batches
+    /// (`ProducerFenced`). Default none: a fresh id.
+    pub producer_name: Option<String>,
     /// Largest record accepted by `send`. Default 8 MiB: well under the
     /// broker's 16 MiB batch and frame limits, so one record never costs
     /// the connection a `FrameTooLarge`.
@@ -85,7 +99,9 @@ impl Default for ProducerConfig {
             request_timeout_ms: 30_000,
             compression: Compression::None,
             record_bytes_max: 8 << 20,
-            in_flight_per_partition: 1,
+            in_flight_per_partition: 5,
+            idempotent: true,
+            producer_name: None,
         }
     }
 }
@@ -176,10 +192,14 @@ struct State {
     sticky: HashMap<String, u32>,
     /// Batches sealed or in flight; `flush` waits for zero.
     outstanding: usize,
+    /// Next sequence per partition (idempotent producers).
+    sequences: HashMap<(String, u32), i32>,
 }
 
 struct Shared {
     connection: Connection,
+    /// Producer id and epoch when idempotent.
+    identity: Option<(i64, i16)>,
     config: ProducerConfig,
     buffer: Arc<Semaphore>,
     state: Mutex<State>,
@@ -236,8 +256,14 @@ impl Producer {
     pub async fn connect(addr: &str, config: ProducerConfig) -> Result<Producer> {
         let connection =
             Connection::connect(addr, Duration::from_millis(config.request_timeout_ms)).await?;
+        let identity = if config.idempotent {
+            Some(init_producer_id(&connection, config.producer_name.clone()).await?)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             connection,
+            identity,
             buffer: Arc::new(Semaphore::new(config.buffer_bytes.max(1))),
             config,
             state: Mutex::new(State::default()),
@@ -249,6 +275,11 @@ impl Producer {
             shared,
             sender_task,
         })
+    }
+
+    /// The producer id and epoch the broker gave, when idempotent.
+    pub fn identity(&self) -> Option<(i64, i16)> {
+        self.shared.identity
     }
 
     async fn partition_count(&self, topic: &str) -> Result<u32> {
@@ -326,7 +357,7 @@ impl Producer {
             open.builder.len_bytes() + record_bytes > self.shared.config.batch_bytes
         });
         if full {
-            seal(&mut state, &key);
+            seal(&self.shared, &mut state, &key);
             if record.key.is_none() && record.partition.is_none() {
                 // Sticky: a full batch moves keyless records to another partition.
                 let next = (partition + 1) % partitions.max(1);
@@ -354,7 +385,7 @@ impl Producer {
             None => open.permit = Some(permit),
         }
         if open.builder.len_bytes() >= self.shared.config.batch_bytes {
-            seal(&mut state, &(topic.to_string(), partition));
+            seal(&self.shared, &mut state, &(topic.to_string(), partition));
         }
         drop(state);
         self.shared.wake.notify_one();
@@ -374,7 +405,7 @@ impl Producer {
                 let mut state = lock(&self.shared.state);
                 let keys: Vec<(String, u32)> = state.open.keys().cloned().collect();
                 for key in keys {
-                    seal(&mut state, &key);
+                    seal(&self.shared, &mut state, &key);
                 }
                 if state.outstanding == 0 {
                     return Ok(());
@@ -397,13 +428,45 @@ fn fastrand_below(partitions: u32) -> u32 {
     nanos % partitions.max(1)
 }
 
-/// Moves an open batch to the partition's ready queue.
-fn seal(state: &mut State, key: &(String, u32)) {
-    let Some(open) = state.open.remove(key) else {
+/// Asks the broker for a producer id and epoch.
+async fn init_producer_id(connection: &Connection, name: Option<String>) -> Result<(i64, i16)> {
+    let response = connection
+        .call(Request::InitProducerId(InitProducerIdRequest {
+            producer_name: name,
+        }))
+        .await?;
+    match response {
+        Response::InitProducerId(response) if response.error.is_ok() => {
+            Ok((response.producer_id, response.producer_epoch))
+        }
+        Response::InitProducerId(response) => Err(ClientError::Broker(response.error)),
+        other => Err(ClientError::Protocol(format!(
+            "unexpected {:?}",
+            other.api()
+        ))),
+    }
+}
+
+/// Moves an open batch to the partition's ready queue, numbering it if the
+/// producer is idempotent.
+fn seal(shared: &Shared, state: &mut State, key: &(String, u32)) {
+    let Some(mut open) = state.open.remove(key) else {
         return;
     };
     if open.waiters.is_empty() {
         return;
+    }
+    if let Some((producer_id, producer_epoch)) = shared.identity {
+        let sequence = state.sequences.entry(key.clone()).or_insert(0);
+        let base_sequence = *sequence;
+        // Sequences wrap from i32::MAX to 0, as Kafka's do.
+        *sequence = ((i64::from(base_sequence) + i64::from(open.builder.records_count()))
+            % (i64::from(i32::MAX) + 1)) as i32;
+        open.builder = open.builder.producer(weir_protocol::ProducerStamp {
+            producer_id,
+            producer_epoch,
+            base_sequence,
+        });
     }
     state.outstanding += 1;
     state
@@ -428,7 +491,16 @@ async fn send_loop(shared: Arc<Shared>) {
         let mut to_start = Vec::new();
         let next_deadline = {
             let mut state = lock(&shared.state);
-            let limit = shared.config.in_flight_per_partition.max(1);
+            let limit = if shared.identity.is_some() {
+                // The broker remembers a producer's last five batches: a
+                // retry further back could not be recognised.
+                shared
+                    .config
+                    .in_flight_per_partition
+                    .clamp(1, IDEMPOTENT_IN_FLIGHT_MAX)
+            } else {
+                shared.config.in_flight_per_partition.max(1)
+            };
             // A partition at its in-flight limit (or with sealed batches
             // waiting) keeps its open batch open past linger, so records
             // arriving meanwhile join it: under load batches grow to what
@@ -444,7 +516,7 @@ async fn send_loop(shared: Arc<Shared>) {
                 .map(|(key, _)| key.clone())
                 .collect();
             for key in due {
-                seal(&mut state, &key);
+                seal(&shared, &mut state, &key);
             }
             let startable: Vec<(String, u32)> = state
                 .ready
@@ -588,8 +660,15 @@ async fn finish(shared: &Shared, first: FirstAttempt) -> Result<i64> {
     let mut backoff = Duration::from_millis(shared.config.retry_backoff_ms);
     let mut attempt = 0;
     loop {
+        // Out of sequence while idempotent: an earlier batch of the
+        // partition failed and is being retried; this one goes in after it.
+        let retriable = |error: &ClientError| {
+            error.is_retriable()
+                || (shared.identity.is_some()
+                    && matches!(error, ClientError::Broker(ErrorCode::OutOfOrderSequence)))
+        };
         match result {
-            Err(error) if error.is_retriable() && attempt < shared.config.retries => {
+            Err(error) if retriable(&error) && attempt < shared.config.retries => {
                 attempt += 1;
                 tracing::debug!(%error, attempt, "retrying produce");
                 tokio::time::sleep(backoff).await;

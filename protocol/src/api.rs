@@ -25,11 +25,13 @@ pub enum ApiKey {
     Unsubscribe,
     /// Offsets by position (earliest, latest) or timestamp.
     ListOffsets,
+    /// A producer id and epoch for idempotent produce.
+    InitProducerId,
 }
 
 impl ApiKey {
     /// All keys, in numeric order.
-    pub const ALL: [ApiKey; 11] = [
+    pub const ALL: [ApiKey; 12] = [
         ApiKey::Handshake,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -41,6 +43,7 @@ impl ApiKey {
         ApiKey::Credit,
         ApiKey::Unsubscribe,
         ApiKey::ListOffsets,
+        ApiKey::InitProducerId,
     ];
 
     /// The number on the wire.
@@ -57,6 +60,7 @@ impl ApiKey {
             ApiKey::Credit => 8,
             ApiKey::Unsubscribe => 9,
             ApiKey::ListOffsets => 10,
+            ApiKey::InitProducerId => 11,
         }
     }
 
@@ -121,10 +125,19 @@ pub enum ErrorCode {
     TooManyConnections,
     /// The broker is shutting down. Retriable elsewhere or later.
     ShuttingDown,
+    /// A batch's sequence does not follow the producer's last one on the
+    /// partition (a gap: something was lost in between); nothing appended.
+    OutOfOrderSequence,
+    /// A batch from a producer epoch older than the partition has seen: a
+    /// newer instance of the producer took over (fenced); nothing appended.
+    ProducerFenced,
+    /// A batch from a producer id the partition has no state for, not
+    /// starting at sequence 0; nothing appended.
+    UnknownProducerId,
 }
 
 impl ErrorCode {
-    const TABLE: [(ErrorCode, u16); 20] = [
+    const TABLE: [(ErrorCode, u16); 23] = [
         (ErrorCode::None, 0),
         (ErrorCode::Unknown, 1),
         (ErrorCode::CorruptMessage, 2),
@@ -145,6 +158,9 @@ impl ErrorCode {
         (ErrorCode::UnknownSubscription, 17),
         (ErrorCode::TooManyConnections, 18),
         (ErrorCode::ShuttingDown, 19),
+        (ErrorCode::OutOfOrderSequence, 20),
+        (ErrorCode::ProducerFenced, 21),
+        (ErrorCode::UnknownProducerId, 22),
     ];
 
     /// The number on the wire.

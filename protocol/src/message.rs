@@ -40,6 +40,7 @@ macro_rules! wire_int {
 wire_int! {
     u8 => u8, 1;
     i8 => i8, 1;
+    i16 => i16, 2;
     u16 => u16, 2;
     u32 => u32, 4;
     i32 => i32, 4;
@@ -644,6 +645,29 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// InitProducerId request: a producer id and epoch for idempotent
+    /// (deduplicated) produce.
+    pub struct InitProducerIdRequest {
+        /// A stable name for the producer (an application instance): the
+        /// same name gets the same producer id with the next epoch, fencing
+        /// an older instance still running. Null: a fresh id.
+        pub producer_name: Option<String>,
+    }
+}
+
+wire_struct! {
+    /// InitProducerId response.
+    pub struct InitProducerIdResponse {
+        /// `None` or why no id was given.
+        pub error: ErrorCode,
+        /// The producer id to stamp on every batch.
+        pub producer_id: i64,
+        /// Its epoch; batches of an older epoch are refused.
+        pub producer_epoch: i16,
+    }
+}
+
 /// Spec value for ListOffsets: the earliest offset.
 pub const OFFSET_SPEC_EARLIEST: i64 = -2;
 /// Spec value for ListOffsets: the latest offset (high watermark).
@@ -746,6 +770,7 @@ message_enum! {
         Credit(CreditRequest) = Credit,
         Unsubscribe(UnsubscribeRequest) = Unsubscribe,
         ListOffsets(ListOffsetsRequest) = ListOffsets,
+        InitProducerId(InitProducerIdRequest) = InitProducerId,
     }
 }
 
@@ -763,6 +788,7 @@ message_enum! {
         Credit(SubscriptionAck) = Credit,
         Unsubscribe(SubscriptionAck) = Unsubscribe,
         ListOffsets(ListOffsetsResponse) = ListOffsets,
+        InitProducerId(InitProducerIdResponse) = InitProducerId,
     }
 }
 

@@ -97,6 +97,13 @@ impl Reader {
 
     /// # Errors
     /// [`WireError::Truncated`].
+    pub fn i16(&mut self, field: &'static str) -> Result<i16, WireError> {
+        self.need(2, field)?;
+        Ok(self.body.get_i16())
+    }
+
+    /// # Errors
+    /// [`WireError::Truncated`].
     pub fn u16(&mut self, field: &'static str) -> Result<u16, WireError> {
         self.need(2, field)?;
         Ok(self.body.get_u16())
@@ -269,6 +276,11 @@ impl Writer {
     /// Appends an `i8`.
     pub fn i8(&mut self, value: i8) {
         self.buf.put_i8(value);
+    }
+
+    /// Appends an `i16`.
+    pub fn i16(&mut self, value: i16) {
+        self.buf.put_i16(value);
     }
 
     /// Appends a `u16`.

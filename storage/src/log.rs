@@ -60,9 +60,16 @@ pub struct AppendInfo {
 #[derive(Debug)]
 pub struct AppendFuture {
     receiver: oneshot::Receiver<Result<AppendInfo>>,
+    base_offset: u64,
 }
 
 impl AppendFuture {
+    /// The offset the batch's first record will have if the append
+    /// completes (known as soon as it is submitted: appends are ordered).
+    pub fn base_offset(&self) -> u64 {
+        self.base_offset
+    }
+
     /// Blocks the current thread until the append completes.
     ///
     /// # Errors
@@ -616,7 +623,10 @@ impl Log {
             }
             return Err(error);
         }
-        Ok(AppendFuture { receiver })
+        Ok(AppendFuture {
+            receiver,
+            base_offset,
+        })
     }
 
     /// Refuses writer-side work on a closed log or after a failed interval sync.

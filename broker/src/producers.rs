@@ -1,0 +1,441 @@
+//! Idempotent produce: producer ids, and per partition the last batches of
+//! every producer, so a retried batch is answered with its first offsets
+//! instead of being appended twice.
+//!
+//! A batch stamped with a producer id (>= 0) carries the producer's epoch
+//! and the sequence number of its first record; sequences count records per
+//! partition from 0. For each producer a partition keeps the last
+//! [`PRODUCER_BATCHES_KEPT`] batches (sequence range and offsets). A batch
+//! whose range matches one of them is a duplicate; one that starts right
+//! after the last is new; anything else is a gap (`OutOfOrderSequence`).
+//!
+//! The table is rebuilt on open from a snapshot (`producer-state.json`,
+//! written atomically at clean close and periodically) plus a replay of the
+//! batch headers after the snapshot's offset.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use weir_protocol::{Batch, Batches, ErrorCode};
+use weir_storage::Log;
+
+/// Batches remembered per producer and partition (Kafka keeps five too:
+/// its producers have at most five batches in flight per partition).
+pub const PRODUCER_BATCHES_KEPT: usize = 5;
+
+/// Producers a partition tracks at most; beyond it the one that produced
+/// least recently is forgotten (its next batch, if any, must then start a
+/// new epoch or is refused as `UnknownProducerId`).
+pub const PRODUCERS_PER_PARTITION_MAX: usize = 100_000;
+
+/// Named producers remembered by a broker at most.
+pub const NAMED_PRODUCERS_MAX: usize = 100_000;
+
+const SNAPSHOT_FILE: &str = "producer-state.json";
+const IDS_FILE: &str = "producer-ids.json";
+
+/// One remembered batch of a producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchMeta {
+    /// Sequence of its first record.
+    pub first_sequence: i32,
+    /// Sequence of its last record.
+    pub last_sequence: i32,
+    /// Offset of its first record.
+    pub base_offset: u64,
+}
+
+/// What a partition knows of one producer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ProducerEntry {
+    epoch: i16,
+    batches: VecDeque<BatchMeta>,
+    /// Offset of its latest batch: the least recent producer goes first.
+    last_offset: u64,
+}
+
+/// The producer fields of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Producer id (>= 0).
+    pub producer_id: i64,
+    /// Producer epoch.
+    pub epoch: i16,
+    /// First record's sequence.
+    pub first_sequence: i32,
+    /// Last record's sequence.
+    pub last_sequence: i32,
+}
+
+impl Stamp {
+    /// The stamp of an idempotent batch; `None` for a plain one.
+    ///
+    /// # Errors
+    /// `CorruptBatch` for a negative sequence or epoch on a stamped batch.
+    pub fn of(batch: &Batch<'_>) -> Result<Option<Stamp>, ErrorCode> {
+        if batch.producer_id() < 0 {
+            return Ok(None);
+        }
+        let first_sequence = batch.base_sequence();
+        if first_sequence < 0 || batch.producer_epoch() < 0 {
+            return Err(ErrorCode::CorruptBatch);
+        }
+        Ok(Some(Stamp {
+            producer_id: batch.producer_id(),
+            epoch: batch.producer_epoch(),
+            first_sequence,
+            last_sequence: add_sequence(first_sequence, batch.last_offset_delta()),
+        }))
+    }
+}
+
+/// The sequence `count` records after `sequence` (wrapping from i32::MAX
+/// to 0, as Kafka's do).
+fn add_sequence(sequence: i32, count: i32) -> i32 {
+    let next = i64::from(sequence) + i64::from(count);
+    (next % (i64::from(i32::MAX) + 1)) as i32
+}
+
+/// What to do with a stamped batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// New: append it, then [`ProducerStates::record`].
+    Append,
+    /// Already appended at this offset: answer with it, append nothing.
+    Duplicate(u64),
+}
+
+/// The producer table of one partition.
+#[derive(Debug, Default)]
+pub struct ProducerStates {
+    producers: HashMap<i64, ProducerEntry>,
+}
+
+impl ProducerStates {
+    /// Decides about a stamped batch.
+    ///
+    /// # Errors
+    /// `ProducerFenced` (an older epoch), `OutOfOrderSequence` (a gap, or a
+    /// new epoch not starting at 0), `UnknownProducerId` (no state, not at
+    /// sequence 0).
+    pub fn check(&self, stamp: &Stamp) -> Result<Check, ErrorCode> {
+        let Some(entry) = self.producers.get(&stamp.producer_id) else {
+            return if stamp.first_sequence == 0 {
+                Ok(Check::Append)
+            } else {
+                Err(ErrorCode::UnknownProducerId)
+            };
+        };
+        if stamp.epoch < entry.epoch {
+            return Err(ErrorCode::ProducerFenced);
+        }
+        if stamp.epoch > entry.epoch {
+            return if stamp.first_sequence == 0 {
+                Ok(Check::Append)
+            } else {
+                Err(ErrorCode::OutOfOrderSequence)
+            };
+        }
+        if let Some(duplicate) = entry.batches.iter().find(|batch| {
+            batch.first_sequence == stamp.first_sequence
+                && batch.last_sequence == stamp.last_sequence
+        }) {
+            return Ok(Check::Duplicate(duplicate.base_offset));
+        }
+        let expected = entry
+            .batches
+            .back()
+            .map_or(0, |last| add_sequence(last.last_sequence, 1));
+        if stamp.first_sequence == expected {
+            Ok(Check::Append)
+        } else {
+            Err(ErrorCode::OutOfOrderSequence)
+        }
+    }
+
+    /// Remembers an appended batch (at submit time: the next batch of the
+    /// producer is checked against it even before it is durable).
+    pub fn record(&mut self, stamp: &Stamp, base_offset: u64) {
+        if !self.producers.contains_key(&stamp.producer_id)
+            && self.producers.len() >= PRODUCERS_PER_PARTITION_MAX
+            && let Some(oldest) = self
+                .producers
+                .iter()
+                .min_by_key(|(_, entry)| entry.last_offset)
+                .map(|(id, _)| *id)
+        {
+            self.producers.remove(&oldest);
+        }
+        let entry = self.producers.entry(stamp.producer_id).or_default();
+        if stamp.epoch != entry.epoch {
+            entry.epoch = stamp.epoch;
+            entry.batches.clear();
+        }
+        entry.batches.push_back(BatchMeta {
+            first_sequence: stamp.first_sequence,
+            last_sequence: stamp.last_sequence,
+            base_offset,
+        });
+        while entry.batches.len() > PRODUCER_BATCHES_KEPT {
+            entry.batches.pop_front();
+        }
+        entry.last_offset = base_offset;
+    }
+
+    /// Forgets a batch whose append failed, and the producer's later ones
+    /// (they fail with it: the log fails everything queued behind a failed
+    /// write), so that the retry is checked as new.
+    pub fn forget(&mut self, stamp: &Stamp, base_offset: u64) {
+        if let Some(entry) = self.producers.get_mut(&stamp.producer_id) {
+            entry.batches.retain(|batch| batch.base_offset < base_offset);
+            if entry.batches.is_empty() {
+                self.producers.remove(&stamp.producer_id);
+            }
+        }
+    }
+
+    /// Producers known.
+    pub fn len(&self) -> usize {
+        self.producers.len()
+    }
+
+    /// True when no producer is known.
+    pub fn is_empty(&self) -> bool {
+        self.producers.is_empty()
+    }
+
+    /// Rebuilds the table of `log`: the snapshot in its directory if there
+    /// is a usable one, then every batch after it.
+    pub fn recover(log: &Log) -> ProducerStates {
+        let mut states = ProducerStates::default();
+        let mut from = log.start_offset();
+        if let Some(snapshot) = Snapshot::load(log.dir())
+            && snapshot.offset >= from
+            && snapshot.offset <= log.end_offset()
+        {
+            states.producers = snapshot.producers.into_iter().collect();
+            from = snapshot.offset;
+        }
+        states.replay(log, from);
+        states
+    }
+
+    /// Applies the headers of every batch from `from` to the end.
+    fn replay(&mut self, log: &Log, mut from: u64) {
+        let end = log.end_offset();
+        while from < end {
+            let Ok(read) = log.read(from, 4 << 20) else {
+                // Retention raced the replay; what is gone has no duplicates.
+                from = log.start_offset().max(from + 1);
+                continue;
+            };
+            if read.is_empty() {
+                break;
+            }
+            for chunk in read.chunks() {
+                for batch in Batches::new(chunk, false).flatten() {
+                    if batch.next_offset() <= from {
+                        continue;
+                    }
+                    if let Ok(Some(stamp)) = Stamp::of(&batch) {
+                        self.record(&stamp, batch.base_offset());
+                    }
+                }
+            }
+            from = from.max(read.next_offset());
+        }
+    }
+
+    /// Writes the snapshot of the table as of `offset` (every batch below it
+    /// is in the table) into `dir`.
+    ///
+    /// # Errors
+    /// Storage errors writing the file.
+    pub fn save(&self, dir: &Path, offset: u64) -> Result<(), weir_storage::StorageError> {
+        // Batches at or past `offset` are still in flight: one of them may
+        // yet fail, and a snapshot must not remember a batch the log lacks.
+        let snapshot = Snapshot {
+            offset,
+            producers: self
+                .producers
+                .iter()
+                .filter_map(|(id, entry)| {
+                    let mut entry = entry.clone();
+                    entry.batches.retain(|batch| batch.base_offset < offset);
+                    (!entry.batches.is_empty()).then_some((*id, entry))
+                })
+                .collect(),
+        };
+        let text = serde_json::to_vec(&snapshot).unwrap_or_default();
+        weir_storage::checkpoint::write_atomic(dir, SNAPSHOT_FILE, &text)
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Snapshot {
+    offset: u64,
+    producers: BTreeMap<i64, ProducerEntry>,
+}
+
+impl Snapshot {
+    fn load(dir: &Path) -> Option<Snapshot> {
+        let text = std::fs::read(dir.join(SNAPSHOT_FILE)).ok()?;
+        match serde_json::from_slice(&text) {
+            Ok(snapshot) => Some(snapshot),
+            Err(error) => {
+                tracing::warn!(dir = %dir.display(), %error, "unreadable producer snapshot; replaying the log");
+                None
+            }
+        }
+    }
+}
+
+/// Producer ids of a broker: the next fresh id and the named producers.
+#[derive(Debug)]
+pub struct ProducerIds {
+    dir: PathBuf,
+    state: Mutex<IdsFile>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct IdsFile {
+    next_id: i64,
+    named: BTreeMap<String, (i64, i16)>,
+}
+
+impl ProducerIds {
+    /// Loads `producer-ids.json` from the data directory (or starts empty).
+    ///
+    /// # Errors
+    /// An unreadable file (a corrupt one must not hand out ids twice).
+    pub fn open(dir: &Path) -> Result<ProducerIds, String> {
+        let state = match std::fs::read(dir.join(IDS_FILE)) {
+            Ok(text) => serde_json::from_slice(&text)
+                .map_err(|error| format!("{}: {error}", dir.join(IDS_FILE).display()))?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => IdsFile::default(),
+            Err(error) => return Err(format!("{}: {error}", dir.join(IDS_FILE).display())),
+        };
+        Ok(ProducerIds {
+            dir: dir.to_path_buf(),
+            state: Mutex::new(state),
+        })
+    }
+
+    /// A fresh id (epoch 0), or for a name the same id with the next epoch
+    /// (which fences the previous holder). Durable before it returns.
+    ///
+    /// # Errors
+    /// `StorageError` if the file cannot be written; `InvalidRequest` when
+    /// the broker already remembers [`NAMED_PRODUCERS_MAX`] names.
+    pub fn init(&self, name: Option<&str>) -> Result<(i64, i16), ErrorCode> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let given = match name {
+            None => {
+                let id = state.next_id;
+                state.next_id += 1;
+                (id, 0)
+            }
+            Some(name) => match state.named.get(name).copied() {
+                Some((id, epoch)) if epoch < i16::MAX => (id, epoch + 1),
+                Some(_) | None => {
+                    if !state.named.contains_key(name) && state.named.len() >= NAMED_PRODUCERS_MAX
+                    {
+                        return Err(ErrorCode::InvalidRequest);
+                    }
+                    // A new name, or one whose epochs ran out: a new id.
+                    let id = state.next_id;
+                    state.next_id += 1;
+                    (id, 0)
+                }
+            },
+        };
+        if let Some(name) = name {
+            state.named.insert(name.to_string(), given);
+        }
+        let text = serde_json::to_vec_pretty(&*state).map_err(|_| ErrorCode::Unknown)?;
+        weir_storage::checkpoint::write_atomic(&self.dir, IDS_FILE, &text)
+            .map_err(|_| ErrorCode::StorageError)?;
+        Ok(given)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(first: i32, last: i32, epoch: i16) -> Stamp {
+        Stamp {
+            producer_id: 7,
+            epoch,
+            first_sequence: first,
+            last_sequence: last,
+        }
+    }
+
+    /// Duplicates within the last five batches are recognised with their
+    /// offsets; gaps, old epochs and unknown producers are refused; a
+    /// forgotten (failed) batch can be appended again.
+    #[test]
+    fn sequences_dedupe_and_refuse_gaps() {
+        let mut states = ProducerStates::default();
+        assert_eq!(
+            states.check(&stamp(3, 4, 0)),
+            Err(ErrorCode::UnknownProducerId)
+        );
+        for batch in 0..7 {
+            let s = stamp(batch * 10, batch * 10 + 9, 0);
+            assert_eq!(states.check(&s), Ok(Check::Append));
+            states.record(&s, batch as u64 * 100);
+        }
+        assert_eq!(states.check(&stamp(60, 69, 0)), Ok(Check::Duplicate(600)));
+        assert_eq!(states.check(&stamp(20, 29, 0)), Ok(Check::Duplicate(200)));
+        assert_eq!(
+            states.check(&stamp(10, 19, 0)),
+            Err(ErrorCode::OutOfOrderSequence),
+            "older than the last five: not a known duplicate"
+        );
+        assert_eq!(
+            states.check(&stamp(71, 80, 0)),
+            Err(ErrorCode::OutOfOrderSequence)
+        );
+        assert_eq!(states.check(&stamp(70, 79, 0)), Ok(Check::Append));
+        states.record(&stamp(70, 79, 0), 700);
+        states.record(&stamp(80, 89, 0), 800);
+        states.forget(&stamp(70, 79, 0), 700);
+        assert_eq!(
+            states.check(&stamp(70, 79, 0)),
+            Ok(Check::Append),
+            "a failed batch (and those after it) can be sent again"
+        );
+        assert_eq!(
+            states.check(&stamp(0, 5, 1)),
+            Ok(Check::Append),
+            "a new epoch starts at 0"
+        );
+        states.record(&stamp(0, 5, 1), 900);
+        assert_eq!(
+            states.check(&stamp(70, 79, 0)),
+            Err(ErrorCode::ProducerFenced)
+        );
+        assert_eq!(
+            states.check(&stamp(6, 6, 2)),
+            Err(ErrorCode::OutOfOrderSequence)
+        );
+    }
+
+    /// Sequences wrap from i32::MAX to 0, as Kafka's do.
+    #[test]
+    fn sequences_wrap() {
+        let mut states = ProducerStates::default();
+        states.record(&stamp(0, 0, 0), 0);
+        states.producers.get_mut(&7).expect("entry").batches[0].last_sequence = i32::MAX;
+        assert_eq!(states.check(&stamp(0, 9, 0)), Ok(Check::Append));
+        assert_eq!(add_sequence(i32::MAX, 1), 0);
+        assert_eq!(add_sequence(i32::MAX - 1, 3), 1);
+    }
+}
