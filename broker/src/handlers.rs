@@ -76,7 +76,9 @@ pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Optio
         Request::Fetch(request) => Response::Fetch(fetch(context, request).await),
         Request::InitProducerId(request) => {
             let name = request.producer_name;
-            let outcome = if name.as_ref().is_some_and(|name| name.len() > PRODUCER_NAME_BYTES_MAX)
+            let outcome = if name
+                .as_ref()
+                .is_some_and(|name| name.len() > PRODUCER_NAME_BYTES_MAX)
             {
                 Err(ErrorCode::InvalidRequest)
             } else {

@@ -54,8 +54,11 @@ pub struct Partition {
 struct Producers {
     states: ProducerStates,
     /// (producer id, first sequence) → the append's outcome once known.
-    in_flight: HashMap<(i64, i32), watch::Receiver<Option<Result<(), ErrorCode>>>>,
+    in_flight: HashMap<(i64, i32), watch::Receiver<AppendOutcome>>,
 }
+
+/// How a stamped append ended; `None` while it is in flight.
+type AppendOutcome = Option<Result<(), ErrorCode>>;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
@@ -67,7 +70,7 @@ struct StampedAppend {
     producers: Arc<Mutex<Producers>>,
     stamp: Stamp,
     base_offset: u64,
-    done: watch::Sender<Option<Result<(), ErrorCode>>>,
+    done: watch::Sender<AppendOutcome>,
 }
 
 impl StampedAppend {
@@ -123,9 +126,7 @@ impl Partition {
     /// Storage errors writing it.
     pub fn save_producer_state(&self) -> Result<(), StorageError> {
         let producers = lock(&self.producers);
-        producers
-            .states
-            .save(self.log.dir(), self.log.end_offset())
+        producers.states.save(self.log.dir(), self.log.end_offset())
     }
 
     /// Idempotent producers this partition tracks.

@@ -189,7 +189,9 @@ impl ProducerStates {
     /// write), so that the retry is checked as new.
     pub fn forget(&mut self, stamp: &Stamp, base_offset: u64) {
         if let Some(entry) = self.producers.get_mut(&stamp.producer_id) {
-            entry.batches.retain(|batch| batch.base_offset < base_offset);
+            entry
+                .batches
+                .retain(|batch| batch.base_offset < base_offset);
             if entry.batches.is_empty() {
                 self.producers.remove(&stamp.producer_id);
             }
@@ -343,8 +345,7 @@ impl ProducerIds {
             Some(name) => match state.named.get(name).copied() {
                 Some((id, epoch)) if epoch < i16::MAX => (id, epoch + 1),
                 Some(_) | None => {
-                    if !state.named.contains_key(name) && state.named.len() >= NAMED_PRODUCERS_MAX
-                    {
+                    if !state.named.contains_key(name) && state.named.len() >= NAMED_PRODUCERS_MAX {
                         return Err(ErrorCode::InvalidRequest);
                     }
                     // A new name, or one whose epochs ran out: a new id.

@@ -183,11 +183,39 @@ struct ReadyBatch {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
+/// A partition's batches on the wire. A new one may start only within
+/// `limit` batches of the oldest unresolved one (not merely while fewer than
+/// `limit` are unresolved): the broker recognises a retry only among a
+/// producer's last five batches, so while an old batch waits for its retry
+/// no more than four may be appended after it.
+#[derive(Default)]
+struct Window {
+    /// Batches started so far (the next one's index).
+    started: u64,
+    /// Indexes of started batches not yet resolved.
+    unresolved: std::collections::BTreeSet<u64>,
+}
+
+impl Window {
+    fn can_start(&self, limit: usize) -> bool {
+        self.unresolved
+            .first()
+            .is_none_or(|oldest| self.started - oldest < limit as u64)
+    }
+
+    fn start(&mut self) -> u64 {
+        let index = self.started;
+        self.started += 1;
+        self.unresolved.insert(index);
+        index
+    }
+}
+
 #[derive(Default)]
 struct State {
     open: HashMap<(String, u32), OpenBatch>,
     ready: HashMap<(String, u32), VecDeque<ReadyBatch>>,
-    in_flight: HashMap<(String, u32), usize>,
+    in_flight: HashMap<(String, u32), Window>,
     partition_counts: HashMap<String, u32>,
     sticky: HashMap<String, u32>,
     /// Batches sealed or in flight; `flush` waits for zero.
@@ -505,9 +533,14 @@ async fn send_loop(shared: Arc<Shared>) {
             // waiting) keeps its open batch open past linger, so records
             // arriving meanwhile join it: under load batches grow to what
             // one round trip accumulates instead of queueing up tiny ones.
+            let window_open = |state: &State, key: &(String, u32)| {
+                state
+                    .in_flight
+                    .get(key)
+                    .is_none_or(|window| window.can_start(limit))
+            };
             let can_start = |state: &State, key: &(String, u32)| {
-                state.in_flight.get(key).copied().unwrap_or(0) < limit
-                    && state.ready.get(key).is_none_or(VecDeque::is_empty)
+                window_open(state, key) && state.ready.get(key).is_none_or(VecDeque::is_empty)
             };
             let due: Vec<(String, u32)> = state
                 .open
@@ -521,19 +554,17 @@ async fn send_loop(shared: Arc<Shared>) {
             let startable: Vec<(String, u32)> = state
                 .ready
                 .iter()
-                .filter(|(key, queue)| {
-                    !queue.is_empty() && state.in_flight.get(*key).copied().unwrap_or(0) < limit
-                })
+                .filter(|(key, queue)| !queue.is_empty() && window_open(&state, key))
                 .map(|(key, _)| key.clone())
                 .collect();
             for key in startable {
-                while state.in_flight.get(&key).copied().unwrap_or(0) < limit {
+                while window_open(&state, &key) {
                     let Some(batch) = state.ready.get_mut(&key).and_then(VecDeque::pop_front)
                     else {
                         break;
                     };
-                    *state.in_flight.entry(key.clone()).or_insert(0) += 1;
-                    to_start.push((key.clone(), batch));
+                    let index = state.in_flight.entry(key.clone()).or_default().start();
+                    to_start.push((key.clone(), index, batch));
                 }
             }
             // Blocked partitions are woken by their batch completing.
@@ -547,9 +578,9 @@ async fn send_loop(shared: Arc<Shared>) {
         // Put each batch's first attempt on the wire here, in order: the
         // broker appends a connection's batches in arrival order. Waiting
         // (and any retry) happens in a task per batch.
-        for (key, batch) in to_start {
+        for (key, index, batch) in to_start {
             let first = first_attempt(&shared, &batch).await;
-            tokio::spawn(deliver(shared.clone(), key, batch, first));
+            tokio::spawn(deliver(shared.clone(), key, index, batch, first));
         }
         match next_deadline {
             Some(deadline) => {
@@ -621,7 +652,13 @@ fn base_offset(response: Result<Response>) -> Result<i64> {
 }
 
 /// Finishes one batch (retrying as configured) and resolves its records.
-async fn deliver(shared: Arc<Shared>, key: (String, u32), batch: ReadyBatch, first: FirstAttempt) {
+async fn deliver(
+    shared: Arc<Shared>,
+    key: (String, u32),
+    index: u64,
+    batch: ReadyBatch,
+    first: FirstAttempt,
+) {
     let outcome = finish(&shared, first).await;
     for (delta, waiter) in batch.waiters {
         let result = match &outcome {
@@ -639,8 +676,8 @@ async fn deliver(shared: Arc<Shared>, key: (String, u32), batch: ReadyBatch, fir
     }
     {
         let mut state = lock(&shared.state);
-        if let Some(count) = state.in_flight.get_mut(&key) {
-            *count = count.saturating_sub(1);
+        if let Some(window) = state.in_flight.get_mut(&key) {
+            window.unresolved.remove(&index);
         }
         state.outstanding -= 1;
         if state.outstanding == 0 {

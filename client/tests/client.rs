@@ -568,3 +568,76 @@ async fn unreadable_data_and_deleted_topics_end_the_assignment() {
         "{ended:?}"
     );
 }
+
+/// Retries forced by a proxy that swallows every fifth produce response
+/// (the broker did append those batches) leave no duplicate: every record
+/// is in the log exactly once, at the offset its delivery reported, in the
+/// order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_batches_are_not_duplicated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let process = BrokerProcess::start(dir.path(), &[]);
+    let direct = process.addr.to_string();
+    Admin::connect(&direct)
+        .await
+        .expect("connect")
+        .create_topic("once", 1)
+        .await
+        .expect("create");
+    let proxy =
+        weir_testkit::DroppingProxy::start(process.addr, weir_protocol::ApiKey::Produce.code(), 5);
+    let producer = Producer::connect(
+        &proxy.addr.to_string(),
+        ProducerConfig {
+            batch_bytes: 1024,
+            linger_ms: 0,
+            request_timeout_ms: 1_000,
+            retries: 30,
+            retry_backoff_ms: 10,
+            ..ProducerConfig::default()
+        },
+    )
+    .await
+    .expect("producer");
+    assert!(producer.identity().is_some(), "idempotent by default");
+    let mut deliveries = Vec::new();
+    for number in 0..2000u32 {
+        deliveries.push(
+            producer
+                .send("once", ProducerRecord::new(number.to_string()))
+                .await
+                .expect("send"),
+        );
+    }
+    producer.flush().await.expect("flush");
+    for (number, delivery) in deliveries.into_iter().enumerate() {
+        let delivery = delivery.await.expect("resolved").expect("delivered");
+        assert_eq!(delivery.offset, number as i64, "offset of record {number}");
+    }
+    let dropped = proxy.dropped.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(dropped >= 5, "responses swallowed: {dropped}");
+
+    let mut consumer = Consumer::connect(&direct, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    consumer
+        .assign("once", 0, Offset::Earliest)
+        .await
+        .expect("assign");
+    for number in 0..2000u32 {
+        let record = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .expect("records keep coming")
+            .expect("assigned")
+            .expect("record");
+        assert_eq!(record.offset, u64::from(number));
+        assert_eq!(record.value.as_deref(), Some(number.to_string().as_bytes()));
+    }
+    let end = Admin::connect(&direct)
+        .await
+        .expect("connect")
+        .list_offset("once", 0, weir_protocol::message::OFFSET_SPEC_LATEST)
+        .await
+        .expect("latest");
+    assert_eq!(end, 2000, "nothing appended twice");
+}

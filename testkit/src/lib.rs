@@ -122,3 +122,81 @@ impl Drop for BrokerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A TCP proxy between clients and a broker that swallows some responses:
+/// every `drop_every`-th response frame of API `api_key` never reaches the
+/// client (the request did reach the broker), which makes the client time
+/// out and retry. Frames are read by their u32 length prefix and header
+/// (kind u8, api key u16). Runs on threads until the process ends.
+#[derive(Debug)]
+pub struct DroppingProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// Responses swallowed so far.
+    pub dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl DroppingProxy {
+    /// Listens on a free loopback port and forwards to `upstream`.
+    ///
+    /// # Panics
+    /// If no loopback port can be bound (a broken test machine).
+    pub fn start(upstream: SocketAddr, api_key: u16, drop_every: u64) -> DroppingProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let dropped = Arc::new(AtomicU64::new(0));
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = dropped.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(broker) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let (Ok(mut client_read), Ok(mut broker_write)) =
+                    (client.try_clone(), broker.try_clone())
+                else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut client_read, &mut broker_write);
+                    let _ = broker_write.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut broker_read, mut client_write) = (broker, client);
+                let (seen, counter) = (seen.clone(), counter.clone());
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    loop {
+                        let mut prefix = [0u8; 4];
+                        if broker_read.read_exact(&mut prefix).is_err() {
+                            break;
+                        }
+                        let length = u32::from_be_bytes(prefix) as usize;
+                        let mut frame = vec![0u8; length];
+                        if broker_read.read_exact(&mut frame).is_err() {
+                            break;
+                        }
+                        let is_target = length >= 3
+                            && frame[0] == 1
+                            && u16::from_be_bytes([frame[1], frame[2]]) == api_key;
+                        if is_target
+                            && (seen.fetch_add(1, Ordering::Relaxed) + 1) % drop_every.max(1) == 0
+                        {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        if client_write.write_all(&prefix).is_err()
+                            || client_write.write_all(&frame).is_err()
+                        {
+                            break;
+                        }
+                    }
+                    let _ = client_write.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        DroppingProxy { addr, dropped }
+    }
+}
