@@ -62,6 +62,12 @@ pub struct BrokerConfig {
     /// receives, so a corrupted byte is still caught end to end; checking on
     /// every read too cost a quarter of the broker's CPU under load.
     pub verify_crc_on_read: bool,
+    /// Partitions of `__consumer_offsets` (created on first use). Default 8.
+    pub offsets_topic_partitions: u32,
+    /// How long the first rebalance of an empty group waits for more
+    /// members to join, so that consumers started together get one
+    /// assignment instead of a rebalance each. Default 1 s (Kafka: 3 s).
+    pub group_initial_rebalance_delay_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -89,6 +95,8 @@ impl Default for BrokerConfig {
             batch_bytes_max: 16 << 20,
             shutdown_grace_ms: 10_000,
             verify_crc_on_read: false,
+            offsets_topic_partitions: 8,
+            group_initial_rebalance_delay_ms: 1_000,
         }
     }
 }

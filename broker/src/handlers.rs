@@ -74,6 +74,28 @@ pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Optio
                 .map(Response::Produce);
         }
         Request::Fetch(request) => Response::Fetch(fetch(context, request).await),
+        Request::FindCoordinator(_) => Response::FindCoordinator(FindCoordinatorResponse {
+            error: ErrorCode::None,
+            broker_id: broker.config.broker_id as i32,
+            host: broker.local_addr.ip().to_string(),
+            port: broker.local_addr.port(),
+        }),
+        Request::JoinGroup(request) => {
+            Response::JoinGroup(broker.groups.join(&broker.topics, request).await)
+        }
+        Request::SyncGroup(request) => Response::SyncGroup(broker.groups.sync(&request)),
+        Request::Heartbeat(request) => Response::Heartbeat(broker.groups.heartbeat(&request)),
+        Request::LeaveGroup(request) => {
+            Response::LeaveGroup(broker.groups.leave(&broker.topics, &request))
+        }
+        Request::OffsetCommit(request) => {
+            Response::OffsetCommit(broker.groups.commit(&broker.topics, request).await)
+        }
+        Request::OffsetFetch(request) => Response::OffsetFetch(broker.groups.fetch(&request)),
+        Request::ListGroups(_) => Response::ListGroups(broker.groups.list()),
+        Request::DescribeGroup(request) => {
+            Response::DescribeGroup(broker.groups.describe(&broker.topics, &request))
+        }
         Request::InitProducerId(request) => {
             let name = request.producer_name;
             let outcome = if name

@@ -18,6 +18,7 @@
 pub mod admin_http;
 pub mod blocking;
 pub mod config;
+pub mod groups;
 pub mod handlers;
 pub mod metrics;
 pub mod partition;

@@ -55,6 +55,10 @@ pub struct Broker {
     pub stopping: watch::Receiver<bool>,
     /// Idempotent producers' ids and epochs.
     pub producer_ids: crate::producers::ProducerIds,
+    /// Consumer groups and their committed offsets.
+    pub groups: crate::groups::Coordinator,
+    /// Where clients connect (FindCoordinator answers with it).
+    pub local_addr: SocketAddr,
 }
 
 impl Broker {
@@ -117,6 +121,11 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     )?;
     let producer_ids =
         crate::producers::ProducerIds::open(&config.data_dir).map_err(anyhow::Error::msg)?;
+    let groups = crate::groups::Coordinator::new(
+        config.offsets_topic_partitions,
+        Duration::from_millis(config.group_initial_rebalance_delay_ms),
+    );
+    groups.load(&topics);
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
     let admin_listener = TcpListener::bind(config.admin_listen).await?;
@@ -132,6 +141,8 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         ready: std::sync::atomic::AtomicBool::new(true),
         stopping: stopped.clone(),
         producer_ids,
+        groups,
+        local_addr,
     });
     let admin = {
         let mut stopped = stopped.clone();
@@ -163,6 +174,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
 async fn serve(listener: TcpListener, broker: Arc<Broker>, mut stopped: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(broker.config.connections_max));
     let retention = tokio::spawn(retention_loop(broker.clone(), stopped.clone()));
+    let reaper = tokio::spawn(group_reaper(broker.clone(), stopped.clone()));
     loop {
         tokio::select! {
             _ = stopped.changed() => break,
@@ -191,6 +203,7 @@ async fn serve(listener: TcpListener, broker: Arc<Broker>, mut stopped: watch::R
     drop(listener);
     broker.ready.store(false, Ordering::Release);
     retention.abort();
+    reaper.abort();
     // Wait for connections to finish what they have in flight.
     let grace = Duration::from_millis(broker.config.shutdown_grace_ms);
     let all = u32::try_from(broker.config.connections_max).unwrap_or(u32::MAX);
@@ -219,6 +232,17 @@ async fn retention_loop(broker: Arc<Broker>, mut stopped: watch::Receiver<bool>)
                 })
                 .await;
             }
+        }
+    }
+}
+
+/// Expires group members whose session ran out.
+async fn group_reaper(broker: Arc<Broker>, mut stopped: watch::Receiver<bool>) {
+    let period = Duration::from_millis(crate::groups::REAPER_INTERVAL_MS);
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => return,
+            _ = tokio::time::sleep(period) => broker.groups.reap(&broker.topics),
         }
     }
 }

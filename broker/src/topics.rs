@@ -74,6 +74,9 @@ impl TopicError {
     }
 }
 
+/// Smallest `segment.bytes` a topic may set.
+pub const SEGMENT_BYTES_MIN: u64 = 1 << 20;
+
 /// All topics of this broker.
 #[derive(Debug)]
 pub struct Topics {
@@ -157,10 +160,21 @@ impl Topics {
 
     fn open_topic(&self, name: &str, spec: TopicSpec) -> Result<Topic, TopicError> {
         let mut partitions = Vec::with_capacity(spec.partitions as usize);
+        let mut log_config = self.log_config.clone();
+        if let Some(bytes) = spec
+            .configs
+            .get("segment.bytes")
+            .and_then(|value| value.parse::<u64>().ok())
+        {
+            // Each partition preallocates a segment: a small internal topic
+            // need not reserve gigabytes.
+            log_config.segment_bytes_max =
+                bytes.clamp(SEGMENT_BYTES_MIN, log_config.segment_bytes_max);
+        }
         for index in 0..spec.partitions {
             let log = Log::open(
                 partition_dir(&self.data_dir, name, index),
-                self.log_config.clone(),
+                log_config.clone(),
                 self.engine.clone(),
             )?;
             let report = log.recovery_report();

@@ -27,11 +27,29 @@ pub enum ApiKey {
     ListOffsets,
     /// A producer id and epoch for idempotent produce.
     InitProducerId,
+    /// The broker coordinating a consumer group.
+    FindCoordinator,
+    /// Join a group; answered when the rebalance completes.
+    JoinGroup,
+    /// A member's assignment in a generation.
+    SyncGroup,
+    /// A member is alive; learns of rebalances.
+    Heartbeat,
+    /// A member leaves its group.
+    LeaveGroup,
+    /// Commit a group's offsets.
+    OffsetCommit,
+    /// Read a group's committed offsets.
+    OffsetFetch,
+    /// The groups a coordinator knows.
+    ListGroups,
+    /// A group's members, assignment, offsets and lag.
+    DescribeGroup,
 }
 
 impl ApiKey {
     /// All keys, in numeric order.
-    pub const ALL: [ApiKey; 12] = [
+    pub const ALL: [ApiKey; 21] = [
         ApiKey::Handshake,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -44,6 +62,15 @@ impl ApiKey {
         ApiKey::Unsubscribe,
         ApiKey::ListOffsets,
         ApiKey::InitProducerId,
+        ApiKey::FindCoordinator,
+        ApiKey::JoinGroup,
+        ApiKey::SyncGroup,
+        ApiKey::Heartbeat,
+        ApiKey::LeaveGroup,
+        ApiKey::OffsetCommit,
+        ApiKey::OffsetFetch,
+        ApiKey::ListGroups,
+        ApiKey::DescribeGroup,
     ];
 
     /// The number on the wire.
@@ -61,6 +88,15 @@ impl ApiKey {
             ApiKey::Unsubscribe => 9,
             ApiKey::ListOffsets => 10,
             ApiKey::InitProducerId => 11,
+            ApiKey::FindCoordinator => 12,
+            ApiKey::JoinGroup => 13,
+            ApiKey::SyncGroup => 14,
+            ApiKey::Heartbeat => 15,
+            ApiKey::LeaveGroup => 16,
+            ApiKey::OffsetCommit => 17,
+            ApiKey::OffsetFetch => 18,
+            ApiKey::ListGroups => 19,
+            ApiKey::DescribeGroup => 20,
         }
     }
 
@@ -134,10 +170,29 @@ pub enum ErrorCode {
     /// A batch from a producer id the partition has no state for, not
     /// starting at sequence 0; nothing appended.
     UnknownProducerId,
+    /// The group does not exist (Heartbeat, SyncGroup, LeaveGroup,
+    /// DescribeGroup).
+    UnknownGroup,
+    /// The member id is not (or no longer) in the group: rejoin as new.
+    UnknownMemberId,
+    /// The generation is not the group's current one: a stale member is
+    /// fenced; rejoin.
+    IllegalGeneration,
+    /// The group is rebalancing: rejoin (JoinGroup with the member id).
+    RebalanceInProgress,
+    /// OffsetCommit for a partition the member does not own; nothing
+    /// committed.
+    PartitionNotAssigned,
+    /// The operation needs a group without members (an offset reset).
+    GroupNotEmpty,
+    /// A session timeout outside the broker's allowed range.
+    InvalidSessionTimeout,
+    /// A member named an assignor other than the group's.
+    InconsistentAssignor,
 }
 
 impl ErrorCode {
-    const TABLE: [(ErrorCode, u16); 23] = [
+    const TABLE: [(ErrorCode, u16); 31] = [
         (ErrorCode::None, 0),
         (ErrorCode::Unknown, 1),
         (ErrorCode::CorruptMessage, 2),
@@ -161,6 +216,14 @@ impl ErrorCode {
         (ErrorCode::OutOfOrderSequence, 20),
         (ErrorCode::ProducerFenced, 21),
         (ErrorCode::UnknownProducerId, 22),
+        (ErrorCode::UnknownGroup, 23),
+        (ErrorCode::UnknownMemberId, 24),
+        (ErrorCode::IllegalGeneration, 25),
+        (ErrorCode::RebalanceInProgress, 26),
+        (ErrorCode::PartitionNotAssigned, 27),
+        (ErrorCode::GroupNotEmpty, 28),
+        (ErrorCode::InvalidSessionTimeout, 29),
+        (ErrorCode::InconsistentAssignor, 30),
     ];
 
     /// The number on the wire.

@@ -668,6 +668,298 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// A topic and partition.
+    pub struct TopicPartition {
+        /// Topic name.
+        pub topic: String,
+        /// Partition index.
+        pub partition: u32,
+    }
+}
+
+wire_struct! {
+    /// FindCoordinator request: which broker coordinates a group.
+    pub struct FindCoordinatorRequest {
+        /// The group.
+        pub group: String,
+    }
+}
+
+wire_struct! {
+    /// FindCoordinator response.
+    pub struct FindCoordinatorResponse {
+        /// `None` or why there is no coordinator.
+        pub error: ErrorCode,
+        /// The coordinator's broker id.
+        pub broker_id: i32,
+        /// Its client listener's host.
+        pub host: String,
+        /// Its client listener's port.
+        pub port: u16,
+    }
+}
+
+wire_struct! {
+    /// JoinGroup request: join (or rejoin) a group and wait for the
+    /// rebalance to complete. The coordinator assigns the partitions.
+    pub struct JoinGroupRequest {
+        /// The group.
+        pub group: String,
+        /// Empty for a new member; the id the coordinator gave otherwise.
+        pub member_id: String,
+        /// Static membership: an id that survives restarts without a
+        /// rebalance. Null for a dynamic member.
+        pub group_instance_id: Option<String>,
+        /// The member is removed if no heartbeat arrives for this long.
+        pub session_timeout_ms: u32,
+        /// How long the coordinator waits for every member to rejoin.
+        pub rebalance_timeout_ms: u32,
+        /// Topics the member consumes.
+        pub topics: Vec<String>,
+        /// `range` or `roundrobin`; every member must name the same one.
+        pub assignor: String,
+    }
+}
+
+wire_struct! {
+    /// JoinGroup response: the new generation and this member's partitions.
+    pub struct JoinGroupResponse {
+        /// `None` or why the member is not in the generation.
+        pub error: ErrorCode,
+        /// The generation the assignment belongs to.
+        pub generation: i32,
+        /// This member's id (use it from now on).
+        pub member_id: String,
+        /// The member chosen as leader (informational).
+        pub leader: String,
+        /// The assignor used.
+        pub assignor: String,
+        /// The partitions this member owns in the generation.
+        pub assignment: Vec<TopicPartition>,
+    }
+}
+
+wire_struct! {
+    /// SyncGroup request: this member's assignment in a generation.
+    pub struct SyncGroupRequest {
+        /// The group.
+        pub group: String,
+        /// The generation.
+        pub generation: i32,
+        /// The member.
+        pub member_id: String,
+    }
+}
+
+wire_struct! {
+    /// SyncGroup response.
+    pub struct SyncGroupResponse {
+        /// `None`, or e.g. `RebalanceInProgress`, `IllegalGeneration`.
+        pub error: ErrorCode,
+        /// The member's partitions.
+        pub assignment: Vec<TopicPartition>,
+    }
+}
+
+wire_struct! {
+    /// Heartbeat request: the member is alive in this generation.
+    pub struct HeartbeatRequest {
+        /// The group.
+        pub group: String,
+        /// The generation.
+        pub generation: i32,
+        /// The member.
+        pub member_id: String,
+    }
+}
+
+wire_struct! {
+    /// Response carrying only an error code (Heartbeat, LeaveGroup).
+    pub struct GroupAck {
+        /// `None`; `RebalanceInProgress` tells a member to rejoin.
+        pub error: ErrorCode,
+    }
+}
+
+wire_struct! {
+    /// LeaveGroup request.
+    pub struct LeaveGroupRequest {
+        /// The group.
+        pub group: String,
+        /// The member leaving.
+        pub member_id: String,
+    }
+}
+
+wire_struct! {
+    /// One committed offset.
+    pub struct OffsetCommitPartition {
+        /// Topic name.
+        pub topic: String,
+        /// Partition index.
+        pub partition: u32,
+        /// The next offset to consume.
+        pub offset: u64,
+        /// Free-form text kept with the offset.
+        pub metadata: Option<String>,
+    }
+}
+
+wire_struct! {
+    /// OffsetCommit request.
+    pub struct OffsetCommitRequest {
+        /// The group.
+        pub group: String,
+        /// The committing member's generation; -1 with an empty member id
+        /// commits for a group without members (an admin reset).
+        pub generation: i32,
+        /// The committing member.
+        pub member_id: String,
+        /// Offsets to commit.
+        pub offsets: Vec<OffsetCommitPartition>,
+    }
+}
+
+wire_struct! {
+    /// The outcome for one partition of an OffsetCommit.
+    pub struct OffsetCommitPartitionResponse {
+        /// Topic name.
+        pub topic: String,
+        /// Partition index.
+        pub partition: u32,
+        /// `None` or why it was not committed.
+        pub error: ErrorCode,
+    }
+}
+
+wire_struct! {
+    /// OffsetCommit response. A request is committed whole or not at all.
+    pub struct OffsetCommitResponse {
+        /// `None`, or why nothing was committed (e.g. `IllegalGeneration`).
+        pub error: ErrorCode,
+        /// One entry per requested partition.
+        pub partitions: Vec<OffsetCommitPartitionResponse>,
+    }
+}
+
+wire_struct! {
+    /// OffsetFetch request.
+    pub struct OffsetFetchRequest {
+        /// The group.
+        pub group: String,
+        /// Partitions to look up; null for every committed one.
+        pub partitions: Option<Vec<TopicPartition>>,
+    }
+}
+
+wire_struct! {
+    /// One committed offset as fetched.
+    pub struct OffsetFetchPartition {
+        /// Topic name.
+        pub topic: String,
+        /// Partition index.
+        pub partition: u32,
+        /// The committed offset, -1 if none.
+        pub offset: i64,
+        /// Its metadata.
+        pub metadata: Option<String>,
+    }
+}
+
+wire_struct! {
+    /// OffsetFetch response.
+    pub struct OffsetFetchResponse {
+        /// `None` or why nothing could be read.
+        pub error: ErrorCode,
+        /// The offsets.
+        pub offsets: Vec<OffsetFetchPartition>,
+    }
+}
+
+wire_struct! {
+    /// ListGroups request.
+    pub struct ListGroupsRequest {}
+}
+
+wire_struct! {
+    /// One group in ListGroups.
+    pub struct GroupListing {
+        /// The group.
+        pub group: String,
+        /// `Empty`, `PreparingRebalance`, `Stable`.
+        pub state: String,
+        /// Members now.
+        pub members: u32,
+    }
+}
+
+wire_struct! {
+    /// ListGroups response.
+    pub struct ListGroupsResponse {
+        /// Every group the coordinator knows.
+        pub groups: Vec<GroupListing>,
+    }
+}
+
+wire_struct! {
+    /// DescribeGroup request.
+    pub struct DescribeGroupRequest {
+        /// The group.
+        pub group: String,
+    }
+}
+
+wire_struct! {
+    /// One member of a described group.
+    pub struct GroupMemberDescription {
+        /// Member id.
+        pub member_id: String,
+        /// Static instance id, if any.
+        pub group_instance_id: Option<String>,
+        /// Topics it consumes.
+        pub topics: Vec<String>,
+        /// Partitions it owns.
+        pub assignment: Vec<TopicPartition>,
+    }
+}
+
+wire_struct! {
+    /// A committed offset with the partition's end and the lag.
+    pub struct GroupOffset {
+        /// Topic name.
+        pub topic: String,
+        /// Partition index.
+        pub partition: u32,
+        /// Committed offset, -1 if none.
+        pub committed: i64,
+        /// The partition's high watermark (0 if it no longer exists).
+        pub high_watermark: u64,
+        /// high_watermark − committed (the whole partition if none).
+        pub lag: u64,
+    }
+}
+
+wire_struct! {
+    /// DescribeGroup response.
+    pub struct DescribeGroupResponse {
+        /// `None` or `UnknownGroup`.
+        pub error: ErrorCode,
+        /// The group.
+        pub group: String,
+        /// Its state.
+        pub state: String,
+        /// The assignor in use.
+        pub assignor: String,
+        /// The current generation.
+        pub generation: i32,
+        /// Its members.
+        pub members: Vec<GroupMemberDescription>,
+        /// Committed offsets and lag, per partition.
+        pub offsets: Vec<GroupOffset>,
+    }
+}
+
 /// Spec value for ListOffsets: the earliest offset.
 pub const OFFSET_SPEC_EARLIEST: i64 = -2;
 /// Spec value for ListOffsets: the latest offset (high watermark).
@@ -771,6 +1063,15 @@ message_enum! {
         Unsubscribe(UnsubscribeRequest) = Unsubscribe,
         ListOffsets(ListOffsetsRequest) = ListOffsets,
         InitProducerId(InitProducerIdRequest) = InitProducerId,
+        FindCoordinator(FindCoordinatorRequest) = FindCoordinator,
+        JoinGroup(JoinGroupRequest) = JoinGroup,
+        SyncGroup(SyncGroupRequest) = SyncGroup,
+        Heartbeat(HeartbeatRequest) = Heartbeat,
+        LeaveGroup(LeaveGroupRequest) = LeaveGroup,
+        OffsetCommit(OffsetCommitRequest) = OffsetCommit,
+        OffsetFetch(OffsetFetchRequest) = OffsetFetch,
+        ListGroups(ListGroupsRequest) = ListGroups,
+        DescribeGroup(DescribeGroupRequest) = DescribeGroup,
     }
 }
 
@@ -789,6 +1090,15 @@ message_enum! {
         Unsubscribe(SubscriptionAck) = Unsubscribe,
         ListOffsets(ListOffsetsResponse) = ListOffsets,
         InitProducerId(InitProducerIdResponse) = InitProducerId,
+        FindCoordinator(FindCoordinatorResponse) = FindCoordinator,
+        JoinGroup(JoinGroupResponse) = JoinGroup,
+        SyncGroup(SyncGroupResponse) = SyncGroup,
+        Heartbeat(GroupAck) = Heartbeat,
+        LeaveGroup(GroupAck) = LeaveGroup,
+        OffsetCommit(OffsetCommitResponse) = OffsetCommit,
+        OffsetFetch(OffsetFetchResponse) = OffsetFetch,
+        ListGroups(ListGroupsResponse) = ListGroups,
+        DescribeGroup(DescribeGroupResponse) = DescribeGroup,
     }
 }
 

@@ -1,0 +1,1043 @@
+//! Consumer groups: membership, generations, assignment on the coordinator,
+//! and committed offsets kept as records of the internal topic
+//! `__consumer_offsets`.
+//!
+//! One broker coordinates every group (a single node; the cluster will place
+//! each group with the leader of its offsets partition). A rebalance is a
+//! round: it starts when a member joins, changes its subscription, leaves
+//! or misses its session timeout; every member must (re)join within the
+//! rebalance timeout, or it is dropped; then the generation advances and the
+//! coordinator computes the assignment (`range` or `roundrobin`) and answers
+//! every waiting JoinGroup with its member's partitions. A member of an
+//! older generation is fenced (`IllegalGeneration`), a removed one gets
+//! `UnknownMemberId`. Member ids carry the broker's start time, so an id
+//! from before a restart is unknown after it: its owner rejoins.
+//!
+//! Offsets are the durable part: an OffsetCommit is one batch appended to
+//! the group's offsets partition and acknowledged once durable; on start the
+//! coordinator replays the offsets partitions (after the snapshot it wrote
+//! at the last clean stop or checkpoint) to rebuild every group's offsets.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use weir_protocol::message::*;
+use weir_protocol::{BatchBuilder, Batches, ErrorCode};
+
+use crate::topics::Topics;
+
+/// The internal topic holding committed offsets.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+/// Segment size of the offsets topic (each partition preallocates one).
+pub const OFFSETS_SEGMENT_BYTES: u64 = 64 << 20;
+/// Groups a coordinator keeps at most.
+pub const GROUPS_MAX: usize = 10_000;
+/// Members of one group at most.
+pub const MEMBERS_PER_GROUP_MAX: usize = 1_000;
+/// Longest group name, member id or instance id.
+pub const GROUP_NAME_BYTES_MAX: usize = 255;
+/// Shortest session timeout accepted.
+pub const SESSION_TIMEOUT_MS_MIN: u32 = 500;
+/// Longest session timeout accepted.
+pub const SESSION_TIMEOUT_MS_MAX: u32 = 300_000;
+/// Longest rebalance timeout accepted.
+pub const REBALANCE_TIMEOUT_MS_MAX: u32 = 300_000;
+/// Offsets in one OffsetCommit at most.
+pub const COMMIT_OFFSETS_MAX: usize = 10_000;
+/// Longest metadata string kept with an offset.
+pub const COMMIT_METADATA_BYTES_MAX: usize = 4096;
+/// How often expired members are looked for.
+pub const REAPER_INTERVAL_MS: u64 = 100;
+/// The assignors the coordinator knows.
+pub const ASSIGNORS: [&str; 2] = ["range", "roundrobin"];
+
+/// Group states, as ListGroups and DescribeGroup name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupState {
+    /// No members (offsets may be committed).
+    Empty,
+    /// A rebalance round is open: members are (re)joining.
+    PreparingRebalance,
+    /// Every member has its assignment for the current generation.
+    Stable,
+}
+
+impl GroupState {
+    /// The name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupState::Empty => "Empty",
+            GroupState::PreparingRebalance => "PreparingRebalance",
+            GroupState::Stable => "Stable",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    instance_id: Option<String>,
+    topics: Vec<String>,
+    session_timeout: Duration,
+    rebalance_timeout: Duration,
+    last_seen: Instant,
+    assignment: Vec<(String, u32)>,
+}
+
+/// A committed offset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed {
+    /// The next offset to consume.
+    pub offset: u64,
+    /// The committer's metadata.
+    pub metadata: Option<String>,
+}
+
+#[derive(Debug)]
+struct Group {
+    state: GroupState,
+    generation: i32,
+    assignor: String,
+    leader: String,
+    members: BTreeMap<String, Member>,
+    /// Members that have (re)joined in the open round.
+    joined: BTreeSet<String>,
+    round_deadline: Instant,
+    /// A round opened on an empty group waits this long for more members.
+    round_not_before: Instant,
+    offsets: BTreeMap<(String, u32), Committed>,
+}
+
+impl Group {
+    fn new(now: Instant) -> Group {
+        Group {
+            state: GroupState::Empty,
+            generation: 0,
+            assignor: String::new(),
+            leader: String::new(),
+            members: BTreeMap::new(),
+            joined: BTreeSet::new(),
+            round_deadline: now,
+            round_not_before: now,
+            offsets: BTreeMap::new(),
+        }
+    }
+
+    fn open_round(&mut self, now: Instant, initial_delay: Duration) {
+        let was_empty = self.state == GroupState::Empty;
+        self.state = GroupState::PreparingRebalance;
+        self.joined.clear();
+        let longest = self
+            .members
+            .values()
+            .map(|member| member.rebalance_timeout)
+            .max()
+            .unwrap_or_default();
+        self.round_deadline = now + longest;
+        self.round_not_before = if was_empty { now + initial_delay } else { now };
+    }
+
+    /// Closes the open round if every member has joined (and an empty
+    /// group's first round has waited its delay), or its deadline passed.
+    fn try_complete(&mut self, now: Instant, topics: &Topics) -> bool {
+        if self.state != GroupState::PreparingRebalance {
+            return false;
+        }
+        let all_joined = self
+            .members
+            .keys()
+            .all(|member| self.joined.contains(member));
+        if (all_joined && now >= self.round_not_before) || now >= self.round_deadline {
+            self.complete(topics);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn complete(&mut self, topics: &Topics) {
+        let joined = std::mem::take(&mut self.joined);
+        self.members.retain(|member, _| joined.contains(member));
+        self.generation = self.generation.wrapping_add(1).max(1);
+        let partitions_of =
+            |topic: &str| topics.get(topic).map_or(0, |t| t.partitions.len() as u32);
+        let subscriptions: Vec<(String, Vec<String>)> = self
+            .members
+            .iter()
+            .map(|(id, member)| (id.clone(), member.topics.clone()))
+            .collect();
+        let assignment = assign(&self.assignor, &subscriptions, partitions_of);
+        for (id, member) in &mut self.members {
+            member.assignment = assignment.get(id).cloned().unwrap_or_default();
+        }
+        self.leader = self.members.keys().next().cloned().unwrap_or_default();
+        self.state = if self.members.is_empty() {
+            GroupState::Empty
+        } else {
+            GroupState::Stable
+        };
+    }
+
+    /// Drops a member; a group with members left rebalances.
+    fn remove_member(&mut self, member: &str, now: Instant, initial_delay: Duration) {
+        self.members.remove(member);
+        self.joined.remove(member);
+        if self.members.is_empty() {
+            // Fence whatever the last member still had in flight.
+            self.generation = self.generation.wrapping_add(1).max(1);
+            self.state = GroupState::Empty;
+            self.joined.clear();
+        } else if self.state == GroupState::Stable {
+            self.open_round(now, initial_delay);
+        }
+    }
+
+    fn response_for(&self, member_id: &str) -> JoinGroupResponse {
+        match self.members.get(member_id) {
+            Some(member) => JoinGroupResponse {
+                error: ErrorCode::None,
+                generation: self.generation,
+                member_id: member_id.to_string(),
+                leader: self.leader.clone(),
+                assignor: self.assignor.clone(),
+                assignment: to_wire(&member.assignment),
+            },
+            None => join_error(ErrorCode::UnknownMemberId, member_id),
+        }
+    }
+}
+
+fn to_wire(partitions: &[(String, u32)]) -> Vec<TopicPartition> {
+    partitions
+        .iter()
+        .map(|(topic, partition)| TopicPartition {
+            topic: topic.clone(),
+            partition: *partition,
+        })
+        .collect()
+}
+
+fn join_error(error: ErrorCode, member_id: &str) -> JoinGroupResponse {
+    JoinGroupResponse {
+        error,
+        generation: -1,
+        member_id: member_id.to_string(),
+        leader: String::new(),
+        assignor: String::new(),
+        assignment: Vec::new(),
+    }
+}
+
+/// Assigns the subscribed topics' partitions to members (`subscriptions`
+/// sorted by member id). `range`: per topic, contiguous runs, the first
+/// members one extra; `roundrobin`: all partitions in (topic, partition)
+/// order dealt in turn to the members subscribed to each.
+pub fn assign(
+    assignor: &str,
+    subscriptions: &[(String, Vec<String>)],
+    partitions_of: impl Fn(&str) -> u32,
+) -> HashMap<String, Vec<(String, u32)>> {
+    let mut out: HashMap<String, Vec<(String, u32)>> = subscriptions
+        .iter()
+        .map(|(member, _)| (member.clone(), Vec::new()))
+        .collect();
+    let topics: BTreeSet<&String> = subscriptions
+        .iter()
+        .flat_map(|(_, topics)| topics.iter())
+        .collect();
+    match assignor {
+        "roundrobin" => {
+            let mut turn = 0usize;
+            for topic in topics {
+                let subscribers: Vec<&String> = subscriptions
+                    .iter()
+                    .filter(|(_, topics)| topics.contains(topic))
+                    .map(|(member, _)| member)
+                    .collect();
+                for partition in 0..partitions_of(topic) {
+                    // Deal across all members, skipping those not subscribed.
+                    let member = loop {
+                        let candidate = &subscriptions[turn % subscriptions.len()].0;
+                        turn += 1;
+                        if subscribers.contains(&candidate) {
+                            break candidate;
+                        }
+                    };
+                    if let Some(owned) = out.get_mut(member) {
+                        owned.push((topic.clone(), partition));
+                    }
+                }
+            }
+        }
+        _ => {
+            for topic in topics {
+                let subscribers: Vec<&String> = subscriptions
+                    .iter()
+                    .filter(|(_, topics)| topics.contains(topic))
+                    .map(|(member, _)| member)
+                    .collect();
+                let count = partitions_of(topic);
+                let per_member = count / subscribers.len() as u32;
+                let extra = count % subscribers.len() as u32;
+                let mut next = 0;
+                for (index, member) in subscribers.iter().enumerate() {
+                    let take = per_member + u32::from((index as u32) < extra);
+                    if let Some(owned) = out.get_mut(*member) {
+                        owned.extend((next..next + take).map(|p| (topic.clone(), p)));
+                    }
+                    next += take;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Java's `String.hashCode`, so groups land on the offsets partition
+/// Kafka would put them on.
+fn java_hash(text: &str) -> i32 {
+    text.encode_utf16().fold(0i32, |hash, unit| {
+        hash.wrapping_mul(31).wrapping_add(i32::from(unit))
+    })
+}
+
+/// The offsets partition of a group.
+pub fn offsets_partition(group: &str, partitions: u32) -> u32 {
+    // Kafka's Utils.abs: i32::MIN maps to 0.
+    let hash = java_hash(group);
+    let positive = if hash == i32::MIN {
+        0
+    } else {
+        hash.unsigned_abs()
+    };
+    positive % partitions.max(1)
+}
+
+/// The key of an offset record (JSON: readable with any consumer).
+#[derive(Debug, Serialize, Deserialize)]
+struct OffsetKey {
+    group: String,
+    topic: String,
+    partition: u32,
+}
+
+/// Groups of this broker.
+#[derive(Debug)]
+pub struct Coordinator {
+    groups: Mutex<BTreeMap<String, Group>>,
+    changed: Notify,
+    /// One per offsets partition: a commit holds it from append to apply,
+    /// so the log's order and the table's agree.
+    commit_locks: Vec<tokio::sync::Mutex<()>>,
+    offsets_partitions: u32,
+    initial_delay: Duration,
+    /// Distinguishes this run's member ids from an earlier run's.
+    run_id: String,
+    next_member: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= GROUP_NAME_BYTES_MAX
+}
+
+impl Coordinator {
+    /// A coordinator whose offsets topic has `offsets_partitions`
+    /// partitions and whose first rebalance of an empty group waits
+    /// `initial_delay` for more members.
+    pub fn new(offsets_partitions: u32, initial_delay: Duration) -> Coordinator {
+        let run_id = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_micros())
+        );
+        Coordinator {
+            groups: Mutex::new(BTreeMap::new()),
+            changed: Notify::new(),
+            commit_locks: (0..offsets_partitions.max(1))
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            offsets_partitions: offsets_partitions.max(1),
+            initial_delay,
+            run_id,
+            next_member: AtomicU64::new(0),
+        }
+    }
+
+    /// Rebuilds committed offsets from the offsets topic, if it exists.
+    pub fn load(&self, topics: &Topics) {
+        let Some(topic) = topics.get(OFFSETS_TOPIC) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut groups = lock(&self.groups);
+        let mut records = 0u64;
+        for partition in &topic.partitions {
+            let log = &partition.log;
+            let mut from = log.start_offset();
+            let end = log.end_offset();
+            while from < end {
+                let Ok(read) = log.read(from, 4 << 20) else {
+                    break;
+                };
+                if read.is_empty() {
+                    break;
+                }
+                for chunk in read.chunks() {
+                    for batch in Batches::new(chunk, false).flatten() {
+                        let Ok(batch_records) = batch.records() else {
+                            continue;
+                        };
+                        for record in batch_records.flatten() {
+                            if record.offset < from {
+                                continue;
+                            }
+                            records += 1;
+                            apply_record(&mut groups, now, record.key, record.value);
+                        }
+                    }
+                }
+                from = from.max(read.next_offset());
+            }
+        }
+        tracing::info!(
+            groups = groups.len(),
+            records,
+            "consumer group offsets recovered"
+        );
+    }
+
+    async fn offsets_topic(
+        &self,
+        topics: &Topics,
+    ) -> Result<std::sync::Arc<crate::topics::Topic>, ErrorCode> {
+        if let Some(topic) = topics.get(OFFSETS_TOPIC) {
+            return Ok(topic);
+        }
+        let configs = BTreeMap::from([(
+            "segment.bytes".to_string(),
+            OFFSETS_SEGMENT_BYTES.to_string(),
+        )]);
+        match topics
+            .create(OFFSETS_TOPIC, self.offsets_partitions, configs)
+            .await
+        {
+            Ok(()) => {}
+            Err(error) if error.code() == ErrorCode::TopicAlreadyExists => {}
+            Err(error) => return Err(error.code()),
+        }
+        topics.get(OFFSETS_TOPIC).ok_or(ErrorCode::Unknown)
+    }
+
+    /// JoinGroup: waits until the round this member joins completes.
+    pub async fn join(&self, topics: &Topics, request: JoinGroupRequest) -> JoinGroupResponse {
+        if !valid_name(&request.group)
+            || request.member_id.len() > GROUP_NAME_BYTES_MAX
+            || request
+                .group_instance_id
+                .as_ref()
+                .is_some_and(|id| !valid_name(id))
+            || request.topics.len() > crate::handlers::TOPICS_PER_REQUEST_MAX
+        {
+            return join_error(ErrorCode::InvalidRequest, &request.member_id);
+        }
+        if !(SESSION_TIMEOUT_MS_MIN..=SESSION_TIMEOUT_MS_MAX).contains(&request.session_timeout_ms)
+        {
+            return join_error(ErrorCode::InvalidSessionTimeout, &request.member_id);
+        }
+        if !ASSIGNORS.contains(&request.assignor.as_str()) {
+            return join_error(ErrorCode::InconsistentAssignor, &request.member_id);
+        }
+        let now = Instant::now();
+        let (member_id, joined_at_generation) = {
+            let mut groups = lock(&self.groups);
+            if !groups.contains_key(&request.group) && groups.len() >= GROUPS_MAX {
+                return join_error(ErrorCode::InvalidRequest, &request.member_id);
+            }
+            let group = groups
+                .entry(request.group.clone())
+                .or_insert_with(|| Group::new(now));
+            if !group.members.is_empty() && group.assignor != request.assignor {
+                return join_error(ErrorCode::InconsistentAssignor, &request.member_id);
+            }
+            let mut topics_wanted = request.topics.clone();
+            topics_wanted.sort();
+            topics_wanted.dedup();
+            let static_member = request.group_instance_id.as_ref().and_then(|instance| {
+                group
+                    .members
+                    .iter()
+                    .find(|(_, member)| member.instance_id.as_ref() == Some(instance))
+                    .map(|(id, _)| id.clone())
+            });
+            let (member_id, known) = if request.member_id.is_empty() {
+                match static_member {
+                    Some(id) => (id, true),
+                    None => {
+                        if group.members.len() >= MEMBERS_PER_GROUP_MAX {
+                            return join_error(ErrorCode::InvalidRequest, "");
+                        }
+                        let number = self.next_member.fetch_add(1, Ordering::Relaxed);
+                        let prefix = request.group_instance_id.as_deref().unwrap_or("member");
+                        (format!("{prefix}-{}-{number}", self.run_id), false)
+                    }
+                }
+            } else if group.members.contains_key(&request.member_id) {
+                (request.member_id.clone(), true)
+            } else {
+                return join_error(ErrorCode::UnknownMemberId, &request.member_id);
+            };
+            let unchanged = known
+                && group
+                    .members
+                    .get(&member_id)
+                    .is_some_and(|member| member.topics == topics_wanted);
+            let member = group
+                .members
+                .entry(member_id.clone())
+                .or_insert_with(|| Member {
+                    instance_id: request.group_instance_id.clone(),
+                    topics: Vec::new(),
+                    session_timeout: Duration::ZERO,
+                    rebalance_timeout: Duration::ZERO,
+                    last_seen: now,
+                    assignment: Vec::new(),
+                });
+            member.topics = topics_wanted;
+            member.session_timeout = Duration::from_millis(u64::from(request.session_timeout_ms));
+            member.rebalance_timeout = Duration::from_millis(u64::from(
+                request.rebalance_timeout_ms.min(REBALANCE_TIMEOUT_MS_MAX),
+            ));
+            member.last_seen = now;
+            if group.state == GroupState::Stable && unchanged {
+                // A known member (or a static one back from a restart) with
+                // the same subscription: nothing to rebalance.
+                return group.response_for(&member_id);
+            }
+            group.assignor = request.assignor.clone();
+            if group.state != GroupState::PreparingRebalance {
+                group.open_round(now, self.initial_delay);
+            }
+            group.joined.insert(member_id.clone());
+            let generation = group.generation;
+            if group.try_complete(now, topics) {
+                self.changed.notify_waiters();
+            }
+            (member_id, generation)
+        };
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let wake_at = {
+                let mut groups = lock(&self.groups);
+                let Some(group) = groups.get_mut(&request.group) else {
+                    return join_error(ErrorCode::UnknownMemberId, &member_id);
+                };
+                if !group.members.contains_key(&member_id) {
+                    return join_error(ErrorCode::UnknownMemberId, &member_id);
+                }
+                if group.generation != joined_at_generation
+                    && group.state != GroupState::PreparingRebalance
+                {
+                    return group.response_for(&member_id);
+                }
+                if group.state == GroupState::PreparingRebalance
+                    && !group.joined.contains(&member_id)
+                {
+                    // A later round began without this member: join it too.
+                    group.joined.insert(member_id.clone());
+                }
+                let now = Instant::now();
+                if group.try_complete(now, topics) {
+                    self.changed.notify_waiters();
+                    return group.response_for(&member_id);
+                }
+                if group.round_not_before > now {
+                    group.round_not_before.min(group.round_deadline)
+                } else {
+                    group.round_deadline
+                }
+            };
+            let _ = tokio::time::timeout_at(wake_at.into(), changed).await;
+        }
+    }
+
+    /// SyncGroup: the member's assignment in the current generation.
+    pub fn sync(&self, request: &SyncGroupRequest) -> SyncGroupResponse {
+        let groups = lock(&self.groups);
+        let error = match check_member(&groups, &request.group, &request.member_id) {
+            Err(error) => error,
+            Ok(group) if group.state == GroupState::PreparingRebalance => {
+                ErrorCode::RebalanceInProgress
+            }
+            Ok(group) if group.generation != request.generation => ErrorCode::IllegalGeneration,
+            Ok(group) => {
+                return SyncGroupResponse {
+                    error: ErrorCode::None,
+                    assignment: group
+                        .members
+                        .get(&request.member_id)
+                        .map(|member| to_wire(&member.assignment))
+                        .unwrap_or_default(),
+                };
+            }
+        };
+        SyncGroupResponse {
+            error,
+            assignment: Vec::new(),
+        }
+    }
+
+    /// Heartbeat: keeps the member's session; tells it to rejoin during a
+    /// rebalance.
+    pub fn heartbeat(&self, request: &HeartbeatRequest) -> GroupAck {
+        let mut groups = lock(&self.groups);
+        let error = match groups.get_mut(&request.group) {
+            None => ErrorCode::UnknownGroup,
+            Some(group) => match group.members.get_mut(&request.member_id) {
+                None => ErrorCode::UnknownMemberId,
+                Some(member) => {
+                    member.last_seen = Instant::now();
+                    if group.state == GroupState::PreparingRebalance {
+                        ErrorCode::RebalanceInProgress
+                    } else if group.generation != request.generation {
+                        ErrorCode::IllegalGeneration
+                    } else {
+                        ErrorCode::None
+                    }
+                }
+            },
+        };
+        GroupAck { error }
+    }
+
+    /// LeaveGroup: the member goes; the rest rebalance.
+    pub fn leave(&self, topics: &Topics, request: &LeaveGroupRequest) -> GroupAck {
+        let mut groups = lock(&self.groups);
+        let error = match groups.get_mut(&request.group) {
+            None => ErrorCode::UnknownGroup,
+            Some(group) if !group.members.contains_key(&request.member_id) => {
+                ErrorCode::UnknownMemberId
+            }
+            Some(group) => {
+                let now = Instant::now();
+                group.remove_member(&request.member_id, now, self.initial_delay);
+                group.try_complete(now, topics);
+                ErrorCode::None
+            }
+        };
+        drop(groups);
+        self.changed.notify_waiters();
+        GroupAck { error }
+    }
+
+    /// Drops members whose session expired and closes rounds whose time is
+    /// up. Called every [`REAPER_INTERVAL_MS`].
+    pub fn reap(&self, topics: &Topics) {
+        let now = Instant::now();
+        let mut changed = false;
+        let mut groups = lock(&self.groups);
+        for (name, group) in groups.iter_mut() {
+            let expired: Vec<String> = group
+                .members
+                .iter()
+                .filter(|(id, member)| {
+                    // A member waiting in JoinGroup is not expected to beat.
+                    !(group.state == GroupState::PreparingRebalance && group.joined.contains(*id))
+                        && member.last_seen + member.session_timeout < now
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for member in expired {
+                tracing::info!(group = name, member, "session expired");
+                group.remove_member(&member, now, self.initial_delay);
+                changed = true;
+            }
+            changed |= group.try_complete(now, topics);
+        }
+        drop(groups);
+        if changed {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// OffsetCommit: all offsets or none, durable before the answer.
+    pub async fn commit(
+        &self,
+        topics: &Topics,
+        request: OffsetCommitRequest,
+    ) -> OffsetCommitResponse {
+        let refuse = |error: ErrorCode, request: &OffsetCommitRequest| OffsetCommitResponse {
+            error,
+            partitions: request
+                .offsets
+                .iter()
+                .map(|offset| OffsetCommitPartitionResponse {
+                    topic: offset.topic.clone(),
+                    partition: offset.partition,
+                    error,
+                })
+                .collect(),
+        };
+        if !valid_name(&request.group)
+            || request.offsets.len() > COMMIT_OFFSETS_MAX
+            || request.offsets.iter().any(|offset| {
+                offset
+                    .metadata
+                    .as_ref()
+                    .is_some_and(|metadata| metadata.len() > COMMIT_METADATA_BYTES_MAX)
+            })
+        {
+            return refuse(ErrorCode::InvalidRequest, &request);
+        }
+        if let Some(missing) = request
+            .offsets
+            .iter()
+            .find(|offset| topics.partition(&offset.topic, offset.partition).is_none())
+        {
+            let _ = missing;
+            return refuse(ErrorCode::UnknownTopicOrPartition, &request);
+        }
+        if let Err(error) = self.check_committer(&request) {
+            return refuse(error, &request);
+        }
+        let offsets_topic = match self.offsets_topic(topics).await {
+            Ok(topic) => topic,
+            Err(error) => return refuse(error, &request),
+        };
+        let index = offsets_partition(&request.group, offsets_topic.partitions.len() as u32);
+        let Some(partition) = offsets_topic.partitions.get(index as usize).cloned() else {
+            return refuse(ErrorCode::Unknown, &request);
+        };
+        let _ordered = self.commit_locks[index as usize % self.commit_locks.len()]
+            .lock()
+            .await;
+        // Checked again under the commit lock: a rebalance may have begun.
+        if let Err(error) = self.check_committer(&request) {
+            return refuse(error, &request);
+        }
+        let batch = offsets_batch(&request);
+        let outcome = match partition.submit(&batch) {
+            Ok(pending) => pending.wait().await.map(|_| ()),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = outcome {
+            return refuse(error, &request);
+        }
+        {
+            let mut groups = lock(&self.groups);
+            let group = groups
+                .entry(request.group.clone())
+                .or_insert_with(|| Group::new(Instant::now()));
+            for offset in &request.offsets {
+                group.offsets.insert(
+                    (offset.topic.clone(), offset.partition),
+                    Committed {
+                        offset: offset.offset,
+                        metadata: offset.metadata.clone(),
+                    },
+                );
+            }
+        }
+        OffsetCommitResponse {
+            error: ErrorCode::None,
+            partitions: request
+                .offsets
+                .iter()
+                .map(|offset| OffsetCommitPartitionResponse {
+                    topic: offset.topic.clone(),
+                    partition: offset.partition,
+                    error: ErrorCode::None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether `request`'s committer may commit these offsets now.
+    fn check_committer(&self, request: &OffsetCommitRequest) -> Result<(), ErrorCode> {
+        let groups = lock(&self.groups);
+        if request.generation < 0 && request.member_id.is_empty() {
+            // An admin (or a consumer without a group membership): only
+            // while nobody consumes the group.
+            return match groups.get(&request.group) {
+                Some(group) if !group.members.is_empty() => Err(ErrorCode::GroupNotEmpty),
+                _ => {
+                    if !groups.contains_key(&request.group) && groups.len() >= GROUPS_MAX {
+                        Err(ErrorCode::InvalidRequest)
+                    } else {
+                        Ok(())
+                    }
+                }
+            };
+        }
+        let group = check_member(&groups, &request.group, &request.member_id)?;
+        if group.generation != request.generation {
+            return Err(ErrorCode::IllegalGeneration);
+        }
+        let member = group
+            .members
+            .get(&request.member_id)
+            .ok_or(ErrorCode::UnknownMemberId)?;
+        if request.offsets.iter().any(|offset| {
+            !member
+                .assignment
+                .iter()
+                .any(|(topic, partition)| *topic == offset.topic && *partition == offset.partition)
+        }) {
+            return Err(ErrorCode::PartitionNotAssigned);
+        }
+        Ok(())
+    }
+
+    /// OffsetFetch: the committed offsets asked for (or all of the group).
+    pub fn fetch(&self, request: &OffsetFetchRequest) -> OffsetFetchResponse {
+        let groups = lock(&self.groups);
+        let group = groups.get(&request.group);
+        let offsets = match &request.partitions {
+            Some(wanted) => wanted
+                .iter()
+                .map(|wanted| {
+                    let committed = group.and_then(|group| {
+                        group.offsets.get(&(wanted.topic.clone(), wanted.partition))
+                    });
+                    OffsetFetchPartition {
+                        topic: wanted.topic.clone(),
+                        partition: wanted.partition,
+                        offset: committed.map_or(-1, |c| c.offset as i64),
+                        metadata: committed.and_then(|c| c.metadata.clone()),
+                    }
+                })
+                .collect(),
+            None => group
+                .map(|group| {
+                    group
+                        .offsets
+                        .iter()
+                        .map(|((topic, partition), committed)| OffsetFetchPartition {
+                            topic: topic.clone(),
+                            partition: *partition,
+                            offset: committed.offset as i64,
+                            metadata: committed.metadata.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        OffsetFetchResponse {
+            error: ErrorCode::None,
+            offsets,
+        }
+    }
+
+    /// ListGroups.
+    pub fn list(&self) -> ListGroupsResponse {
+        let groups = lock(&self.groups);
+        ListGroupsResponse {
+            groups: groups
+                .iter()
+                .map(|(name, group)| GroupListing {
+                    group: name.clone(),
+                    state: group.state.name().to_string(),
+                    members: group.members.len() as u32,
+                })
+                .collect(),
+        }
+    }
+
+    /// DescribeGroup: members, assignment, offsets and lag.
+    pub fn describe(
+        &self,
+        topics: &Topics,
+        request: &DescribeGroupRequest,
+    ) -> DescribeGroupResponse {
+        let groups = lock(&self.groups);
+        let Some(group) = groups.get(&request.group) else {
+            return DescribeGroupResponse {
+                error: ErrorCode::UnknownGroup,
+                group: request.group.clone(),
+                state: String::new(),
+                assignor: String::new(),
+                generation: -1,
+                members: Vec::new(),
+                offsets: Vec::new(),
+            };
+        };
+        // Every partition the group owns or has committed.
+        let mut partitions: BTreeSet<(String, u32)> = group.offsets.keys().cloned().collect();
+        for member in group.members.values() {
+            partitions.extend(member.assignment.iter().cloned());
+        }
+        let offsets = partitions
+            .into_iter()
+            .map(|(topic, partition)| {
+                let high_watermark = topics
+                    .partition(&topic, partition)
+                    .map_or(0, |p| p.high_watermark());
+                let committed = group
+                    .offsets
+                    .get(&(topic.clone(), partition))
+                    .map(|c| c.offset);
+                GroupOffset {
+                    lag: high_watermark.saturating_sub(committed.unwrap_or(0)),
+                    committed: committed.map_or(-1, |offset| offset as i64),
+                    high_watermark,
+                    topic,
+                    partition,
+                }
+            })
+            .collect();
+        DescribeGroupResponse {
+            error: ErrorCode::None,
+            group: request.group.clone(),
+            state: group.state.name().to_string(),
+            assignor: group.assignor.clone(),
+            generation: group.generation,
+            members: group
+                .members
+                .iter()
+                .map(|(id, member)| GroupMemberDescription {
+                    member_id: id.clone(),
+                    group_instance_id: member.instance_id.clone(),
+                    topics: member.topics.clone(),
+                    assignment: to_wire(&member.assignment),
+                })
+                .collect(),
+            offsets,
+        }
+    }
+
+    /// Every group's name (for metrics and the admin API).
+    pub fn group_names(&self) -> Vec<String> {
+        lock(&self.groups).keys().cloned().collect()
+    }
+}
+
+fn check_member<'a>(
+    groups: &'a BTreeMap<String, Group>,
+    group: &str,
+    member: &str,
+) -> Result<&'a Group, ErrorCode> {
+    let group = groups.get(group).ok_or(ErrorCode::UnknownGroup)?;
+    if group.members.contains_key(member) {
+        Ok(group)
+    } else {
+        Err(ErrorCode::UnknownMemberId)
+    }
+}
+
+/// One batch with a record per committed offset.
+fn offsets_batch(request: &OffsetCommitRequest) -> Bytes {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64);
+    let mut builder = BatchBuilder::new(now_ms);
+    for offset in &request.offsets {
+        let key = serde_json::to_vec(&OffsetKey {
+            group: request.group.clone(),
+            topic: offset.topic.clone(),
+            partition: offset.partition,
+        })
+        .unwrap_or_default();
+        let value = serde_json::to_vec(&Committed {
+            offset: offset.offset,
+            metadata: offset.metadata.clone(),
+        })
+        .unwrap_or_default();
+        builder.push(now_ms, Some(&key), Some(&value), &[]);
+    }
+    Bytes::from(builder.finish())
+}
+
+fn apply_record(
+    groups: &mut BTreeMap<String, Group>,
+    now: Instant,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) {
+    let Some(Ok(key)) = key.map(serde_json::from_slice::<OffsetKey>) else {
+        return;
+    };
+    let group = groups.entry(key.group).or_insert_with(|| Group::new(now));
+    match value.map(serde_json::from_slice::<Committed>) {
+        Some(Ok(committed)) => {
+            group.offsets.insert((key.topic, key.partition), committed);
+        }
+        // A tombstone (or an unreadable value): no offset.
+        _ => {
+            group.offsets.remove(&(key.topic, key.partition));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(count: usize, topics: &[&str]) -> Vec<(String, Vec<String>)> {
+        (0..count)
+            .map(|index| {
+                (
+                    format!("m{index}"),
+                    topics.iter().map(|topic| topic.to_string()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Both assignors hand out every partition exactly once, evenly, only
+    /// to subscribers.
+    #[test]
+    fn assignors_cover_every_partition_once() {
+        for assignor in ASSIGNORS {
+            let subscriptions = members(3, &["a", "b"]);
+            let assignment = assign(
+                assignor,
+                &subscriptions,
+                |topic| {
+                    if topic == "a" { 12 } else { 5 }
+                },
+            );
+            let mut all: Vec<(String, u32)> = assignment.values().flatten().cloned().collect();
+            all.sort();
+            let mut expected: Vec<(String, u32)> = (0..12)
+                .map(|p| ("a".to_string(), p))
+                .chain((0..5).map(|p| ("b".to_string(), p)))
+                .collect();
+            expected.sort();
+            assert_eq!(all, expected, "{assignor}");
+            let sizes: Vec<usize> = assignment.values().map(Vec::len).collect();
+            assert!(
+                sizes.iter().max().unwrap_or(&0) - sizes.iter().min().unwrap_or(&0) <= 2,
+                "{assignor}: {sizes:?}"
+            );
+        }
+        let mixed = vec![
+            ("m0".to_string(), vec!["a".to_string()]),
+            ("m1".to_string(), vec!["b".to_string()]),
+        ];
+        for assignor in ASSIGNORS {
+            let assignment = assign(assignor, &mixed, |_| 4);
+            assert!(assignment["m0"].iter().all(|(topic, _)| topic == "a"));
+            assert!(assignment["m1"].iter().all(|(topic, _)| topic == "b"));
+            assert_eq!(assignment["m0"].len(), 4);
+        }
+    }
+
+    /// Groups map to offsets partitions as Kafka maps them
+    /// (`abs(hashCode) % n`).
+    #[test]
+    fn offsets_partition_follows_java_hash() {
+        assert_eq!(java_hash("group"), 98_629_247);
+        assert_eq!(offsets_partition("group", 50), 98_629_247 % 50);
+        assert_eq!(java_hash(""), 0);
+    }
+}
