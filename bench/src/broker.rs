@@ -228,7 +228,7 @@ async fn produce_phase(
                 compression,
                 batch_bytes: args.batch_bytes,
                 linger_ms: args.linger_ms,
-                in_flight_per_partition: args.in_flight.max(1),
+                in_flight_per_partition: Some(args.in_flight.max(1)),
                 idempotent: !args.no_idempotence,
                 ..ProducerConfig::default()
             },

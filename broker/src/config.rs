@@ -68,6 +68,10 @@ pub struct BrokerConfig {
     /// members to join, so that consumers started together get one
     /// assignment instead of a rebalance each. Default 1 s (Kafka: 3 s).
     pub group_initial_rebalance_delay_ms: u64,
+    /// An idempotent producer with no batch on a partition for this long is
+    /// forgotten there (its retries are long over). Default 1 day, Kafka's
+    /// `producer.id.expiration.ms`.
+    pub producer_expiration_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -97,6 +101,7 @@ impl Default for BrokerConfig {
             verify_crc_on_read: false,
             offsets_topic_partitions: 8,
             group_initial_rebalance_delay_ms: 1_000,
+            producer_expiration_ms: 24 * 3600 * 1000,
         }
     }
 }

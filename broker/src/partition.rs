@@ -46,6 +46,9 @@ pub struct Partition {
     deleted: std::sync::atomic::AtomicBool,
     /// Idempotent producers' last batches, and those not yet durable.
     producers: Arc<Mutex<Producers>>,
+    /// Whether any idempotent batch was ever recorded: plain appends then
+    /// also purge what failed writes took back.
+    stamped_seen: std::sync::atomic::AtomicBool,
 }
 
 /// The producer table and the stamped appends still in flight, under one
@@ -53,8 +56,11 @@ pub struct Partition {
 #[derive(Debug, Default)]
 struct Producers {
     states: ProducerStates,
-    /// (producer id, first sequence) → the append's outcome once known.
-    in_flight: HashMap<(i64, i32), watch::Receiver<AppendOutcome>>,
+    /// (producer id, first sequence) → (append id, the append's outcome
+    /// once known).
+    in_flight: HashMap<(i64, i32), (u64, watch::Receiver<AppendOutcome>)>,
+    /// Numbers stamped appends, so a finished one removes only itself.
+    next_append_id: u64,
 }
 
 /// How a stamped append ended; `None` while it is in flight.
@@ -69,19 +75,23 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct StampedAppend {
     producers: Arc<Mutex<Producers>>,
     stamp: Stamp,
-    base_offset: u64,
+    id: u64,
     done: watch::Sender<AppendOutcome>,
 }
 
 impl StampedAppend {
     fn finish(self, result: Result<(), ErrorCode>) {
         let mut producers = lock(&self.producers);
-        producers
+        let key = (self.stamp.producer_id, self.stamp.first_sequence);
+        if producers
             .in_flight
-            .remove(&(self.stamp.producer_id, self.stamp.first_sequence));
-        if result.is_err() {
-            producers.states.forget(&self.stamp, self.base_offset);
+            .get(&key)
+            .is_some_and(|(id, _)| *id == self.id)
+        {
+            producers.in_flight.remove(&key);
         }
+        // A failed write is forgotten when the log reuses its offsets (see
+        // `purge_from`), under the log's lock: not here, later and racing.
         drop(producers);
         let _ = self.done.send(Some(result));
     }
@@ -103,9 +113,17 @@ pub struct Appended {
 impl Partition {
     /// Wraps an open log, rebuilding its idempotent producers' state.
     pub fn new(topic: String, index: u32, log: Log, appended: Arc<Notify>) -> Arc<Partition> {
+        let states = ProducerStates::recover(&log);
+        // Replace whatever snapshot was there with one of what is now known,
+        // so a stale one cannot be picked up after a later crash.
+        if let Err(error) = states.snapshot(log.end_offset()).save(log.dir()) {
+            tracing::warn!(%topic, partition = index, %error, "producer snapshot failed");
+        }
+        let stamped_seen = std::sync::atomic::AtomicBool::new(!states.is_empty());
         let producers = Producers {
-            states: ProducerStates::recover(&log),
+            states,
             in_flight: HashMap::new(),
+            next_append_id: 0,
         };
         Arc::new(Partition {
             topic,
@@ -116,6 +134,7 @@ impl Partition {
             partition_appended: Arc::new(Notify::new()),
             deleted: std::sync::atomic::AtomicBool::new(false),
             producers: Arc::new(Mutex::new(producers)),
+            stamped_seen,
         })
     }
 
@@ -125,8 +144,17 @@ impl Partition {
     /// # Errors
     /// Storage errors writing it.
     pub fn save_producer_state(&self) -> Result<(), StorageError> {
-        let producers = lock(&self.producers);
-        producers.states.save(self.log.dir(), self.log.end_offset())
+        if self.is_deleted() {
+            return Ok(());
+        }
+        // Copied under the lock, written outside it: appends go on.
+        let snapshot = lock(&self.producers).states.snapshot(self.log.end_offset());
+        snapshot.save(self.log.dir())
+    }
+
+    /// Forgets producers idle for `idle_ms`.
+    pub fn expire_producers(&self, now_ms: i64, idle_ms: i64) {
+        lock(&self.producers).states.expire(now_ms, idle_ms);
     }
 
     /// Idempotent producers this partition tracks.
@@ -230,7 +258,23 @@ impl Partition {
         let mut futures = Vec::with_capacity(batches.len());
         let mut failure = None;
         for batch in batches {
-            match self.log.append(batch) {
+            let appended = if self.stamped_seen.load(std::sync::atomic::Ordering::Acquire) {
+                // Offsets a failed write took back may now be reused: the
+                // producer table must forget the batches that had them.
+                let mut producers = lock(&self.producers);
+                self.log
+                    .append_checked(batch, |next_offset| {
+                        producers.states.purge_from(next_offset);
+                        Ok::<(), std::convert::Infallible>(())
+                    })
+                    .map(|checked| match checked {
+                        Ok(future) => future,
+                        Err(never) => match never {},
+                    })
+            } else {
+                self.log.append(batch)
+            };
+            match appended {
                 Ok(future) => futures.push(future),
                 Err(error) => {
                     failure = Some(storage_error_code(&error));
@@ -250,16 +294,31 @@ impl Partition {
         stamp: Stamp,
         records_total: u64,
     ) -> Result<PendingAppend, ErrorCode> {
-        let mut producers = lock(&self.producers);
-        match producers.states.check(&stamp)? {
-            Check::Duplicate(base_offset) => {
-                // Not appended, so the log will not check it: do it here.
-                batch.verify_crc().map_err(|_| ErrorCode::CorruptBatch)?;
+        self.stamped_seen
+            .store(true, std::sync::atomic::Ordering::Release);
+        let mut guard = lock(&self.producers);
+        let producers = &mut *guard;
+        // Decided under the log's writer lock, after it repaired any failed
+        // write: batches whose offsets it took back are forgotten first.
+        let appended = self
+            .log
+            .append_checked(batch.bytes().to_vec(), |next_offset| {
+                producers.states.purge_from(next_offset);
+                match producers.states.check(&stamp) {
+                    Ok(Check::Append) => Ok(()),
+                    Ok(Check::Duplicate(base_offset)) => Err(Ok(base_offset)),
+                    Err(code) => Err(Err(code)),
+                }
+            })
+            .map_err(|error| storage_error_code(&error))?;
+        match appended {
+            Err(Err(code)) => Err(code),
+            Err(Ok(base_offset)) => {
                 let original = producers
                     .in_flight
                     .get(&(stamp.producer_id, stamp.first_sequence))
-                    .cloned();
-                drop(producers);
+                    .map(|(_, outcome)| outcome.clone());
+                drop(guard);
                 let answer = Appended {
                     base_offset,
                     log_start_offset: self.log.start_offset(),
@@ -272,6 +331,8 @@ impl Partition {
                         let _ = sender.send(Ok(answer));
                     }
                     Some(mut original) => {
+                        // Answered only once the original is durable (or
+                        // with its failure, and the client retries).
                         tokio::spawn(async move {
                             let outcome = match original.wait_for(Option::is_some).await {
                                 Ok(outcome) => outcome.unwrap_or(Err(ErrorCode::Unknown)),
@@ -283,24 +344,25 @@ impl Partition {
                 }
                 Ok(PendingAppend { receiver })
             }
-            Check::Append => {
-                let bytes = batch.bytes().to_vec();
-                let bytes_total = bytes.len() as u64;
-                let future = self
-                    .log
-                    .append(bytes)
-                    .map_err(|error| storage_error_code(&error))?;
-                let base_offset = future.base_offset();
-                producers.states.record(&stamp, base_offset);
+            Ok(future) => {
+                let bytes_total = batch.len() as u64;
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |elapsed| elapsed.as_millis() as i64);
+                producers
+                    .states
+                    .record(&stamp, future.base_offset(), now_ms);
+                let id = producers.next_append_id;
+                producers.next_append_id += 1;
                 let (done, outcome) = watch::channel(None);
                 producers
                     .in_flight
-                    .insert((stamp.producer_id, stamp.first_sequence), outcome);
-                drop(producers);
+                    .insert((stamp.producer_id, stamp.first_sequence), (id, outcome));
+                drop(guard);
                 let stamped = StampedAppend {
                     producers: self.producers.clone(),
                     stamp,
-                    base_offset,
+                    id,
                     done,
                 };
                 Ok(self.complete(

@@ -52,8 +52,12 @@ pub struct BatchMeta {
 struct ProducerEntry {
     epoch: i16,
     batches: VecDeque<BatchMeta>,
+    /// The sequence its next batch must start with.
+    next_sequence: i32,
     /// Offset of its latest batch: the least recent producer goes first.
     last_offset: u64,
+    /// Wall-clock time of its latest batch, ms: idle producers expire.
+    last_seen_ms: i64,
 }
 
 /// The producer fields of a batch.
@@ -111,6 +115,9 @@ pub enum Check {
 #[derive(Debug, Default)]
 pub struct ProducerStates {
     producers: HashMap<i64, ProducerEntry>,
+    /// One past the highest base offset remembered: a purge below it has
+    /// work to do.
+    high_offset: u64,
 }
 
 impl ProducerStates {
@@ -144,20 +151,46 @@ impl ProducerStates {
         }) {
             return Ok(Check::Duplicate(duplicate.base_offset));
         }
-        let expected = entry
-            .batches
-            .back()
-            .map_or(0, |last| add_sequence(last.last_sequence, 1));
-        if stamp.first_sequence == expected {
+        if stamp.first_sequence == entry.next_sequence {
             Ok(Check::Append)
         } else {
             Err(ErrorCode::OutOfOrderSequence)
         }
     }
 
+    /// Forgets every batch at or past `offset`: a failed write took those
+    /// offsets back (the log reuses them), so those batches are not in the
+    /// log and their producers must send them again. Their producers keep
+    /// their epoch and continue from the first forgotten sequence.
+    pub fn purge_from(&mut self, offset: u64) {
+        if self.high_offset <= offset {
+            return;
+        }
+        for entry in self.producers.values_mut() {
+            if let Some(first_gone) = entry
+                .batches
+                .iter()
+                .find(|batch| batch.base_offset >= offset)
+                .map(|batch| batch.first_sequence)
+            {
+                entry.batches.retain(|batch| batch.base_offset < offset);
+                entry.next_sequence = first_gone;
+            }
+        }
+        self.high_offset = offset;
+    }
+
+    /// Drops producers whose latest batch is older than `idle_ms` (as
+    /// Kafka's `producer.id.expiration.ms`): their retries are long over.
+    pub fn expire(&mut self, now_ms: i64, idle_ms: i64) {
+        self.producers
+            .retain(|_, entry| entry.last_seen_ms.saturating_add(idle_ms) >= now_ms);
+    }
+
     /// Remembers an appended batch (at submit time: the next batch of the
-    /// producer is checked against it even before it is durable).
-    pub fn record(&mut self, stamp: &Stamp, base_offset: u64) {
+    /// producer is checked against it even before it is durable; a write
+    /// that fails is forgotten by [`ProducerStates::purge_from`]).
+    pub fn record(&mut self, stamp: &Stamp, base_offset: u64, now_ms: i64) {
         if !self.producers.contains_key(&stamp.producer_id)
             && self.producers.len() >= PRODUCERS_PER_PARTITION_MAX
             && let Some(oldest) = self
@@ -181,21 +214,10 @@ impl ProducerStates {
         while entry.batches.len() > PRODUCER_BATCHES_KEPT {
             entry.batches.pop_front();
         }
+        entry.next_sequence = add_sequence(stamp.last_sequence, 1);
         entry.last_offset = base_offset;
-    }
-
-    /// Forgets a batch whose append failed, and the producer's later ones
-    /// (they fail with it: the log fails everything queued behind a failed
-    /// write), so that the retry is checked as new.
-    pub fn forget(&mut self, stamp: &Stamp, base_offset: u64) {
-        if let Some(entry) = self.producers.get_mut(&stamp.producer_id) {
-            entry
-                .batches
-                .retain(|batch| batch.base_offset < base_offset);
-            if entry.batches.is_empty() {
-                self.producers.remove(&stamp.producer_id);
-            }
-        }
+        entry.last_seen_ms = now_ms;
+        self.high_offset = self.high_offset.max(base_offset + 1);
     }
 
     /// Producers known.
@@ -213,12 +235,19 @@ impl ProducerStates {
     pub fn recover(log: &Log) -> ProducerStates {
         let mut states = ProducerStates::default();
         let mut from = log.start_offset();
+        // A snapshot past the end describes batches a crash took back.
         if let Some(snapshot) = Snapshot::load(log.dir())
-            && snapshot.offset >= from
             && snapshot.offset <= log.end_offset()
         {
             states.producers = snapshot.producers.into_iter().collect();
-            from = snapshot.offset;
+            states.high_offset = states
+                .producers
+                .values()
+                .flat_map(|entry| entry.batches.iter())
+                .map(|batch| batch.base_offset + 1)
+                .max()
+                .unwrap_or(0);
+            from = from.max(snapshot.offset);
         }
         states.replay(log, from);
         states
@@ -242,7 +271,7 @@ impl ProducerStates {
                         continue;
                     }
                     if let Ok(Some(stamp)) = Stamp::of(&batch) {
-                        self.record(&stamp, batch.base_offset());
+                        self.record(&stamp, batch.base_offset(), batch.max_timestamp());
                     }
                 }
             }
@@ -250,38 +279,50 @@ impl ProducerStates {
         }
     }
 
-    /// Writes the snapshot of the table as of `offset` (every batch below it
-    /// is in the table) into `dir`.
-    ///
-    /// # Errors
-    /// Storage errors writing the file.
-    pub fn save(&self, dir: &Path, offset: u64) -> Result<(), weir_storage::StorageError> {
+    /// The table as of `offset` (every batch below it is in the table),
+    /// to be written with [`Snapshot::save`] outside the caller's lock.
+    pub fn snapshot(&self, offset: u64) -> Snapshot {
         // Batches at or past `offset` are still in flight: one of them may
         // yet fail, and a snapshot must not remember a batch the log lacks.
-        let snapshot = Snapshot {
+        Snapshot {
             offset,
             producers: self
                 .producers
                 .iter()
-                .filter_map(|(id, entry)| {
+                .map(|(id, entry)| {
                     let mut entry = entry.clone();
+                    if let Some(first_in_flight) = entry
+                        .batches
+                        .iter()
+                        .find(|batch| batch.base_offset >= offset)
+                    {
+                        entry.next_sequence = first_in_flight.first_sequence;
+                    }
                     entry.batches.retain(|batch| batch.base_offset < offset);
-                    (!entry.batches.is_empty()).then_some((*id, entry))
+                    (*id, entry)
                 })
                 .collect(),
-        };
-        let text = serde_json::to_vec(&snapshot).unwrap_or_default();
-        weir_storage::checkpoint::write_atomic(dir, SNAPSHOT_FILE, &text)
+        }
     }
 }
 
+/// A producer table as of an offset, as written to `producer-state.json`.
 #[derive(Debug, Serialize, Deserialize)]
-struct Snapshot {
+pub struct Snapshot {
     offset: u64,
     producers: BTreeMap<i64, ProducerEntry>,
 }
 
 impl Snapshot {
+    /// Writes it into `dir` atomically.
+    ///
+    /// # Errors
+    /// Storage errors writing the file.
+    pub fn save(&self, dir: &Path) -> Result<(), weir_storage::StorageError> {
+        let text = serde_json::to_vec(self).unwrap_or_default();
+        weir_storage::checkpoint::write_atomic(dir, SNAPSHOT_FILE, &text)
+    }
+
     fn load(dir: &Path) -> Option<Snapshot> {
         let text = std::fs::read(dir.join(SNAPSHOT_FILE)).ok()?;
         match serde_json::from_slice(&text) {
@@ -304,8 +345,13 @@ pub struct ProducerIds {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct IdsFile {
     next_id: i64,
-    named: BTreeMap<String, (i64, i16)>,
+    /// Name → (id, epoch, last InitProducerId in ms).
+    named: BTreeMap<String, (i64, i16, i64)>,
 }
+
+/// A named producer unused this long is forgotten (Kafka keeps a
+/// transactional id 7 days).
+pub const NAMED_PRODUCER_EXPIRATION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 impl ProducerIds {
     /// Loads `producer-ids.json` from the data directory (or starts empty).
@@ -336,6 +382,12 @@ impl ProducerIds {
             .state
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as i64);
+        state.named.retain(|_, (_, _, used_ms)| {
+            used_ms.saturating_add(NAMED_PRODUCER_EXPIRATION_MS) >= now_ms
+        });
         let given = match name {
             None => {
                 let id = state.next_id;
@@ -343,7 +395,7 @@ impl ProducerIds {
                 (id, 0)
             }
             Some(name) => match state.named.get(name).copied() {
-                Some((id, epoch)) if epoch < i16::MAX => (id, epoch + 1),
+                Some((id, epoch, _)) if epoch < i16::MAX => (id, epoch + 1),
                 Some(_) | None => {
                     if !state.named.contains_key(name) && state.named.len() >= NAMED_PRODUCERS_MAX {
                         return Err(ErrorCode::InvalidRequest);
@@ -356,9 +408,11 @@ impl ProducerIds {
             },
         };
         if let Some(name) = name {
-            state.named.insert(name.to_string(), given);
+            state
+                .named
+                .insert(name.to_string(), (given.0, given.1, now_ms));
         }
-        let text = serde_json::to_vec_pretty(&*state).map_err(|_| ErrorCode::Unknown)?;
+        let text = serde_json::to_vec(&*state).map_err(|_| ErrorCode::Unknown)?;
         weir_storage::checkpoint::write_atomic(&self.dir, IDS_FILE, &text)
             .map_err(|_| ErrorCode::StorageError)?;
         Ok(given)
@@ -391,7 +445,7 @@ mod tests {
         for batch in 0..7 {
             let s = stamp(batch * 10, batch * 10 + 9, 0);
             assert_eq!(states.check(&s), Ok(Check::Append));
-            states.record(&s, batch as u64 * 100);
+            states.record(&s, batch as u64 * 100, 0);
         }
         assert_eq!(states.check(&stamp(60, 69, 0)), Ok(Check::Duplicate(600)));
         assert_eq!(states.check(&stamp(20, 29, 0)), Ok(Check::Duplicate(200)));
@@ -405,9 +459,14 @@ mod tests {
             Err(ErrorCode::OutOfOrderSequence)
         );
         assert_eq!(states.check(&stamp(70, 79, 0)), Ok(Check::Append));
-        states.record(&stamp(70, 79, 0), 700);
-        states.record(&stamp(80, 89, 0), 800);
-        states.forget(&stamp(70, 79, 0), 700);
+        states.record(&stamp(70, 79, 0), 700, 0);
+        states.record(&stamp(80, 89, 0), 800, 0);
+        states.purge_from(700);
+        assert_eq!(
+            states.check(&stamp(80, 89, 0)),
+            Err(ErrorCode::OutOfOrderSequence),
+            "after a failed write the producer continues from the first lost batch"
+        );
         assert_eq!(
             states.check(&stamp(70, 79, 0)),
             Ok(Check::Append),
@@ -418,7 +477,7 @@ mod tests {
             Ok(Check::Append),
             "a new epoch starts at 0"
         );
-        states.record(&stamp(0, 5, 1), 900);
+        states.record(&stamp(0, 5, 1), 900, 0);
         assert_eq!(
             states.check(&stamp(70, 79, 0)),
             Err(ErrorCode::ProducerFenced)
@@ -429,14 +488,30 @@ mod tests {
         );
     }
 
-    /// Sequences wrap from i32::MAX to 0, as Kafka's do.
+    /// Sequences wrap from i32::MAX to 0, as Kafka's do; a snapshot keeps
+    /// an epoch without batches and leaves out batches still in flight.
     #[test]
     fn sequences_wrap() {
         let mut states = ProducerStates::default();
-        states.record(&stamp(0, 0, 0), 0);
-        states.producers.get_mut(&7).expect("entry").batches[0].last_sequence = i32::MAX;
+        let last = stamp(i32::MAX - 4, i32::MAX, 0);
+        states.producers.insert(
+            7,
+            ProducerEntry {
+                next_sequence: i32::MAX - 4,
+                ..ProducerEntry::default()
+            },
+        );
+        assert_eq!(states.check(&last), Ok(Check::Append));
+        states.record(&last, 0, 0);
         assert_eq!(states.check(&stamp(0, 9, 0)), Ok(Check::Append));
         assert_eq!(add_sequence(i32::MAX, 1), 0);
+        states.record(&stamp(0, 9, 0), 50, 0);
+        let snapshot = states.snapshot(10);
+        let entry = &snapshot.producers[&7];
+        assert_eq!(entry.batches.len(), 1, "the batch at 50 is in flight");
+        assert_eq!(entry.next_sequence, 0, "its sequence is still to come");
+        states.expire(1_000, 999);
+        assert!(states.is_empty(), "idle producers expire");
         assert_eq!(add_sequence(i32::MAX - 1, 3), 1);
     }
 }

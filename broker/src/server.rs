@@ -228,7 +228,9 @@ async fn retention_loop(broker: Arc<Broker>, mut stopped: watch::Receiver<bool>)
                 let _ = tokio::task::spawn_blocking(move || {
                     broker.topics.apply_retention();
                     // Keeps the replay after an unclean stop short.
-                    broker.topics.save_producer_states();
+                    broker
+                        .topics
+                        .save_producer_states(broker.config.producer_expiration_ms as i64);
                 })
                 .await;
             }

@@ -339,8 +339,20 @@ impl Topics {
         }
     }
 
-    /// Writes every partition's producer snapshot.
-    pub fn save_producer_states(&self) {
+    /// Expires producers idle for `producer_idle_ms`, then writes every
+    /// partition's producer snapshot. Blocking: call it off the runtime.
+    pub fn save_producer_states(&self, producer_idle_ms: i64) {
+        // Not while a topic is created or deleted: a snapshot must not land
+        // in a directory being removed (or in its successor's).
+        let _changes = self.changes.blocking_lock();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as i64);
+        for topic in self.all() {
+            for partition in &topic.partitions {
+                partition.expire_producers(now_ms, producer_idle_ms);
+            }
+        }
         for topic in self.all() {
             for partition in &topic.partitions {
                 if let Err(error) = partition.save_producer_state() {

@@ -31,6 +31,11 @@ pub enum ClientError {
     /// The call's arguments are invalid.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// An idempotent producer stopped: one of its batches failed for good,
+    /// so its sequence on that partition has a gap it cannot close. Create
+    /// a new producer (with the same `producer_name` it fences this one).
+    #[error("producer stopped: {0}")]
+    ProducerFailed(String),
 }
 
 impl ClientError {

@@ -25,6 +25,9 @@ use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::partitioner::partition_for_key;
 
+/// Longest wait between two attempts of a batch.
+pub const RETRY_BACKOFF_MS_MAX: u64 = 5_000;
+
 /// Most batches in flight per partition for an idempotent producer: the
 /// broker remembers the last five of each producer (as Kafka does).
 pub const IDEMPOTENT_IN_FLIGHT_MAX: usize = 5;
@@ -69,11 +72,11 @@ pub struct ProducerConfig {
     pub request_timeout_ms: u64,
     /// Compression of each batch's records. Default none.
     pub compression: Compression,
-    /// Batches in flight per partition. Default 5 (at most
-    /// [`IDEMPOTENT_IN_FLIGHT_MAX`] when idempotent). With `idempotent` (the
-    /// default) order holds; without it, more than 1 lets a retried batch
-    /// land after batches sent after it.
-    pub in_flight_per_partition: usize,
+    /// Batches in flight per partition. Default (`None`): 5 when
+    /// idempotent, where order holds regardless (at most
+    /// [`IDEMPOTENT_IN_FLIGHT_MAX`]); 1 otherwise, since without idempotence
+    /// more than 1 lets a retried batch land after batches sent after it.
+    pub in_flight_per_partition: Option<usize>,
     /// Numbered batches the broker deduplicates. Default true.
     pub idempotent: bool,
     /// A stable name for this producer (e.g. an application instance): a
@@ -99,7 +102,7 @@ impl Default for ProducerConfig {
             request_timeout_ms: 30_000,
             compression: Compression::None,
             record_bytes_max: 8 << 20,
-            in_flight_per_partition: 5,
+            in_flight_per_partition: None,
             idempotent: true,
             producer_name: None,
         }
@@ -226,6 +229,8 @@ struct State {
 
 struct Shared {
     connection: Connection,
+    /// Set when an idempotent batch failed for good: every later send fails.
+    fatal: Mutex<Option<String>>,
     /// Producer id and epoch when idempotent.
     identity: Option<(i64, i16)>,
     config: ProducerConfig,
@@ -291,6 +296,7 @@ impl Producer {
         };
         let shared = Arc::new(Shared {
             connection,
+            fatal: Mutex::new(None),
             identity,
             buffer: Arc::new(Semaphore::new(config.buffer_bytes.max(1))),
             config,
@@ -330,6 +336,9 @@ impl Producer {
     /// `UnknownTopic`, `InvalidArgument` (partition out of range, record
     /// larger than the buffer), connection errors.
     pub async fn send(&self, topic: &str, record: ProducerRecord) -> Result<DeliveryFuture> {
+        if let Some(reason) = lock(&self.shared.fatal).clone() {
+            return Err(ClientError::ProducerFailed(reason));
+        }
         let partitions = self.partition_count(topic).await?;
         let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
         let headers: Vec<(&str, Option<&[u8]>)> = record
@@ -519,15 +528,13 @@ async fn send_loop(shared: Arc<Shared>) {
         let mut to_start = Vec::new();
         let next_deadline = {
             let mut state = lock(&shared.state);
-            let limit = if shared.identity.is_some() {
+            let limit = match (shared.identity, shared.config.in_flight_per_partition) {
                 // The broker remembers a producer's last five batches: a
                 // retry further back could not be recognised.
-                shared
-                    .config
-                    .in_flight_per_partition
-                    .clamp(1, IDEMPOTENT_IN_FLIGHT_MAX)
-            } else {
-                shared.config.in_flight_per_partition.max(1)
+                (Some(_), wanted) => wanted
+                    .unwrap_or(IDEMPOTENT_IN_FLIGHT_MAX)
+                    .clamp(1, IDEMPOTENT_IN_FLIGHT_MAX),
+                (None, wanted) => wanted.unwrap_or(1).max(1),
             };
             // A partition at its in-flight limit (or with sealed batches
             // waiting) keeps its open batch open past linger, so records
@@ -659,7 +666,16 @@ async fn deliver(
     batch: ReadyBatch,
     first: FirstAttempt,
 ) {
-    let outcome = finish(&shared, first).await;
+    let outcome = finish(&shared, &key, index, first).await;
+    if shared.identity.is_some()
+        && let Err(error) = &outcome
+    {
+        // The partition's sequence now has a gap no later batch can fill.
+        let mut fatal = lock(&shared.fatal);
+        if fatal.is_none() {
+            *fatal = Some(format!("a batch for {}/{} failed: {error}", key.0, key.1));
+        }
+    }
     for (delta, waiter) in batch.waiters {
         let result = match &outcome {
             Ok(base) => Ok(Delivery {
@@ -687,7 +703,12 @@ async fn deliver(
     shared.wake.notify_one();
 }
 
-async fn finish(shared: &Shared, first: FirstAttempt) -> Result<i64> {
+async fn finish(
+    shared: &Shared,
+    key: &(String, u32),
+    index: u64,
+    first: FirstAttempt,
+) -> Result<i64> {
     let (request, mut result) = match first {
         FirstAttempt::Sent => return Ok(-1),
         FirstAttempt::Pending(request, pending) => (request, base_offset(pending.wait().await)),
@@ -704,12 +725,34 @@ async fn finish(shared: &Shared, first: FirstAttempt) -> Result<i64> {
                 || (shared.identity.is_some()
                     && matches!(error, ClientError::Broker(ErrorCode::OutOfOrderSequence)))
         };
+        if let Some(reason) = lock(&shared.fatal).clone() {
+            if result.is_err() {
+                return Err(ClientError::ProducerFailed(reason));
+            }
+            return result;
+        }
+        // Waiting behind an earlier batch that is being retried does not
+        // use up this batch's retries.
+        let behind_a_retry = matches!(
+            &result,
+            Err(ClientError::Broker(ErrorCode::OutOfOrderSequence))
+        ) && lock(&shared.state)
+            .in_flight
+            .get(key)
+            .and_then(|window| window.unresolved.first().copied())
+            .is_some_and(|oldest| oldest < index);
         match result {
-            Err(error) if retriable(&error) && attempt < shared.config.retries => {
-                attempt += 1;
+            Err(error)
+                if retriable(&error) && (behind_a_retry || attempt < shared.config.retries) =>
+            {
+                if !behind_a_retry {
+                    attempt += 1;
+                }
                 tracing::debug!(%error, attempt, "retrying produce");
                 tokio::time::sleep(backoff).await;
-                backoff = backoff.saturating_mul(2);
+                backoff = backoff
+                    .saturating_mul(2)
+                    .min(Duration::from_millis(RETRY_BACKOFF_MS_MAX));
                 result = if shared.config.acks == Acks::None {
                     shared
                         .connection

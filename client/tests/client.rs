@@ -219,7 +219,7 @@ async fn several_batches_in_flight_keep_order() {
         &broker.addr,
         ProducerConfig {
             batch_bytes: 4 * 1024,
-            in_flight_per_partition: 8,
+            in_flight_per_partition: Some(8),
             ..ProducerConfig::default()
         },
     )

@@ -496,7 +496,28 @@ impl Log {
     /// write's I/O error, or [`StorageError::WriteFailed`] if an earlier
     /// in-flight write failed.
     pub fn append(&self, batch: Vec<u8>) -> Result<AppendFuture> {
-        self.append_inner(batch, true)
+        self.append_inner(batch, true, |_| Ok::<(), std::convert::Infallible>(()))
+            .map(|checked| match checked {
+                Ok(future) => future,
+                Err(never) => match never {},
+            })
+    }
+
+    /// [`Log::append`], but first `check` is called, under the log's writer
+    /// lock and after any repair of failed writes, with the offset the
+    /// batch would get; an `Err` from it appends nothing and is returned
+    /// inside `Ok`. A caller keeping state per appended batch (idempotent
+    /// producers) can so drop what a failed write took back (everything at
+    /// or past that offset) and decide with the log standing still.
+    ///
+    /// # Errors
+    /// As [`Log::append`].
+    pub fn append_checked<E>(
+        &self,
+        batch: Vec<u8>,
+        check: impl FnOnce(u64) -> std::result::Result<(), E>,
+    ) -> Result<std::result::Result<AppendFuture, E>> {
+        self.append_inner(batch, true, check)
     }
 
     /// Appends a batch that already carries its offsets and leader epoch (a
@@ -506,7 +527,11 @@ impl Log {
     /// # Errors
     /// As [`Log::append`], and [`StorageError::UnexpectedOffset`].
     pub fn append_replica(&self, batch: Vec<u8>) -> Result<AppendFuture> {
-        self.append_inner(batch, false)
+        self.append_inner(batch, false, |_| Ok::<(), std::convert::Infallible>(()))
+            .map(|checked| match checked {
+                Ok(future) => future,
+                Err(never) => match never {},
+            })
     }
 
     /// [`Log::append`] and wait.
@@ -517,7 +542,12 @@ impl Log {
         self.append(batch)?.wait()
     }
 
-    fn append_inner(&self, mut batch: Vec<u8>, assign_offsets: bool) -> Result<AppendFuture> {
+    fn append_inner<E>(
+        &self,
+        mut batch: Vec<u8>,
+        assign_offsets: bool,
+        check: impl FnOnce(u64) -> std::result::Result<(), E>,
+    ) -> Result<std::result::Result<AppendFuture, E>> {
         if batch.len() > self.config.batch_bytes_max {
             return Err(StorageError::BatchTooLarge {
                 bytes: batch.len(),
@@ -545,6 +575,9 @@ impl Log {
         let mut writer = lock(&self.writer);
         self.check_open(&writer)?;
         self.repair_if_failed(&mut writer)?;
+        if let Err(refused) = check(writer.next_offset) {
+            return Ok(Err(refused));
+        }
         if !assign_offsets && given_base != writer.next_offset {
             return Err(StorageError::UnexpectedOffset {
                 expected: writer.next_offset,
@@ -623,10 +656,10 @@ impl Log {
             }
             return Err(error);
         }
-        Ok(AppendFuture {
+        Ok(Ok(AppendFuture {
             receiver,
             base_offset,
-        })
+        }))
     }
 
     /// Refuses writer-side work on a closed log or after a failed interval sync.
