@@ -177,4 +177,61 @@ impl Admin {
             _ => Err(ClientError::UnknownTopic(topic.to_string())),
         }
     }
+
+    /// Every group the coordinator knows.
+    ///
+    /// # Errors
+    /// Connection errors.
+    pub async fn list_groups(&self) -> Result<Vec<GroupListing>> {
+        match self
+            .connection
+            .call(Request::ListGroups(ListGroupsRequest {}))
+            .await?
+        {
+            Response::ListGroups(response) => Ok(response.groups),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A group's state, members, assignment, committed offsets and lag.
+    ///
+    /// # Errors
+    /// `Broker(UnknownGroup)`, connection errors.
+    pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse> {
+        match self
+            .connection
+            .call(Request::DescribeGroup(DescribeGroupRequest {
+                group: group.to_string(),
+            }))
+            .await?
+        {
+            Response::DescribeGroup(response) => {
+                check(response.error)?;
+                Ok(response)
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A group's committed offsets (topic, partition, offset).
+    ///
+    /// # Errors
+    /// Connection errors.
+    pub async fn group_offsets(&self, group: &str) -> Result<Vec<(String, u32, i64)>> {
+        crate::group::fetch_offsets(&self.connection, group, None).await
+    }
+
+    /// Sets a group's committed offsets (topic, partition, next offset to
+    /// consume), all or none. Only for a group without members.
+    ///
+    /// # Errors
+    /// `Broker(GroupNotEmpty)` while members consume it,
+    /// `Broker(UnknownTopicOrPartition)`, connection errors.
+    pub async fn set_group_offsets(
+        &self,
+        group: &str,
+        offsets: &[(String, u32, u64)],
+    ) -> Result<()> {
+        crate::group::commit_offsets(&self.connection, group, None, offsets).await
+    }
 }

@@ -18,6 +18,7 @@ use weir_protocol::{Batches, Compression, ErrorCode, Record, Request, Response};
 
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
+use crate::group::{GroupConfig, RebalanceListener};
 use crate::producer::decompress;
 
 /// Consumer settings.
@@ -260,6 +261,8 @@ pub struct Consumer {
     config: ConsumerConfig,
     assignments: Vec<Assignment>,
     next_assignment: usize,
+    /// Set by [`Consumer::subscribe`].
+    group: Option<crate::group::Membership>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -283,6 +286,7 @@ impl Consumer {
             config,
             assignments: Vec::new(),
             next_assignment: 0,
+            group: None,
         })
     }
 
@@ -406,8 +410,12 @@ impl Consumer {
 
     /// The next record from any assigned partition; `None` once nothing is
     /// assigned or the connection closed.
+    ///
+    /// With a group ([`Consumer::subscribe`]) this also takes part in
+    /// rebalances and commits automatically when configured to; it then
+    /// waits (rather than ending) while no partition is assigned.
     pub async fn next(&mut self) -> Option<Result<ConsumerRecord>> {
-        std::future::poll_fn(|context| self.poll_record(context)).await
+        self.next_item(Consumer::poll_record).await
     }
 
     /// The next chunk of records from any assigned partition, undecoded
@@ -429,7 +437,345 @@ impl Consumer {
     /// # Ok(()) }
     /// ```
     pub async fn next_batch(&mut self) -> Option<Result<ConsumerBatch>> {
-        std::future::poll_fn(|context| self.poll_batch(context)).await
+        self.next_item(Consumer::poll_batch).await
+    }
+
+    async fn next_item<T>(
+        &mut self,
+        poll: fn(&mut Consumer, &mut Context<'_>) -> Poll<Option<Result<T>>>,
+    ) -> Option<Result<T>> {
+        loop {
+            let Some((wake, commit_due)) = self.group.as_ref().map(|group| {
+                (
+                    group.wake.clone(),
+                    group.last_commit
+                        + Duration::from_millis(group.config.auto_commit_interval_ms.max(1)),
+                )
+            }) else {
+                return std::future::poll_fn(|context| poll(self, context)).await;
+            };
+            let rejoin_wanted = wake.notified();
+            tokio::pin!(rejoin_wanted);
+            rejoin_wanted.as_mut().enable();
+            if let Err(error) = self.maintain_group().await {
+                return Some(Err(error));
+            }
+            let auto_commit = self
+                .group
+                .as_ref()
+                .is_some_and(|group| group.config.auto_commit);
+            let item = std::future::poll_fn(|context| match poll(self, context) {
+                // No partition now: wait for the next rebalance instead.
+                Poll::Ready(None) => Poll::Pending,
+                other => other,
+            });
+            tokio::select! {
+                item = item => return item,
+                _ = &mut rejoin_wanted => {}
+                _ = tokio::time::sleep_until(commit_due), if auto_commit => {}
+            }
+        }
+    }
+
+    /// Joins `group` consuming `topics`, with [`GroupConfig`] defaults;
+    /// partitions then come and go with the group's rebalances (replacing
+    /// any assigned by hand).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), weir_client::ClientError> {
+    /// use weir_client::{Consumer, ConsumerConfig};
+    /// let mut consumer = Consumer::connect("127.0.0.1:9092", ConsumerConfig::default()).await?;
+    /// consumer.subscribe("billing", &["orders"]).await?;
+    /// while let Some(record) = consumer.next().await {
+    ///     let record = record?;
+    ///     println!("{}@{}", record.partition, record.offset);
+    ///     consumer.commit_sync().await?; // or leave it to auto-commit
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Broker errors from joining (e.g. `InvalidSessionTimeout`,
+    /// `InconsistentAssignor`), connection errors.
+    pub async fn subscribe(&mut self, group: &str, topics: &[&str]) -> Result<()> {
+        self.subscribe_with(group, topics, GroupConfig::default(), None)
+            .await
+    }
+
+    /// [`Consumer::subscribe`] with settings and a rebalance listener.
+    ///
+    /// # Errors
+    /// As [`Consumer::subscribe`].
+    pub async fn subscribe_with(
+        &mut self,
+        group: &str,
+        topics: &[&str],
+        config: GroupConfig,
+        listener: Option<Box<dyn RebalanceListener>>,
+    ) -> Result<()> {
+        self.close_group().await?;
+        self.unassign_all().await?;
+        let topics: Vec<String> = topics.iter().map(|topic| topic.to_string()).collect();
+        let (identity, assignment) =
+            crate::group::join(&self.connection, group, &topics, &config, "").await?;
+        self.group = Some(crate::group::Membership::start(
+            self.connection.clone(),
+            group.to_string(),
+            topics,
+            config,
+            identity,
+            listener,
+        ));
+        self.take_assignment(assignment).await
+    }
+
+    /// Partitions owned now (hand-assigned or by the group).
+    pub fn assignment(&self) -> Vec<(String, u32)> {
+        self.assignments
+            .iter()
+            .map(|assignment| (assignment.topic.clone(), assignment.partition))
+            .collect()
+    }
+
+    /// This member's id and generation in its group.
+    pub fn group_generation(&self) -> Option<(String, i32)> {
+        self.group.as_ref().map(|group| {
+            let identity = group.identity();
+            (identity.member_id, identity.generation)
+        })
+    }
+
+    /// Commits the position of every owned partition in the background
+    /// (errors are logged; use [`Consumer::commit_sync`] to see them).
+    pub fn commit(&self) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        let connection = self.connection.clone();
+        let name = group.group.clone();
+        let identity = group.identity();
+        let offsets = self.positions();
+        tokio::spawn(async move {
+            if let Err(error) =
+                crate::group::commit_offsets(&connection, &name, Some(&identity), &offsets).await
+            {
+                tracing::warn!(%error, group = name, "commit failed");
+            }
+        });
+    }
+
+    /// Commits the position of every owned partition and waits until it is
+    /// durable.
+    ///
+    /// # Errors
+    /// `InvalidArgument` without a group; `Broker(IllegalGeneration |
+    /// RebalanceInProgress | UnknownMemberId)` when the group moved on (the
+    /// next `next()` rejoins); connection errors.
+    pub async fn commit_sync(&mut self) -> Result<()> {
+        let offsets = self.positions();
+        self.commit_offsets_sync(&offsets).await
+    }
+
+    /// Commits these offsets (topic, partition, next offset to consume).
+    ///
+    /// # Errors
+    /// As [`Consumer::commit_sync`], and `Broker(PartitionNotAssigned)`.
+    pub async fn commit_offsets_sync(&mut self, offsets: &[(String, u32, u64)]) -> Result<()> {
+        let Some(group) = &mut self.group else {
+            return Err(ClientError::InvalidArgument(
+                "commit needs a group (subscribe first)".into(),
+            ));
+        };
+        let identity = group.identity();
+        let outcome =
+            crate::group::commit_offsets(&self.connection, &group.group, Some(&identity), offsets)
+                .await;
+        if let Err(ClientError::Broker(
+            ErrorCode::IllegalGeneration
+            | ErrorCode::RebalanceInProgress
+            | ErrorCode::UnknownMemberId,
+        )) = &outcome
+        {
+            group
+                .rejoin
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        if outcome.is_ok() {
+            group.last_commit = tokio::time::Instant::now();
+        }
+        outcome
+    }
+
+    /// Leaves the group cleanly: commits (with auto-commit), leaves (a
+    /// static member keeps its place until its session expires) and stops
+    /// heartbeating. Dropping a consumer without it is a crash to the group:
+    /// its partitions move after the session timeout.
+    ///
+    /// # Errors
+    /// Connection errors.
+    pub async fn close(mut self) -> Result<()> {
+        self.close_group().await
+    }
+
+    async fn close_group(&mut self) -> Result<()> {
+        let Some(group) = self.group.take() else {
+            return Ok(());
+        };
+        group.heartbeat.abort();
+        let identity = group.identity();
+        if group.config.auto_commit {
+            let offsets = self.positions();
+            if let Err(error) = crate::group::commit_offsets(
+                &self.connection,
+                &group.group,
+                Some(&identity),
+                &offsets,
+            )
+            .await
+            {
+                tracing::warn!(%error, group = group.group, "final commit failed");
+            }
+        }
+        if group.config.instance_id.is_none() && !identity.member_id.is_empty() {
+            crate::group::leave(&self.connection, &group.group, &identity.member_id).await?;
+        }
+        Ok(())
+    }
+
+    /// (topic, partition, position) of every owned partition.
+    fn positions(&self) -> Vec<(String, u32, u64)> {
+        self.assignments
+            .iter()
+            .map(|assignment| {
+                (
+                    assignment.topic.clone(),
+                    assignment.partition,
+                    assignment.position,
+                )
+            })
+            .collect()
+    }
+
+    /// Rejoins when the heartbeat said so; commits when it is time.
+    async fn maintain_group(&mut self) -> Result<()> {
+        let Some(group) = &self.group else {
+            return Ok(());
+        };
+        if group
+            .rejoin
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return self.rebalance().await;
+        }
+        let due =
+            group.last_commit + Duration::from_millis(group.config.auto_commit_interval_ms.max(1));
+        if group.config.auto_commit && tokio::time::Instant::now() >= due {
+            match self.commit_sync().await {
+                Ok(()) => {}
+                // The group moved on: the rebalance comes next.
+                Err(ClientError::Broker(_)) => {
+                    if let Some(group) = &mut self.group {
+                        group.last_commit = tokio::time::Instant::now();
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives up every partition (committing first), rejoins, takes the new
+    /// assignment.
+    async fn rebalance(&mut self) -> Result<()> {
+        let owned = self.assignment();
+        let mut commits = Vec::new();
+        if let Some(group) = &mut self.group
+            && let Some(listener) = &mut group.listener
+        {
+            listener
+                .get_mut()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .revoked(&owned, &mut commits);
+        }
+        let auto_commit = self
+            .group
+            .as_ref()
+            .is_some_and(|group| group.config.auto_commit);
+        if auto_commit {
+            commits = self.positions();
+        }
+        // Committing with the old generation works while the round is open;
+        // if the group already moved on, nothing can be committed anyway.
+        if let Err(error) = self.commit_offsets_sync(&commits).await
+            && !matches!(error, ClientError::Broker(_))
+        {
+            return Err(error);
+        }
+        self.unassign_all().await?;
+        let Some(group) = &mut self.group else {
+            return Ok(());
+        };
+        group
+            .rejoin
+            .store(false, std::sync::atomic::Ordering::Release);
+        let member_id = group.identity().member_id;
+        let (identity, assignment) = crate::group::join(
+            &self.connection,
+            &group.group,
+            &group.topics,
+            &group.config,
+            &member_id,
+        )
+        .await?;
+        *group
+            .identity
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = identity;
+        self.take_assignment(assignment).await
+    }
+
+    /// Starts reading `assignment` at the committed offsets.
+    async fn take_assignment(&mut self, assignment: Vec<(String, u32)>) -> Result<()> {
+        let Some(group) = &self.group else {
+            return Ok(());
+        };
+        let name = group.group.clone();
+        let reset = group.config.reset;
+        let committed =
+            crate::group::fetch_offsets(&self.connection, &name, Some(&assignment)).await?;
+        for (topic, partition, offset) in committed {
+            let start = if offset >= 0 {
+                Offset::At(offset as u64)
+            } else {
+                reset
+            };
+            match self.assign(&topic, partition, start).await {
+                Ok(()) => {}
+                // Committed past the end after a truncation, or before a
+                // retention cut: start where the reset says.
+                Err(ClientError::Broker(ErrorCode::OffsetOutOfRange)) => {
+                    self.assign(&topic, partition, reset).await?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        if let Some(group) = &mut self.group {
+            group.last_commit = tokio::time::Instant::now();
+            if let Some(listener) = &mut group.listener {
+                listener
+                    .get_mut()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .assigned(&assignment);
+            }
+        }
+        Ok(())
+    }
+
+    async fn unassign_all(&mut self) -> Result<()> {
+        for (topic, partition) in self.assignment() {
+            self.unassign(&topic, partition).await?;
+        }
+        Ok(())
     }
 
     /// Gives up an assignment whose data could not be read (a batch that

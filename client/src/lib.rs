@@ -17,12 +17,14 @@ pub mod admin;
 pub mod connection;
 pub mod consumer;
 mod error;
+pub mod group;
 pub mod partitioner;
 pub mod producer;
 
 pub use admin::Admin;
 pub use consumer::{Consumer, ConsumerBatch, ConsumerConfig, ConsumerRecord, Offset};
 pub use error::{ClientError, Result};
+pub use group::{GroupConfig, RebalanceListener};
 pub use producer::{Acks, Delivery, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};
 pub use weir_protocol::Compression;
 pub use weir_protocol::Record;

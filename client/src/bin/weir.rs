@@ -82,6 +82,23 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// Consume as a member of this group: partitions come from the
+        /// group, reading starts at its committed offsets (`--from` where
+        /// there are none) and positions are committed automatically.
+        /// Keeps following until `--count` or Ctrl-C.
+        #[arg(long)]
+        group: Option<String>,
+        /// Auto-commit interval with `--group`, ms.
+        #[arg(long, default_value_t = 5_000)]
+        commit_interval_ms: u64,
+        /// Session timeout with `--group`, ms.
+        #[arg(long, default_value_t = 10_000)]
+        session_timeout_ms: u32,
+    },
+    /// Consumer groups: list, describe, reset offsets.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
     },
     /// Cluster commands.
     Cluster {
@@ -111,6 +128,32 @@ enum TopicCommand {
     Delete {
         /// Name.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Groups with their state and member count.
+    List,
+    /// Members, assignment, committed offsets and lag of a group.
+    Describe {
+        /// Group.
+        group: String,
+    },
+    /// Sets a group's committed offsets for a topic (the group must have
+    /// no members). Prints the plan; changes nothing without `--execute`.
+    ResetOffsets {
+        /// Group.
+        group: String,
+        /// Topic whose partitions are reset.
+        #[arg(long)]
+        topic: String,
+        /// `earliest`, `latest`, an offset, or `@<timestamp ms>`.
+        #[arg(long)]
+        to: String,
+        /// Apply the plan (default: dry run).
+        #[arg(long)]
+        execute: bool,
     },
 }
 
@@ -150,6 +193,8 @@ fn exit_code(error: &anyhow::Error) -> ExitCode {
         Some(ClientError::Connect { .. }) => ExitCode::from(3),
         Some(ClientError::UnknownTopic(_)) => ExitCode::from(4),
         Some(ClientError::Broker(ErrorCode::UnknownTopicOrPartition)) => ExitCode::from(4),
+        Some(ClientError::Broker(ErrorCode::UnknownGroup)) => ExitCode::from(5),
+        Some(ClientError::Broker(ErrorCode::GroupNotEmpty)) => ExitCode::from(6),
         _ => ExitCode::from(1),
     }
 }
@@ -192,12 +237,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Consume {
             topic,
+            partition: _,
+            from,
+            count,
+            follow: _,
+            format,
+            group: Some(group),
+            commit_interval_ms,
+            session_timeout_ms,
+        } => {
+            let config = weir_client::GroupConfig {
+                auto_commit_interval_ms: commit_interval_ms,
+                session_timeout_ms,
+                heartbeat_interval_ms: u64::from(session_timeout_ms / 5).max(50),
+                reset: parse_from(&from)?,
+                ..weir_client::GroupConfig::default()
+            };
+            consume_group(&cli.broker, &topic, &group, config, count, format).await
+        }
+        Command::Consume {
+            topic,
             partition,
             from,
             count,
             follow,
             format,
+            group: None,
+            ..
         } => consume(&cli.broker, &topic, partition, &from, count, follow, format).await,
+        Command::Group { command } => group(&cli.broker, command).await,
         Command::Cluster {
             command: ClusterCommand::Info,
         } => {
@@ -383,7 +451,25 @@ async fn consume(
             break;
         };
         let record = record?;
-        let mut out = stdout.lock();
+        print_record(&stdout, &record, format)?;
+        printed += 1;
+        bar.inc(1);
+        if !follow && record.offset + 1 >= ends[&record.partition] {
+            consumer.unassign(topic, record.partition).await?;
+            open -= 1;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+fn print_record(
+    stdout: &std::io::Stdout,
+    record: &weir_client::ConsumerRecord,
+    format: Format,
+) -> anyhow::Result<()> {
+    let mut out = stdout.lock();
+    {
         match format {
             Format::Text => {
                 let value = record
@@ -420,13 +506,138 @@ async fn consume(
                 writeln!(out, "{object}")?;
             }
         }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+async fn consume_group(
+    broker: &str,
+    topic: &str,
+    group: &str,
+    config: weir_client::GroupConfig,
+    count: Option<u64>,
+    format: Format,
+) -> anyhow::Result<()> {
+    let mut consumer = Consumer::connect(broker, ConsumerConfig::default()).await?;
+    consumer
+        .subscribe_with(group, &[topic], config, None)
+        .await?;
+    let stdout = std::io::stdout();
+    let bar = progress("consumed");
+    let mut printed = 0u64;
+    while count.is_none_or(|count| printed < count) {
+        let next = tokio::select! {
+            next = consumer.next() => next,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let Some(record) = next else {
+            break;
+        };
+        print_record(&stdout, &record?, format)?;
         printed += 1;
         bar.inc(1);
-        if !follow && record.offset + 1 >= ends[&record.partition] {
-            consumer.unassign(topic, record.partition).await?;
-            open -= 1;
-        }
     }
     bar.finish_and_clear();
+    consumer.close().await?;
+    Ok(())
+}
+
+async fn group(broker: &str, command: GroupCommand) -> anyhow::Result<()> {
+    let admin = Admin::connect(broker).await?;
+    match command {
+        GroupCommand::List => {
+            for listing in admin.list_groups().await? {
+                println!(
+                    "{}\t{}\t{} members",
+                    listing.group, listing.state, listing.members
+                );
+            }
+        }
+        GroupCommand::Describe { group } => {
+            let description = admin.describe_group(&group).await?;
+            println!(
+                "group {} state {} assignor {} generation {}",
+                description.group, description.state, description.assignor, description.generation
+            );
+            for member in &description.members {
+                let owned: Vec<String> = member
+                    .assignment
+                    .iter()
+                    .map(|owned| format!("{}-{}", owned.topic, owned.partition))
+                    .collect();
+                println!("member {} owns [{}]", member.member_id, owned.join(", "));
+            }
+            println!("topic\tpartition\tcommitted\tend\tlag");
+            for offset in &description.offsets {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    offset.topic,
+                    offset.partition,
+                    offset.committed,
+                    offset.high_watermark,
+                    offset.lag
+                );
+            }
+        }
+        GroupCommand::ResetOffsets {
+            group,
+            topic,
+            to,
+            execute,
+        } => {
+            let target = parse_from(&to)?;
+            let current: std::collections::HashMap<(String, u32), i64> = admin
+                .group_offsets(&group)
+                .await?
+                .into_iter()
+                .map(|(topic, partition, offset)| ((topic, partition), offset))
+                .collect();
+            let mut plan = Vec::new();
+            for partition in 0..admin.partition_count(&topic).await? {
+                let offset = match target {
+                    Offset::At(offset) => offset,
+                    Offset::Earliest => {
+                        admin
+                            .list_offset(
+                                &topic,
+                                partition,
+                                weir_protocol::message::OFFSET_SPEC_EARLIEST,
+                            )
+                            .await?
+                    }
+                    Offset::Latest => {
+                        admin
+                            .list_offset(
+                                &topic,
+                                partition,
+                                weir_protocol::message::OFFSET_SPEC_LATEST,
+                            )
+                            .await?
+                    }
+                    Offset::Timestamp(timestamp) => {
+                        admin
+                            .list_offset(&topic, partition, timestamp.max(0))
+                            .await?
+                    }
+                };
+                let before = current
+                    .get(&(topic.clone(), partition))
+                    .copied()
+                    .unwrap_or(-1);
+                println!("{topic}\t{partition}\t{before} -> {offset}");
+                plan.push((topic.clone(), partition, offset));
+            }
+            if execute {
+                admin.set_group_offsets(&group, &plan).await?;
+                println!(
+                    "reset {} partitions of {topic} for group {group}",
+                    plan.len()
+                );
+            } else {
+                println!("dry run: nothing changed (add --execute to apply)");
+            }
+        }
+    }
     Ok(())
 }

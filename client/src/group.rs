@@ -1,0 +1,343 @@
+//! Consumer-group membership for [`crate::Consumer::subscribe`]: joining,
+//! heartbeats in a task of their own, rebalances, and committed offsets.
+//!
+//! The coordinator assigns partitions (`range` or `roundrobin`); a member
+//! learns of a rebalance from its heartbeat (`RebalanceInProgress`), and the
+//! consumer then revokes everything it owns (committing first, see
+//! [`RebalanceListener`]), rejoins, and starts each newly assigned partition
+//! at the group's committed offset (or `reset` where there is none).
+//! Delivery is at least once: offsets are committed after the records
+//! before them were handed to the application.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use weir_protocol::message::*;
+use weir_protocol::{ErrorCode, Request, Response};
+
+use crate::connection::Connection;
+use crate::consumer::Offset;
+use crate::error::{ClientError, Result};
+
+/// Group membership settings.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// The coordinator drops a member it has not heard from for this long.
+    /// Default 10 s.
+    pub session_timeout_ms: u32,
+    /// Time between heartbeats. Default 1 s (well under the session).
+    pub heartbeat_interval_ms: u64,
+    /// How long a rebalance waits for every member. Default 30 s.
+    pub rebalance_timeout_ms: u32,
+    /// `range` (default) or `roundrobin`.
+    pub assignor: String,
+    /// Static membership: a stable id per application instance, so a
+    /// restart within the session timeout keeps its partitions without a
+    /// rebalance. Default none.
+    pub instance_id: Option<String>,
+    /// Commit positions every `auto_commit_interval_ms` and before giving
+    /// partitions up. Default true.
+    pub auto_commit: bool,
+    /// Default 5 s.
+    pub auto_commit_interval_ms: u64,
+    /// Where a partition without a committed offset starts: `Earliest` or
+    /// `Latest` (default, as Kafka's `auto.offset.reset`).
+    pub reset: Offset,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        GroupConfig {
+            session_timeout_ms: 10_000,
+            heartbeat_interval_ms: 1_000,
+            rebalance_timeout_ms: 30_000,
+            assignor: "range".to_string(),
+            instance_id: None,
+            auto_commit: true,
+            auto_commit_interval_ms: 5_000,
+            reset: Offset::Latest,
+        }
+    }
+}
+
+/// Told about partitions coming and going in a rebalance.
+pub trait RebalanceListener: Send {
+    /// Before `partitions` are given up. Offsets pushed into `commits`
+    /// (topic, partition, next offset to consume) are committed before the
+    /// consumer rejoins, so the next owner starts right after what this
+    /// one processed.
+    fn revoked(&mut self, partitions: &[(String, u32)], commits: &mut Vec<(String, u32, u64)>) {
+        let _ = (partitions, commits);
+    }
+
+    /// After `partitions` were assigned (reading them starts next).
+    fn assigned(&mut self, partitions: &[(String, u32)]) {
+        let _ = partitions;
+    }
+}
+
+/// Who this member is in which generation (shared with the heartbeat task).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Identity {
+    pub member_id: String,
+    pub generation: i32,
+}
+
+/// A consumer's membership of one group.
+pub(crate) struct Membership {
+    pub group: String,
+    pub topics: Vec<String>,
+    pub config: GroupConfig,
+    pub identity: Arc<Mutex<Identity>>,
+    /// Set by the heartbeat task when the member must rejoin.
+    pub rejoin: Arc<AtomicBool>,
+    /// Woken with `rejoin`.
+    pub wake: Arc<Notify>,
+    pub heartbeat: tokio::task::JoinHandle<()>,
+    pub last_commit: tokio::time::Instant,
+    /// In a mutex only so the consumer stays `Sync` (it is called from the
+    /// consumer's own `&mut` methods).
+    pub listener: Option<Mutex<Box<dyn RebalanceListener>>>,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl Membership {
+    /// The current member id and generation.
+    pub fn identity(&self) -> Identity {
+        lock(&self.identity).clone()
+    }
+
+    /// Starts heartbeating for a member that has joined.
+    pub fn start(
+        connection: Connection,
+        group: String,
+        topics: Vec<String>,
+        config: GroupConfig,
+        identity: Identity,
+        listener: Option<Box<dyn RebalanceListener>>,
+    ) -> Membership {
+        let identity = Arc::new(Mutex::new(identity));
+        let rejoin = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(Notify::new());
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            connection,
+            group.clone(),
+            Duration::from_millis(config.heartbeat_interval_ms.max(10)),
+            identity.clone(),
+            rejoin.clone(),
+            wake.clone(),
+        ));
+        Membership {
+            group,
+            topics,
+            config,
+            identity,
+            rejoin,
+            wake,
+            heartbeat,
+            last_commit: tokio::time::Instant::now(),
+            listener: listener.map(Mutex::new),
+        }
+    }
+}
+
+async fn heartbeat_loop(
+    connection: Connection,
+    group: String,
+    interval: Duration,
+    identity: Arc<Mutex<Identity>>,
+    rejoin: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Identity {
+            member_id,
+            generation,
+        } = lock(&identity).clone();
+        let response = connection
+            .call(Request::Heartbeat(HeartbeatRequest {
+                group: group.clone(),
+                generation,
+                member_id,
+            }))
+            .await;
+        let error = match response {
+            Ok(Response::Heartbeat(ack)) => ack.error,
+            // A broken connection surfaces on the consumer's own calls.
+            Ok(_) | Err(_) => continue,
+        };
+        if matches!(
+            error,
+            ErrorCode::RebalanceInProgress
+                | ErrorCode::IllegalGeneration
+                | ErrorCode::UnknownMemberId
+                | ErrorCode::UnknownGroup
+        ) {
+            if matches!(error, ErrorCode::UnknownMemberId | ErrorCode::UnknownGroup) {
+                // Expired (or the coordinator restarted): rejoin as new.
+                lock(&identity).member_id.clear();
+            }
+            rejoin.store(true, Ordering::Release);
+            wake.notify_waiters();
+        }
+    }
+}
+
+/// JoinGroup until it succeeds or fails for good: (identity, assignment).
+pub(crate) async fn join(
+    connection: &Connection,
+    group: &str,
+    topics: &[String],
+    config: &GroupConfig,
+    member_id: &str,
+) -> Result<(Identity, Vec<(String, u32)>)> {
+    let mut member_id = member_id.to_string();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let response = connection
+            .call(Request::JoinGroup(JoinGroupRequest {
+                group: group.to_string(),
+                member_id: member_id.clone(),
+                group_instance_id: config.instance_id.clone(),
+                session_timeout_ms: config.session_timeout_ms,
+                rebalance_timeout_ms: config.rebalance_timeout_ms,
+                topics: topics.to_vec(),
+                assignor: config.assignor.clone(),
+            }))
+            .await?;
+        let Response::JoinGroup(response) = response else {
+            return Err(ClientError::Protocol(
+                "unexpected response to JoinGroup".into(),
+            ));
+        };
+        match response.error {
+            ErrorCode::None => {
+                return Ok((
+                    Identity {
+                        member_id: response.member_id,
+                        generation: response.generation,
+                    },
+                    response
+                        .assignment
+                        .into_iter()
+                        .map(|owned| (owned.topic, owned.partition))
+                        .collect(),
+                ));
+            }
+            // Forgotten by the coordinator: join as a new member.
+            ErrorCode::UnknownMemberId if attempts < JOIN_ATTEMPTS_MAX => member_id.clear(),
+            ErrorCode::RebalanceInProgress if attempts < JOIN_ATTEMPTS_MAX => {}
+            error => return Err(ClientError::Broker(error)),
+        }
+    }
+}
+
+/// JoinGroup attempts before a rejoin gives up.
+pub const JOIN_ATTEMPTS_MAX: u32 = 10;
+
+/// Committed offsets of `partitions` (-1 where none).
+pub(crate) async fn fetch_offsets(
+    connection: &Connection,
+    group: &str,
+    partitions: Option<&[(String, u32)]>,
+) -> Result<Vec<(String, u32, i64)>> {
+    let response = connection
+        .call(Request::OffsetFetch(OffsetFetchRequest {
+            group: group.to_string(),
+            partitions: partitions.map(|partitions| {
+                partitions
+                    .iter()
+                    .map(|(topic, partition)| TopicPartition {
+                        topic: topic.clone(),
+                        partition: *partition,
+                    })
+                    .collect()
+            }),
+        }))
+        .await?;
+    match response {
+        Response::OffsetFetch(response) if response.error.is_ok() => Ok(response
+            .offsets
+            .into_iter()
+            .map(|offset| (offset.topic, offset.partition, offset.offset))
+            .collect()),
+        Response::OffsetFetch(response) => Err(ClientError::Broker(response.error)),
+        _ => Err(ClientError::Protocol(
+            "unexpected response to OffsetFetch".into(),
+        )),
+    }
+}
+
+/// Commits offsets (all or none) as `identity` (or as an admin when it is
+/// `None`: generation -1, for a group without members).
+pub(crate) async fn commit_offsets(
+    connection: &Connection,
+    group: &str,
+    identity: Option<&Identity>,
+    offsets: &[(String, u32, u64)],
+) -> Result<()> {
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let response = connection
+        .call(Request::OffsetCommit(OffsetCommitRequest {
+            group: group.to_string(),
+            generation: identity.map_or(-1, |identity| identity.generation),
+            member_id: identity.map_or_else(String::new, |identity| identity.member_id.clone()),
+            offsets: offsets
+                .iter()
+                .map(|(topic, partition, offset)| OffsetCommitPartition {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    offset: *offset,
+                    metadata: None,
+                })
+                .collect(),
+        }))
+        .await?;
+    match response {
+        Response::OffsetCommit(response) if response.error.is_ok() => Ok(()),
+        Response::OffsetCommit(response) => Err(ClientError::Broker(response.error)),
+        _ => Err(ClientError::Protocol(
+            "unexpected response to OffsetCommit".into(),
+        )),
+    }
+}
+
+/// Leaves the group (dynamic members; a static one keeps its place).
+pub(crate) async fn leave(connection: &Connection, group: &str, member_id: &str) -> Result<()> {
+    let response = connection
+        .call(Request::LeaveGroup(LeaveGroupRequest {
+            group: group.to_string(),
+            member_id: member_id.to_string(),
+        }))
+        .await?;
+    match response {
+        Response::LeaveGroup(ack)
+            if ack.error.is_ok()
+                || matches!(
+                    ack.error,
+                    ErrorCode::UnknownMemberId | ErrorCode::UnknownGroup
+                ) =>
+        {
+            Ok(())
+        }
+        Response::LeaveGroup(ack) => Err(ClientError::Broker(ack.error)),
+        _ => Err(ClientError::Protocol(
+            "unexpected response to LeaveGroup".into(),
+        )),
+    }
+}
