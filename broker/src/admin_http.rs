@@ -23,6 +23,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/cluster", get(cluster))
         .route("/v1/topics", get(list_topics).post(create_topic))
         .route("/v1/topics/{name}", get(get_topic).delete(delete_topic))
+        .route("/v1/groups", get(list_groups))
+        .route("/v1/groups/{name}", get(get_group))
         .with_state(broker)
 }
 
@@ -120,6 +122,98 @@ async fn get_topic(State(broker): State<Arc<Broker>>, Path(name): Path<String>) 
     match broker.topics.get(&name) {
         Some(topic) => Json(topic_view(&topic)).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no topic {name}")),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct GroupView {
+    group: String,
+    state: String,
+    assignor: String,
+    generation: i32,
+    members: Vec<GroupMemberView>,
+    /// Committed offset, end and lag per partition.
+    offsets: Vec<GroupOffsetView>,
+    /// Sum of the partitions' lag.
+    lag: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct GroupMemberView {
+    member_id: String,
+    instance_id: Option<String>,
+    topics: Vec<String>,
+    assignment: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct GroupOffsetView {
+    topic: String,
+    partition: u32,
+    committed: i64,
+    high_watermark: u64,
+    lag: u64,
+}
+
+fn group_view(broker: &Broker, name: &str) -> Option<GroupView> {
+    let description = broker.groups.describe(
+        &broker.topics,
+        &weir_protocol::message::DescribeGroupRequest {
+            group: name.to_string(),
+        },
+    );
+    if !description.error.is_ok() {
+        return None;
+    }
+    Some(GroupView {
+        lag: description.offsets.iter().map(|offset| offset.lag).sum(),
+        group: description.group,
+        state: description.state,
+        assignor: description.assignor,
+        generation: description.generation,
+        members: description
+            .members
+            .into_iter()
+            .map(|member| GroupMemberView {
+                member_id: member.member_id,
+                instance_id: member.group_instance_id,
+                topics: member.topics,
+                assignment: member
+                    .assignment
+                    .into_iter()
+                    .map(|owned| format!("{}-{}", owned.topic, owned.partition))
+                    .collect(),
+            })
+            .collect(),
+        offsets: description
+            .offsets
+            .into_iter()
+            .map(|offset| GroupOffsetView {
+                topic: offset.topic,
+                partition: offset.partition,
+                committed: offset.committed,
+                high_watermark: offset.high_watermark,
+                lag: offset.lag,
+            })
+            .collect(),
+    })
+}
+
+async fn list_groups(State(broker): State<Arc<Broker>>) -> Json<Vec<GroupView>> {
+    Json(
+        broker
+            .groups
+            .group_names()
+            .iter()
+            .filter_map(|name| group_view(&broker, name))
+            .collect(),
+    )
+}
+
+async fn get_group(State(broker): State<Arc<Broker>>, Path(name): Path<String>) -> Response {
+    match group_view(&broker, &name) {
+        Some(view) => Json(view).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no group {name}")),
     }
 }
 

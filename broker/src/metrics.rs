@@ -48,6 +48,9 @@ pub struct Metrics {
     log_start_offset: Family<Labels, Gauge>,
     log_end_offset: Family<Labels, Gauge>,
     log_size_bytes: Family<Labels, Gauge>,
+    group_members: Family<Labels, Gauge>,
+    group_committed_offset: Family<Labels, Gauge>,
+    group_lag: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -76,6 +79,9 @@ impl Metrics {
             log_start_offset: Family::default(),
             log_end_offset: Family::default(),
             log_size_bytes: Family::default(),
+            group_members: Family::default(),
+            group_committed_offset: Family::default(),
+            group_lag: Family::default(),
             registry: Registry::default(),
         };
         registry.register("records_in", "Records appended", metrics.records_in.clone());
@@ -144,6 +150,21 @@ impl Metrics {
             "log_size_bytes",
             "Bytes stored per partition",
             metrics.log_size_bytes.clone(),
+        );
+        registry.register(
+            "group_members",
+            "Members of each consumer group",
+            metrics.group_members.clone(),
+        );
+        registry.register(
+            "group_committed_offset",
+            "Committed offset per group and partition (-1: none)",
+            metrics.group_committed_offset.clone(),
+        );
+        registry.register(
+            "group_lag",
+            "Records between a group's committed offset and the partition's end",
+            metrics.group_lag.clone(),
         );
         Metrics {
             registry,
@@ -221,6 +242,32 @@ impl Metrics {
                 self.log_size_bytes
                     .get_or_create(&labels)
                     .set(partition.log.size_bytes() as i64);
+            }
+        }
+        // Rebuilt each time: groups come and go.
+        self.group_members.clear();
+        self.group_committed_offset.clear();
+        self.group_lag.clear();
+        for name in broker.groups.group_names() {
+            let request = weir_protocol::message::DescribeGroupRequest {
+                group: name.clone(),
+            };
+            let description = broker.groups.describe(&broker.topics, &request);
+            self.group_members
+                .get_or_create(&vec![("group".to_string(), name.clone())])
+                .set(description.members.len() as i64);
+            for offset in description.offsets {
+                let labels = vec![
+                    ("group".to_string(), name.clone()),
+                    ("topic".to_string(), offset.topic),
+                    ("partition".to_string(), offset.partition.to_string()),
+                ];
+                self.group_committed_offset
+                    .get_or_create(&labels)
+                    .set(offset.committed);
+                self.group_lag
+                    .get_or_create(&labels)
+                    .set(i64::try_from(offset.lag).unwrap_or(i64::MAX));
             }
         }
         let mut text = String::new();

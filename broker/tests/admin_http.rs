@@ -90,3 +90,74 @@ fn admin_http_serves_health_metrics_and_topics() {
     assert_eq!(http(admin, "DELETE", "/v1/topics/web", None).0, 204);
     assert_eq!(http(admin, "DELETE", "/v1/topics/web", None).0, 404);
 }
+
+/// `GET /v1/groups` and `/metrics` report a group's members, committed
+/// offsets and lag per partition.
+#[test]
+fn groups_and_lag_are_reported() {
+    use weir_protocol::message::*;
+    use weir_protocol::{ErrorCode, Request, Response};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let admin = broker.admin_addr;
+    let mut client = broker.client();
+    client.create_topic("lagging", 1);
+    assert_eq!(
+        client
+            .produce("lagging", 0, common::batch("v", 10, 1_000), 1)
+            .error,
+        ErrorCode::None
+    );
+    let Response::JoinGroup(member) = client.call(Request::JoinGroup(JoinGroupRequest {
+        group: "readers".into(),
+        member_id: String::new(),
+        group_instance_id: None,
+        session_timeout_ms: 30_000,
+        rebalance_timeout_ms: 10_000,
+        topics: vec!["lagging".into()],
+        assignor: "range".into(),
+    })) else {
+        panic!("wrong response")
+    };
+    assert_eq!(member.error, ErrorCode::None);
+    let Response::OffsetCommit(committed) =
+        client.call(Request::OffsetCommit(OffsetCommitRequest {
+            group: "readers".into(),
+            generation: member.generation,
+            member_id: member.member_id.clone(),
+            offsets: vec![OffsetCommitPartition {
+                topic: "lagging".into(),
+                partition: 0,
+                offset: 4,
+                metadata: None,
+            }],
+        }))
+    else {
+        panic!("wrong response")
+    };
+    assert_eq!(committed.error, ErrorCode::None);
+
+    let (status, body) = http(admin, "GET", "/v1/groups/readers", None);
+    assert_eq!(status, 200, "{body}");
+    let group: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(group["state"], "Stable");
+    assert_eq!(group["members"].as_array().map(Vec::len), Some(1));
+    assert_eq!(group["offsets"][0]["committed"], 4);
+    assert_eq!(group["offsets"][0]["high_watermark"], 10);
+    assert_eq!(group["lag"], 6);
+    let (status, body) = http(admin, "GET", "/v1/groups", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("\"readers\""), "{body}");
+    assert_eq!(http(admin, "GET", "/v1/groups/nope", None).0, 404);
+    let (_, metrics) = http(admin, "GET", "/metrics", None);
+    for expected in [
+        "weir_group_members{group=\"readers\"} 1",
+        "weir_group_committed_offset{group=\"readers\",topic=\"lagging\",partition=\"0\"} 4",
+        "weir_group_lag{group=\"readers\",topic=\"lagging\",partition=\"0\"} 6",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "metrics lack {expected}:\n{metrics}"
+        );
+    }
+}

@@ -305,3 +305,178 @@ async fn killed_consumer_process_hands_over_at_the_last_commit() {
         }
     }
 }
+
+/// A static member (an instance id) that restarts within its session
+/// timeout gets its partitions back without a rebalance: the generation and
+/// the other member's assignment stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_member_restarts_without_a_rebalance() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let addr = broker.addr.to_string();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin.create_topic("fixed", 4).await.expect("create");
+    let static_config = GroupConfig {
+        instance_id: Some("billing-1".into()),
+        session_timeout_ms: 30_000,
+        ..quick_group()
+    };
+    let mut first = Consumer::connect(&addr, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    let mut other = Consumer::connect(&addr, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    let (joined_first, joined_other) = tokio::join!(
+        first.subscribe_with("statics", &["fixed"], static_config.clone(), None),
+        other.subscribe_with("statics", &["fixed"], quick_group(), None),
+    );
+    joined_first.expect("subscribe");
+    joined_other.expect("subscribe");
+    // Let both settle into one generation (a second round if they joined
+    // in two).
+    let deadline = Instant::now() + DEADLINE;
+    let generation = loop {
+        assert!(Instant::now() < deadline, "the group settles");
+        let _ = tokio::time::timeout(Duration::from_millis(100), first.next()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(100), other.next()).await;
+        let description = admin.describe_group("statics").await.expect("describe");
+        if description.state == "Stable"
+            && first.assignment().len() == 2
+            && other.assignment().len() == 2
+            && first.group_generation().map(|(_, g)| g) == Some(description.generation)
+            && other.group_generation().map(|(_, g)| g) == Some(description.generation)
+        {
+            break description.generation;
+        }
+    };
+    let owned = first.assignment();
+    let others = other.assignment();
+    // A crash-restart: no LeaveGroup (dropped), then the same instance id.
+    drop(first);
+    let mut restarted = Consumer::connect(&addr, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    restarted
+        .subscribe_with("statics", &["fixed"], static_config, None)
+        .await
+        .expect("subscribe");
+    assert_eq!(restarted.assignment(), owned, "the same partitions back");
+    assert_eq!(
+        restarted.group_generation().map(|(_, g)| g),
+        Some(generation)
+    );
+    // The other member is not disturbed for a while of heartbeats.
+    for _ in 0..10 {
+        let _ = tokio::time::timeout(Duration::from_millis(100), other.next()).await;
+    }
+    assert_eq!(other.assignment(), others);
+    let description = admin.describe_group("statics").await.expect("describe");
+    assert_eq!(
+        (description.state.as_str(), description.generation),
+        ("Stable", generation)
+    );
+}
+
+/// `weir group list | describe | reset-offsets`: the reset is a dry run
+/// without `--execute`, refused (exit 6) while the group has members, and
+/// applied once it has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_lists_describes_and_resets_groups() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let addr = broker.addr.to_string();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin.create_topic("ledger", 2).await.expect("create");
+    let producer = Producer::connect(&addr, ProducerConfig::default())
+        .await
+        .expect("producer");
+    for number in 0..20u32 {
+        producer
+            .send(
+                "ledger",
+                ProducerRecord::new(number.to_string()).partition(number % 2),
+            )
+            .await
+            .expect("send");
+    }
+    producer.flush().await.expect("flush");
+    let mut consumer = Consumer::connect(&addr, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    consumer
+        .subscribe_with("auditors", &["ledger"], quick_group(), None)
+        .await
+        .expect("subscribe");
+    for _ in 0..20 {
+        consumer.next().await.expect("some").expect("record");
+    }
+    consumer.commit_sync().await.expect("commit");
+    let weir = |args: &[&str]| {
+        let output = std::process::Command::new(workspace_binary("weir"))
+            .args(["--broker", &addr])
+            .args(args)
+            .output()
+            .expect("run weir");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    let (code, out) = weir(&["group", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("auditors\tStable\t1 members"), "{out}");
+    let (code, out) = weir(&["group", "describe", "auditors"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("ledger\t0\t10\t10\t0"), "{out}");
+    let (code, out) = weir(&[
+        "group",
+        "reset-offsets",
+        "auditors",
+        "--topic",
+        "ledger",
+        "--to",
+        "earliest",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("ledger\t1\t10 -> 0") && out.contains("dry run"),
+        "{out}"
+    );
+    let (code, _) = weir(&[
+        "group",
+        "reset-offsets",
+        "auditors",
+        "--topic",
+        "ledger",
+        "--to",
+        "earliest",
+        "--execute",
+    ]);
+    assert_eq!(code, Some(6), "refused while the group has a member");
+    let offsets = admin.group_offsets("auditors").await.expect("offsets");
+    assert!(
+        offsets.iter().all(|(_, _, offset)| *offset == 10),
+        "unchanged: {offsets:?}"
+    );
+    consumer.close().await.expect("close");
+    let (code, out) = weir(&[
+        "group",
+        "reset-offsets",
+        "auditors",
+        "--topic",
+        "ledger",
+        "--to",
+        "3",
+        "--execute",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    let offsets = admin.group_offsets("auditors").await.expect("offsets");
+    assert_eq!(offsets.len(), 2);
+    assert!(
+        offsets.iter().all(|(_, _, offset)| *offset == 3),
+        "{offsets:?}"
+    );
+    let (code, _) = weir(&["group", "describe", "nobody"]);
+    assert_eq!(code, Some(5), "unknown group");
+}
