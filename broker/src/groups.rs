@@ -15,8 +15,8 @@
 //!
 //! Offsets are the durable part: an OffsetCommit is one batch appended to
 //! the group's offsets partition and acknowledged once durable; on start the
-//! coordinator replays the offsets partitions (after the snapshot it wrote
-//! at the last clean stop or checkpoint) to rebuild every group's offsets.
+//! coordinator loads each offsets partition's snapshot (written at clean
+//! stops and every retention check) and replays the records after it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -317,6 +317,33 @@ pub fn offsets_partition(group: &str, partitions: u32) -> u32 {
     positive % partitions.max(1)
 }
 
+const GROUPS_SNAPSHOT_FILE: &str = "groups-snapshot.json";
+
+/// The committed offsets of one offsets partition's groups as of `offset`.
+#[derive(Debug, Serialize, Deserialize)]
+struct GroupsSnapshot {
+    offset: u64,
+    groups: BTreeMap<String, Vec<(String, u32, Committed)>>,
+}
+
+impl GroupsSnapshot {
+    fn save(&self, dir: &std::path::Path) -> Result<(), weir_storage::StorageError> {
+        let text = serde_json::to_vec(self).unwrap_or_default();
+        weir_storage::checkpoint::write_atomic(dir, GROUPS_SNAPSHOT_FILE, &text)
+    }
+
+    fn load(dir: &std::path::Path) -> Option<GroupsSnapshot> {
+        let text = std::fs::read(dir.join(GROUPS_SNAPSHOT_FILE)).ok()?;
+        match serde_json::from_slice(&text) {
+            Ok(snapshot) => Some(snapshot),
+            Err(error) => {
+                tracing::warn!(dir = %dir.display(), %error, "unreadable group snapshot; replaying");
+                None
+            }
+        }
+    }
+}
+
 /// The key of an offset record (JSON: readable with any consumer).
 #[derive(Debug, Serialize, Deserialize)]
 struct OffsetKey {
@@ -372,7 +399,8 @@ impl Coordinator {
         }
     }
 
-    /// Rebuilds committed offsets from the offsets topic, if it exists.
+    /// Rebuilds committed offsets from the offsets topic, if it exists:
+    /// each partition's snapshot, then the records after it.
     pub fn load(&self, topics: &Topics) {
         let Some(topic) = topics.get(OFFSETS_TOPIC) else {
             return;
@@ -384,6 +412,18 @@ impl Coordinator {
             let log = &partition.log;
             let mut from = log.start_offset();
             let end = log.end_offset();
+            // A snapshot past the end describes commits a crash took back.
+            if let Some(snapshot) = GroupsSnapshot::load(log.dir())
+                && snapshot.offset <= end
+            {
+                for (name, offsets) in snapshot.groups {
+                    let group = groups.entry(name).or_insert_with(|| Group::new(now));
+                    for (topic, partition, committed) in offsets {
+                        group.offsets.insert((topic, partition), committed);
+                    }
+                }
+                from = from.max(snapshot.offset);
+            }
             while from < end {
                 let Ok(read) = log.read(from, 4 << 20) else {
                     break;
@@ -413,6 +453,46 @@ impl Coordinator {
             records,
             "consumer group offsets recovered"
         );
+    }
+
+    /// Writes each offsets partition's snapshot (the offsets of the groups
+    /// it holds, as of its end), so the next start replays only what
+    /// follows. Blocking (takes the commit locks, writes files): call it off
+    /// the runtime.
+    pub fn save_snapshots(&self, topics: &Topics) {
+        let Some(topic) = topics.get(OFFSETS_TOPIC) else {
+            return;
+        };
+        let count = topic.partitions.len() as u32;
+        for partition in &topic.partitions {
+            // Holding the partition's commit lock: no commit is between its
+            // append and its apply, so the end offset and the table agree.
+            let _ordered = self.commit_locks[partition.index as usize % self.commit_locks.len()]
+                .blocking_lock();
+            let offset = partition.log.end_offset();
+            let groups = lock(&self.groups)
+                .iter()
+                .filter(|(name, group)| {
+                    !group.offsets.is_empty() && offsets_partition(name, count) == partition.index
+                })
+                .map(|(name, group)| {
+                    (
+                        name.clone(),
+                        group
+                            .offsets
+                            .iter()
+                            .map(|((topic, index), committed)| {
+                                (topic.clone(), *index, committed.clone())
+                            })
+                            .collect(),
+                    )
+                })
+                .collect();
+            let snapshot = GroupsSnapshot { offset, groups };
+            if let Err(error) = snapshot.save(partition.log.dir()) {
+                tracing::warn!(partition = partition.index, %error, "group snapshot failed");
+            }
+        }
     }
 
     async fn offsets_topic(

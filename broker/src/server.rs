@@ -213,6 +213,11 @@ async fn serve(listener: TcpListener, broker: Arc<Broker>, mut stopped: watch::R
     {
         tracing::warn!("shutdown grace period over with connections still open");
     }
+    {
+        let broker = broker.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || broker.groups.save_snapshots(&broker.topics)).await;
+    }
     broker.topics.close_all();
     broker.engine.shutdown();
     tracing::info!("broker stopped");
@@ -231,6 +236,7 @@ async fn retention_loop(broker: Arc<Broker>, mut stopped: watch::Receiver<bool>)
                     broker
                         .topics
                         .save_producer_states(broker.config.producer_expiration_ms as i64);
+                    broker.groups.save_snapshots(&broker.topics);
                 })
                 .await;
             }

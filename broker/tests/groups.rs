@@ -281,3 +281,47 @@ fn expired_member_is_replaced_and_offsets_survive_kill_9() {
         ErrorCode::UnknownMemberId
     );
 }
+
+/// A graceful stop writes the offsets partitions' snapshots; offsets
+/// committed after a restart land after the snapshot, and a kill -9 then
+/// recovers both (snapshot plus replay of what follows it).
+#[test]
+fn offsets_snapshot_plus_replay_survive_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut client = broker.client();
+    client.create_topic("snap", 2);
+    assert_eq!(
+        commit(&mut client, "keepers", -1, "", &[("snap", 0, 5)]).error,
+        ErrorCode::None
+    );
+    drop(client);
+    assert!(broker.terminate().success());
+    let snapshots = (0..8)
+        .filter(|index| {
+            dir.path()
+                .join(format!("__consumer_offsets-{index}"))
+                .join("groups-snapshot.json")
+                .exists()
+        })
+        .count();
+    assert_eq!(snapshots, 8, "every offsets partition has its snapshot");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut client = broker.client();
+    assert_eq!(
+        committed(&mut client, "keepers"),
+        vec![("snap".into(), 0, 5)]
+    );
+    assert_eq!(
+        commit(&mut client, "keepers", -1, "", &[("snap", 1, 9)]).error,
+        ErrorCode::None
+    );
+    drop(client);
+    broker.kill();
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut client = broker.client();
+    assert_eq!(
+        committed(&mut client, "keepers"),
+        vec![("snap".into(), 0, 5), ("snap".into(), 1, 9)]
+    );
+}

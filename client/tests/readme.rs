@@ -77,6 +77,22 @@ fn readme_quickstart_runs() {
         String::from_utf8_lossy(&missing.stderr)
     );
     broker.kill();
+    // A group member read the three records and committed on close: the
+    // group has no members left and nothing to catch up.
+    let described = &outputs[8];
+    assert!(
+        described.contains("group billing state Empty"),
+        "{described}"
+    );
+    assert_eq!(
+        described
+            .lines()
+            .filter(|line| line.starts_with("orders\t"))
+            .map(|line| line.rsplit('\t').next().unwrap_or_default().to_string())
+            .collect::<Vec<_>>(),
+        vec!["0", "0", "0"],
+        "no lag on any of the three partitions: {described}"
+    );
     // consume --from earliest: all three values; alice's two in order.
     let all = &outputs[2];
     for value in ["first order", "second order", "third order"] {
