@@ -245,6 +245,12 @@ async fn create_topic(
     State(broker): State<Arc<Broker>>,
     Json(request): Json<CreateTopic>,
 ) -> Response {
+    if crate::handlers::is_internal(&request.name) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{} is internal", request.name),
+        );
+    }
     let partitions = request
         .partitions
         .unwrap_or(broker.config.default_partitions);
@@ -262,6 +268,9 @@ async fn create_topic(
 }
 
 async fn delete_topic(State(broker): State<Arc<Broker>>, Path(name): Path<String>) -> Response {
+    if crate::handlers::is_internal(&name) {
+        return error(StatusCode::BAD_REQUEST, format!("{name} is internal"));
+    }
     match broker.delete_topic(&name).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(failure) => error(topic_error_status(&failure), failure.to_string()),

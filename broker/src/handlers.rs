@@ -34,6 +34,12 @@ fn distinct_names(names: Vec<String>) -> Result<Vec<String>, usize> {
     }
 }
 
+/// Whether clients may not create, delete or produce to `topic` (they may
+/// read it).
+pub fn is_internal(topic: &str) -> bool {
+    topic == crate::groups::OFFSETS_TOPIC
+}
+
 /// Longest producer name InitProducerId accepts.
 pub const PRODUCER_NAME_BYTES_MAX: usize = 256;
 
@@ -201,6 +207,11 @@ async fn create_topics(
                 ErrorCode::InvalidRequest,
                 "replication factor above 1 needs a cluster".to_string(),
             ))
+        } else if is_internal(&topic.name) {
+            Err((
+                ErrorCode::InvalidTopic,
+                format!("{} is internal", topic.name),
+            ))
         } else {
             let partitions = topic.partitions;
             let configs: BTreeMap<String, String> = topic
@@ -241,11 +252,15 @@ async fn delete_topics(
 ) -> DeleteTopicsResponse {
     let mut results = Vec::with_capacity(request.names.len());
     for name in request.names {
-        let outcome = context
-            .broker
-            .delete_topic(&name)
-            .await
-            .map_err(|error| (error.code(), error.to_string()));
+        let outcome = if is_internal(&name) {
+            Err((ErrorCode::InvalidTopic, format!("{name} is internal")))
+        } else {
+            context
+                .broker
+                .delete_topic(&name)
+                .await
+                .map_err(|error| (error.code(), error.to_string()))
+        };
         results.push(topic_result(name, outcome));
     }
     DeleteTopicsResponse { topics: results }
@@ -361,6 +376,9 @@ pub fn submit_produce(context: &ConnectionContext, request: ProduceRequest) -> S
                 .map(|partition| {
                     let outcome = if !matches!(acks, -1..=1) {
                         Err(ErrorCode::InvalidRequest)
+                    } else if is_internal(&topic.name) {
+                        // Only the coordinator writes committed offsets.
+                        Err(ErrorCode::InvalidTopic)
                     } else {
                         match context
                             .broker

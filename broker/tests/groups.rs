@@ -170,6 +170,21 @@ fn stale_and_foreign_commits_are_refused() {
         assert!(response.partitions.iter().all(|p| p.error == code));
     }
     assert_eq!(committed(&mut client, "solo"), before, "nothing changed");
+    // Clients may read the offsets topic, not write or delete it.
+    assert_eq!(
+        client
+            .produce("__consumer_offsets", 0, common::batch("forged", 1, 0), 1)
+            .error,
+        ErrorCode::InvalidTopic
+    );
+    let Response::DeleteTopics(deleted) = client.call(Request::DeleteTopics(DeleteTopicsRequest {
+        names: vec!["__consumer_offsets".into()],
+        timeout_ms: 1_000,
+    })) else {
+        panic!("wrong response")
+    };
+    assert_eq!(deleted.topics[0].error, ErrorCode::InvalidTopic);
+    assert_eq!(committed(&mut client, "solo"), before, "nothing changed");
     assert_eq!(
         heartbeat(&mut client, "nope", 1, &id),
         ErrorCode::UnknownGroup
