@@ -33,16 +33,16 @@ before = run("baseline", "--seconds", "3")
 rows = []
 produce_rows = [
     "",
-    "--in-flight 4",
-    "--in-flight 4 --batch-bytes 1048576",
-    "--producers 4 --partitions 4 --in-flight 4 --batch-bytes 1048576",
+    "--no-idempotence --in-flight 1",
+    "--batch-bytes 1048576",
+    "--producers 4 --partitions 4 --batch-bytes 1048576",
 ]
 for flags in produce_rows:
     rows.append(("produce", flags, workload("produce", flags)))
 consume_rows = [
     "--passes 2 --batch-bytes 1048576",
     "--passes 2 --batch-bytes 1048576 --consumer-api record",
-    "--passes 2 --batch-bytes 1048576 --in-flight 4 --producers 4 --partitions 4 --consumers 4",
+    "--passes 2 --batch-bytes 1048576 --producers 4 --partitions 4 --consumers 4",
 ]
 for flags in consume_rows:
     rows.append(("consume", flags, workload("consume", flags)))
@@ -51,7 +51,7 @@ for flags in consume_rows:
 half = int(rows[0][2]["records_s"] / 2)
 for kind, flags in [
     ("produce", f"--rate {half} --linger-ms 0"),
-    ("produce", f"--rate {half} --linger-ms 0 --in-flight 4"),
+    ("produce", f"--rate {half} --linger-ms 0 --in-flight 1"),
     ("e2e", f"--rate {half} --linger-ms 0"),
 ]:
     rows.append((kind, flags, workload(kind, flags)))

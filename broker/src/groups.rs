@@ -18,7 +18,7 @@
 //! coordinator loads each offsets partition's snapshot (written at clean
 //! stops and every retention check) and replays the records after it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -110,7 +110,16 @@ struct Group {
     /// A round opened on an empty group waits this long for more members.
     round_not_before: Instant,
     offsets: BTreeMap<(String, u32), Committed>,
+    /// Partition counts of the subscribed topics when the assignment was
+    /// made: a change (a topic created, grown or deleted) rebalances.
+    assigned_counts: BTreeMap<String, u32>,
+    /// Member ids a static member's restart replaced: their owner is an
+    /// older process of the same instance and must stop.
+    fenced: VecDeque<String>,
 }
+
+/// Replaced static member ids remembered per group.
+pub const FENCED_IDS_MAX: usize = 64;
 
 impl Group {
     fn new(now: Instant) -> Group {
@@ -124,7 +133,23 @@ impl Group {
             round_deadline: now,
             round_not_before: now,
             offsets: BTreeMap::new(),
+            assigned_counts: BTreeMap::new(),
+            fenced: VecDeque::new(),
         }
+    }
+
+    /// The partition counts of every topic the members subscribe to.
+    fn subscribed_counts(&self, topics: &Topics) -> BTreeMap<String, u32> {
+        self.members
+            .values()
+            .flat_map(|member| member.topics.iter())
+            .map(|topic| {
+                (
+                    topic.clone(),
+                    topics.get(topic).map_or(0, |t| t.partitions.len() as u32),
+                )
+            })
+            .collect()
     }
 
     fn open_round(&mut self, now: Instant, initial_delay: Duration) {
@@ -162,6 +187,13 @@ impl Group {
     fn complete(&mut self, topics: &Topics) {
         let joined = std::mem::take(&mut self.joined);
         self.members.retain(|member, _| joined.contains(member));
+        // Waiting in JoinGroup counted as being alive: the session restarts
+        // now, not from when the member sent its join.
+        let now = Instant::now();
+        for member in self.members.values_mut() {
+            member.last_seen = now;
+        }
+        self.assigned_counts = self.subscribed_counts(topics);
         self.generation = self.generation.wrapping_add(1).max(1);
         let partitions_of =
             |topic: &str| topics.get(topic).map_or(0, |t| t.partitions.len() as u32);
@@ -469,6 +501,12 @@ impl Coordinator {
             // append and its apply, so the end offset and the table agree.
             let _ordered = self.commit_locks[partition.index as usize % self.commit_locks.len()]
                 .blocking_lock();
+            // Only durable commits may be covered (a crash must not leave
+            // the log below the snapshot).
+            if let Err(error) = partition.log.flush() {
+                tracing::warn!(partition = partition.index, %error, "offsets flush failed; no snapshot");
+                continue;
+            }
             let offset = partition.log.end_offset();
             let groups = lock(&self.groups)
                 .iter()
@@ -502,10 +540,15 @@ impl Coordinator {
         if let Some(topic) = topics.get(OFFSETS_TOPIC) {
             return Ok(topic);
         }
-        let configs = BTreeMap::from([(
-            "segment.bytes".to_string(),
-            OFFSETS_SEGMENT_BYTES.to_string(),
-        )]);
+        // No retention: the records (and snapshots) are the groups' memory.
+        let configs = BTreeMap::from([
+            (
+                "segment.bytes".to_string(),
+                OFFSETS_SEGMENT_BYTES.to_string(),
+            ),
+            ("retention.ms".to_string(), "-1".to_string()),
+            ("retention.bytes".to_string(), "-1".to_string()),
+        ]);
         match topics
             .create(OFFSETS_TOPIC, self.offsets_partitions, configs)
             .await
@@ -539,8 +582,13 @@ impl Coordinator {
         let now = Instant::now();
         let (member_id, joined_at_generation) = {
             let mut groups = lock(&self.groups);
-            if !groups.contains_key(&request.group) && groups.len() >= GROUPS_MAX {
-                return join_error(ErrorCode::InvalidRequest, &request.member_id);
+            if !groups.contains_key(&request.group) {
+                if !request.member_id.is_empty() {
+                    return join_error(ErrorCode::UnknownMemberId, &request.member_id);
+                }
+                if groups.len() >= GROUPS_MAX {
+                    return join_error(ErrorCode::InvalidRequest, &request.member_id);
+                }
             }
             let group = groups
                 .entry(request.group.clone())
@@ -558,9 +606,34 @@ impl Coordinator {
                     .find(|(_, member)| member.instance_id.as_ref() == Some(instance))
                     .map(|(id, _)| id.clone())
             });
+            if group.fenced.contains(&request.member_id) {
+                return join_error(ErrorCode::FencedInstanceId, &request.member_id);
+            }
             let (member_id, known) = if request.member_id.is_empty() {
                 match static_member {
-                    Some(id) => (id, true),
+                    Some(old_id) => {
+                        // The instance restarted (or a second copy runs):
+                        // the new process takes over under a new id and the
+                        // old id is fenced, so two processes never share
+                        // partitions.
+                        let number = self.next_member.fetch_add(1, Ordering::Relaxed);
+                        let prefix = request.group_instance_id.as_deref().unwrap_or("member");
+                        let new_id = format!("{prefix}-{}-{number}", self.run_id);
+                        if let Some(member) = group.members.remove(&old_id) {
+                            group.members.insert(new_id.clone(), member);
+                        }
+                        if group.joined.remove(&old_id) {
+                            group.joined.insert(new_id.clone());
+                        }
+                        if group.leader == old_id {
+                            group.leader = new_id.clone();
+                        }
+                        group.fenced.push_back(old_id);
+                        while group.fenced.len() > FENCED_IDS_MAX {
+                            group.fenced.pop_front();
+                        }
+                        (new_id, true)
+                    }
                     None => {
                         if group.members.len() >= MEMBERS_PER_GROUP_MAX {
                             return join_error(ErrorCode::InvalidRequest, "");
@@ -628,6 +701,9 @@ impl Coordinator {
                 if group.generation != joined_at_generation
                     && group.state != GroupState::PreparingRebalance
                 {
+                    if let Some(member) = group.members.get_mut(&member_id) {
+                        member.last_seen = Instant::now();
+                    }
                     return group.response_for(&member_id);
                 }
                 if group.state == GroupState::PreparingRebalance
@@ -683,6 +759,7 @@ impl Coordinator {
         let mut groups = lock(&self.groups);
         let error = match groups.get_mut(&request.group) {
             None => ErrorCode::UnknownGroup,
+            Some(group) if group.fenced.contains(&request.member_id) => ErrorCode::FencedInstanceId,
             Some(group) => match group.members.get_mut(&request.member_id) {
                 None => ErrorCode::UnknownMemberId,
                 Some(member) => {
@@ -742,8 +819,21 @@ impl Coordinator {
                 group.remove_member(&member, now, self.initial_delay);
                 changed = true;
             }
+            if group.state == GroupState::Stable
+                && group.subscribed_counts(topics) != group.assigned_counts
+            {
+                tracing::info!(group = name, "subscribed topics changed; rebalancing");
+                group.open_round(now, self.initial_delay);
+                changed = true;
+            }
             changed |= group.try_complete(now, topics);
         }
+        // A group with nothing left to remember goes.
+        groups.retain(|_, group| {
+            !(group.state == GroupState::Empty
+                && group.members.is_empty()
+                && group.offsets.is_empty())
+        });
         drop(groups);
         if changed {
             self.changed.notify_waiters();
@@ -779,12 +869,17 @@ impl Coordinator {
         {
             return refuse(ErrorCode::InvalidRequest, &request);
         }
-        if let Some(missing) = request
+        if request.offsets.is_empty() {
+            return OffsetCommitResponse {
+                error: ErrorCode::None,
+                partitions: Vec::new(),
+            };
+        }
+        if request
             .offsets
             .iter()
-            .find(|offset| topics.partition(&offset.topic, offset.partition).is_none())
+            .any(|offset| topics.partition(&offset.topic, offset.partition).is_none())
         {
-            let _ = missing;
             return refuse(ErrorCode::UnknownTopicOrPartition, &request);
         }
         if let Err(error) = self.check_committer(&request) {
@@ -1007,6 +1102,9 @@ fn check_member<'a>(
     member: &str,
 ) -> Result<&'a Group, ErrorCode> {
     let group = groups.get(group).ok_or(ErrorCode::UnknownGroup)?;
+    if group.fenced.iter().any(|fenced| fenced == member) {
+        return Err(ErrorCode::FencedInstanceId);
+    }
     if group.members.contains_key(member) {
         Ok(group)
     } else {

@@ -26,7 +26,8 @@ pub const TOPICS_FILE: &str = "topics.json";
 pub struct TopicSpec {
     /// Partition count.
     pub partitions: u32,
-    /// Topic configs (recorded; retention and segment overrides apply).
+    /// Topic configs (recorded; `segment.bytes`, `retention.ms` and
+    /// `retention.bytes` apply, -1 for no retention).
     pub configs: BTreeMap<String, String>,
 }
 
@@ -170,6 +171,21 @@ impl Topics {
             // need not reserve gigabytes.
             log_config.segment_bytes_max =
                 bytes.clamp(SEGMENT_BYTES_MIN, log_config.segment_bytes_max);
+        }
+        // Retention overrides; -1 keeps everything.
+        if let Some(value) = spec
+            .configs
+            .get("retention.ms")
+            .and_then(|value| value.parse::<i64>().ok())
+        {
+            log_config.retention_ms = u64::try_from(value).ok();
+        }
+        if let Some(value) = spec
+            .configs
+            .get("retention.bytes")
+            .and_then(|value| value.parse::<i64>().ok())
+        {
+            log_config.retention_bytes = u64::try_from(value).ok();
         }
         for index in 0..spec.partitions {
             let log = Log::open(

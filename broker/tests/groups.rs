@@ -340,3 +340,119 @@ fn offsets_snapshot_plus_replay_survive_restarts() {
         vec![("snap".into(), 0, 5), ("snap".into(), 1, 9)]
     );
 }
+
+fn join_static(
+    client: &mut Client,
+    group: &str,
+    instance: &str,
+    topics: &[&str],
+) -> JoinGroupResponse {
+    let Response::JoinGroup(response) = client.call(Request::JoinGroup(JoinGroupRequest {
+        group: group.into(),
+        member_id: String::new(),
+        group_instance_id: Some(instance.into()),
+        session_timeout_ms: 30_000,
+        rebalance_timeout_ms: 10_000,
+        topics: topics.iter().map(|topic| topic.to_string()).collect(),
+        assignor: "range".into(),
+    })) else {
+        panic!("wrong response")
+    };
+    response
+}
+
+fn list_groups(client: &mut Client) -> Vec<String> {
+    let Response::ListGroups(response) = client.call(Request::ListGroups(ListGroupsRequest {}))
+    else {
+        panic!("wrong response")
+    };
+    response
+        .groups
+        .into_iter()
+        .map(|group| group.group)
+        .collect()
+}
+
+/// A static instance joining again takes over under a new member id with
+/// the same generation and partitions, and the old id is fenced; a topic
+/// created after the group subscribed to it triggers a rebalance that
+/// assigns it; an empty commit is answered; a group with neither members
+/// nor offsets disappears.
+#[test]
+fn static_takeover_new_topics_and_empty_groups() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let mut client = broker.client();
+    client.create_topic("fixed", 2);
+    let old = join_static(&mut client, "statics", "node-1", &["fixed"]);
+    assert_eq!(old.error, ErrorCode::None);
+    let new = join_static(&mut client, "statics", "node-1", &["fixed"]);
+    assert_eq!(new.error, ErrorCode::None);
+    assert_ne!(new.member_id, old.member_id, "a new id for the new process");
+    assert_eq!(
+        (new.generation, new.assignment.clone()),
+        (old.generation, old.assignment.clone()),
+        "no rebalance"
+    );
+    assert_eq!(
+        heartbeat(&mut client, "statics", old.generation, &old.member_id),
+        ErrorCode::FencedInstanceId
+    );
+    assert_eq!(
+        commit(
+            &mut client,
+            "statics",
+            old.generation,
+            &old.member_id,
+            &[("fixed", 0, 1)]
+        )
+        .error,
+        ErrorCode::FencedInstanceId
+    );
+    assert_eq!(
+        heartbeat(&mut client, "statics", new.generation, &new.member_id),
+        ErrorCode::None
+    );
+    assert!(
+        commit(&mut client, "statics", new.generation, &new.member_id, &[])
+            .error
+            .is_ok(),
+        "an empty commit is answered"
+    );
+
+    let early = join(&mut client, "early", "", &["later"]);
+    assert_eq!(early.error, ErrorCode::None);
+    assert!(early.assignment.is_empty(), "nothing to assign yet");
+    client.create_topic("later", 2);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the new topic triggers a rebalance"
+        );
+        match heartbeat(&mut client, "early", early.generation, &early.member_id) {
+            ErrorCode::None => std::thread::sleep(Duration::from_millis(50)),
+            ErrorCode::RebalanceInProgress => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let rejoined = join(&mut client, "early", &early.member_id, &["later"]);
+    assert_eq!(rejoined.assignment.len(), 2);
+
+    let brief = join(&mut client, "brief", "", &["fixed"]);
+    let Response::LeaveGroup(ack) = client.call(Request::LeaveGroup(LeaveGroupRequest {
+        group: "brief".into(),
+        member_id: brief.member_id,
+    })) else {
+        panic!("wrong response")
+    };
+    assert_eq!(ack.error, ErrorCode::None);
+    let deadline = Instant::now() + DEADLINE;
+    while list_groups(&mut client).contains(&"brief".to_string()) {
+        assert!(
+            Instant::now() < deadline,
+            "an empty group without offsets goes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

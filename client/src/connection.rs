@@ -186,6 +186,13 @@ pub struct PendingCall {
 }
 
 impl PendingCall {
+    /// Waits up to `timeout` instead of the connection's request timeout
+    /// (a JoinGroup may rightly take a whole rebalance).
+    pub fn with_timeout(mut self, timeout: Duration) -> PendingCall {
+        self.timeout = timeout;
+        self
+    }
+
     /// Waits for the response, up to the connection's request timeout.
     ///
     /// # Errors

@@ -457,6 +457,20 @@ impl Consumer {
             let rejoin_wanted = wake.notified();
             tokio::pin!(rejoin_wanted);
             rejoin_wanted.as_mut().enable();
+            let failure = self.group.as_ref().and_then(|group| {
+                group
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .take()
+            });
+            if let Some(error) = failure {
+                // Membership is over (connection lost, or fenced): report
+                // it once; the consumer then has nothing assigned.
+                self.group = None;
+                self.assignments.clear();
+                return Some(Err(error));
+            }
             if let Err(error) = self.maintain_group().await {
                 return Some(Err(error));
             }
@@ -555,7 +569,9 @@ impl Consumer {
         let name = group.group.clone();
         let identity = group.identity();
         let offsets = self.positions();
+        let order = group.commit_order.clone();
         tokio::spawn(async move {
+            let _ordered = order.lock().await;
             if let Err(error) =
                 crate::group::commit_offsets(&connection, &name, Some(&identity), &offsets).await
             {
@@ -587,6 +603,8 @@ impl Consumer {
             ));
         };
         let identity = group.identity();
+        let order = group.commit_order.clone();
+        let _ordered = order.lock().await;
         let outcome =
             crate::group::commit_offsets(&self.connection, &group.group, Some(&identity), offsets)
                 .await;
@@ -702,7 +720,15 @@ impl Consumer {
             .as_ref()
             .is_some_and(|group| group.config.auto_commit);
         if auto_commit {
-            commits = self.positions();
+            // The listener's offsets win where both name a partition.
+            for position in self.positions() {
+                if !commits
+                    .iter()
+                    .any(|(topic, partition, _)| *topic == position.0 && *partition == position.1)
+                {
+                    commits.push(position);
+                }
+            }
         }
         // Committing with the old generation works while the round is open;
         // if the group already moved on, nothing can be committed anyway.
@@ -715,9 +741,6 @@ impl Consumer {
         let Some(group) = &mut self.group else {
             return Ok(());
         };
-        group
-            .rejoin
-            .store(false, std::sync::atomic::Ordering::Release);
         let member_id = group.identity().member_id;
         let (identity, assignment) = crate::group::join(
             &self.connection,
@@ -731,6 +754,11 @@ impl Consumer {
             .identity
             .lock()
             .unwrap_or_else(|poison| poison.into_inner()) = identity;
+        // Heartbeats answered during the join spoke of the old generation:
+        // the join just dealt with what they asked for.
+        group
+            .rejoin
+            .store(false, std::sync::atomic::Ordering::Release);
         self.take_assignment(assignment).await
     }
 
@@ -751,6 +779,9 @@ impl Consumer {
             };
             match self.assign(&topic, partition, start).await {
                 Ok(()) => {}
+                // Deleted since the assignment: the coordinator rebalances
+                // on its own when it notices; read the rest meanwhile.
+                Err(ClientError::UnknownTopic(_)) => {}
                 // Committed past the end after a truncation, or before a
                 // retention cut: start where the reset says.
                 Err(ClientError::Broker(ErrorCode::OffsetOutOfRange)) => {

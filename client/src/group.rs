@@ -93,6 +93,13 @@ pub(crate) struct Membership {
     pub identity: Arc<Mutex<Identity>>,
     /// Set by the heartbeat task when the member must rejoin.
     pub rejoin: Arc<AtomicBool>,
+    /// Set by the heartbeat task when membership cannot go on: the
+    /// connection failed, or a newer process of this static instance took
+    /// over (`FencedInstanceId`).
+    pub failed: Arc<Mutex<Option<ClientError>>>,
+    /// Serialises commits, so a background commit never lands after a
+    /// later one (an offset must not go backwards).
+    pub commit_order: Arc<tokio::sync::Mutex<()>>,
     /// Woken with `rejoin`.
     pub wake: Arc<Notify>,
     pub heartbeat: tokio::task::JoinHandle<()>,
@@ -130,13 +137,17 @@ impl Membership {
         let identity = Arc::new(Mutex::new(identity));
         let rejoin = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(Notify::new());
+        let failed = Arc::new(Mutex::new(None));
         let heartbeat = tokio::spawn(heartbeat_loop(
             connection,
             group.clone(),
             Duration::from_millis(config.heartbeat_interval_ms.max(10)),
             identity.clone(),
-            rejoin.clone(),
-            wake.clone(),
+            HeartbeatSignals {
+                rejoin: rejoin.clone(),
+                failed: failed.clone(),
+                wake: wake.clone(),
+            },
         ));
         Membership {
             group,
@@ -144,6 +155,8 @@ impl Membership {
             config,
             identity,
             rejoin,
+            failed,
+            commit_order: Arc::new(tokio::sync::Mutex::new(())),
             wake,
             heartbeat,
             last_commit: tokio::time::Instant::now(),
@@ -152,46 +165,67 @@ impl Membership {
     }
 }
 
+struct HeartbeatSignals {
+    rejoin: Arc<AtomicBool>,
+    failed: Arc<Mutex<Option<ClientError>>>,
+    wake: Arc<Notify>,
+}
+
 async fn heartbeat_loop(
     connection: Connection,
     group: String,
     interval: Duration,
     identity: Arc<Mutex<Identity>>,
-    rejoin: Arc<AtomicBool>,
-    wake: Arc<Notify>,
+    signals: HeartbeatSignals,
 ) {
     loop {
         tokio::time::sleep(interval).await;
-        let Identity {
-            member_id,
-            generation,
-        } = lock(&identity).clone();
+        let sent = lock(&identity).clone();
+        if sent.member_id.is_empty() {
+            // Between identities (rejoining as new): nothing to beat for.
+            continue;
+        }
         let response = connection
             .call(Request::Heartbeat(HeartbeatRequest {
                 group: group.clone(),
-                generation,
-                member_id,
+                generation: sent.generation,
+                member_id: sent.member_id.clone(),
             }))
             .await;
         let error = match response {
             Ok(Response::Heartbeat(ack)) => ack.error,
-            // A broken connection surfaces on the consumer's own calls.
-            Ok(_) | Err(_) => continue,
-        };
-        if matches!(
-            error,
-            ErrorCode::RebalanceInProgress
-                | ErrorCode::IllegalGeneration
-                | ErrorCode::UnknownMemberId
-                | ErrorCode::UnknownGroup
-        ) {
-            if matches!(error, ErrorCode::UnknownMemberId | ErrorCode::UnknownGroup) {
-                // Expired (or the coordinator restarted): rejoin as new.
-                lock(&identity).member_id.clear();
+            Ok(_) => continue,
+            Err(ClientError::Timeout) => continue,
+            Err(error) => {
+                // The connection is gone: the consumer cannot go on.
+                *lock(&signals.failed) = Some(error);
+                signals.wake.notify_waiters();
+                return;
             }
-            rejoin.store(true, Ordering::Release);
-            wake.notify_waiters();
+        };
+        // An answer about an identity the consumer has since replaced (it
+        // rejoined meanwhile) says nothing about the current one.
+        {
+            let mut current = lock(&identity);
+            if current.member_id != sent.member_id || current.generation != sent.generation {
+                continue;
+            }
+            match error {
+                ErrorCode::RebalanceInProgress | ErrorCode::IllegalGeneration => {}
+                ErrorCode::UnknownMemberId | ErrorCode::UnknownGroup => {
+                    // Expired (or the coordinator restarted): rejoin as new.
+                    current.member_id.clear();
+                }
+                ErrorCode::FencedInstanceId => {
+                    *lock(&signals.failed) = Some(ClientError::Broker(error));
+                    signals.wake.notify_waiters();
+                    return;
+                }
+                _ => continue,
+            }
         }
+        signals.rejoin.store(true, Ordering::Release);
+        signals.wake.notify_waiters();
     }
 }
 
@@ -205,10 +239,14 @@ pub(crate) async fn join(
 ) -> Result<(Identity, Vec<(String, u32)>)> {
     let mut member_id = member_id.to_string();
     let mut attempts = 0;
+    // The coordinator may hold a JoinGroup for a whole rebalance (and a
+    // bit): wait that long, not just a request's time.
+    let patience = Duration::from_millis(u64::from(config.rebalance_timeout_ms) * 2)
+        + Duration::from_millis(JOIN_TIMEOUT_MARGIN_MS);
     loop {
         attempts += 1;
-        let response = connection
-            .call(Request::JoinGroup(JoinGroupRequest {
+        let pending = connection
+            .start_call(Request::JoinGroup(JoinGroupRequest {
                 group: group.to_string(),
                 member_id: member_id.clone(),
                 group_instance_id: config.instance_id.clone(),
@@ -218,6 +256,11 @@ pub(crate) async fn join(
                 assignor: config.assignor.clone(),
             }))
             .await?;
+        let response = match pending.with_timeout(patience).wait().await {
+            Ok(response) => response,
+            Err(ClientError::Timeout) if attempts < JOIN_ATTEMPTS_MAX => continue,
+            Err(error) => return Err(error),
+        };
         let Response::JoinGroup(response) = response else {
             return Err(ClientError::Protocol(
                 "unexpected response to JoinGroup".into(),
@@ -247,6 +290,9 @@ pub(crate) async fn join(
 
 /// JoinGroup attempts before a rejoin gives up.
 pub const JOIN_ATTEMPTS_MAX: u32 = 10;
+
+/// How much longer than twice the rebalance timeout a JoinGroup may take.
+pub const JOIN_TIMEOUT_MARGIN_MS: u64 = 10_000;
 
 /// Committed offsets of `partitions` (-1 where none).
 pub(crate) async fn fetch_offsets(

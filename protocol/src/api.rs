@@ -189,10 +189,13 @@ pub enum ErrorCode {
     InvalidSessionTimeout,
     /// A member named an assignor other than the group's.
     InconsistentAssignor,
+    /// A newer process of the same static instance took this member's
+    /// place: this one must stop consuming.
+    FencedInstanceId,
 }
 
 impl ErrorCode {
-    const TABLE: [(ErrorCode, u16); 31] = [
+    const TABLE: [(ErrorCode, u16); 32] = [
         (ErrorCode::None, 0),
         (ErrorCode::Unknown, 1),
         (ErrorCode::CorruptMessage, 2),
@@ -224,6 +227,7 @@ impl ErrorCode {
         (ErrorCode::GroupNotEmpty, 28),
         (ErrorCode::InvalidSessionTimeout, 29),
         (ErrorCode::InconsistentAssignor, 30),
+        (ErrorCode::FencedInstanceId, 31),
     ];
 
     /// The number on the wire.

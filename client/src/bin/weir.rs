@@ -534,7 +534,15 @@ async fn consume_group(
         let Some(record) = next else {
             break;
         };
-        print_record(&stdout, &record?, format)?;
+        let printed_ok = record
+            .map_err(anyhow::Error::from)
+            .and_then(|record| print_record(&stdout, &record, format));
+        if let Err(error) = printed_ok {
+            // Leave cleanly even so: commit what was printed, free the
+            // partitions now rather than after the session timeout.
+            let _ = consumer.close().await;
+            return Err(error);
+        }
         printed += 1;
         bar.inc(1);
     }
