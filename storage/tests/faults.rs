@@ -131,15 +131,23 @@ fn failed_writes_fail_appends_and_the_log_repairs_itself() {
         set_file_size_limit(100_000);
         let mut acked = Vec::new();
         let mut failures = 0;
+        let mut failed_offsets = Vec::new();
         for round in 0..20u64 {
             // Several appends in flight at once, so failures land mid-queue.
             let futures: Vec<_> = (0..8u64)
                 .map(|i| (round * 8 + i, log.append(batch(round * 8 + i, 3, 1500, 0))))
                 .collect();
             for (tag, future) in futures {
+                let given = future.as_ref().map(|f| f.base_offset()).ok();
                 match future.and_then(|f| f.wait()) {
-                    Ok(info) => acked.push((info.base_offset, tag)),
-                    Err(StorageError::Io { .. } | StorageError::WriteFailed) => failures += 1,
+                    Ok(info) => {
+                        assert_eq!(Some(info.base_offset), given, "the offset known at submit");
+                        acked.push((info.base_offset, tag));
+                    }
+                    Err(StorageError::Io { .. } | StorageError::WriteFailed) => {
+                        failures += 1;
+                        failed_offsets.extend(given);
+                    }
                     Err(other) => panic!("{kind:?}: unexpected error {other}"),
                 }
             }
@@ -155,9 +163,34 @@ fn failed_writes_fail_appends_and_the_log_repairs_itself() {
         let stored: Vec<(u64, u64)> = read_all(&log).iter().map(|b| (b.0, b.2)).collect();
         assert_eq!(stored, acked, "{kind:?}: exactly the acknowledged batches");
         set_file_size_limit(libc::RLIM_INFINITY);
-        let info = log
-            .append_blocking(batch(7777, 2, 1500, 0))
-            .expect("appends work again");
+        // append_checked sees the offset the batch would get, after the
+        // repair: the failed writes' offsets are taken back (reused), which
+        // is what keeps idempotent producers' state honest.
+        let refused = log
+            .append_checked(batch(6666, 2, 1500, 0), |next_offset| Err(next_offset))
+            .expect("no storage error");
+        let Err(offered) = refused else {
+            panic!("the check refused")
+        };
+        assert_eq!(offered, log.end_offset(), "{kind:?}: at the repaired end");
+        let acked_end = acked.iter().map(|(base, _)| base + 3).max().unwrap_or(0);
+        assert_eq!(
+            offered, acked_end,
+            "{kind:?}: right after the last acknowledged batch"
+        );
+        assert!(
+            failed_offsets.contains(&offered),
+            "{kind:?}: a failed write's offset comes back for the next batch"
+        );
+        let future = log
+            .append_checked(batch(7777, 2, 1500, 0), |next_offset| {
+                assert_eq!(next_offset, offered, "nothing appended by the refusal");
+                Ok::<(), u64>(())
+            })
+            .expect("no storage error")
+            .expect("accepted");
+        assert_eq!(future.base_offset(), offered);
+        let info = future.wait().expect("appends work again");
         drop(log);
         let log = Log::open(dir.path(), config, engine).expect("reopen");
         assert!(
