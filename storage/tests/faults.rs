@@ -167,7 +167,7 @@ fn failed_writes_fail_appends_and_the_log_repairs_itself() {
         // repair: the failed writes' offsets are taken back (reused), which
         // is what keeps idempotent producers' state honest.
         let refused = log
-            .append_checked(batch(6666, 2, 1500, 0), |next_offset| Err(next_offset))
+            .append_checked(batch(6666, 2, 1500, 0), Err)
             .expect("no storage error");
         let Err(offered) = refused else {
             panic!("the check refused")
