@@ -54,7 +54,11 @@ pub const COMMIT_METADATA_BYTES_MAX: usize = 4096;
 /// How often expired members are looked for.
 pub const REAPER_INTERVAL_MS: u64 = 100;
 /// The assignors the coordinator knows.
-pub const ASSIGNORS: [&str; 2] = ["range", "roundrobin"];
+pub const ASSIGNORS: [&str; 3] = ["range", "roundrobin", COOPERATIVE_STICKY];
+
+/// The assignor that keeps partitions with their owners and moves the rest
+/// in two rounds, so members never stop what they keep.
+pub const COOPERATIVE_STICKY: &str = "cooperative-sticky";
 
 /// Group states, as ListGroups and DescribeGroup name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +90,9 @@ struct Member {
     rebalance_timeout: Duration,
     last_seen: Instant,
     assignment: Vec<(String, u32)>,
+    /// Cooperative: partitions taken from this member in the current
+    /// generation but given to nobody yet; it may still commit them.
+    revoking: Vec<(String, u32)>,
 }
 
 /// A committed offset.
@@ -116,6 +123,9 @@ struct Group {
     /// Member ids a static member's restart replaced: their owner is an
     /// older process of the same instance and must stop.
     fenced: VecDeque<String>,
+    /// Cooperative: the last round withheld partitions that change owner;
+    /// the next join opens the round that hands them over.
+    follow_up: bool,
 }
 
 /// Replaced static member ids remembered per group.
@@ -135,6 +145,7 @@ impl Group {
             offsets: BTreeMap::new(),
             assigned_counts: BTreeMap::new(),
             fenced: VecDeque::new(),
+            follow_up: false,
         }
     }
 
@@ -202,9 +213,14 @@ impl Group {
             .iter()
             .map(|(id, member)| (id.clone(), member.topics.clone()))
             .collect();
-        let assignment = assign(&self.assignor, &subscriptions, partitions_of);
-        for (id, member) in &mut self.members {
-            member.assignment = assignment.get(id).cloned().unwrap_or_default();
+        if self.assignor == COOPERATIVE_STICKY {
+            self.complete_cooperative(&subscriptions, partitions_of);
+        } else {
+            let assignment = assign(&self.assignor, &subscriptions, partitions_of);
+            for (id, member) in &mut self.members {
+                member.assignment = assignment.get(id).cloned().unwrap_or_default();
+                member.revoking.clear();
+            }
         }
         self.leader = self.members.keys().next().cloned().unwrap_or_default();
         self.state = if self.members.is_empty() {
@@ -212,6 +228,53 @@ impl Group {
         } else {
             GroupState::Stable
         };
+    }
+
+    /// Cooperative-sticky: the balanced assignment that keeps every
+    /// partition it can with its current owner; a partition that must move
+    /// is taken from its owner now and given to its new owner only in the
+    /// next round, which the old owner joins after it has stopped reading
+    /// it. So no partition ever has two readers, and nobody stops reading
+    /// what it keeps.
+    fn complete_cooperative(
+        &mut self,
+        subscriptions: &[(String, Vec<String>)],
+        partitions_of: impl Fn(&str) -> u32,
+    ) {
+        let current: HashMap<String, Vec<(String, u32)>> = self
+            .members
+            .iter()
+            .map(|(id, member)| (id.clone(), member.assignment.clone()))
+            .collect();
+        let target = assign_sticky(subscriptions, &current, partitions_of);
+        let owner_now: HashMap<(String, u32), String> = current
+            .iter()
+            .flat_map(|(id, owned)| owned.iter().map(move |p| (p.clone(), id.clone())))
+            .collect();
+        let mut withheld = false;
+        for member in self.members.values_mut() {
+            member.revoking.clear();
+        }
+        let mut revoking: HashMap<String, Vec<(String, u32)>> = HashMap::new();
+        for (id, member) in &mut self.members {
+            let mut given = Vec::new();
+            for partition in target.get(id).cloned().unwrap_or_default() {
+                match owner_now.get(&partition) {
+                    Some(owner) if owner != id => {
+                        revoking.entry(owner.clone()).or_default().push(partition);
+                        withheld = true;
+                    }
+                    _ => given.push(partition),
+                }
+            }
+            member.assignment = given;
+        }
+        for (id, partitions) in revoking {
+            if let Some(member) = self.members.get_mut(&id) {
+                member.revoking = partitions;
+            }
+        }
+        self.follow_up = withheld;
     }
 
     /// Drops a member; a group with members left rebalances.
@@ -322,6 +385,78 @@ pub fn assign(
                         owned.extend((next..next + take).map(|p| (topic.clone(), p)));
                     }
                     next += take;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A balanced assignment (per topic, as even as `range`) that keeps each
+/// partition with its current owner where the balance allows.
+pub fn assign_sticky(
+    subscriptions: &[(String, Vec<String>)],
+    current: &HashMap<String, Vec<(String, u32)>>,
+    partitions_of: impl Fn(&str) -> u32,
+) -> HashMap<String, Vec<(String, u32)>> {
+    let mut out: HashMap<String, Vec<(String, u32)>> = subscriptions
+        .iter()
+        .map(|(member, _)| (member.clone(), Vec::new()))
+        .collect();
+    let topics: BTreeSet<&String> = subscriptions
+        .iter()
+        .flat_map(|(_, topics)| topics.iter())
+        .collect();
+    for topic in topics {
+        let count = partitions_of(topic);
+        let mut subscribers: Vec<&String> = subscriptions
+            .iter()
+            .filter(|(_, topics)| topics.contains(topic))
+            .map(|(member, _)| member)
+            .collect();
+        let owned_here = |member: &String| {
+            current.get(member).map_or(0, |owned| {
+                owned
+                    .iter()
+                    .filter(|(t, p)| t == topic && *p < count)
+                    .count()
+            })
+        };
+        // The members owning most keep the one-extra quotas: fewer moves.
+        subscribers.sort_by(|a, b| owned_here(b).cmp(&owned_here(a)).then(a.cmp(b)));
+        let base = count / subscribers.len() as u32;
+        let extra = count % subscribers.len() as u32;
+        let quota: HashMap<&String, u32> = subscribers
+            .iter()
+            .enumerate()
+            .map(|(index, member)| (*member, base + u32::from((index as u32) < extra)))
+            .collect();
+        let mut taken = BTreeSet::new();
+        for member in &subscribers {
+            let mut kept = 0;
+            for (t, partition) in current.get(*member).into_iter().flatten() {
+                if t == topic
+                    && *partition < count
+                    && kept < quota[member]
+                    && taken.insert(*partition)
+                {
+                    out.entry((*member).clone())
+                        .or_default()
+                        .push((topic.clone(), *partition));
+                    kept += 1;
+                }
+            }
+        }
+        let mut free = (0..count).filter(|partition| !taken.contains(partition));
+        for member in &subscribers {
+            let have = out.get(*member).map_or(0, |owned| {
+                owned.iter().filter(|(t, _)| t == topic).count() as u32
+            });
+            for _ in have..quota[member] {
+                if let Some(partition) = free.next() {
+                    out.entry((*member).clone())
+                        .or_default()
+                        .push((topic.clone(), partition));
                 }
             }
         }
@@ -663,6 +798,7 @@ impl Coordinator {
                     rebalance_timeout: Duration::ZERO,
                     last_seen: now,
                     assignment: Vec::new(),
+                    revoking: Vec::new(),
                 });
             member.topics = topics_wanted;
             member.session_timeout = Duration::from_millis(u64::from(request.session_timeout_ms));
@@ -670,13 +806,14 @@ impl Coordinator {
                 request.rebalance_timeout_ms.min(REBALANCE_TIMEOUT_MS_MAX),
             ));
             member.last_seen = now;
-            if group.state == GroupState::Stable && unchanged {
+            if group.state == GroupState::Stable && unchanged && !group.follow_up {
                 // A known member (or a static one back from a restart) with
                 // the same subscription: nothing to rebalance.
                 return group.response_for(&member_id);
             }
             group.assignor = request.assignor.clone();
             if group.state != GroupState::PreparingRebalance {
+                group.follow_up = false;
                 group.open_round(now, self.initial_delay);
             }
             group.joined.insert(member_id.clone());
@@ -966,6 +1103,7 @@ impl Coordinator {
             !member
                 .assignment
                 .iter()
+                .chain(member.revoking.iter())
                 .any(|(topic, partition)| *topic == offset.topic && *partition == offset.partition)
         }) {
             return Err(ErrorCode::PartitionNotAssigned);
@@ -1208,6 +1346,29 @@ mod tests {
             assert!(assignment["m1"].iter().all(|(topic, _)| topic == "b"));
             assert_eq!(assignment["m0"].len(), 4);
         }
+    }
+
+    /// The sticky assignor balances like range and moves as little as it
+    /// can: a third member takes a third, the others keep the rest.
+    #[test]
+    fn sticky_keeps_what_it_can() {
+        let two = members(2, &["t"]);
+        let first = assign_sticky(&two, &HashMap::new(), |_| 12);
+        assert_eq!(first["m0"].len() + first["m1"].len(), 12);
+        let three = members(3, &["t"]);
+        let second = assign_sticky(&three, &first, |_| 12);
+        for member in ["m0", "m1"] {
+            assert_eq!(second[member].len(), 4);
+            assert!(
+                second[member].iter().all(|p| first[member].contains(p)),
+                "{member} keeps only what it had"
+            );
+        }
+        assert_eq!(second["m2"].len(), 4);
+        let mut all: Vec<(String, u32)> = second.values().flatten().cloned().collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 12, "every partition once");
     }
 
     /// Groups map to offsets partitions as Kafka maps them

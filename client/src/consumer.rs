@@ -705,6 +705,13 @@ impl Consumer {
     /// Gives up every partition (committing first), rejoins, takes the new
     /// assignment.
     async fn rebalance(&mut self) -> Result<()> {
+        if self
+            .group
+            .as_ref()
+            .is_some_and(|group| group.config.assignor == crate::group::COOPERATIVE_STICKY)
+        {
+            return self.rebalance_cooperatively().await;
+        }
         let owned = self.assignment();
         let mut commits = Vec::new();
         if let Some(group) = &mut self.group
@@ -760,6 +767,95 @@ impl Consumer {
             .rejoin
             .store(false, std::sync::atomic::Ordering::Release);
         self.take_assignment(assignment).await
+    }
+
+    /// Cooperative: keep reading everything while rejoining; afterwards
+    /// give up only what the new assignment leaves out (committing it
+    /// first) and start what it adds. Giving something up means the group
+    /// has a second round to hand it over: rejoin right away for it.
+    async fn rebalance_cooperatively(&mut self) -> Result<()> {
+        let auto_commit = self
+            .group
+            .as_ref()
+            .is_some_and(|group| group.config.auto_commit);
+        if auto_commit {
+            let positions = self.positions();
+            if let Err(error) = self.commit_offsets_sync(&positions).await
+                && !matches!(error, ClientError::Broker(_))
+            {
+                return Err(error);
+            }
+        }
+        let Some(group) = &mut self.group else {
+            return Ok(());
+        };
+        let member_id = group.identity().member_id;
+        let (identity, assignment) = crate::group::join(
+            &self.connection,
+            &group.group,
+            &group.topics,
+            &group.config,
+            &member_id,
+        )
+        .await?;
+        *group
+            .identity
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = identity;
+        group
+            .rejoin
+            .store(false, std::sync::atomic::Ordering::Release);
+        let owned = self.assignment();
+        let revoked: Vec<(String, u32)> = owned
+            .iter()
+            .filter(|partition| !assignment.contains(partition))
+            .cloned()
+            .collect();
+        let added: Vec<(String, u32)> = assignment
+            .iter()
+            .filter(|partition| !owned.contains(partition))
+            .cloned()
+            .collect();
+        if !revoked.is_empty() {
+            let mut commits = Vec::new();
+            if let Some(group) = &mut self.group
+                && let Some(listener) = &mut group.listener
+            {
+                listener
+                    .get_mut()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .revoked(&revoked, &mut commits);
+            }
+            if auto_commit {
+                for position in self.positions() {
+                    let revoking = revoked
+                        .iter()
+                        .any(|(topic, partition)| *topic == position.0 && *partition == position.1);
+                    let staged = commits.iter().any(|(topic, partition, _)| {
+                        *topic == position.0 && *partition == position.1
+                    });
+                    if revoking && !staged {
+                        commits.push(position);
+                    }
+                }
+            }
+            // The coordinator still accepts commits for partitions being
+            // handed over, in the new generation.
+            if let Err(error) = self.commit_offsets_sync(&commits).await
+                && !matches!(error, ClientError::Broker(_))
+            {
+                return Err(error);
+            }
+            for (topic, partition) in &revoked {
+                self.unassign(topic, *partition).await?;
+            }
+            if let Some(group) = &self.group {
+                group
+                    .rejoin
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        self.take_assignment(added).await
     }
 
     /// Starts reading `assignment` at the committed offsets.

@@ -31,7 +31,9 @@ pub struct GroupConfig {
     pub heartbeat_interval_ms: u64,
     /// How long a rebalance waits for every member. Default 30 s.
     pub rebalance_timeout_ms: u32,
-    /// `range` (default) or `roundrobin`.
+    /// `range` (default), `roundrobin`, or `cooperative-sticky` (members
+    /// keep reading what they keep through a rebalance; what moves is
+    /// handed over in a second round).
     pub assignor: String,
     /// Static membership: a stable id per application instance, so a
     /// restart within the session timeout keeps its partitions without a
@@ -287,6 +289,10 @@ pub(crate) async fn join(
         }
     }
 }
+
+/// The assignor with which members keep reading the partitions they keep
+/// through a rebalance (only moved ones stop, in a second round).
+pub const COOPERATIVE_STICKY: &str = "cooperative-sticky";
 
 /// JoinGroup attempts before a rejoin gives up.
 pub const JOIN_ATTEMPTS_MAX: u32 = 10;

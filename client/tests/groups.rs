@@ -480,3 +480,120 @@ async fn cli_lists_describes_and_resets_groups() {
     let (code, _) = weir(&["group", "describe", "nobody"]);
     assert_eq!(code, Some(5), "unknown group");
 }
+
+/// Partitions a consumer owns.
+type Owned = Vec<(String, u32)>;
+
+/// Records what a consumer's rebalances took and gave.
+#[derive(Clone, Default)]
+struct Journal {
+    revoked: Arc<std::sync::Mutex<Vec<(String, u32)>>>,
+}
+
+impl weir_client::RebalanceListener for Journal {
+    fn revoked(&mut self, partitions: &[(String, u32)], _: &mut Vec<(String, u32, u64)>) {
+        self.revoked
+            .lock()
+            .expect("lock")
+            .extend(partitions.iter().cloned());
+    }
+}
+
+/// With `cooperative-sticky`, a second member joining takes half of the
+/// partitions while the first keeps reading the other half without ever
+/// giving them up (it gives up exactly what moves), and every record is
+/// processed exactly once across the hand-over (sync commits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cooperative_rebalance_moves_only_what_changes_owner() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let addr = broker.addr.to_string();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin.create_topic("coop", 4).await.expect("create");
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = start_producer(addr.clone(), "coop", 4, stop.clone(), 200);
+    let config = GroupConfig {
+        assignor: "cooperative-sticky".into(),
+        auto_commit: false,
+        ..quick_group()
+    };
+    let seen: Arc<std::sync::Mutex<Vec<(u32, u64)>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let journals = [Journal::default(), Journal::default()];
+    let assignments: Arc<std::sync::Mutex<[Owned; 2]>> = Arc::default();
+    let mut members = Vec::new();
+    for (index, journal) in journals.iter().cloned().enumerate() {
+        let (addr, seen, done, config) = (addr.clone(), seen.clone(), done.clone(), config.clone());
+        let assignments = assignments.clone();
+        members.push(tokio::spawn(async move {
+            if index == 1 {
+                // Join once the first member is reading.
+                tokio::time::sleep(Duration::from_millis(1_500)).await;
+            }
+            let mut consumer = Consumer::connect(&addr, ConsumerConfig::default())
+                .await
+                .expect("consumer");
+            consumer
+                .subscribe_with("coop-group", &["coop"], config, Some(Box::new(journal)))
+                .await
+                .expect("subscribe");
+            while !done.load(Ordering::Relaxed) {
+                if let Ok(Some(batch)) =
+                    tokio::time::timeout(Duration::from_millis(100), consumer.next_batch()).await
+                {
+                    let batch = batch.expect("batch");
+                    {
+                        let mut seen = seen.lock().expect("lock");
+                        for record in batch.records() {
+                            seen.push((batch.partition(), record.expect("record").offset));
+                        }
+                    }
+                    consumer.commit_sync().await.expect("commit");
+                }
+                assignments.lock().expect("lock")[index] = consumer.assignment();
+            }
+            consumer.close().await.expect("close");
+        }));
+    }
+    // Until the second member owns its half.
+    let deadline = Instant::now() + DEADLINE;
+    let first_initial = loop {
+        assert!(Instant::now() < deadline, "the group settles on two halves");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let owned = assignments.lock().expect("lock").clone();
+        if owned[0].len() == 2 && owned[1].len() == 2 {
+            break owned;
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let produced = producer.await.expect("producer");
+    let deadline = Instant::now() + DEADLINE;
+    while (seen.lock().expect("lock").len() as u64) < produced {
+        assert!(Instant::now() < deadline, "both catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    for member in members {
+        member.await.expect("member");
+    }
+    let revoked: BTreeSet<(String, u32)> = journals[0]
+        .revoked
+        .lock()
+        .expect("lock")
+        .iter()
+        .cloned()
+        .collect();
+    let moved: BTreeSet<(String, u32)> = first_initial[1].iter().cloned().collect();
+    assert_eq!(
+        revoked, moved,
+        "the first member gave up exactly what moved"
+    );
+    assert!(
+        journals[1].revoked.lock().expect("lock").is_empty(),
+        "the newcomer gave up nothing"
+    );
+    let seen = seen.lock().expect("lock").clone();
+    let distinct: BTreeSet<(u32, u64)> = seen.iter().copied().collect();
+    assert_eq!(distinct.len(), seen.len(), "no record processed twice");
+    assert_eq!(distinct.len() as u64, produced, "every record processed");
+}
