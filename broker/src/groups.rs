@@ -274,6 +274,17 @@ impl Group {
                 member.revoking = partitions;
             }
         }
+        // Whatever else a member loses (a topic it no longer reads, a
+        // partition that went away) it may still commit in this generation,
+        // so its last commit is not refused as a whole.
+        for (id, member) in &mut self.members {
+            let kept = member.assignment.clone();
+            for partition in current.get(id).into_iter().flatten() {
+                if !kept.contains(partition) && !member.revoking.contains(partition) {
+                    member.revoking.push(partition.clone());
+                }
+            }
+        }
         self.follow_up = withheld;
     }
 
@@ -423,7 +434,9 @@ pub fn assign_sticky(
             })
         };
         // The members owning most keep the one-extra quotas: fewer moves.
-        subscribers.sort_by(|a, b| owned_here(b).cmp(&owned_here(a)).then(a.cmp(b)));
+        subscribers.sort_by_cached_key(|member| {
+            (std::cmp::Reverse(owned_here(member)), (*member).clone())
+        });
         let base = count / subscribers.len() as u32;
         let extra = count % subscribers.len() as u32;
         let quota: HashMap<&String, u32> = subscribers
@@ -832,22 +845,22 @@ impl Coordinator {
                 let Some(group) = groups.get_mut(&request.group) else {
                     return join_error(ErrorCode::UnknownMemberId, &member_id);
                 };
+                if group.fenced.contains(&member_id) {
+                    return join_error(ErrorCode::FencedInstanceId, &member_id);
+                }
                 if !group.members.contains_key(&member_id) {
                     return join_error(ErrorCode::UnknownMemberId, &member_id);
                 }
-                if group.generation != joined_at_generation
-                    && group.state != GroupState::PreparingRebalance
-                {
+                // The round this member joined has completed: answer it,
+                // even if another round has opened since (the member learns
+                // of that one from its heartbeat). Folding it into the next
+                // round instead would skip a generation whose revocations
+                // it never saw.
+                if group.generation != joined_at_generation {
                     if let Some(member) = group.members.get_mut(&member_id) {
                         member.last_seen = Instant::now();
                     }
                     return group.response_for(&member_id);
-                }
-                if group.state == GroupState::PreparingRebalance
-                    && !group.joined.contains(&member_id)
-                {
-                    // A later round began without this member: join it too.
-                    group.joined.insert(member_id.clone());
                 }
                 let now = Instant::now();
                 if group.try_complete(now, topics) {
@@ -901,7 +914,10 @@ impl Coordinator {
                 None => ErrorCode::UnknownMemberId,
                 Some(member) => {
                     member.last_seen = Instant::now();
-                    if group.state == GroupState::PreparingRebalance {
+                    let owes_follow_up = group.follow_up && !member.revoking.is_empty();
+                    if group.state == GroupState::PreparingRebalance || owes_follow_up {
+                        // Cooperative: a member holding back moved
+                        // partitions is prompted to rejoin for the hand-over.
                         ErrorCode::RebalanceInProgress
                     } else if group.generation != request.generation {
                         ErrorCode::IllegalGeneration
@@ -1313,7 +1329,7 @@ mod tests {
     /// to subscribers.
     #[test]
     fn assignors_cover_every_partition_once() {
-        for assignor in ASSIGNORS {
+        for assignor in ["range", "roundrobin"] {
             let subscriptions = members(3, &["a", "b"]);
             let assignment = assign(
                 assignor,
@@ -1340,7 +1356,7 @@ mod tests {
             ("m0".to_string(), vec!["a".to_string()]),
             ("m1".to_string(), vec!["b".to_string()]),
         ];
-        for assignor in ASSIGNORS {
+        for assignor in ["range", "roundrobin"] {
             let assignment = assign(assignor, &mixed, |_| 4);
             assert!(assignment["m0"].iter().all(|(topic, _)| topic == "a"));
             assert!(assignment["m1"].iter().all(|(topic, _)| topic == "b"));
@@ -1369,6 +1385,32 @@ mod tests {
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 12, "every partition once");
+        // Mixed subscriptions, and a topic that shrank: only subscribers,
+        // nothing beyond the count, every partition once.
+        let mixed = vec![
+            ("m0".to_string(), vec!["a".to_string(), "b".to_string()]),
+            ("m1".to_string(), vec!["b".to_string()]),
+        ];
+        let before: HashMap<String, Vec<(String, u32)>> = HashMap::from([
+            (
+                "m0".to_string(),
+                vec![("a".to_string(), 5), ("b".to_string(), 0)],
+            ),
+            (
+                "m1".to_string(),
+                vec![("b".to_string(), 1), ("b".to_string(), 7)],
+            ),
+        ]);
+        let after = assign_sticky(&mixed, &before, |topic| if topic == "a" { 3 } else { 4 });
+        assert!(after["m1"].iter().all(|(topic, _)| topic == "b"));
+        let mut all: Vec<(String, u32)> = after.values().flatten().cloned().collect();
+        all.sort();
+        let expected: Vec<(String, u32)> = (0..3)
+            .map(|p| ("a".to_string(), p))
+            .chain((0..4).map(|p| ("b".to_string(), p)))
+            .collect();
+        assert_eq!(all, expected);
+        assert!(after["m1"].contains(&("b".to_string(), 1)), "kept");
     }
 
     /// Groups map to offsets partitions as Kafka maps them

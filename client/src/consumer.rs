@@ -679,10 +679,9 @@ impl Consumer {
         let Some(group) = &self.group else {
             return Ok(());
         };
-        if group
-            .rejoin
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
-        {
+        // The flag is cleared only when the rebalance is done, so one cut
+        // short (the caller dropped `next()`) is taken up again.
+        if group.rebalancing() {
             return self.rebalance().await;
         }
         let due =
@@ -712,61 +711,84 @@ impl Consumer {
         {
             return self.rebalance_cooperatively().await;
         }
-        let owned = self.assignment();
-        let mut commits = Vec::new();
-        if let Some(group) = &mut self.group
-            && let Some(listener) = &mut group.listener
-        {
-            listener
-                .get_mut()
-                .unwrap_or_else(|poison| poison.into_inner())
-                .revoked(&owned, &mut commits);
-        }
-        let auto_commit = self
+        let started = self
             .group
             .as_ref()
-            .is_some_and(|group| group.config.auto_commit);
-        if auto_commit {
-            // The listener's offsets win where both name a partition.
-            for position in self.positions() {
-                if !commits
-                    .iter()
-                    .any(|(topic, partition, _)| *topic == position.0 && *partition == position.1)
-                {
-                    commits.push(position);
+            .is_some_and(|group| group.pending_join.is_some() || group.joined.is_some());
+        if !started {
+            let owned = self.assignment();
+            let mut commits = Vec::new();
+            if let Some(group) = &mut self.group
+                && let Some(listener) = &mut group.listener
+            {
+                listener
+                    .get_mut()
+                    .unwrap_or_else(|poison| poison.into_inner())
+                    .revoked(&owned, &mut commits);
+            }
+            let auto_commit = self
+                .group
+                .as_ref()
+                .is_some_and(|group| group.config.auto_commit);
+            if auto_commit {
+                // The listener's offsets win where both name a partition.
+                for position in self.positions() {
+                    if !commits.iter().any(|(topic, partition, _)| {
+                        *topic == position.0 && *partition == position.1
+                    }) {
+                        commits.push(position);
+                    }
                 }
             }
+            // Committing with the old generation works while the round is
+            // open; if the group already moved on, nothing can be committed.
+            if let Err(error) = self.commit_offsets_sync(&commits).await
+                && !matches!(error, ClientError::Broker(_))
+            {
+                return Err(error);
+            }
+            self.unassign_all().await?;
         }
-        // Committing with the old generation works while the round is open;
-        // if the group already moved on, nothing can be committed anyway.
-        if let Err(error) = self.commit_offsets_sync(&commits).await
-            && !matches!(error, ClientError::Broker(_))
-        {
-            return Err(error);
-        }
-        self.unassign_all().await?;
+        let connection = self.connection.clone();
         let Some(group) = &mut self.group else {
             return Ok(());
         };
-        let member_id = group.identity().member_id;
-        let (identity, assignment) = crate::group::join(
-            &self.connection,
-            &group.group,
-            &group.topics,
-            &group.config,
-            &member_id,
-        )
-        .await?;
-        *group
-            .identity
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner()) = identity;
-        // Heartbeats answered during the join spoke of the old generation:
-        // the join just dealt with what they asked for.
-        group
-            .rejoin
-            .store(false, std::sync::atomic::Ordering::Release);
-        self.take_assignment(assignment).await
+        let (_, assignment) = match group.join_resumable(&connection).await {
+            Ok(joined) => joined,
+            Err(error) => return Err(self.abandon_membership(error).await),
+        };
+        self.take_assignment(assignment).await?;
+        self.finish_rebalance(false);
+        Ok(())
+    }
+
+    /// Marks a rebalance applied; `again` asks for another one right away.
+    fn finish_rebalance(&mut self, again: bool) {
+        if let Some(group) = &mut self.group {
+            group.joined = None;
+            // Heartbeats answered during the join spoke of the old
+            // generation: the join just dealt with what they asked for.
+            group
+                .rejoin
+                .store(again, std::sync::atomic::Ordering::Release);
+            if again {
+                group.wake.notify_waiters();
+            }
+        }
+    }
+
+    /// A join failed: nothing assigned can be trusted to be ours any more.
+    async fn abandon_membership(&mut self, error: ClientError) -> ClientError {
+        let _ = self.unassign_all().await;
+        if let Some(group) = &mut self.group {
+            group.joined = None;
+            group.pending_join = None;
+        }
+        if matches!(error, ClientError::Broker(ErrorCode::FencedInstanceId)) {
+            // A newer process of this instance owns the membership now.
+            self.group = None;
+        }
+        error
     }
 
     /// Cooperative: keep reading everything while rejoining; afterwards
@@ -778,7 +800,11 @@ impl Consumer {
             .group
             .as_ref()
             .is_some_and(|group| group.config.auto_commit);
-        if auto_commit {
+        let started = self
+            .group
+            .as_ref()
+            .is_some_and(|group| group.pending_join.is_some() || group.joined.is_some());
+        if auto_commit && !started {
             let positions = self.positions();
             if let Err(error) = self.commit_offsets_sync(&positions).await
                 && !matches!(error, ClientError::Broker(_))
@@ -786,25 +812,25 @@ impl Consumer {
                 return Err(error);
             }
         }
+        let connection = self.connection.clone();
         let Some(group) = &mut self.group else {
             return Ok(());
         };
-        let member_id = group.identity().member_id;
-        let (identity, assignment) = crate::group::join(
-            &self.connection,
-            &group.group,
-            &group.topics,
-            &group.config,
-            &member_id,
-        )
-        .await?;
-        *group
-            .identity
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner()) = identity;
-        group
-            .rejoin
-            .store(false, std::sync::atomic::Ordering::Release);
+        let member_before = group.identity().member_id;
+        let (identity, assignment) = match group.join_resumable(&connection).await {
+            Ok(joined) => joined,
+            Err(error) => return Err(self.abandon_membership(error).await),
+        };
+        if member_before.is_empty() || identity.member_id != member_before {
+            // Rejoined as a new member (expired, or the coordinator
+            // restarted): what this consumer held may have been read and
+            // committed by others since; start everything afresh from the
+            // committed offsets.
+            self.unassign_all().await?;
+            self.take_assignment(assignment).await?;
+            self.finish_rebalance(false);
+            return Ok(());
+        }
         let owned = self.assignment();
         let revoked: Vec<(String, u32)> = owned
             .iter()
@@ -849,13 +875,12 @@ impl Consumer {
             for (topic, partition) in &revoked {
                 self.unassign(topic, *partition).await?;
             }
-            if let Some(group) = &self.group {
-                group
-                    .rejoin
-                    .store(true, std::sync::atomic::Ordering::Release);
-            }
         }
-        self.take_assignment(added).await
+        self.take_assignment(added).await?;
+        // Giving something up means a second round hands it over: rejoin
+        // right away for it.
+        self.finish_rebalance(!revoked.is_empty());
+        Ok(())
     }
 
     /// Starts reading `assignment` at the committed offsets.

@@ -32,8 +32,8 @@ pub struct GroupConfig {
     /// How long a rebalance waits for every member. Default 30 s.
     pub rebalance_timeout_ms: u32,
     /// `range` (default), `roundrobin`, or `cooperative-sticky` (members
-    /// keep reading what they keep through a rebalance; what moves is
-    /// handed over in a second round).
+    /// keep the partitions they keep through a rebalance, without
+    /// re-reading them; what moves is handed over in a second round).
     pub assignor: String,
     /// Static membership: a stable id per application instance, so a
     /// restart within the session timeout keeps its partitions without a
@@ -80,6 +80,9 @@ pub trait RebalanceListener: Send {
     }
 }
 
+/// What a JoinGroup gave: the identity and the assignment.
+pub(crate) type Joined = (Identity, Vec<(String, u32)>);
+
 /// Who this member is in which generation (shared with the heartbeat task).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Identity {
@@ -106,6 +109,12 @@ pub(crate) struct Membership {
     pub wake: Arc<Notify>,
     pub heartbeat: tokio::task::JoinHandle<()>,
     pub last_commit: tokio::time::Instant,
+    /// A JoinGroup under way in a task of its own, so that a `next()`
+    /// dropped mid-rebalance (a timeout around it, say) does not lose it:
+    /// the next call picks it up.
+    pub pending_join: Option<tokio::task::JoinHandle<Result<Joined>>>,
+    /// A join's result not yet fully applied (for the same reason).
+    pub joined: Option<Joined>,
     /// In a mutex only so the consumer stays `Sync` (it is called from the
     /// consumer's own `&mut` methods).
     pub listener: Option<Mutex<Box<dyn RebalanceListener>>>,
@@ -114,6 +123,9 @@ pub(crate) struct Membership {
 impl Drop for Membership {
     fn drop(&mut self) {
         self.heartbeat.abort();
+        if let Some(join) = &self.pending_join {
+            join.abort();
+        }
     }
 }
 
@@ -122,6 +134,43 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Membership {
+    /// Rebalance work is due or under way.
+    pub fn rebalancing(&self) -> bool {
+        self.rejoin.load(Ordering::Acquire) || self.pending_join.is_some() || self.joined.is_some()
+    }
+
+    /// Joins (or picks up the join already under way) and keeps the result
+    /// until [`Membership::joined`] is cleared by whoever applied it.
+    pub async fn join_resumable(
+        &mut self,
+        connection: &Connection,
+    ) -> Result<(Identity, Vec<(String, u32)>)> {
+        if let Some(joined) = &self.joined {
+            return Ok(joined.clone());
+        }
+        if self.pending_join.is_none() {
+            let (connection, group, topics, config) = (
+                connection.clone(),
+                self.group.clone(),
+                self.topics.clone(),
+                self.config.clone(),
+            );
+            let member_id = self.identity().member_id;
+            self.pending_join = Some(tokio::spawn(async move {
+                join(&connection, &group, &topics, &config, &member_id).await
+            }));
+        }
+        let outcome = match self.pending_join.as_mut() {
+            Some(pending) => pending.await,
+            None => return Err(ClientError::Closed),
+        };
+        self.pending_join = None;
+        let joined = outcome.map_err(|_| ClientError::Closed)??;
+        *lock(&self.identity) = joined.0.clone();
+        self.joined = Some(joined.clone());
+        Ok(joined)
+    }
+
     /// The current member id and generation.
     pub fn identity(&self) -> Identity {
         lock(&self.identity).clone()
@@ -162,6 +211,8 @@ impl Membership {
             wake,
             heartbeat,
             last_commit: tokio::time::Instant::now(),
+            pending_join: None,
+            joined: None,
             listener: listener.map(Mutex::new),
         }
     }
