@@ -338,6 +338,31 @@ fn join_error(error: ErrorCode, member_id: &str) -> JoinGroupResponse {
     }
 }
 
+/// Partitions (topic, index) per member id.
+pub type Assignment = HashMap<String, Vec<(String, u32)>>;
+
+/// An empty assignment for every member, and the topics anyone subscribes to.
+fn assignment_frame(subscriptions: &[(String, Vec<String>)]) -> (Assignment, BTreeSet<&String>) {
+    let out = subscriptions
+        .iter()
+        .map(|(member, _)| (member.clone(), Vec::new()))
+        .collect();
+    let topics = subscriptions
+        .iter()
+        .flat_map(|(_, topics)| topics.iter())
+        .collect();
+    (out, topics)
+}
+
+/// The members subscribed to `topic`, in member order.
+fn subscribers_of<'a>(subscriptions: &'a [(String, Vec<String>)], topic: &str) -> Vec<&'a String> {
+    subscriptions
+        .iter()
+        .filter(|(_, topics)| topics.iter().any(|t| t == topic))
+        .map(|(member, _)| member)
+        .collect()
+}
+
 /// Assigns the subscribed topics' partitions to members (`subscriptions`
 /// sorted by member id). `range`: per topic, contiguous runs, the first
 /// members one extra; `roundrobin`: all partitions in (topic, partition)
@@ -347,23 +372,12 @@ pub fn assign(
     subscriptions: &[(String, Vec<String>)],
     partitions_of: impl Fn(&str) -> u32,
 ) -> HashMap<String, Vec<(String, u32)>> {
-    let mut out: HashMap<String, Vec<(String, u32)>> = subscriptions
-        .iter()
-        .map(|(member, _)| (member.clone(), Vec::new()))
-        .collect();
-    let topics: BTreeSet<&String> = subscriptions
-        .iter()
-        .flat_map(|(_, topics)| topics.iter())
-        .collect();
+    let (mut out, topics) = assignment_frame(subscriptions);
     match assignor {
         "roundrobin" => {
             let mut turn = 0usize;
             for topic in topics {
-                let subscribers: Vec<&String> = subscriptions
-                    .iter()
-                    .filter(|(_, topics)| topics.contains(topic))
-                    .map(|(member, _)| member)
-                    .collect();
+                let subscribers = subscribers_of(subscriptions, topic);
                 for partition in 0..partitions_of(topic) {
                     // Deal across all members, skipping those not subscribed.
                     let member = loop {
@@ -381,11 +395,7 @@ pub fn assign(
         }
         _ => {
             for topic in topics {
-                let subscribers: Vec<&String> = subscriptions
-                    .iter()
-                    .filter(|(_, topics)| topics.contains(topic))
-                    .map(|(member, _)| member)
-                    .collect();
+                let subscribers = subscribers_of(subscriptions, topic);
                 let count = partitions_of(topic);
                 let per_member = count / subscribers.len() as u32;
                 let extra = count % subscribers.len() as u32;
@@ -410,21 +420,10 @@ pub fn assign_sticky(
     current: &HashMap<String, Vec<(String, u32)>>,
     partitions_of: impl Fn(&str) -> u32,
 ) -> HashMap<String, Vec<(String, u32)>> {
-    let mut out: HashMap<String, Vec<(String, u32)>> = subscriptions
-        .iter()
-        .map(|(member, _)| (member.clone(), Vec::new()))
-        .collect();
-    let topics: BTreeSet<&String> = subscriptions
-        .iter()
-        .flat_map(|(_, topics)| topics.iter())
-        .collect();
+    let (mut out, topics) = assignment_frame(subscriptions);
     for topic in topics {
         let count = partitions_of(topic);
-        let mut subscribers: Vec<&String> = subscriptions
-            .iter()
-            .filter(|(_, topics)| topics.contains(topic))
-            .map(|(member, _)| member)
-            .collect();
+        let mut subscribers = subscribers_of(subscriptions, topic);
         let owned_here = |member: &String| {
             current.get(member).map_or(0, |owned| {
                 owned

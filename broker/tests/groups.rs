@@ -10,11 +10,22 @@ use weir_protocol::message::*;
 use weir_protocol::{ErrorCode, Request, Response};
 
 fn join(client: &mut Client, group: &str, member_id: &str, topics: &[&str]) -> JoinGroupResponse {
+    join_as(client, group, member_id, None, 1_500, topics)
+}
+
+fn join_as(
+    client: &mut Client,
+    group: &str,
+    member_id: &str,
+    instance: Option<&str>,
+    session_timeout_ms: u32,
+    topics: &[&str],
+) -> JoinGroupResponse {
     let Response::JoinGroup(response) = client.call(Request::JoinGroup(JoinGroupRequest {
         group: group.into(),
         member_id: member_id.into(),
-        group_instance_id: None,
-        session_timeout_ms: 1_500,
+        group_instance_id: instance.map(str::to_string),
+        session_timeout_ms,
         rebalance_timeout_ms: 10_000,
         topics: topics.iter().map(|topic| topic.to_string()).collect(),
         assignor: "range".into(),
@@ -347,18 +358,7 @@ fn join_static(
     instance: &str,
     topics: &[&str],
 ) -> JoinGroupResponse {
-    let Response::JoinGroup(response) = client.call(Request::JoinGroup(JoinGroupRequest {
-        group: group.into(),
-        member_id: String::new(),
-        group_instance_id: Some(instance.into()),
-        session_timeout_ms: 30_000,
-        rebalance_timeout_ms: 10_000,
-        topics: topics.iter().map(|topic| topic.to_string()).collect(),
-        assignor: "range".into(),
-    })) else {
-        panic!("wrong response")
-    };
-    response
+    join_as(client, group, "", Some(instance), 30_000, topics)
 }
 
 fn list_groups(client: &mut Client) -> Vec<String> {

@@ -166,6 +166,33 @@ impl Admin {
         }
     }
 
+    /// The offset `start` names in a partition: itself, or looked up
+    /// (earliest, latest, first at or after a timestamp).
+    ///
+    /// # Errors
+    /// `UnknownTopic`, other broker errors, connection errors.
+    pub async fn resolve_offset(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: crate::Offset,
+    ) -> Result<u64> {
+        let spec = match start {
+            crate::Offset::At(offset) => return Ok(offset),
+            crate::Offset::Earliest => OFFSET_SPEC_EARLIEST,
+            crate::Offset::Latest => OFFSET_SPEC_LATEST,
+            crate::Offset::Timestamp(timestamp) => timestamp.max(0),
+        };
+        self.list_offset(topic, partition, spec)
+            .await
+            .map_err(|error| match error {
+                ClientError::Broker(ErrorCode::UnknownTopicOrPartition) => {
+                    ClientError::UnknownTopic(topic.to_string())
+                }
+                other => other,
+            })
+    }
+
     /// The partition count of a topic.
     ///
     /// # Errors

@@ -291,21 +291,9 @@ impl Consumer {
     }
 
     async fn resolve(&self, topic: &str, partition: u32, start: Offset) -> Result<u64> {
-        let spec = match start {
-            Offset::At(offset) => return Ok(offset),
-            Offset::Earliest => OFFSET_SPEC_EARLIEST,
-            Offset::Latest => OFFSET_SPEC_LATEST,
-            Offset::Timestamp(timestamp) => timestamp.max(0),
-        };
         crate::Admin::with_connection(self.connection.clone())
-            .list_offset(topic, partition, spec)
+            .resolve_offset(topic, partition, start)
             .await
-            .map_err(|error| match error {
-                ClientError::Broker(ErrorCode::UnknownTopicOrPartition) => {
-                    ClientError::UnknownTopic(topic.to_string())
-                }
-                other => other,
-            })
     }
 
     /// Starts reading `topic`/`partition` from `start` (replacing an
@@ -717,36 +705,7 @@ impl Consumer {
             .is_some_and(|group| group.pending_join.is_some() || group.joined.is_some());
         if !started {
             let owned = self.assignment();
-            let mut commits = Vec::new();
-            if let Some(group) = &mut self.group
-                && let Some(listener) = &mut group.listener
-            {
-                listener
-                    .get_mut()
-                    .unwrap_or_else(|poison| poison.into_inner())
-                    .revoked(&owned, &mut commits);
-            }
-            let auto_commit = self
-                .group
-                .as_ref()
-                .is_some_and(|group| group.config.auto_commit);
-            if auto_commit {
-                // The listener's offsets win where both name a partition.
-                for position in self.positions() {
-                    if !commits.iter().any(|(topic, partition, _)| {
-                        *topic == position.0 && *partition == position.1
-                    }) {
-                        commits.push(position);
-                    }
-                }
-            }
-            // Committing with the old generation works while the round is
-            // open; if the group already moved on, nothing can be committed.
-            if let Err(error) = self.commit_offsets_sync(&commits).await
-                && !matches!(error, ClientError::Broker(_))
-            {
-                return Err(error);
-            }
+            self.commit_before_revoking(&owned).await?;
             self.unassign_all().await?;
         }
         let connection = self.connection.clone();
@@ -760,6 +719,43 @@ impl Consumer {
         self.take_assignment(assignment).await?;
         self.finish_rebalance(false);
         Ok(())
+    }
+
+    /// Before `partitions` are given up: the listener stages what it wants
+    /// committed, auto-commit adds the positions it did not name, and all
+    /// of it is committed. A group that already moved on refuses the commit;
+    /// that is not an error here (nothing can be committed any more).
+    async fn commit_before_revoking(&mut self, partitions: &[(String, u32)]) -> Result<()> {
+        let mut commits = Vec::new();
+        if let Some(group) = &mut self.group
+            && let Some(listener) = &mut group.listener
+        {
+            listener
+                .get_mut()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .revoked(partitions, &mut commits);
+        }
+        let auto_commit = self
+            .group
+            .as_ref()
+            .is_some_and(|group| group.config.auto_commit);
+        if auto_commit {
+            for (topic, partition, position) in self.positions() {
+                let revoking = partitions
+                    .iter()
+                    .any(|(t, p)| *t == topic && *p == partition);
+                let staged = commits
+                    .iter()
+                    .any(|(t, p, _)| *t == topic && *p == partition);
+                if revoking && !staged {
+                    commits.push((topic, partition, position));
+                }
+            }
+        }
+        match self.commit_offsets_sync(&commits).await {
+            Ok(()) | Err(ClientError::Broker(_)) => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 
     /// Marks a rebalance applied; `again` asks for another one right away.
@@ -843,35 +839,9 @@ impl Consumer {
             .cloned()
             .collect();
         if !revoked.is_empty() {
-            let mut commits = Vec::new();
-            if let Some(group) = &mut self.group
-                && let Some(listener) = &mut group.listener
-            {
-                listener
-                    .get_mut()
-                    .unwrap_or_else(|poison| poison.into_inner())
-                    .revoked(&revoked, &mut commits);
-            }
-            if auto_commit {
-                for position in self.positions() {
-                    let revoking = revoked
-                        .iter()
-                        .any(|(topic, partition)| *topic == position.0 && *partition == position.1);
-                    let staged = commits.iter().any(|(topic, partition, _)| {
-                        *topic == position.0 && *partition == position.1
-                    });
-                    if revoking && !staged {
-                        commits.push(position);
-                    }
-                }
-            }
             // The coordinator still accepts commits for partitions being
             // handed over, in the new generation.
-            if let Err(error) = self.commit_offsets_sync(&commits).await
-                && !matches!(error, ClientError::Broker(_))
-            {
-                return Err(error);
-            }
+            self.commit_before_revoking(&revoked).await?;
             for (topic, partition) in &revoked {
                 self.unassign(topic, *partition).await?;
             }

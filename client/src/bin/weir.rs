@@ -603,32 +603,7 @@ async fn group(broker: &str, command: GroupCommand) -> anyhow::Result<()> {
                 .collect();
             let mut plan = Vec::new();
             for partition in 0..admin.partition_count(&topic).await? {
-                let offset = match target {
-                    Offset::At(offset) => offset,
-                    Offset::Earliest => {
-                        admin
-                            .list_offset(
-                                &topic,
-                                partition,
-                                weir_protocol::message::OFFSET_SPEC_EARLIEST,
-                            )
-                            .await?
-                    }
-                    Offset::Latest => {
-                        admin
-                            .list_offset(
-                                &topic,
-                                partition,
-                                weir_protocol::message::OFFSET_SPEC_LATEST,
-                            )
-                            .await?
-                    }
-                    Offset::Timestamp(timestamp) => {
-                        admin
-                            .list_offset(&topic, partition, timestamp.max(0))
-                            .await?
-                    }
-                };
+                let offset = admin.resolve_offset(&topic, partition, target).await?;
                 let before = current
                     .get(&(topic.clone(), partition))
                     .copied()
