@@ -245,26 +245,29 @@ async fn produce_phase(
             let started = Instant::now();
             let mut sent = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                value[..8].copy_from_slice(&now_nanos().to_le_bytes());
+                // One clock read per record: the value's send time (for
+                // end-to-end latency), the ack latency's start, and the
+                // record's timestamp.
+                let sent_at_ns = now_nanos();
+                value[..8].copy_from_slice(&sent_at_ns.to_le_bytes());
                 value[8..16].copy_from_slice(&(producer_index as u64).to_le_bytes());
-                let sent_at = Instant::now();
-                let delivery = producer
-                    .send(&topic, ProducerRecord::new(Bytes::copy_from_slice(&value)))
-                    .await?;
-                in_flight.push_back((sent_at, delivery));
+                let record = ProducerRecord::new(Bytes::copy_from_slice(&value))
+                    .timestamp_ms((sent_at_ns / 1_000_000) as i64);
+                let delivery = producer.send(&topic, record).await?;
+                in_flight.push_back((sent_at_ns, delivery));
                 sent += 1;
-                // Reap acknowledged records without blocking the sender.
-                while let Some((sent_at, front)) = in_flight.front_mut() {
-                    match front.try_recv() {
-                        Ok(result) => {
-                            result?;
-                            latencies.record(sent_at.elapsed().as_micros() as u64)?;
-                            records.fetch_add(1, Ordering::Relaxed);
-                            in_flight.pop_front();
-                        }
-                        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
-                        Err(_) => anyhow::bail!("producer dropped a delivery"),
-                    }
+                // Reap acknowledged records without blocking the sender;
+                // those reaped together share one reading of the clock.
+                let mut now_ns = None;
+                while let Some((sent_at_ns, front)) = in_flight.front() {
+                    let Some(result) = front.try_delivery() else {
+                        break;
+                    };
+                    result?;
+                    let now_ns = *now_ns.get_or_insert_with(now_nanos);
+                    latencies.record(now_ns.saturating_sub(*sent_at_ns) / 1_000)?;
+                    records.fetch_add(1, Ordering::Relaxed);
+                    in_flight.pop_front();
                 }
                 if per_producer_rate > 0 {
                     let due =
@@ -273,9 +276,9 @@ async fn produce_phase(
                 }
             }
             producer.flush().await?;
-            for (sent_at, delivery) in in_flight {
-                delivery.await??;
-                latencies.record(sent_at.elapsed().as_micros() as u64)?;
+            for (sent_at_ns, delivery) in in_flight {
+                delivery.await?;
+                latencies.record(now_nanos().saturating_sub(sent_at_ns) / 1_000)?;
                 records.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(latencies)

@@ -1053,7 +1053,7 @@ impl Coordinator {
             return refuse(error, &request);
         }
         let batch = offsets_batch(&request);
-        let outcome = match partition.submit(&batch) {
+        let outcome = match partition.submit(batch) {
             Ok(pending) => pending.wait().await.map(|_| ()),
             Err(error) => Err(error),
         };

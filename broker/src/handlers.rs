@@ -386,7 +386,7 @@ pub fn submit_produce(context: &ConnectionContext, request: ProduceRequest) -> S
                             .partition(&topic.name, partition.partition)
                         {
                             None => Err(ErrorCode::UnknownTopicOrPartition),
-                            Some(target) => target.submit(&partition.records.to_bytes()),
+                            Some(target) => target.submit(partition.records.into_bytes()),
                         }
                     };
                     (partition.partition, outcome)

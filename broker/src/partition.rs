@@ -200,13 +200,13 @@ impl Partition {
     /// # Errors
     /// An [`ErrorCode`] for the client: CorruptBatch, BatchTooLarge,
     /// StorageFull, StorageError, ShuttingDown.
-    pub fn submit(&self, records: &Bytes) -> Result<PendingAppend, ErrorCode> {
+    pub fn submit(&self, records: Bytes) -> Result<PendingAppend, ErrorCode> {
         let config = self.log.config();
         let check = || {
             let mut parsed = Vec::new();
             let mut records_total = 0u64;
             let mut decompressed_budget = DECOMPRESSED_BYTES_MAX;
-            for batch in Batches::new(records, false) {
+            for batch in Batches::new(&records, false) {
                 let batch = batch.map_err(|_| ErrorCode::CorruptBatch)?;
                 if batch.len() > config.batch_bytes_max {
                     return Err(ErrorCode::BatchTooLarge);
@@ -222,7 +222,7 @@ impl Partition {
         };
         // Decompressing up to DECOMPRESSED_BYTES_MAX takes tens of
         // milliseconds: let the runtime move other tasks off this worker.
-        let compressed = Batches::new(records, false)
+        let compressed = Batches::new(&records, false)
             .any(|batch| batch.is_ok_and(|batch| batch.compression() != Compression::None));
         let (parsed, records_total) = if compressed {
             crate::blocking::blocking(check)?
@@ -239,7 +239,11 @@ impl Partition {
             let ([batch], [Some(stamp)]) = (&parsed[..], &stamps[..]) else {
                 return Err(ErrorCode::InvalidRequest);
             };
-            return self.submit_stamped(batch, *stamp, records_total);
+            let (stamp, length) = (*stamp, batch.len());
+            drop(parsed);
+            let mut owned = records;
+            owned.truncate(length);
+            return self.submit_stamped(owned, stamp, records_total);
         }
         // The log checks each batch's CRC as it appends. A lone batch is
         // left to that check (one pass over the bytes, not two); several
@@ -250,11 +254,21 @@ impl Partition {
                 batch.verify_crc().map_err(|_| ErrorCode::CorruptBatch)?;
             }
         }
-        let batches: Vec<Vec<u8>> = parsed.iter().map(|batch| batch.bytes().to_vec()).collect();
-        let bytes_total = batches.iter().map(|batch| batch.len() as u64).sum();
-        if batches.is_empty() {
+        if parsed.is_empty() {
             return Err(ErrorCode::CorruptBatch);
         }
+        let lengths: Vec<usize> = parsed.iter().map(Batch::len).collect();
+        drop(parsed);
+        // Each batch as its own handle on the request's buffer: the log
+        // patches and writes them in place (no copy when this request is
+        // the buffer's only user, as the reader arranges for large ones).
+        let mut rest = records;
+        let batches: Vec<Bytes> = lengths
+            .iter()
+            .map(|length| rest.split_to(*length))
+            .collect();
+        drop(rest);
+        let bytes_total = lengths.iter().map(|length| *length as u64).sum();
         let mut futures = Vec::with_capacity(batches.len());
         let mut failure = None;
         for batch in batches {
@@ -290,10 +304,11 @@ impl Partition {
     /// recorded.
     fn submit_stamped(
         &self,
-        batch: &Batch<'_>,
+        batch: Bytes,
         stamp: Stamp,
         records_total: u64,
     ) -> Result<PendingAppend, ErrorCode> {
+        let batch_bytes = batch.len() as u64;
         self.stamped_seen
             .store(true, std::sync::atomic::Ordering::Release);
         let mut guard = lock(&self.producers);
@@ -302,7 +317,7 @@ impl Partition {
         // write: batches whose offsets it took back are forgotten first.
         let appended = self
             .log
-            .append_checked(batch.bytes().to_vec(), |next_offset| {
+            .append_checked(batch, |next_offset| {
                 producers.states.purge_from(next_offset);
                 match producers.states.check(&stamp) {
                     Ok(Check::Append) => Ok(()),
@@ -345,7 +360,7 @@ impl Partition {
                 Ok(PendingAppend { receiver })
             }
             Ok(future) => {
-                let bytes_total = batch.len() as u64;
+                let bytes_total = batch_bytes;
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |elapsed| elapsed.as_millis() as i64);

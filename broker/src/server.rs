@@ -30,6 +30,10 @@ use crate::topics::Topics;
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Frames at least this large are read into a buffer of their own, so the
+/// batches they carry reach the log without a copy (in a shared read buffer
+/// the log would have to copy them, and the buffer's growth copies too).
+const OWN_BUFFER_FRAME_BYTES_MIN: usize = 64 * 1024;
 /// Bytes the writer buffers before a write syscall.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -457,6 +461,7 @@ async fn connection(
         }
         // Reap finished request tasks so the set stays small.
         while requests.try_join_next().is_some() {}
+        prepare_read_buffer(&decoder, &mut buffer);
         tokio::select! {
             _ = stopped.changed() => break 'read,
             read = reader.read_buf(&mut buffer) => match read {
@@ -472,6 +477,28 @@ async fn connection(
     drop(context);
     let _ = writer_task.await;
     broker.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Makes room for the next read. The rest of a large frame is read into a
+/// buffer exactly its size, which the frame then owns alone; otherwise
+/// reads go to a shared buffer of [`READ_CHUNK_BYTES`].
+fn prepare_read_buffer(decoder: &FrameDecoder, buffer: &mut BytesMut) {
+    if let Ok(Some(frame_bytes)) = decoder.frame_bytes(buffer)
+        && frame_bytes > buffer.len()
+        && frame_bytes >= OWN_BUFFER_FRAME_BYTES_MIN
+    {
+        // Bounded by the frame limit (checked by `frame_bytes`), as a
+        // growing shared buffer would be.
+        if buffer.capacity() != frame_bytes {
+            let mut own = BytesMut::with_capacity(frame_bytes);
+            own.extend_from_slice(buffer);
+            *buffer = own;
+        }
+        return;
+    }
+    if buffer.capacity() - buffer.len() < READ_CHUNK_BYTES / 2 {
+        buffer.reserve(READ_CHUNK_BYTES);
+    }
 }
 
 async fn write_loop(writer: tokio::net::tcp::OwnedWriteHalf, mut queue: mpsc::Receiver<Outgoing>) {

@@ -11,11 +11,12 @@
 //! of sequence until the retry is in, then retried itself).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use weir_protocol::batch::with_compressed_records;
 use weir_protocol::message::*;
 use weir_protocol::{BatchBuilder, Compression, ErrorCode, Request, Response};
@@ -167,22 +168,153 @@ pub struct Delivery {
     pub offset: i64,
 }
 
-/// Resolves when the record is acknowledged.
-pub type DeliveryFuture = oneshot::Receiver<Result<Delivery>>;
+/// The answer for one batch, shared by the delivery futures of its records:
+/// one allocation per batch rather than a channel per record.
+#[derive(Default)]
+struct BatchOutcome {
+    /// Set once `state.result` is: lets a check for the answer skip the lock.
+    resolved: AtomicBool,
+    state: Mutex<OutcomeState>,
+}
+
+#[derive(Default)]
+struct OutcomeState {
+    /// The batch's base offset (-1 with `Acks::None`), or why it failed.
+    result: Option<Result<i64>>,
+    /// Futures waiting for the result; a future keeps its slot.
+    wakers: Vec<std::task::Waker>,
+}
+
+/// The producer's end of a [`BatchOutcome`]: resolves it once, and with
+/// `Closed` if the batch is dropped unanswered (the producer was dropped).
+struct BatchCompleter {
+    outcome: Arc<BatchOutcome>,
+}
+
+impl BatchCompleter {
+    fn new() -> Self {
+        BatchCompleter {
+            outcome: Arc::new(BatchOutcome::default()),
+        }
+    }
+
+    fn future(&self, partition: u32, offset_delta: i32) -> DeliveryFuture {
+        DeliveryFuture {
+            outcome: self.outcome.clone(),
+            partition,
+            offset_delta,
+            waker_slot: None,
+        }
+    }
+
+    fn complete(&self, result: Result<i64>) {
+        let wakers = {
+            let mut state = lock(&self.outcome.state);
+            if state.result.is_some() {
+                return;
+            }
+            state.result = Some(result);
+            self.outcome.resolved.store(true, Ordering::Release);
+            std::mem::take(&mut state.wakers)
+        };
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+}
+
+impl Drop for BatchCompleter {
+    fn drop(&mut self) {
+        self.complete(Err(ClientError::Closed));
+    }
+}
+
+/// Resolves when the record is acknowledged (or finally fails; `Closed` if
+/// the producer was dropped first).
+pub struct DeliveryFuture {
+    outcome: Arc<BatchOutcome>,
+    partition: u32,
+    offset_delta: i32,
+    /// Where this future's waker sits in the outcome's list, once polled.
+    waker_slot: Option<usize>,
+}
+
+impl std::fmt::Debug for DeliveryFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryFuture")
+            .field("partition", &self.partition)
+            .field("offset_delta", &self.offset_delta)
+            .finish()
+    }
+}
+
+impl DeliveryFuture {
+    fn delivery(&self, result: &Result<i64>) -> Result<Delivery> {
+        match result {
+            Ok(base) => Ok(Delivery {
+                partition: self.partition,
+                offset: if *base < 0 {
+                    -1
+                } else {
+                    base + i64::from(self.offset_delta)
+                },
+            }),
+            Err(error) => Err(error.clone()),
+        }
+    }
+
+    /// The outcome if the record's batch has been answered, without waiting.
+    pub fn try_delivery(&self) -> Option<Result<Delivery>> {
+        if !self.is_resolved() {
+            return None;
+        }
+        let state = lock(&self.outcome.state);
+        state.result.as_ref().map(|result| self.delivery(result))
+    }
+
+    /// Whether the record's batch has been answered.
+    pub fn is_resolved(&self) -> bool {
+        self.outcome.resolved.load(Ordering::Acquire)
+    }
+}
+
+impl std::future::Future for DeliveryFuture {
+    type Output = Result<Delivery>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Delivery>> {
+        let this = &mut *self;
+        let mut state = lock(&this.outcome.state);
+        if let Some(result) = &state.result {
+            return std::task::Poll::Ready(this.delivery(result));
+        }
+        match this.waker_slot {
+            Some(slot) if state.wakers[slot].will_wake(cx.waker()) => {}
+            Some(slot) => state.wakers[slot] = cx.waker().clone(),
+            None => {
+                this.waker_slot = Some(state.wakers.len());
+                state.wakers.push(cx.waker().clone());
+            }
+        }
+        std::task::Poll::Pending
+    }
+}
 
 struct OpenBatch {
     builder: BatchBuilder,
     created: Instant,
-    waiters: Vec<(i32, oneshot::Sender<Result<Delivery>>)>,
+    completer: BatchCompleter,
     /// Buffer space of every record in the batch, merged into one permit.
     permit: Option<OwnedSemaphorePermit>,
 }
 
 struct ReadyBatch {
-    topic: String,
+    topic: Arc<str>,
     partition: u32,
     bytes: Bytes,
-    waiters: Vec<(i32, oneshot::Sender<Result<Delivery>>)>,
+    completer: BatchCompleter,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -214,22 +346,92 @@ impl Window {
     }
 }
 
+/// One partition's batches: the open one, the sealed ones waiting for the
+/// window, and those on the wire.
+#[derive(Default)]
+struct PartitionState {
+    open: Option<OpenBatch>,
+    ready: VecDeque<ReadyBatch>,
+    window: Window,
+    /// Next sequence (idempotent producers).
+    sequence: i32,
+}
+
+impl PartitionState {
+    /// Whether a batch may go on the wire now.
+    fn window_open(&self, limit: usize) -> bool {
+        self.window.can_start(limit)
+    }
+
+    /// Whether the open batch may be sealed and sent at once: nothing sealed
+    /// waits before it and the window has room.
+    fn can_start(&self, limit: usize) -> bool {
+        self.window_open(limit) && self.ready.is_empty()
+    }
+}
+
+/// A topic's partitions, indexed by partition number. Records find their
+/// batch through the topic name (borrowed: no allocation per record).
+struct TopicState {
+    name: Arc<str>,
+    partitions: Vec<PartitionState>,
+    /// Where keyless records go until their batch fills.
+    sticky: Option<u32>,
+}
+
 #[derive(Default)]
 struct State {
-    open: HashMap<(String, u32), OpenBatch>,
-    ready: HashMap<(String, u32), VecDeque<ReadyBatch>>,
-    in_flight: HashMap<(String, u32), Window>,
-    partition_counts: HashMap<String, u32>,
-    sticky: HashMap<String, u32>,
+    topics: Vec<TopicState>,
+    /// Where each topic sits in `topics`.
+    topic_index: HashMap<String, usize>,
+    /// The topic used last: checked before hashing, since a producer
+    /// mostly sends to one topic after another.
+    last_topic: usize,
     /// Batches sealed or in flight; `flush` waits for zero.
     outstanding: usize,
-    /// Next sequence per partition (idempotent producers).
-    sequences: HashMap<(String, u32), i32>,
+}
+
+impl State {
+    fn find_topic(&mut self, topic: &str) -> Option<usize> {
+        if self
+            .topics
+            .get(self.last_topic)
+            .is_some_and(|state| &*state.name == topic)
+        {
+            return Some(self.last_topic);
+        }
+        let index = *self.topic_index.get(topic)?;
+        self.last_topic = index;
+        Some(index)
+    }
+
+    fn add_topic(&mut self, topic: &str, partitions: u32) -> usize {
+        if let Some(index) = self.find_topic(topic) {
+            return index;
+        }
+        self.topics.push(TopicState {
+            name: Arc::from(topic),
+            partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
+            sticky: None,
+        });
+        let index = self.topics.len() - 1;
+        self.topic_index.insert(topic.to_string(), index);
+        index
+    }
+
+    fn partition_mut(&mut self, topic: &str, partition: u32) -> Option<&mut PartitionState> {
+        let index = self.find_topic(topic)?;
+        self.topics
+            .get_mut(index)
+            .and_then(|state| state.partitions.get_mut(partition as usize))
+    }
 }
 
 struct Shared {
     connection: Connection,
-    /// Set when an idempotent batch failed for good: every later send fails.
+    /// Set (with `fatal`) when an idempotent batch failed for good: every
+    /// later send fails. The flag spares `send` a lock.
+    failed: AtomicBool,
     fatal: Mutex<Option<String>>,
     /// Producer id and epoch when idempotent.
     identity: Option<(i64, i16)>,
@@ -240,6 +442,27 @@ struct Shared {
     idle: Notify,
 }
 
+impl Shared {
+    /// Batches in flight per partition.
+    fn in_flight_limit(&self) -> usize {
+        match (self.identity, self.config.in_flight_per_partition) {
+            // The broker remembers a producer's last five batches: a retry
+            // further back could not be recognised.
+            (Some(_), wanted) => wanted
+                .unwrap_or(IDEMPOTENT_IN_FLIGHT_MAX)
+                .clamp(1, IDEMPOTENT_IN_FLIGHT_MAX),
+            (None, wanted) => wanted.unwrap_or(1).max(1),
+        }
+    }
+
+    fn fatal_reason(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.fatal).clone()
+    }
+}
+
 /// Sends records to a broker.
 ///
 /// ```no_run
@@ -247,7 +470,7 @@ struct Shared {
 /// use weir_client::{Producer, ProducerConfig, ProducerRecord};
 /// let producer = Producer::connect("127.0.0.1:9092", ProducerConfig::default()).await?;
 /// let delivery = producer.send("orders", ProducerRecord::new("hello").key("customer-7")).await?;
-/// let placed = delivery.await.expect("producer alive")?;
+/// let placed = delivery.await?;
 /// println!("partition {} offset {}", placed.partition, placed.offset);
 /// producer.flush().await?;
 /// # Ok(()) }
@@ -296,6 +519,7 @@ impl Producer {
         };
         let shared = Arc::new(Shared {
             connection,
+            failed: AtomicBool::new(false),
             fatal: Mutex::new(None),
             identity,
             buffer: Arc::new(Semaphore::new(config.buffer_bytes.max(1))),
@@ -316,17 +540,16 @@ impl Producer {
         self.shared.identity
     }
 
-    async fn partition_count(&self, topic: &str) -> Result<u32> {
-        if let Some(count) = lock(&self.shared.state).partition_counts.get(topic) {
-            return Ok(*count);
+    /// Learns a topic's partitions on its first record.
+    async fn know_topic(&self, topic: &str) -> Result<()> {
+        if lock(&self.shared.state).find_topic(topic).is_some() {
+            return Ok(());
         }
         let count = Admin::with_connection(self.shared.connection.clone())
             .partition_count(topic)
             .await?;
-        lock(&self.shared.state)
-            .partition_counts
-            .insert(topic.to_string(), count);
-        Ok(count)
+        lock(&self.shared.state).add_topic(topic, count);
+        Ok(())
     }
 
     /// Queues a record; waits while the buffer is full. The returned future
@@ -336,43 +559,51 @@ impl Producer {
     /// `UnknownTopic`, `InvalidArgument` (partition out of range, record
     /// larger than the buffer), connection errors.
     pub async fn send(&self, topic: &str, record: ProducerRecord) -> Result<DeliveryFuture> {
-        if let Some(reason) = lock(&self.shared.fatal).clone() {
+        if let Some(reason) = self.shared.fatal_reason() {
             return Err(ClientError::ProducerFailed(reason));
         }
-        let partitions = self.partition_count(topic).await?;
-        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
+        self.know_topic(topic).await?;
         let headers: Vec<(&str, Option<&[u8]>)> = record
             .headers
             .iter()
             .map(|(name, value)| (name.as_str(), value.as_deref()))
             .collect();
-        let record_bytes = BatchBuilder::new(timestamp_ms).record_bytes(
-            timestamp_ms,
-            record.key.as_deref(),
-            record.value.as_deref(),
-            &headers,
-        );
-        if record_bytes
-            > self
-                .shared
-                .config
-                .buffer_bytes
-                .min(self.shared.config.record_bytes_max)
-        {
+        let (key, value) = (record.key.as_deref(), record.value.as_deref());
+        // An upper bound (no builder needed): a few bytes over at most.
+        let record_bytes = BatchBuilder::record_bytes_max(key, value, &headers);
+        let config = &self.shared.config;
+        if record_bytes > config.buffer_bytes.min(config.record_bytes_max) {
             return Err(ClientError::InvalidArgument(format!(
                 "record of {record_bytes} bytes exceeds record_bytes_max or the producer buffer"
             )));
         }
-        let permit = self
-            .shared
-            .buffer
-            .clone()
-            .acquire_many_owned(u32::try_from(record_bytes).unwrap_or(u32::MAX))
-            .await
-            .map_err(|_| ClientError::Closed)?;
-        let (sender, receiver) = oneshot::channel();
-        let mut state = lock(&self.shared.state);
-        let partition = match (record.partition, &record.key) {
+        let charge = u32::try_from(record_bytes).unwrap_or(u32::MAX);
+        let permit = match self.shared.buffer.clone().try_acquire_many_owned(charge) {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(ClientError::Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => self
+                .shared
+                .buffer
+                .clone()
+                .acquire_many_owned(charge)
+                .await
+                .map_err(|_| ClientError::Closed)?,
+        };
+        let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
+        let batch_bytes = config.batch_bytes;
+        let identity = self.shared.identity;
+        let mut guard = lock(&self.shared.state);
+        let index = guard.find_topic(topic);
+        let State {
+            topics,
+            outstanding,
+            ..
+        } = &mut *guard;
+        let Some(topic_state) = index.and_then(|index| topics.get_mut(index)) else {
+            return Err(ClientError::Protocol(format!("{topic} was forgotten")));
+        };
+        let partitions = topic_state.partitions.len() as u32;
+        let partition = match (record.partition, key) {
             (Some(partition), _) if partition < partitions => partition,
             (Some(partition), _) => {
                 return Err(ClientError::InvalidArgument(format!(
@@ -380,53 +611,55 @@ impl Producer {
                 )));
             }
             (None, Some(key)) => partition_for_key(key, partitions),
-            (None, None) => match state.sticky.get(topic) {
-                Some(partition) => *partition,
-                None => {
-                    let partition = fastrand_below(partitions);
-                    state.sticky.insert(topic.to_string(), partition);
-                    partition
-                }
-            },
+            (None, None) => *topic_state
+                .sticky
+                .get_or_insert_with(|| fastrand_below(partitions)),
         };
-        let key = (topic.to_string(), partition);
-        let full = state.open.get(&key).is_some_and(|open| {
-            open.builder.len_bytes() + record_bytes > self.shared.config.batch_bytes
-        });
+        let name = &topic_state.name;
+        let Some(state) = topic_state.partitions.get_mut(partition as usize) else {
+            return Err(ClientError::Protocol(format!(
+                "{topic} has no partition {partition}"
+            )));
+        };
+        // Batches sealed here (at most two: the full one, then this record's).
+        let mut sealed = 0usize;
+        // The bound (not the exact size) decides: at most a few bytes of
+        // batch go unused, and the record's size is not worked out twice.
+        let full = state
+            .open
+            .as_ref()
+            .is_some_and(|open| open.builder.len_bytes() + record_bytes > batch_bytes);
         if full {
-            seal(&self.shared, &mut state, &key);
-            if record.key.is_none() && record.partition.is_none() {
+            sealed += usize::from(seal(identity, name, partition, state));
+            if key.is_none() && record.partition.is_none() {
                 // Sticky: a full batch moves keyless records to another partition.
-                let next = (partition + 1) % partitions.max(1);
-                state.sticky.insert(topic.to_string(), next);
+                topic_state.sticky = Some((partition + 1) % partitions.max(1));
             }
         }
-        let open = state.open.entry(key).or_insert_with(|| OpenBatch {
-            builder: BatchBuilder::with_capacity(
-                timestamp_ms,
-                self.shared.config.batch_bytes.min(4 << 20),
-            ),
+        let created = state.open.is_none();
+        let open = state.open.get_or_insert_with(|| OpenBatch {
+            builder: BatchBuilder::with_capacity(timestamp_ms, batch_bytes.min(4 << 20)),
             created: Instant::now(),
-            waiters: Vec::new(),
+            completer: BatchCompleter::new(),
             permit: None,
         });
-        let delta = open.builder.push(
-            timestamp_ms,
-            record.key.as_deref(),
-            record.value.as_deref(),
-            &headers,
-        );
-        open.waiters.push((delta, sender));
+        let offset_delta = open.builder.push(timestamp_ms, key, value, &headers);
+        let delivery = open.completer.future(partition, offset_delta);
         match &mut open.permit {
             Some(held) => held.merge(permit),
             None => open.permit = Some(permit),
         }
-        if open.builder.len_bytes() >= self.shared.config.batch_bytes {
-            seal(&self.shared, &mut state, &(topic.to_string(), partition));
+        if open.builder.len_bytes() >= batch_bytes {
+            sealed += usize::from(seal(identity, name, partition, state));
         }
-        drop(state);
-        self.shared.wake.notify_one();
-        Ok(receiver)
+        *outstanding += sealed;
+        drop(guard);
+        // The send loop cares about new batches (their linger deadline) and
+        // sealed ones, not about every record.
+        if sealed > 0 || created {
+            self.shared.wake.notify_one();
+        }
+        Ok(delivery)
     }
 
     /// Sends everything buffered now and waits until it is acknowledged.
@@ -439,12 +672,20 @@ impl Producer {
             tokio::pin!(idle);
             idle.as_mut().enable();
             {
-                let mut state = lock(&self.shared.state);
-                let keys: Vec<(String, u32)> = state.open.keys().cloned().collect();
-                for key in keys {
-                    seal(&self.shared, &mut state, &key);
+                let mut guard = lock(&self.shared.state);
+                let State {
+                    topics,
+                    outstanding,
+                    ..
+                } = &mut *guard;
+                for topic in topics.iter_mut() {
+                    for (index, state) in topic.partitions.iter_mut().enumerate() {
+                        if seal(self.shared.identity, &topic.name, index as u32, state) {
+                            *outstanding += 1;
+                        }
+                    }
                 }
-                if state.outstanding == 0 {
+                if *outstanding == 0 {
                     return Ok(());
                 }
             }
@@ -484,20 +725,25 @@ async fn init_producer_id(connection: &Connection, name: Option<String>) -> Resu
     }
 }
 
-/// Moves an open batch to the partition's ready queue, numbering it if the
-/// producer is idempotent.
-fn seal(shared: &Shared, state: &mut State, key: &(String, u32)) {
-    let Some(mut open) = state.open.remove(key) else {
-        return;
+/// Moves a partition's open batch to its ready queue, numbering it if the
+/// producer is idempotent. Returns whether there was one to seal (the
+/// caller counts it as outstanding).
+fn seal(
+    identity: Option<(i64, i16)>,
+    topic: &Arc<str>,
+    partition: u32,
+    state: &mut PartitionState,
+) -> bool {
+    let Some(mut open) = state.open.take() else {
+        return false;
     };
-    if open.waiters.is_empty() {
-        return;
+    if open.builder.records_count() == 0 {
+        return false;
     }
-    if let Some((producer_id, producer_epoch)) = shared.identity {
-        let sequence = state.sequences.entry(key.clone()).or_insert(0);
-        let base_sequence = *sequence;
+    if let Some((producer_id, producer_epoch)) = identity {
+        let base_sequence = state.sequence;
         // Sequences wrap from i32::MAX to 0, as Kafka's do.
-        *sequence = ((i64::from(base_sequence) + i64::from(open.builder.records_count()))
+        state.sequence = ((i64::from(base_sequence) + i64::from(open.builder.records_count()))
             % (i64::from(i32::MAX) + 1)) as i32;
         open.builder = open.builder.producer(weir_protocol::ProducerStamp {
             producer_id,
@@ -505,89 +751,75 @@ fn seal(shared: &Shared, state: &mut State, key: &(String, u32)) {
             base_sequence,
         });
     }
-    state.outstanding += 1;
-    state
-        .ready
-        .entry(key.clone())
-        .or_default()
-        .push_back(ReadyBatch {
-            topic: key.0.clone(),
-            partition: key.1,
-            bytes: Bytes::from(open.builder.finish()),
-            waiters: open.waiters,
-            _permit: open.permit,
-        });
+    state.ready.push_back(ReadyBatch {
+        topic: topic.clone(),
+        partition,
+        bytes: Bytes::from(open.builder.finish()),
+        completer: open.completer,
+        _permit: open.permit,
+    });
+    true
 }
 
 async fn send_loop(shared: Arc<Shared>) {
     let linger = Duration::from_millis(shared.config.linger_ms);
+    let limit = shared.in_flight_limit();
     loop {
         let woken = shared.wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
         let mut to_start = Vec::new();
         let next_deadline = {
-            let mut state = lock(&shared.state);
-            let limit = match (shared.identity, shared.config.in_flight_per_partition) {
-                // The broker remembers a producer's last five batches: a
-                // retry further back could not be recognised.
-                (Some(_), wanted) => wanted
-                    .unwrap_or(IDEMPOTENT_IN_FLIGHT_MAX)
-                    .clamp(1, IDEMPOTENT_IN_FLIGHT_MAX),
-                (None, wanted) => wanted.unwrap_or(1).max(1),
-            };
-            // A partition at its in-flight limit (or with sealed batches
-            // waiting) keeps its open batch open past linger, so records
-            // arriving meanwhile join it: under load batches grow to what
-            // one round trip accumulates instead of queueing up tiny ones.
-            let window_open = |state: &State, key: &(String, u32)| {
-                state
-                    .in_flight
-                    .get(key)
-                    .is_none_or(|window| window.can_start(limit))
-            };
-            let can_start = |state: &State, key: &(String, u32)| {
-                window_open(state, key) && state.ready.get(key).is_none_or(VecDeque::is_empty)
-            };
-            let due: Vec<(String, u32)> = state
-                .open
-                .iter()
-                .filter(|(key, open)| open.created.elapsed() >= linger && can_start(&state, key))
-                .map(|(key, _)| key.clone())
-                .collect();
-            for key in due {
-                seal(&shared, &mut state, &key);
-            }
-            let startable: Vec<(String, u32)> = state
-                .ready
-                .iter()
-                .filter(|(key, queue)| !queue.is_empty() && window_open(&state, key))
-                .map(|(key, _)| key.clone())
-                .collect();
-            for key in startable {
-                while window_open(&state, &key) {
-                    let Some(batch) = state.ready.get_mut(&key).and_then(VecDeque::pop_front)
-                    else {
-                        break;
-                    };
-                    let index = state.in_flight.entry(key.clone()).or_default().start();
-                    to_start.push((key.clone(), index, batch));
+            let now = Instant::now();
+            let mut guard = lock(&shared.state);
+            let State {
+                topics,
+                outstanding,
+                ..
+            } = &mut *guard;
+            let mut next_deadline: Option<Instant> = None;
+            for topic in topics.iter_mut() {
+                for (index, state) in topic.partitions.iter_mut().enumerate() {
+                    let partition = index as u32;
+                    // A partition at its in-flight limit (or with sealed
+                    // batches waiting) keeps its open batch open past
+                    // linger, so records arriving meanwhile join it: under
+                    // load batches grow to what one round trip accumulates
+                    // instead of queueing up tiny ones.
+                    let due = state
+                        .open
+                        .as_ref()
+                        .is_some_and(|open| now.duration_since(open.created) >= linger);
+                    if due
+                        && state.can_start(limit)
+                        && seal(shared.identity, &topic.name, partition, state)
+                    {
+                        *outstanding += 1;
+                    }
+                    while state.window_open(limit) {
+                        let Some(batch) = state.ready.pop_front() else {
+                            break;
+                        };
+                        let index = state.window.start();
+                        to_start.push((index, batch));
+                    }
+                    // Blocked partitions are woken by their batch completing.
+                    if let Some(open) = &state.open
+                        && state.can_start(limit)
+                    {
+                        let deadline = open.created + linger;
+                        next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+                    }
                 }
             }
-            // Blocked partitions are woken by their batch completing.
-            state
-                .open
-                .iter()
-                .filter(|(key, _)| can_start(&state, key))
-                .map(|(_, open)| open.created + linger)
-                .min()
+            next_deadline
         };
         // Put each batch's first attempt on the wire here, in order: the
         // broker appends a connection's batches in arrival order. Waiting
         // (and any retry) happens in a task per batch.
-        for (key, index, batch) in to_start {
+        for (index, batch) in to_start {
             let first = first_attempt(&shared, &batch).await;
-            tokio::spawn(deliver(shared.clone(), key, index, batch, first));
+            tokio::spawn(deliver(shared.clone(), index, batch, first));
         }
         match next_deadline {
             Some(deadline) => {
@@ -605,7 +837,7 @@ fn produce_request(shared: &Shared, batch: &ReadyBatch) -> Result<Request> {
         acks: shared.config.acks.wire(),
         timeout_ms: u32::try_from(shared.config.request_timeout_ms).unwrap_or(u32::MAX),
         topics: vec![ProduceTopic {
-            name: batch.topic.clone(),
+            name: batch.topic.to_string(),
             partitions: vec![ProducePartition {
                 partition: batch.partition,
                 records: RecordSet::single(bytes),
@@ -659,41 +891,26 @@ fn base_offset(response: Result<Response>) -> Result<i64> {
 }
 
 /// Finishes one batch (retrying as configured) and resolves its records.
-async fn deliver(
-    shared: Arc<Shared>,
-    key: (String, u32),
-    index: u64,
-    batch: ReadyBatch,
-    first: FirstAttempt,
-) {
-    let outcome = finish(&shared, &key, index, first).await;
+async fn deliver(shared: Arc<Shared>, index: u64, batch: ReadyBatch, first: FirstAttempt) {
+    let outcome = finish(&shared, &batch.topic, batch.partition, index, first).await;
     if shared.identity.is_some()
         && let Err(error) = &outcome
     {
         // The partition's sequence now has a gap no later batch can fill.
         let mut fatal = lock(&shared.fatal);
         if fatal.is_none() {
-            *fatal = Some(format!("a batch for {}/{} failed: {error}", key.0, key.1));
+            *fatal = Some(format!(
+                "a batch for {}/{} failed: {error}",
+                batch.topic, batch.partition
+            ));
         }
+        shared.failed.store(true, Ordering::Release);
     }
-    for (delta, waiter) in batch.waiters {
-        let result = match &outcome {
-            Ok(base) => Ok(Delivery {
-                partition: batch.partition,
-                offset: if *base < 0 {
-                    -1
-                } else {
-                    base + i64::from(delta)
-                },
-            }),
-            Err(error) => Err(error.clone()),
-        };
-        let _ = waiter.send(result);
-    }
+    batch.completer.complete(outcome);
     {
         let mut state = lock(&shared.state);
-        if let Some(window) = state.in_flight.get_mut(&key) {
-            window.unresolved.remove(&index);
+        if let Some(partition) = state.partition_mut(&batch.topic, batch.partition) {
+            partition.window.unresolved.remove(&index);
         }
         state.outstanding -= 1;
         if state.outstanding == 0 {
@@ -705,7 +922,8 @@ async fn deliver(
 
 async fn finish(
     shared: &Shared,
-    key: &(String, u32),
+    topic: &str,
+    partition: u32,
     index: u64,
     first: FirstAttempt,
 ) -> Result<i64> {
@@ -725,7 +943,7 @@ async fn finish(
                 || (shared.identity.is_some()
                     && matches!(error, ClientError::Broker(ErrorCode::OutOfOrderSequence)))
         };
-        if let Some(reason) = lock(&shared.fatal).clone() {
+        if let Some(reason) = shared.fatal_reason() {
             if result.is_err() {
                 return Err(ClientError::ProducerFailed(reason));
             }
@@ -737,9 +955,8 @@ async fn finish(
             &result,
             Err(ClientError::Broker(ErrorCode::OutOfOrderSequence))
         ) && lock(&shared.state)
-            .in_flight
-            .get(key)
-            .and_then(|window| window.unresolved.first().copied())
+            .partition_mut(topic, partition)
+            .and_then(|state| state.window.unresolved.first().copied())
             .is_some_and(|oldest| oldest < index);
         match result {
             Err(error)
@@ -835,4 +1052,62 @@ pub fn decompress(codec: Compression, records: &[u8]) -> Result<Vec<u8>> {
         )));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every record of a batch learns its own offset from the one shared
+    /// answer, whether it waited for it or looked afterwards.
+    #[tokio::test]
+    async fn records_of_a_batch_share_one_answer() {
+        let completer = BatchCompleter::new();
+        let first = completer.future(3, 0);
+        let second = completer.future(3, 1);
+        let waiting = tokio::spawn(first);
+        tokio::task::yield_now().await;
+        assert!(!second.is_resolved());
+        assert!(second.try_delivery().is_none());
+        completer.complete(Ok(100));
+        let first = waiting.await.expect("task").expect("delivered");
+        assert_eq!(
+            first,
+            Delivery {
+                partition: 3,
+                offset: 100
+            }
+        );
+        assert!(second.is_resolved());
+        let second = second.try_delivery().expect("answered").expect("delivered");
+        assert_eq!(second.offset, 101);
+        // A later answer does not replace the first.
+        completer.complete(Err(ClientError::Timeout));
+        assert_eq!(completer.future(3, 2).await.expect("delivered").offset, 102);
+    }
+
+    /// A batch dropped unanswered (the producer went away) fails its
+    /// records with `Closed` instead of leaving them waiting forever.
+    #[tokio::test]
+    async fn a_dropped_batch_fails_its_records() {
+        let completer = BatchCompleter::new();
+        let delivery = completer.future(0, 0);
+        let waiting = tokio::spawn(delivery);
+        tokio::task::yield_now().await;
+        drop(completer);
+        let outcome = tokio::time::timeout(Duration::from_secs(60), waiting)
+            .await
+            .expect("resolved")
+            .expect("task");
+        assert!(matches!(outcome, Err(ClientError::Closed)), "{outcome:?}");
+    }
+
+    /// `Acks::None` answers carry no offsets: every record reports -1.
+    #[tokio::test]
+    async fn unacknowledged_batches_report_no_offset() {
+        let completer = BatchCompleter::new();
+        let delivery = completer.future(1, 5);
+        completer.complete(Ok(-1));
+        assert_eq!(delivery.await.expect("sent").offset, -1);
+    }
 }

@@ -100,7 +100,7 @@ async fn produce_and_consume_with_each_compression() {
         producer.flush().await.expect("flush");
         let mut placed: HashMap<(u32, u64), String> = HashMap::new();
         for (number, delivery) in deliveries {
-            let delivery = delivery.await.expect("resolved").expect("delivered");
+            let delivery = delivery.await.expect("delivered");
             if number % 2 == 0 {
                 assert_eq!(
                     delivery.partition,
@@ -236,7 +236,7 @@ async fn several_batches_in_flight_keep_order() {
     }
     producer.flush().await.expect("flush");
     for (number, delivery) in deliveries.into_iter().enumerate() {
-        let delivery = delivery.await.expect("resolved").expect("delivered");
+        let delivery = delivery.await.expect("delivered");
         assert_eq!(delivery.offset, number as i64, "offsets follow send order");
     }
     let mut consumer = Consumer::connect(&broker.addr, ConsumerConfig::default())
@@ -411,7 +411,7 @@ async fn graceful_restart_with_traffic_in_flight() {
                     // Count what has been acknowledged so far, without waiting.
                     let done = deliveries
                         .iter_mut()
-                        .filter(|(_, delivery)| !delivery.is_empty())
+                        .filter(|(_, delivery)| delivery.is_resolved())
                         .count();
                     acknowledged.store(done as u64, Ordering::Relaxed);
                     tokio::task::yield_now().await;
@@ -453,7 +453,7 @@ async fn graceful_restart_with_traffic_in_flight() {
     let deliveries = sender.await.expect("sender");
     let mut acked = HashMap::new();
     for (value, delivery) in deliveries {
-        if let Ok(Ok(delivery)) = tokio::time::timeout(Duration::from_secs(60), delivery)
+        if let Ok(delivery) = tokio::time::timeout(Duration::from_secs(60), delivery)
             .await
             .expect("every delivery resolves")
         {
@@ -611,7 +611,7 @@ async fn retried_batches_are_not_duplicated() {
     }
     producer.flush().await.expect("flush");
     for (number, delivery) in deliveries.into_iter().enumerate() {
-        let delivery = delivery.await.expect("resolved").expect("delivered");
+        let delivery = delivery.await.expect("delivered");
         assert_eq!(delivery.offset, number as i64, "offset of record {number}");
     }
     let dropped = proxy.dropped.load(std::sync::atomic::Ordering::Relaxed);

@@ -85,6 +85,30 @@ impl BatchBuilder {
         varint_len(body as i32) + body
     }
 
+    /// Most bytes a record can take in any batch (timestamp and offset
+    /// deltas at their widest), without a builder: enough to size a buffer
+    /// or check a limit before choosing the batch.
+    pub fn record_bytes_max(
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, Option<&[u8]>)],
+    ) -> usize {
+        let nullable = |field: Option<&[u8]>| match field {
+            None => varint_len(-1),
+            Some(bytes) => varint_len(bytes.len() as i32) + bytes.len(),
+        };
+        let mut body = 1
+            + varlong_len(i64::MIN)
+            + varint_len(i32::MIN)
+            + nullable(key)
+            + nullable(value)
+            + varint_len(headers.len() as i32);
+        for (name, header_value) in headers {
+            body += nullable(Some(name.as_bytes())) + nullable(*header_value);
+        }
+        varint_len(i32::MAX) + body
+    }
+
     fn record_body_bytes(
         &self,
         timestamp_ms: i64,

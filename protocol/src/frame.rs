@@ -147,7 +147,15 @@ impl FrameDecoder {
             buffer.reserve(total - buffer.len());
             return Ok(None);
         }
-        let mut frame = buffer.split_to(total).freeze();
+        // A buffer holding exactly this frame is taken whole, so that the
+        // frame is the only user of its memory (the broker hands produced
+        // batches to the log without a copy when they are).
+        let whole = if buffer.len() == total {
+            std::mem::take(buffer)
+        } else {
+            buffer.split_to(total)
+        };
+        let mut frame = whole.freeze();
         frame.advance(LENGTH_BYTES);
         let kind_code = frame.get_u8();
         let kind = FrameKind::from_code(kind_code).ok_or(FrameError::UnknownKind(kind_code))?;

@@ -132,6 +132,14 @@ impl RecordSet {
         self.len() == 0
     }
 
+    /// The bytes in one buffer, without a copy when there is one chunk.
+    pub fn into_bytes(mut self) -> Bytes {
+        if self.0.len() == 1 {
+            return self.0.pop().unwrap_or_default();
+        }
+        self.to_bytes()
+    }
+
     /// The bytes in one buffer (copies if there are several chunks).
     pub fn to_bytes(&self) -> Bytes {
         match self.0.as_slice() {

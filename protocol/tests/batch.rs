@@ -220,6 +220,8 @@ proptest! {
             let before = sizer.len_bytes();
             sizer.push(*ts, key.as_deref(), value.as_deref(), &[]);
             prop_assert_eq!(sizer.len_bytes() - before, predicted);
+            // The builder-free bound never undercounts.
+            prop_assert!(BatchBuilder::record_bytes_max(key.as_deref(), value.as_deref(), &[]) >= predicted);
         }
     }
 

@@ -32,5 +32,5 @@ pub use checkpoint::{EpochCache, EpochEntry};
 pub use config::{EngineConfig, EngineKind, FlushPolicy, LogConfig, WriteMode};
 pub use engine::{EngineStats, IoEngine, SYNC_LATENCY_BUCKETS};
 pub use error::{Result, StorageError};
-pub use log::{AppendFuture, AppendInfo, Log, LogChunk, LogRead, RetentionOutcome};
+pub use log::{AppendFuture, AppendInfo, IntoBatchBytes, Log, LogChunk, LogRead, RetentionOutcome};
 pub use recovery::RecoveryReport;

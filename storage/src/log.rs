@@ -24,6 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 use weir_protocol::batch::{patch_base_offset, patch_leader_epoch};
 use weir_protocol::{Batch, BatchError, Batches};
@@ -122,13 +123,42 @@ impl fmt::Debug for LogChunk {
     }
 }
 
+/// A batch handed to [`Log::append`]: bytes the log owns from then on and
+/// patches in place (base offset, leader epoch) before writing them, so
+/// that a batch read off the network reaches the disk without a copy.
+pub trait IntoBatchBytes {
+    /// The bytes, owned and writable.
+    fn into_batch_bytes(self) -> BytesMut;
+}
+
+impl IntoBatchBytes for BytesMut {
+    fn into_batch_bytes(self) -> BytesMut {
+        self
+    }
+}
+
+impl IntoBatchBytes for Vec<u8> {
+    fn into_batch_bytes(self) -> BytesMut {
+        Bytes::from(self).into_batch_bytes()
+    }
+}
+
+impl IntoBatchBytes for Bytes {
+    /// Without a copy when these bytes are the only handle on their buffer;
+    /// copied otherwise.
+    fn into_batch_bytes(self) -> BytesMut {
+        self.try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+    }
+}
+
 enum ReadPart {
     Mapped {
         segment: Arc<Segment>,
         start: usize,
         end: usize,
     },
-    Cached(Arc<Vec<u8>>),
+    Cached(Bytes),
 }
 
 impl ReadPart {
@@ -495,7 +525,7 @@ impl Log {
     /// for a new segment), [`StorageError::Closed`]. Through the future: the
     /// write's I/O error, or [`StorageError::WriteFailed`] if an earlier
     /// in-flight write failed.
-    pub fn append(&self, batch: Vec<u8>) -> Result<AppendFuture> {
+    pub fn append(&self, batch: impl IntoBatchBytes) -> Result<AppendFuture> {
         self.append_inner(batch, true, |_| Ok::<(), std::convert::Infallible>(()))
             .map(|checked| match checked {
                 Ok(future) => future,
@@ -514,7 +544,7 @@ impl Log {
     /// As [`Log::append`].
     pub fn append_checked<E>(
         &self,
-        batch: Vec<u8>,
+        batch: impl IntoBatchBytes,
         check: impl FnOnce(u64) -> std::result::Result<(), E>,
     ) -> Result<std::result::Result<AppendFuture, E>> {
         self.append_inner(batch, true, check)
@@ -526,7 +556,7 @@ impl Log {
     ///
     /// # Errors
     /// As [`Log::append`], and [`StorageError::UnexpectedOffset`].
-    pub fn append_replica(&self, batch: Vec<u8>) -> Result<AppendFuture> {
+    pub fn append_replica(&self, batch: impl IntoBatchBytes) -> Result<AppendFuture> {
         self.append_inner(batch, false, |_| Ok::<(), std::convert::Infallible>(()))
             .map(|checked| match checked {
                 Ok(future) => future,
@@ -538,16 +568,17 @@ impl Log {
     ///
     /// # Errors
     /// As [`Log::append`].
-    pub fn append_blocking(&self, batch: Vec<u8>) -> Result<AppendInfo> {
+    pub fn append_blocking(&self, batch: impl IntoBatchBytes) -> Result<AppendInfo> {
         self.append(batch)?.wait()
     }
 
     fn append_inner<E>(
         &self,
-        mut batch: Vec<u8>,
+        batch: impl IntoBatchBytes,
         assign_offsets: bool,
         check: impl FnOnce(u64) -> std::result::Result<(), E>,
     ) -> Result<std::result::Result<AppendFuture, E>> {
+        let mut batch = batch.into_batch_bytes();
         if batch.len() > self.config.batch_bytes_max {
             return Err(StorageError::BatchTooLarge {
                 bytes: batch.len(),
@@ -622,7 +653,7 @@ impl Log {
             last_offset: next_offset - 1,
             max_timestamp_ms: batch_max_timestamp_ms,
         };
-        let data = Arc::new(batch);
+        let data = batch.freeze();
         let cached = data.clone();
         let done = Box::new(move |result: std::io::Result<()>| {
             let outcome = complete_append(
@@ -1294,7 +1325,7 @@ fn tail_batches(segment: &Segment, end_position: u64, end_offset: u64) -> Result
         batches.push(CachedBatch {
             base_offset: batch.base_offset(),
             next_offset: batch.next_offset(),
-            bytes: Arc::new(batch.bytes().to_vec()),
+            bytes: Bytes::copy_from_slice(batch.bytes()),
         });
         cursor += batch.len() as u64;
     }
@@ -1367,7 +1398,7 @@ fn complete_append(
     segment: &Segment,
     end_position: u64,
     info: AppendInfo,
-    data: &Arc<Vec<u8>>,
+    data: &Bytes,
     result: std::io::Result<()>,
 ) -> Result<AppendInfo> {
     let mut publish = lock(&shared.publish);

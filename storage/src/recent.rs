@@ -9,18 +9,17 @@
 //! from here instead of the map.
 //!
 //! Lifecycle: completions push (engine thread, in offset order); readers
-//! copy `Arc`s out under the lock; truncation and open refill it from the
+//! clone `Bytes` handles out under the lock; truncation and open refill it from the
 //! active segment (`Log::warm_recent`).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 /// One cached batch.
 #[derive(Debug, Clone)]
 pub(crate) struct CachedBatch {
     pub base_offset: u64,
     pub next_offset: u64,
-    pub bytes: Arc<Vec<u8>>,
+    pub bytes: bytes::Bytes,
 }
 
 /// The newest batches of one log, contiguous in offsets.

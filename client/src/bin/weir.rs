@@ -372,10 +372,10 @@ async fn produce(
         deliveries.push_back(producer.send(topic, record).await?);
         sent += 1;
         while let Some(front) = deliveries.front_mut() {
-            match front.try_recv() {
-                Ok(Ok(_)) => {}
-                Ok(Err(_)) | Err(tokio::sync::oneshot::error::TryRecvError::Closed) => failed += 1,
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => break,
+            match front.try_delivery() {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => failed += 1,
+                None => break,
             }
             deliveries.pop_front();
         }
@@ -387,7 +387,7 @@ async fn produce(
     }
     producer.flush().await?;
     for delivery in deliveries {
-        if !matches!(delivery.await, Ok(Ok(_))) {
+        if delivery.await.is_err() {
             failed += 1;
         }
     }

@@ -74,7 +74,7 @@ pub(crate) struct WriteRequest {
     pub position: u64,
     /// The bytes, shared with the log's recent-batch cache and held by the
     /// request until completion so that io_uring can read them meanwhile.
-    pub data: Arc<Vec<u8>>,
+    pub data: bytes::Bytes,
     /// Whether and when the write must become durable.
     pub sync: SyncMode,
     /// Set if a later interval sync covering this write fails: nobody waits
