@@ -366,6 +366,11 @@ pub struct SubmittedProduce {
 /// order the connection sent them (called on the connection's reader task).
 pub fn submit_produce(context: &ConnectionContext, request: ProduceRequest) -> SubmittedProduce {
     let acks = request.acks;
+    // A request for one partition hands its records to the log as they
+    // are (without a copy when the frame had a buffer of its own). With
+    // several, each is copied out: a slice of a shared frame buffer would
+    // keep the whole frame alive in the log's cache.
+    let sole = matches!(request.topics.as_slice(), [topic] if topic.partitions.len() == 1);
     let topics = request
         .topics
         .into_iter()
@@ -386,7 +391,14 @@ pub fn submit_produce(context: &ConnectionContext, request: ProduceRequest) -> S
                             .partition(&topic.name, partition.partition)
                         {
                             None => Err(ErrorCode::UnknownTopicOrPartition),
-                            Some(target) => target.submit(partition.records.into_bytes()),
+                            Some(target) => {
+                                let records = partition.records.into_bytes();
+                                target.submit(if sole {
+                                    records
+                                } else {
+                                    Bytes::copy_from_slice(&records)
+                                })
+                            }
                         }
                     };
                     (partition.partition, outcome)

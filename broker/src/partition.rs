@@ -259,15 +259,25 @@ impl Partition {
         }
         let lengths: Vec<usize> = parsed.iter().map(Batch::len).collect();
         drop(parsed);
-        // Each batch as its own handle on the request's buffer: the log
-        // patches and writes them in place (no copy when this request is
-        // the buffer's only user, as the reader arranges for large ones).
-        let mut rest = records;
-        let batches: Vec<Bytes> = lengths
-            .iter()
-            .map(|length| rest.split_to(*length))
-            .collect();
-        drop(rest);
+        // A lone batch goes to the log as it is: the log patches and writes
+        // it in place, without a copy when it is its buffer's only user (as
+        // the reader arranges for large frames). Several are copied apart,
+        // so that none keeps the others' memory alive in the log's cache.
+        let batches: Vec<Bytes> = if let [length] = lengths[..] {
+            let mut lone = records;
+            lone.truncate(length);
+            vec![lone]
+        } else {
+            let mut rest = &records[..];
+            lengths
+                .iter()
+                .map(|length| {
+                    let (batch, after) = rest.split_at(*length);
+                    rest = after;
+                    Bytes::copy_from_slice(batch)
+                })
+                .collect()
+        };
         let bytes_total = lengths.iter().map(|length| *length as u64).sum();
         let mut futures = Vec::with_capacity(batches.len());
         let mut failure = None;

@@ -34,6 +34,11 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// batches they carry reach the log without a copy (in a shared read buffer
 /// the log would have to copy them, and the buffer's growth copies too).
 const OWN_BUFFER_FRAME_BYTES_MIN: usize = 64 * 1024;
+/// Most bytes of such buffers allocated, broker-wide, before their frames
+/// have arrived (a peer that announces a large frame and sends nothing must
+/// not make the broker reserve memory without bound); past it, reads go to
+/// the shared buffer, which grows only with bytes received.
+pub const OWN_FRAME_BUFFERS_BYTES_MAX: usize = 256 << 20;
 /// Bytes the writer buffers before a write syscall.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 
@@ -50,6 +55,9 @@ pub struct Broker {
     pub appended: Arc<Notify>,
     /// Connections open now.
     pub connections: AtomicU64,
+    /// Bytes of frame-sized read buffers allocated ahead of their frame's
+    /// arrival, across connections (at most [`OWN_FRAME_BUFFERS_BYTES_MAX`]).
+    pub own_frame_buffer_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
     /// True while serving; false during start-up and shutdown (`/readyz`).
@@ -141,6 +149,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         engine,
         appended,
         connections: AtomicU64::new(0),
+        own_frame_buffer_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         metrics: crate::metrics::Metrics::new(),
         ready: std::sync::atomic::AtomicBool::new(true),
         stopping: stopped.clone(),
@@ -369,6 +378,10 @@ async fn connection(
     let request_slots = Arc::new(Semaphore::new(broker.config.in_flight_requests_max.max(1)));
     let decoder = FrameDecoder::new(broker.config.frame_bytes_max);
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut reservation = FrameReservation {
+        pool: broker.own_frame_buffer_bytes.clone(),
+        bytes: 0,
+    };
     let mut requests = tokio::task::JoinSet::new();
     'read: loop {
         // Decode every whole frame already buffered.
@@ -461,7 +474,7 @@ async fn connection(
         }
         // Reap finished request tasks so the set stays small.
         while requests.try_join_next().is_some() {}
-        prepare_read_buffer(&decoder, &mut buffer);
+        prepare_read_buffer(&decoder, &mut buffer, &mut reservation);
         tokio::select! {
             _ = stopped.changed() => break 'read,
             read = reader.read_buf(&mut buffer) => match read {
@@ -479,22 +492,70 @@ async fn connection(
     broker.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// A connection's share of [`OWN_FRAME_BUFFERS_BYTES_MAX`]: the size of the
+/// frame-sized buffer it allocated for a frame still arriving.
+struct FrameReservation {
+    pool: Arc<std::sync::atomic::AtomicUsize>,
+    bytes: usize,
+}
+
+impl FrameReservation {
+    /// Reserves `bytes` (replacing any earlier reservation) if the pool has room.
+    fn take(&mut self, bytes: usize) -> bool {
+        self.release();
+        let taken = self
+            .pool
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes)
+                    .filter(|total| *total <= OWN_FRAME_BUFFERS_BYTES_MAX)
+            })
+            .is_ok();
+        if taken {
+            self.bytes = bytes;
+        }
+        taken
+    }
+
+    fn release(&mut self) {
+        if self.bytes > 0 {
+            self.pool.fetch_sub(self.bytes, Ordering::AcqRel);
+            self.bytes = 0;
+        }
+    }
+}
+
+impl Drop for FrameReservation {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// Makes room for the next read. The rest of a large frame is read into a
-/// buffer exactly its size, which the frame then owns alone; otherwise
-/// reads go to a shared buffer of [`READ_CHUNK_BYTES`].
-fn prepare_read_buffer(decoder: &FrameDecoder, buffer: &mut BytesMut) {
+/// buffer exactly its size, which the frame then owns alone (so its batch
+/// reaches the log uncopied); otherwise reads go to a shared buffer of
+/// [`READ_CHUNK_BYTES`].
+fn prepare_read_buffer(
+    decoder: &FrameDecoder,
+    buffer: &mut BytesMut,
+    reservation: &mut FrameReservation,
+) {
     if let Ok(Some(frame_bytes)) = decoder.frame_bytes(buffer)
         && frame_bytes > buffer.len()
         && frame_bytes >= OWN_BUFFER_FRAME_BYTES_MIN
     {
-        // Bounded by the frame limit (checked by `frame_bytes`), as a
-        // growing shared buffer would be.
-        if buffer.capacity() != frame_bytes {
+        if reservation.bytes == frame_bytes && buffer.capacity() == frame_bytes {
+            // Already reading into this frame's own buffer.
+            return;
+        }
+        if reservation.take(frame_bytes) {
             let mut own = BytesMut::with_capacity(frame_bytes);
             own.extend_from_slice(buffer);
             *buffer = own;
+            return;
         }
-        return;
+    } else {
+        // No frame is arriving into a buffer of its own any more.
+        reservation.release();
     }
     if buffer.capacity() - buffer.len() < READ_CHUNK_BYTES / 2 {
         buffer.reserve(READ_CHUNK_BYTES);
@@ -528,4 +589,77 @@ async fn write_frame(
         writer.write_all(part).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_protocol::frame::FRAME_BYTES_MAX_DEFAULT;
+
+    /// The start of a frame announcing `frame_bytes` in all, with `received`
+    /// of its bytes in.
+    fn partial_frame(frame_bytes: usize, received: usize) -> BytesMut {
+        let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
+        buffer.extend_from_slice(&((frame_bytes - 4) as u32).to_be_bytes());
+        buffer.resize(received, 0);
+        buffer
+    }
+
+    fn reservation(pool: &Arc<std::sync::atomic::AtomicUsize>) -> FrameReservation {
+        FrameReservation {
+            pool: pool.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// A large frame's rest is read into a buffer of exactly its size,
+    /// counted against the broker-wide allowance until the frame is in.
+    #[test]
+    fn a_large_frame_gets_a_buffer_of_its_own() {
+        let decoder = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
+        let pool = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut held = reservation(&pool);
+        let mut buffer = partial_frame(1 << 20, 1000);
+        prepare_read_buffer(&decoder, &mut buffer, &mut held);
+        assert_eq!(buffer.capacity(), 1 << 20);
+        assert_eq!(buffer.len(), 1000, "what had arrived is kept");
+        assert_eq!(pool.load(Ordering::Acquire), 1 << 20);
+        // Preparing again for the same frame changes nothing.
+        prepare_read_buffer(&decoder, &mut buffer, &mut held);
+        assert_eq!(pool.load(Ordering::Acquire), 1 << 20);
+        // Once the frame is taken, the allowance is given back.
+        buffer.clear();
+        prepare_read_buffer(&decoder, &mut buffer, &mut held);
+        assert_eq!(pool.load(Ordering::Acquire), 0);
+        assert!(buffer.capacity() >= READ_CHUNK_BYTES / 2);
+        drop(held);
+        assert_eq!(pool.load(Ordering::Acquire), 0);
+    }
+
+    /// Past the broker-wide allowance (peers announcing big frames and
+    /// sending little), reads go to the shared buffer, which grows only
+    /// with bytes received; small frames never get a buffer of their own.
+    #[test]
+    fn announced_frames_reserve_no_more_than_the_allowance() {
+        let decoder = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
+        let pool = Arc::new(std::sync::atomic::AtomicUsize::new(
+            OWN_FRAME_BUFFERS_BYTES_MAX - 1024,
+        ));
+        let mut held = reservation(&pool);
+        let mut buffer = partial_frame(16 << 20, 100);
+        prepare_read_buffer(&decoder, &mut buffer, &mut held);
+        assert!(buffer.capacity() < 16 << 20, "no frame-sized buffer");
+        assert_eq!(
+            pool.load(Ordering::Acquire),
+            OWN_FRAME_BUFFERS_BYTES_MAX - 1024
+        );
+        assert_eq!(held.bytes, 0);
+
+        let pool = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut held = reservation(&pool);
+        let mut buffer = partial_frame(1024, 100);
+        prepare_read_buffer(&decoder, &mut buffer, &mut held);
+        assert_eq!(pool.load(Ordering::Acquire), 0);
+        assert!(buffer.capacity() >= READ_CHUNK_BYTES / 2);
+    }
 }

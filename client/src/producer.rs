@@ -61,7 +61,8 @@ pub struct ProducerConfig {
     pub linger_ms: u64,
     /// A batch is sent once it reaches this size. Default 256 KiB.
     pub batch_bytes: usize,
-    /// Bytes of records buffered before `send` waits. Default 32 MiB.
+    /// Bytes of records buffered before `send` waits, each record counted
+    /// at its largest encoded size (a few bytes over). Default 32 MiB.
     pub buffer_bytes: usize,
     /// Acknowledgement level. Default `All`.
     pub acks: Acks,
@@ -355,6 +356,8 @@ struct PartitionState {
     window: Window,
     /// Next sequence (idempotent producers).
     sequence: i32,
+    /// Whether the partition is in `State::active`.
+    listed: bool,
 }
 
 impl PartitionState {
@@ -389,6 +392,9 @@ struct State {
     last_topic: usize,
     /// Batches sealed or in flight; `flush` waits for zero.
     outstanding: usize,
+    /// Partitions (topic index, partition) with an open or sealed batch:
+    /// what the send loop and `flush` visit, rather than every partition.
+    active: Vec<(usize, u32)>,
 }
 
 impl State {
@@ -597,9 +603,12 @@ impl Producer {
         let State {
             topics,
             outstanding,
+            active,
             ..
         } = &mut *guard;
-        let Some(topic_state) = index.and_then(|index| topics.get_mut(index)) else {
+        let Some((topic_index, topic_state)) =
+            index.and_then(|index| Some((index, topics.get_mut(index)?)))
+        else {
             return Err(ClientError::Protocol(format!("{topic} was forgotten")));
         };
         let partitions = topic_state.partitions.len() as u32;
@@ -637,6 +646,10 @@ impl Producer {
             }
         }
         let created = state.open.is_none();
+        if !state.listed {
+            state.listed = true;
+            active.push((topic_index, partition));
+        }
         let open = state.open.get_or_insert_with(|| OpenBatch {
             builder: BatchBuilder::with_capacity(timestamp_ms, batch_bytes.min(4 << 20)),
             created: Instant::now(),
@@ -676,13 +689,17 @@ impl Producer {
                 let State {
                     topics,
                     outstanding,
+                    active,
                     ..
                 } = &mut *guard;
-                for topic in topics.iter_mut() {
-                    for (index, state) in topic.partitions.iter_mut().enumerate() {
-                        if seal(self.shared.identity, &topic.name, index as u32, state) {
-                            *outstanding += 1;
-                        }
+                for (topic_index, partition) in active.iter() {
+                    let Some(topic) = topics.get_mut(*topic_index) else {
+                        continue;
+                    };
+                    if let Some(state) = topic.partitions.get_mut(*partition as usize)
+                        && seal(self.shared.identity, &topic.name, *partition, state)
+                    {
+                        *outstanding += 1;
                     }
                 }
                 if *outstanding == 0 {
@@ -775,43 +792,52 @@ async fn send_loop(shared: Arc<Shared>) {
             let State {
                 topics,
                 outstanding,
+                active,
                 ..
             } = &mut *guard;
             let mut next_deadline: Option<Instant> = None;
-            for topic in topics.iter_mut() {
-                for (index, state) in topic.partitions.iter_mut().enumerate() {
-                    let partition = index as u32;
-                    // A partition at its in-flight limit (or with sealed
-                    // batches waiting) keeps its open batch open past
-                    // linger, so records arriving meanwhile join it: under
-                    // load batches grow to what one round trip accumulates
-                    // instead of queueing up tiny ones.
-                    let due = state
-                        .open
-                        .as_ref()
-                        .is_some_and(|open| now.duration_since(open.created) >= linger);
-                    if due
-                        && state.can_start(limit)
-                        && seal(shared.identity, &topic.name, partition, state)
-                    {
-                        *outstanding += 1;
-                    }
-                    while state.window_open(limit) {
-                        let Some(batch) = state.ready.pop_front() else {
-                            break;
-                        };
-                        let index = state.window.start();
-                        to_start.push((index, batch));
-                    }
-                    // Blocked partitions are woken by their batch completing.
-                    if let Some(open) = &state.open
-                        && state.can_start(limit)
-                    {
-                        let deadline = open.created + linger;
-                        next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
-                    }
+            active.retain(|(topic_index, partition)| {
+                let partition = *partition;
+                let Some(topic) = topics.get_mut(*topic_index) else {
+                    return false;
+                };
+                let Some(state) = topic.partitions.get_mut(partition as usize) else {
+                    return false;
+                };
+                // A partition at its in-flight limit (or with sealed
+                // batches waiting) keeps its open batch open past
+                // linger, so records arriving meanwhile join it: under
+                // load batches grow to what one round trip accumulates
+                // instead of queueing up tiny ones.
+                let due = state
+                    .open
+                    .as_ref()
+                    .is_some_and(|open| now.duration_since(open.created) >= linger);
+                if due
+                    && state.can_start(limit)
+                    && seal(shared.identity, &topic.name, partition, state)
+                {
+                    *outstanding += 1;
                 }
-            }
+                while state.window_open(limit) {
+                    let Some(batch) = state.ready.pop_front() else {
+                        break;
+                    };
+                    let index = state.window.start();
+                    to_start.push((index, batch));
+                }
+                // Blocked partitions are woken by their batch completing.
+                if let Some(open) = &state.open
+                    && state.can_start(limit)
+                {
+                    let deadline = open.created + linger;
+                    next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+                }
+                // Listed while it has batches not yet on the wire; those in
+                // flight wake the loop themselves when they finish.
+                state.listed = state.open.is_some() || !state.ready.is_empty();
+                state.listed
+            });
             next_deadline
         };
         // Put each batch's first attempt on the wire here, in order: the

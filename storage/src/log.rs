@@ -126,26 +126,45 @@ impl fmt::Debug for LogChunk {
 /// A batch handed to [`Log::append`]: bytes the log owns from then on and
 /// patches in place (base offset, leader epoch) before writing them, so
 /// that a batch read off the network reaches the disk without a copy.
+///
+/// The log keeps what it is given alive (in the recent-batch cache) while
+/// counting only the batch's length, so a caller should hand over a buffer
+/// that is mostly this batch, not a small slice of a large one.
 pub trait IntoBatchBytes {
+    /// Length of the batch, checked before anything is copied.
+    fn batch_len(&self) -> usize;
+
     /// The bytes, owned and writable.
     fn into_batch_bytes(self) -> BytesMut;
 }
 
 impl IntoBatchBytes for BytesMut {
+    fn batch_len(&self) -> usize {
+        self.len()
+    }
+
     fn into_batch_bytes(self) -> BytesMut {
         self
     }
 }
 
 impl IntoBatchBytes for Vec<u8> {
+    fn batch_len(&self) -> usize {
+        self.len()
+    }
+
     fn into_batch_bytes(self) -> BytesMut {
         Bytes::from(self).into_batch_bytes()
     }
 }
 
 impl IntoBatchBytes for Bytes {
-    /// Without a copy when these bytes are the only handle on their buffer;
-    /// copied otherwise.
+    fn batch_len(&self) -> usize {
+        self.len()
+    }
+
+    /// Without a copy when these bytes are the only handle on their buffer
+    /// (which then stays alive whole); copied otherwise.
     fn into_batch_bytes(self) -> BytesMut {
         self.try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
@@ -578,13 +597,13 @@ impl Log {
         assign_offsets: bool,
         check: impl FnOnce(u64) -> std::result::Result<(), E>,
     ) -> Result<std::result::Result<AppendFuture, E>> {
-        let mut batch = batch.into_batch_bytes();
-        if batch.len() > self.config.batch_bytes_max {
+        if batch.batch_len() > self.config.batch_bytes_max {
             return Err(StorageError::BatchTooLarge {
-                bytes: batch.len(),
+                bytes: batch.batch_len(),
                 limit: self.config.batch_bytes_max,
             });
         }
+        let mut batch = batch.into_batch_bytes();
         let parsed = Batch::parse_verified(&batch)?;
         if parsed.len() != batch.len() {
             return Err(StorageError::InvalidBatch(BatchError::BadLength(
