@@ -180,6 +180,9 @@ fn spawn_broker() -> anyhow::Result<(SpawnedBroker, String)> {
     ))
 }
 
+/// Deliveries queued for a producer's reaper; more than its buffer holds.
+const REAP_QUEUE_RECORDS: usize = 1 << 17;
+
 fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -238,9 +241,24 @@ async fn produce_phase(
         let records = records.clone();
         let topic = topic.to_string();
         let record_bytes = args.record_bytes.max(16);
+        // Deliveries are awaited by a task of their own, in send order, so
+        // that each ack is timed when it arrives, not when the sender next
+        // looks (at low rates that would add the gap between sends).
+        let (reap_queue, mut to_reap) =
+            tokio::sync::mpsc::channel::<(u64, weir_client::DeliveryFuture)>(REAP_QUEUE_RECORDS);
+        let reaper = {
+            let records = records.clone();
+            tokio::spawn(async move {
+                let mut latencies = Histogram::<u64>::new(3)?;
+                while let Some((sent_at_ns, delivery)) = to_reap.recv().await {
+                    delivery.await?;
+                    latencies.record(now_nanos().saturating_sub(sent_at_ns) / 1_000)?;
+                    records.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(latencies)
+            })
+        };
         tasks.push(tokio::spawn(async move {
-            let mut latencies = Histogram::<u64>::new(3)?;
-            let mut in_flight = std::collections::VecDeque::new();
             let mut value = vec![0u8; record_bytes];
             let started = Instant::now();
             let mut sent = 0u64;
@@ -254,21 +272,10 @@ async fn produce_phase(
                 let record = ProducerRecord::new(Bytes::copy_from_slice(&value))
                     .timestamp_ms((sent_at_ns / 1_000_000) as i64);
                 let delivery = producer.send(&topic, record).await?;
-                in_flight.push_back((sent_at_ns, delivery));
-                sent += 1;
-                // Reap acknowledged records without blocking the sender;
-                // those reaped together share one reading of the clock.
-                let mut now_ns = None;
-                while let Some((sent_at_ns, front)) = in_flight.front() {
-                    let Some(result) = front.try_delivery() else {
-                        break;
-                    };
-                    result?;
-                    let now_ns = *now_ns.get_or_insert_with(now_nanos);
-                    latencies.record(now_ns.saturating_sub(*sent_at_ns) / 1_000)?;
-                    records.fetch_add(1, Ordering::Relaxed);
-                    in_flight.pop_front();
+                if reap_queue.send((sent_at_ns, delivery)).await.is_err() {
+                    break;
                 }
+                sent += 1;
                 if per_producer_rate > 0 {
                     let due =
                         started + Duration::from_secs_f64(sent as f64 / per_producer_rate as f64);
@@ -276,12 +283,8 @@ async fn produce_phase(
                 }
             }
             producer.flush().await?;
-            for (sent_at_ns, delivery) in in_flight {
-                delivery.await?;
-                latencies.record(now_nanos().saturating_sub(sent_at_ns) / 1_000)?;
-                records.fetch_add(1, Ordering::Relaxed);
-            }
-            anyhow::Ok(latencies)
+            drop(reap_queue);
+            reaper.await?
         }));
     }
     let mut latencies = Histogram::<u64>::new(3)?;
