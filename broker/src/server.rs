@@ -409,7 +409,13 @@ async fn connection(
                 break 'read;
             };
             let permit = (bytes_permit, slot_permit);
-            let frame = match decoder.decode(&mut buffer) {
+            // A buffer made for exactly this frame (`prepare_read_buffer`)
+            // is taken whole, so that the frame is the only user of its
+            // memory and its batch reaches the log uncopied; the next read
+            // gets a fresh buffer. Other frames are split off as usual.
+            let mut own_buffer = (buffer.len() == frame_bytes && buffer.capacity() == frame_bytes)
+                .then(|| std::mem::take(&mut buffer));
+            let frame = match decoder.decode(own_buffer.as_mut().unwrap_or(&mut buffer)) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(_) => {
@@ -420,6 +426,8 @@ async fn connection(
                     break 'read;
                 }
             };
+            // Emptied by the split; dropping it leaves the frame alone.
+            drop(own_buffer);
             let header = frame.header;
             if header.kind != FrameKind::Request {
                 let _ = context

@@ -147,17 +147,7 @@ impl FrameDecoder {
             buffer.reserve(total - buffer.len());
             return Ok(None);
         }
-        // A buffer made for exactly this frame is taken whole, so that the
-        // frame is the only user of its memory (the broker hands produced
-        // batches to the log without a copy when they are). A larger buffer
-        // is split as usual: a small frame must not own (and keep alive) a
-        // whole read buffer.
-        let whole = if buffer.len() == total && buffer.capacity() == total {
-            std::mem::take(buffer)
-        } else {
-            buffer.split_to(total)
-        };
-        let mut frame = whole.freeze();
+        let mut frame = buffer.split_to(total).freeze();
         frame.advance(LENGTH_BYTES);
         let kind_code = frame.get_u8();
         let kind = FrameKind::from_code(kind_code).ok_or(FrameError::UnknownKind(kind_code))?;

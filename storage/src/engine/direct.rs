@@ -173,18 +173,26 @@ pub(crate) struct BufferPool {
     spare: Vec<AlignedBuffer>,
 }
 
-/// Buffers kept for reuse; more are freed.
-const POOL_BUFFERS_MAX: usize = 8;
+/// Buffers kept for reuse; more are freed. Enough for two rounds on the
+/// device and one being planned, each writing to several files.
+const POOL_BUFFERS_MAX: usize = 16;
+/// Bytes of spare buffers kept at most (an idle engine holds no more).
+const POOL_SPARE_BYTES_MAX: usize = 64 << 20;
 /// Buffers are allocated in multiples of this, so similar rounds reuse them.
 const POOL_GRANULE_BYTES: usize = 1 << 20;
 
 impl BufferPool {
-    /// A buffer of at least `bytes` (contents unspecified).
+    /// A buffer of at least `bytes` (contents unspecified): the largest
+    /// spare one, so that a group started with it can take the rest of its
+    /// round without growing (growing copies everything gathered so far).
     pub(crate) fn take(&mut self, bytes: usize) -> io::Result<AlignedBuffer> {
         match self
             .spare
             .iter()
-            .position(|buffer| buffer.as_slice().len() >= bytes)
+            .enumerate()
+            .filter(|(_, buffer)| buffer.as_slice().len() >= bytes)
+            .max_by_key(|(_, buffer)| buffer.as_slice().len())
+            .map(|(index, _)| index)
         {
             Some(index) => Ok(self.spare.swap_remove(index)),
             None => AlignedBuffer::zeroed(bytes.next_multiple_of(POOL_GRANULE_BYTES)),
@@ -193,7 +201,10 @@ impl BufferPool {
 
     /// Returns a buffer for reuse.
     pub(crate) fn give(&mut self, buffer: AlignedBuffer) {
-        if self.spare.len() < POOL_BUFFERS_MAX {
+        let spare_bytes: usize = self.spare.iter().map(|spare| spare.as_slice().len()).sum();
+        if self.spare.len() < POOL_BUFFERS_MAX
+            && spare_bytes + buffer.as_slice().len() <= POOL_SPARE_BYTES_MAX
+        {
             self.spare.push(buffer);
         }
     }
