@@ -180,8 +180,12 @@ fn spawn_broker() -> anyhow::Result<(SpawnedBroker, String)> {
     ))
 }
 
-/// Deliveries queued for a producer's reaper; more than its buffer holds.
-const REAP_QUEUE_RECORDS: usize = 1 << 17;
+/// Deliveries handed to a producer's reaper at a time.
+const REAP_CHUNK_RECORDS: usize = 256;
+/// Chunks queued for a reaper: more records than a producer's buffer holds.
+const REAP_QUEUE_CHUNKS: usize = 1024;
+/// Answered records timed with one reading of the clock, at most.
+const REAP_CLOCK_REUSE_MAX: usize = 64;
 
 fn now_nanos() -> u64 {
     SystemTime::now()
@@ -244,16 +248,39 @@ async fn produce_phase(
         // Deliveries are awaited by a task of their own, in send order, so
         // that each ack is timed when it arrives, not when the sender next
         // looks (at low rates that would add the gap between sends).
-        let (reap_queue, mut to_reap) =
-            tokio::sync::mpsc::channel::<(u64, weir_client::DeliveryFuture)>(REAP_QUEUE_RECORDS);
+        // They travel in chunks, so that a reaper that has caught up is not
+        // woken once per record.
+        let (reap_queue, mut to_reap) = tokio::sync::mpsc::channel::<
+            Vec<(u64, weir_client::DeliveryFuture)>,
+        >(REAP_QUEUE_CHUNKS);
         let reaper = {
             let records = records.clone();
             tokio::spawn(async move {
                 let mut latencies = Histogram::<u64>::new(3)?;
-                while let Some((sent_at_ns, delivery)) = to_reap.recv().await {
-                    delivery.await?;
-                    latencies.record(now_nanos().saturating_sub(sent_at_ns) / 1_000)?;
-                    records.fetch_add(1, Ordering::Relaxed);
+                while let Some(chunk) = to_reap.recv().await {
+                    let count = chunk.len() as u64;
+                    // Records of a chunk found already answered share a
+                    // reading of the clock (renewed every
+                    // REAP_CLOCK_REUSE_MAX of them); every reading is
+                    // later than the chunk's sends.
+                    let (mut now_ns, mut reused) = (0u64, usize::MAX);
+                    for (sent_at_ns, delivery) in chunk {
+                        match delivery.try_delivery() {
+                            Some(result) => {
+                                result?;
+                                if reused >= REAP_CLOCK_REUSE_MAX {
+                                    (now_ns, reused) = (now_nanos(), 0);
+                                }
+                                reused += 1;
+                            }
+                            None => {
+                                delivery.await?;
+                                (now_ns, reused) = (now_nanos(), 1);
+                            }
+                        }
+                        latencies.record(now_ns.saturating_sub(sent_at_ns) / 1_000)?;
+                    }
+                    records.fetch_add(count, Ordering::Relaxed);
                 }
                 anyhow::Ok(latencies)
             })
@@ -262,6 +289,7 @@ async fn produce_phase(
             let mut value = vec![0u8; record_bytes];
             let started = Instant::now();
             let mut sent = 0u64;
+            let mut chunk = Vec::with_capacity(REAP_CHUNK_RECORDS);
             while !stop.load(Ordering::Relaxed) {
                 // One clock read per record: the value's send time (for
                 // end-to-end latency), the ack latency's start, and the
@@ -272,15 +300,29 @@ async fn produce_phase(
                 let record = ProducerRecord::new(Bytes::copy_from_slice(&value))
                     .timestamp_ms((sent_at_ns / 1_000_000) as i64);
                 let delivery = producer.send(&topic, record).await?;
-                if reap_queue.send((sent_at_ns, delivery)).await.is_err() {
+                chunk.push((sent_at_ns, delivery));
+                sent += 1;
+                let due = (per_producer_rate > 0).then(|| {
+                    started + Duration::from_secs_f64(sent as f64 / per_producer_rate as f64)
+                });
+                let pausing = due.is_some_and(|due| due > Instant::now());
+                if (chunk.len() >= REAP_CHUNK_RECORDS || pausing)
+                    && reap_queue
+                        .send(std::mem::replace(
+                            &mut chunk,
+                            Vec::with_capacity(REAP_CHUNK_RECORDS),
+                        ))
+                        .await
+                        .is_err()
+                {
                     break;
                 }
-                sent += 1;
-                if per_producer_rate > 0 {
-                    let due =
-                        started + Duration::from_secs_f64(sent as f64 / per_producer_rate as f64);
+                if let Some(due) = due {
                     tokio::time::sleep_until(due.into()).await;
                 }
+            }
+            if !chunk.is_empty() {
+                let _ = reap_queue.send(chunk).await;
             }
             producer.flush().await?;
             drop(reap_queue);
