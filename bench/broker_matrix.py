@@ -53,6 +53,8 @@ for kind, flags in [
     ("produce", f"--rate {half} --linger-ms 0"),
     ("produce", f"--rate {half} --linger-ms 0 --in-flight 1"),
     ("e2e", f"--rate {half} --linger-ms 0"),
+    # The path's own latency, unloaded: one record per request.
+    ("produce", "--rate 1000 --linger-ms 0"),
 ]:
     rows.append((kind, flags, workload(kind, flags)))
 after = run("baseline", "--seconds", "3")
@@ -65,6 +67,9 @@ print(
     f"{after['disk_mb_s']:.0f} MB/s, disk + fdatasync per MiB "
     f"{before['disk_sync_mb_s']:.0f} / {after['disk_sync_mb_s']:.0f} MB/s, "
     f"fdatasync p99 {before['fsync_p99_ms']:.3f} / {after['fsync_p99_ms']:.3f} ms, "
+    f"4 KiB append + fdatasync p50 {before['small_append_sync_p50_ms']:.3f} / "
+    f"{after['small_append_sync_p50_ms']:.3f} ms, p99 "
+    f"{before['small_append_sync_p99_ms']:.3f} / {after['small_append_sync_p99_ms']:.3f} ms, "
     f"loopback TCP {before['loopback_mb_s']:.0f} / {after['loopback_mb_s']:.0f} MB/s. "
     f"Ratios use the means: min(disk, loopback) = {min(disk, loopback):.0f} MB/s, "
     f"loopback = {loopback:.0f} MB/s, 2 × fdatasync p99 = {2 * fsync_p99:.3f} ms."

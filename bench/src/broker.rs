@@ -590,6 +590,10 @@ struct BaselineReport {
     disk_sync_mb_s: f64,
     fsync_p50_ms: f64,
     fsync_p99_ms: f64,
+    /// One 4 KiB O_DIRECT append + fdatasync (a lone small produce's floor).
+    small_append_sync_p50_ms: f64,
+    /// See `small_append_sync_p50_ms`.
+    small_append_sync_p99_ms: f64,
     loopback_mb_s: f64,
 }
 
@@ -635,6 +639,7 @@ pub fn baseline(args: &BaselineArgs) -> anyhow::Result<()> {
         8 << 30,
         true,
     )?;
+    let small = raw::small_appends(&args.dir.join("baseline-small-appends"), duration)?;
     let loopback = loopback_mb_s(duration)?;
     std::fs::remove_dir(&args.dir).ok();
     let report = BaselineReport {
@@ -642,6 +647,8 @@ pub fn baseline(args: &BaselineArgs) -> anyhow::Result<()> {
         disk_sync_mb_s: direct_sync.mb_s(),
         fsync_p50_ms: direct_sync.sync_p50_us as f64 / 1_000.0,
         fsync_p99_ms: direct_sync.sync_p99_us as f64 / 1_000.0,
+        small_append_sync_p50_ms: small.sync_p50_us as f64 / 1_000.0,
+        small_append_sync_p99_ms: small.sync_p99_us as f64 / 1_000.0,
         loopback_mb_s: loopback,
     };
     if args.json {

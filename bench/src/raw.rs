@@ -183,3 +183,56 @@ pub fn direct(
         sync_p99_us: percentile(&sync_us, 0.99),
     })
 }
+
+/// Size of each append in [`small_appends`]: one block, as a lone small
+/// produce writes.
+pub const SMALL_APPEND_BYTES: usize = 4096;
+
+/// O_DIRECT appends of one block into a preallocated file, each followed by
+/// an `fdatasync`, for `duration`: the least a durable ack of a small write
+/// costs on this disk. Latencies are of write + fdatasync.
+///
+/// # Errors
+/// I/O errors.
+pub fn small_appends(path: &Path, duration: Duration) -> anyhow::Result<RawResult> {
+    let bytes_max: u64 = 1 << 30;
+    let file: File = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("create {} with O_DIRECT", path.display()))?;
+    // SAFETY: plain syscall on an open descriptor.
+    let allocated = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, bytes_max as libc::off_t) };
+    if allocated != 0 {
+        bail!(
+            "fallocate {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    let mut buffer = AlignedBuffer::new(SMALL_APPEND_BYTES)?;
+    fill_pattern(buffer.as_mut_slice());
+    let started = Instant::now();
+    let mut position = 0u64;
+    let mut append_us = Vec::new();
+    while started.elapsed() < duration && position + SMALL_APPEND_BYTES as u64 <= bytes_max {
+        let append_started = Instant::now();
+        file.write_all_at(buffer.as_slice(), position)
+            .context("raw O_DIRECT append")?;
+        file.sync_data().context("raw fdatasync")?;
+        append_us.push(append_started.elapsed().as_micros() as u64);
+        position += SMALL_APPEND_BYTES as u64;
+    }
+    let elapsed = started.elapsed();
+    append_us.sort_unstable();
+    drop(file);
+    std::fs::remove_file(path).ok();
+    Ok(RawResult {
+        bytes: position,
+        elapsed,
+        sync_p50_us: percentile(&append_us, 0.50),
+        sync_p99_us: percentile(&append_us, 0.99),
+    })
+}
