@@ -104,6 +104,12 @@ impl Connection {
         &self.inner.addr
     }
 
+    /// Whether the connection has ended (the broker closed it, or an I/O
+    /// error): every call on it now fails with `Closed`.
+    pub fn is_closed(&self) -> bool {
+        lock(&self.inner.pending).is_none() || self.inner.writer.is_closed()
+    }
+
     /// Sends a request and waits for its response.
     ///
     /// # Errors

@@ -434,7 +434,12 @@ impl State {
 }
 
 struct Shared {
-    connection: Connection,
+    /// The connection in use; replaced by a fresh one when the broker closed
+    /// it (see [`Shared::connection`]).
+    connection: Mutex<Connection>,
+    /// Held while reconnecting, so that concurrent retries open one
+    /// connection, not one each.
+    reconnecting: tokio::sync::Mutex<()>,
     /// Set (with `fatal`) when an idempotent batch failed for good: every
     /// later send fails. The flag spares `send` a lock.
     failed: AtomicBool,
@@ -459,6 +464,33 @@ impl Shared {
                 .clamp(1, IDEMPOTENT_IN_FLIGHT_MAX),
             (None, wanted) => wanted.unwrap_or(1).max(1),
         }
+    }
+
+    /// The connection, reopened if the broker closed it (a restart, say).
+    /// Batches retried over the new one keep their sequence numbers, so the
+    /// broker's dedupe keeps every record exactly once across the restart.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] while the broker cannot be reached
+    /// (retriable: a batch's retries and backoff ride out the outage).
+    async fn connection(&self) -> Result<Connection> {
+        let current = lock(&self.connection).clone();
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        let _one_at_a_time = self.reconnecting.lock().await;
+        let current = lock(&self.connection).clone();
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        let fresh = Connection::connect(
+            current.addr(),
+            Duration::from_millis(self.config.request_timeout_ms),
+        )
+        .await?;
+        tracing::debug!(addr = current.addr(), "producer reconnected");
+        *lock(&self.connection) = fresh.clone();
+        Ok(fresh)
     }
 
     fn fatal_reason(&self) -> Option<String> {
@@ -524,7 +556,8 @@ impl Producer {
             None
         };
         let shared = Arc::new(Shared {
-            connection,
+            connection: Mutex::new(connection),
+            reconnecting: tokio::sync::Mutex::new(()),
             failed: AtomicBool::new(false),
             fatal: Mutex::new(None),
             identity,
@@ -551,7 +584,7 @@ impl Producer {
         if lock(&self.shared.state).find_topic(topic).is_some() {
             return Ok(());
         }
-        let count = Admin::with_connection(self.shared.connection.clone())
+        let count = Admin::with_connection(self.shared.connection().await?)
             .partition_count(topic)
             .await?;
         lock(&self.shared.state).add_topic(topic, count);
@@ -887,13 +920,17 @@ async fn first_attempt(shared: &Shared, batch: &ReadyBatch) -> FirstAttempt {
         Ok(request) => request,
         Err(error) => return FirstAttempt::Failed(None, error),
     };
+    let connection = match shared.connection().await {
+        Ok(connection) => connection,
+        Err(error) => return FirstAttempt::Failed(Some(request), error),
+    };
     if shared.config.acks == Acks::None {
-        return match shared.connection.send_only(request.clone()).await {
+        return match connection.send_only(request.clone()).await {
             Ok(()) => FirstAttempt::Sent,
             Err(error) => FirstAttempt::Failed(Some(request), error),
         };
     }
-    match shared.connection.start_call(request.clone()).await {
+    match connection.start_call(request.clone()).await {
         Ok(pending) => FirstAttempt::Pending(request, pending),
         Err(error) => FirstAttempt::Failed(Some(request), error),
     }
@@ -996,14 +1033,12 @@ async fn finish(
                 backoff = backoff
                     .saturating_mul(2)
                     .min(Duration::from_millis(RETRY_BACKOFF_MS_MAX));
-                result = if shared.config.acks == Acks::None {
-                    shared
-                        .connection
-                        .send_only(request.clone())
-                        .await
-                        .map(|()| -1)
-                } else {
-                    base_offset(shared.connection.call(request.clone()).await)
+                result = match shared.connection().await {
+                    Err(error) => Err(error),
+                    Ok(connection) if shared.config.acks == Acks::None => {
+                        connection.send_only(request.clone()).await.map(|()| -1)
+                    }
+                    Ok(connection) => base_offset(connection.call(request.clone()).await),
                 };
             }
             other => return other,

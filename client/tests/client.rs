@@ -641,3 +641,102 @@ async fn retried_batches_are_not_duplicated() {
         .expect("latest");
     assert_eq!(end, 2000, "nothing appended twice");
 }
+
+/// A producer rides through a broker killed with SIGKILL and restarted on
+/// the same address: it reconnects, its retried batches keep their sequence
+/// numbers, and every record lands exactly once, at the offset its delivery
+/// reported, in the order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_rides_through_a_broker_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let process = BrokerProcess::start(dir.path(), &[]);
+    let listen = process.addr;
+    let addr = listen.to_string();
+    Admin::connect(&addr)
+        .await
+        .expect("connect")
+        .create_topic("restart", 1)
+        .await
+        .expect("create");
+    let producer = Producer::connect(
+        &addr,
+        ProducerConfig {
+            batch_bytes: 1024,
+            linger_ms: 0,
+            request_timeout_ms: 5_000,
+            retries: 60,
+            retry_backoff_ms: 50,
+            ..ProducerConfig::default()
+        },
+    )
+    .await
+    .expect("producer");
+    let mut deliveries = Vec::new();
+    for number in 0..500u32 {
+        deliveries.push(
+            producer
+                .send("restart", ProducerRecord::new(number.to_string()))
+                .await
+                .expect("send"),
+        );
+    }
+    producer.flush().await.expect("flush before the kill");
+
+    // Kill the broker, keep sending while it is down, then bring it back
+    // on the same address with the same data.
+    let killing = tokio::task::spawn_blocking(move || process.kill());
+    for number in 500..1000u32 {
+        deliveries.push(
+            producer
+                .send("restart", ProducerRecord::new(number.to_string()))
+                .await
+                .expect("send while the broker restarts"),
+        );
+    }
+    killing.await.expect("killed");
+    let data = dir.path().to_path_buf();
+    let process = tokio::task::spawn_blocking(move || BrokerProcess::start_at(listen, &data, &[]))
+        .await
+        .expect("restarted");
+    for number in 1000..1500u32 {
+        deliveries.push(
+            producer
+                .send("restart", ProducerRecord::new(number.to_string()))
+                .await
+                .expect("send after the restart"),
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(120), producer.flush())
+        .await
+        .expect("flush finishes")
+        .expect("flush");
+    for (number, delivery) in deliveries.into_iter().enumerate() {
+        let delivery = delivery.await.expect("delivered despite the restart");
+        assert_eq!(delivery.offset, number as i64, "offset of record {number}");
+    }
+
+    let mut consumer = Consumer::connect(&addr, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    consumer
+        .assign("restart", 0, Offset::Earliest)
+        .await
+        .expect("assign");
+    for number in 0..1500u32 {
+        let record = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .expect("records keep coming")
+            .expect("assigned")
+            .expect("record");
+        assert_eq!(record.offset, u64::from(number));
+        assert_eq!(record.value.as_deref(), Some(number.to_string().as_bytes()));
+    }
+    let end = Admin::connect(&addr)
+        .await
+        .expect("connect")
+        .list_offset("restart", 0, weir_protocol::message::OFFSET_SPEC_LATEST)
+        .await
+        .expect("end offset");
+    assert_eq!(end, 1500, "nothing duplicated");
+    drop(process);
+}

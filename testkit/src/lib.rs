@@ -51,10 +51,28 @@ impl BrokerProcess {
     /// # Panics
     /// If the broker does not start within [`DEADLINE`].
     pub fn start_binary(binary: &Path, data_dir: &Path, extra: &[&str]) -> BrokerProcess {
+        Self::spawn(binary, "127.0.0.1:0", data_dir, extra)
+    }
+
+    /// Starts the workspace's `weir-broker` listening on `listen` (a restart
+    /// on the address an earlier process had, for clients that reconnect).
+    ///
+    /// # Panics
+    /// As [`BrokerProcess::start_binary`].
+    pub fn start_at(listen: SocketAddr, data_dir: &Path, extra: &[&str]) -> BrokerProcess {
+        Self::spawn(
+            &workspace_binary("weir-broker"),
+            &listen.to_string(),
+            data_dir,
+            extra,
+        )
+    }
+
+    fn spawn(binary: &Path, listen: &str, data_dir: &Path, extra: &[&str]) -> BrokerProcess {
         let mut child = Command::new(binary)
             .args([
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--admin-listen",
                 "127.0.0.1:0",
                 "--data-dir",
