@@ -64,12 +64,20 @@ impl Connection {
     /// # Errors
     /// [`ClientError::Connect`].
     pub async fn connect(addr: &str, request_timeout: Duration) -> Result<Connection> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|error| ClientError::Connect {
+        // Bounded like a request: an unreachable host must not hold a
+        // caller for the OS's SYN retries (minutes).
+        let stream = match tokio::time::timeout(request_timeout, TcpStream::connect(addr)).await {
+            Ok(connected) => connected.map_err(|error| ClientError::Connect {
                 addr: addr.to_string(),
                 message: error.to_string(),
-            })?;
+            })?,
+            Err(_) => {
+                return Err(ClientError::Connect {
+                    addr: addr.to_string(),
+                    message: format!("no answer within {} ms", request_timeout.as_millis()),
+                });
+            }
+        };
         let _ = stream.set_nodelay(true);
         let (reader, mut writer) = stream.into_split();
         let (write_queue, mut frames) = mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE_FRAMES);

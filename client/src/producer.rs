@@ -66,8 +66,13 @@ pub struct ProducerConfig {
     pub buffer_bytes: usize,
     /// Acknowledgement level. Default `All`.
     pub acks: Acks,
-    /// Retries of a batch after a retriable error. Default 5.
+    /// Retries of a batch after a retriable error. Default unlimited: the
+    /// bound is `delivery_timeout_ms`, as in Kafka.
     pub retries: u32,
+    /// How long a batch may take from its first attempt to its answer,
+    /// retries and reconnects included; past it the batch fails with its
+    /// last error. Default 120 s, which rides out a broker restart.
+    pub delivery_timeout_ms: u64,
     /// Wait before the first retry, doubled each time. Default 100 ms.
     pub retry_backoff_ms: u64,
     /// How long one produce request may take. Default 30 s.
@@ -79,7 +84,9 @@ pub struct ProducerConfig {
     /// [`IDEMPOTENT_IN_FLIGHT_MAX`]); 1 otherwise, since without idempotence
     /// more than 1 lets a retried batch land after batches sent after it.
     pub in_flight_per_partition: Option<usize>,
-    /// Numbered batches the broker deduplicates. Default true.
+    /// Numbered batches the broker deduplicates. Default true. Only with
+    /// acknowledgements: with `Acks::None` a refused batch is never reported,
+    /// so the producer is not idempotent whatever this says.
     pub idempotent: bool,
     /// A stable name for this producer (e.g. an application instance): a
     /// new producer with the same name takes over the same producer id with
@@ -99,7 +106,8 @@ impl Default for ProducerConfig {
             batch_bytes: 256 * 1024,
             buffer_bytes: 32 << 20,
             acks: Acks::All,
-            retries: 5,
+            retries: u32::MAX,
+            delivery_timeout_ms: 120_000,
             retry_backoff_ms: 100,
             request_timeout_ms: 30_000,
             compression: Compression::None,
@@ -478,7 +486,11 @@ impl Shared {
         if !current.is_closed() {
             return Ok(current);
         }
-        let _one_at_a_time = self.reconnecting.lock().await;
+        // One reconnect at a time; a batch arriving meanwhile backs off and
+        // retries rather than queueing behind it.
+        let Ok(_one_at_a_time) = self.reconnecting.try_lock() else {
+            return Err(ClientError::Closed);
+        };
         let current = lock(&self.connection).clone();
         if !current.is_closed() {
             return Ok(current);
@@ -550,7 +562,7 @@ impl Producer {
     pub async fn connect(addr: &str, config: ProducerConfig) -> Result<Producer> {
         let connection =
             Connection::connect(addr, Duration::from_millis(config.request_timeout_ms)).await?;
-        let identity = if config.idempotent {
+        let identity = if config.idempotent && config.acks != Acks::None {
             Some(init_producer_id(&connection, config.producer_name.clone()).await?)
         } else {
             None
@@ -990,6 +1002,7 @@ async fn finish(
     index: u64,
     first: FirstAttempt,
 ) -> Result<i64> {
+    let deadline = Instant::now() + Duration::from_millis(shared.config.delivery_timeout_ms);
     let (request, mut result) = match first {
         FirstAttempt::Sent => return Ok(-1),
         FirstAttempt::Pending(request, pending) => (request, base_offset(pending.wait().await)),
@@ -1021,9 +1034,13 @@ async fn finish(
             .partition_mut(topic, partition)
             .and_then(|state| state.window.unresolved.first().copied())
             .is_some_and(|oldest| oldest < index);
+        // A retry that could not start before the deadline is not made.
+        let in_time = Instant::now() + backoff < deadline;
         match result {
             Err(error)
-                if retriable(&error) && (behind_a_retry || attempt < shared.config.retries) =>
+                if retriable(&error)
+                    && in_time
+                    && (behind_a_retry || attempt < shared.config.retries) =>
             {
                 if !behind_a_retry {
                     attempt += 1;

@@ -740,3 +740,69 @@ async fn a_producer_rides_through_a_broker_restart() {
     assert_eq!(end, 1500, "nothing duplicated");
     drop(process);
 }
+
+/// With its broker gone for good, a batch fails once its delivery timeout
+/// has passed (not after minutes of retries), and the idempotent producer
+/// then refuses further records; a producer without acknowledgements is
+/// never idempotent (a refused batch would go unreported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_fails_after_its_delivery_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let process = BrokerProcess::start(dir.path(), &[]);
+    let addr = process.addr.to_string();
+    Admin::connect(&addr)
+        .await
+        .expect("connect")
+        .create_topic("gone", 1)
+        .await
+        .expect("create");
+    let unacknowledged = Producer::connect(
+        &addr,
+        ProducerConfig {
+            acks: weir_client::Acks::None,
+            ..ProducerConfig::default()
+        },
+    )
+    .await
+    .expect("producer");
+    assert_eq!(unacknowledged.identity(), None, "acks=0 is not idempotent");
+    let producer = Producer::connect(
+        &addr,
+        ProducerConfig {
+            linger_ms: 0,
+            delivery_timeout_ms: 2_000,
+            retry_backoff_ms: 50,
+            ..ProducerConfig::default()
+        },
+    )
+    .await
+    .expect("producer");
+    producer
+        .send("gone", ProducerRecord::new("before"))
+        .await
+        .expect("send")
+        .await
+        .expect("delivered while the broker is up");
+    tokio::task::spawn_blocking(move || process.kill())
+        .await
+        .expect("killed");
+    let started = std::time::Instant::now();
+    let delivery = producer
+        .send("gone", ProducerRecord::new("after"))
+        .await
+        .expect("queued");
+    let outcome = tokio::time::timeout(Duration::from_secs(60), delivery)
+        .await
+        .expect("the delivery timeout ends the retries");
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_000),
+        "retried for a while first ({:?})",
+        started.elapsed()
+    );
+    let refused = producer.send("gone", ProducerRecord::new("later")).await;
+    assert!(
+        matches!(refused, Err(ClientError::ProducerFailed(_))),
+        "{refused:?}"
+    );
+}
