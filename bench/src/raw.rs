@@ -125,19 +125,9 @@ pub fn buffered_sync(path: &Path, duration: Duration, bytes_max: u64) -> anyhow:
     })
 }
 
-/// Sequential O_DIRECT writes of 1 MiB into a file preallocated to
-/// `bytes_max`, for `duration`: the device's own sequential write limit.
-/// With `sync_each`, an `fdatasync` follows every write: the best a
-/// single writer can do when each MiB must be durable before the next.
-///
-/// # Errors
-/// I/O errors (O_DIRECT is refused by some filesystems, e.g. tmpfs).
-pub fn direct(
-    path: &Path,
-    duration: Duration,
-    bytes_max: u64,
-    sync_each: bool,
-) -> anyhow::Result<RawResult> {
+/// Creates `path` for O_DIRECT writes, preallocated (unwritten) to
+/// `bytes_max`, as the storage engine's segments are.
+fn open_direct_preallocated(path: &Path, bytes_max: u64) -> anyhow::Result<File> {
     let file: File = OpenOptions::new()
         .write(true)
         .create(true)
@@ -154,6 +144,23 @@ pub fn direct(
             std::io::Error::last_os_error()
         );
     }
+    Ok(file)
+}
+
+/// Sequential O_DIRECT writes of 1 MiB into a file preallocated to
+/// `bytes_max`, for `duration`: the device's own sequential write limit.
+/// With `sync_each`, an `fdatasync` follows every write: the best a
+/// single writer can do when each MiB must be durable before the next.
+///
+/// # Errors
+/// I/O errors (O_DIRECT is refused by some filesystems, e.g. tmpfs).
+pub fn direct(
+    path: &Path,
+    duration: Duration,
+    bytes_max: u64,
+    sync_each: bool,
+) -> anyhow::Result<RawResult> {
+    let file = open_direct_preallocated(path, bytes_max)?;
     let mut buffer = AlignedBuffer::new(RAW_WRITE_BYTES)?;
     fill_pattern(buffer.as_mut_slice());
     let started = Instant::now();
@@ -196,22 +203,7 @@ pub const SMALL_APPEND_BYTES: usize = 4096;
 /// I/O errors.
 pub fn small_appends(path: &Path, duration: Duration) -> anyhow::Result<RawResult> {
     let bytes_max: u64 = 1 << 30;
-    let file: File = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .with_context(|| format!("create {} with O_DIRECT", path.display()))?;
-    // SAFETY: plain syscall on an open descriptor.
-    let allocated = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, bytes_max as libc::off_t) };
-    if allocated != 0 {
-        bail!(
-            "fallocate {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
+    let file = open_direct_preallocated(path, bytes_max)?;
     let mut buffer = AlignedBuffer::new(SMALL_APPEND_BYTES)?;
     fill_pattern(buffer.as_mut_slice());
     let started = Instant::now();

@@ -591,16 +591,24 @@ impl Producer {
         self.shared.identity
     }
 
-    /// Learns a topic's partitions on its first record.
-    async fn know_topic(&self, topic: &str) -> Result<()> {
-        if lock(&self.shared.state).find_topic(topic).is_some() {
-            return Ok(());
+    /// Learns a topic's partitions (its first record), and returns the
+    /// state locked, with the topic's index.
+    async fn state_with_topic(
+        &self,
+        topic: &str,
+    ) -> Result<(std::sync::MutexGuard<'_, State>, usize)> {
+        {
+            let mut guard = lock(&self.shared.state);
+            if let Some(index) = guard.find_topic(topic) {
+                return Ok((guard, index));
+            }
         }
         let count = Admin::with_connection(self.shared.connection().await?)
             .partition_count(topic)
             .await?;
-        lock(&self.shared.state).add_topic(topic, count);
-        Ok(())
+        let mut guard = lock(&self.shared.state);
+        let index = guard.add_topic(topic, count);
+        Ok((guard, index))
     }
 
     /// Queues a record; waits while the buffer is full. The returned future
@@ -613,7 +621,6 @@ impl Producer {
         if let Some(reason) = self.shared.fatal_reason() {
             return Err(ClientError::ProducerFailed(reason));
         }
-        self.know_topic(topic).await?;
         let headers: Vec<(&str, Option<&[u8]>)> = record
             .headers
             .iter()
@@ -643,17 +650,16 @@ impl Producer {
         let timestamp_ms = record.timestamp_ms.unwrap_or_else(now_ms);
         let batch_bytes = config.batch_bytes;
         let identity = self.shared.identity;
-        let mut guard = lock(&self.shared.state);
-        let index = guard.find_topic(topic);
+        // One lock per record: the topic is found (or, on its first record,
+        // learned) and the record added under the same hold.
+        let (mut guard, topic_index) = self.state_with_topic(topic).await?;
         let State {
             topics,
             outstanding,
             active,
             ..
         } = &mut *guard;
-        let Some((topic_index, topic_state)) =
-            index.and_then(|index| Some((index, topics.get_mut(index)?)))
-        else {
+        let Some(topic_state) = topics.get_mut(topic_index) else {
             return Err(ClientError::Protocol(format!("{topic} was forgotten")));
         };
         let partitions = topic_state.partitions.len() as u32;

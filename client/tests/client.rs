@@ -617,29 +617,7 @@ async fn retried_batches_are_not_duplicated() {
     let dropped = proxy.dropped.load(std::sync::atomic::Ordering::Relaxed);
     assert!(dropped >= 5, "responses swallowed: {dropped}");
 
-    let mut consumer = Consumer::connect(&direct, ConsumerConfig::default())
-        .await
-        .expect("consumer");
-    consumer
-        .assign("once", 0, Offset::Earliest)
-        .await
-        .expect("assign");
-    for number in 0..2000u32 {
-        let record = tokio::time::timeout(Duration::from_secs(60), consumer.next())
-            .await
-            .expect("records keep coming")
-            .expect("assigned")
-            .expect("record");
-        assert_eq!(record.offset, u64::from(number));
-        assert_eq!(record.value.as_deref(), Some(number.to_string().as_bytes()));
-    }
-    let end = Admin::connect(&direct)
-        .await
-        .expect("connect")
-        .list_offset("once", 0, weir_protocol::message::OFFSET_SPEC_LATEST)
-        .await
-        .expect("latest");
-    assert_eq!(end, 2000, "nothing appended twice");
+    assert_holds_numbers_once(&direct, "once", 2000).await;
 }
 
 /// A producer rides through a broker killed with SIGKILL and restarted on
@@ -672,40 +650,19 @@ async fn a_producer_rides_through_a_broker_restart() {
     .await
     .expect("producer");
     let mut deliveries = Vec::new();
-    for number in 0..500u32 {
-        deliveries.push(
-            producer
-                .send("restart", ProducerRecord::new(number.to_string()))
-                .await
-                .expect("send"),
-        );
-    }
+    send_numbers(&producer, "restart", 0..500u32, &mut deliveries).await;
     producer.flush().await.expect("flush before the kill");
 
     // Kill the broker, keep sending while it is down, then bring it back
     // on the same address with the same data.
     let killing = tokio::task::spawn_blocking(move || process.kill());
-    for number in 500..1000u32 {
-        deliveries.push(
-            producer
-                .send("restart", ProducerRecord::new(number.to_string()))
-                .await
-                .expect("send while the broker restarts"),
-        );
-    }
+    send_numbers(&producer, "restart", 500..1000u32, &mut deliveries).await;
     killing.await.expect("killed");
     let data = dir.path().to_path_buf();
     let process = tokio::task::spawn_blocking(move || BrokerProcess::start_at(listen, &data, &[]))
         .await
         .expect("restarted");
-    for number in 1000..1500u32 {
-        deliveries.push(
-            producer
-                .send("restart", ProducerRecord::new(number.to_string()))
-                .await
-                .expect("send after the restart"),
-        );
-    }
+    send_numbers(&producer, "restart", 1000..1500u32, &mut deliveries).await;
     tokio::time::timeout(Duration::from_secs(120), producer.flush())
         .await
         .expect("flush finishes")
@@ -715,29 +672,7 @@ async fn a_producer_rides_through_a_broker_restart() {
         assert_eq!(delivery.offset, number as i64, "offset of record {number}");
     }
 
-    let mut consumer = Consumer::connect(&addr, ConsumerConfig::default())
-        .await
-        .expect("consumer");
-    consumer
-        .assign("restart", 0, Offset::Earliest)
-        .await
-        .expect("assign");
-    for number in 0..1500u32 {
-        let record = tokio::time::timeout(Duration::from_secs(60), consumer.next())
-            .await
-            .expect("records keep coming")
-            .expect("assigned")
-            .expect("record");
-        assert_eq!(record.offset, u64::from(number));
-        assert_eq!(record.value.as_deref(), Some(number.to_string().as_bytes()));
-    }
-    let end = Admin::connect(&addr)
-        .await
-        .expect("connect")
-        .list_offset("restart", 0, weir_protocol::message::OFFSET_SPEC_LATEST)
-        .await
-        .expect("end offset");
-    assert_eq!(end, 1500, "nothing duplicated");
+    assert_holds_numbers_once(&addr, "restart", 1500).await;
     drop(process);
 }
 
@@ -805,4 +740,49 @@ async fn a_batch_fails_after_its_delivery_timeout() {
         matches!(refused, Err(ClientError::ProducerFailed(_))),
         "{refused:?}"
     );
+}
+
+/// Partition 0 of `topic` holds exactly the records "0" .. "count - 1", each
+/// once, at the offset equal to its number.
+async fn assert_holds_numbers_once(addr: &str, topic: &str, count: u32) {
+    let mut consumer = Consumer::connect(addr, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    consumer
+        .assign(topic, 0, Offset::Earliest)
+        .await
+        .expect("assign");
+    for number in 0..count {
+        let record = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .expect("records keep coming")
+            .expect("assigned")
+            .expect("record");
+        assert_eq!(record.offset, u64::from(number));
+        assert_eq!(record.value.as_deref(), Some(number.to_string().as_bytes()));
+    }
+    let end = Admin::connect(addr)
+        .await
+        .expect("connect")
+        .list_offset(topic, 0, weir_protocol::message::OFFSET_SPEC_LATEST)
+        .await
+        .expect("end offset");
+    assert_eq!(end, u64::from(count), "nothing appended twice");
+}
+
+/// Sends one record per number, its value the number, and keeps the deliveries.
+async fn send_numbers(
+    producer: &Producer,
+    topic: &str,
+    numbers: std::ops::Range<u32>,
+    deliveries: &mut Vec<weir_client::DeliveryFuture>,
+) {
+    for number in numbers {
+        deliveries.push(
+            producer
+                .send(topic, ProducerRecord::new(number.to_string()))
+                .await
+                .expect("send"),
+        );
+    }
 }

@@ -93,20 +93,7 @@ impl BatchBuilder {
         value: Option<&[u8]>,
         headers: &[(&str, Option<&[u8]>)],
     ) -> usize {
-        let nullable = |field: Option<&[u8]>| match field {
-            None => varint_len(-1),
-            Some(bytes) => varint_len(bytes.len() as i32) + bytes.len(),
-        };
-        let mut body = 1
-            + varlong_len(i64::MIN)
-            + varint_len(i32::MIN)
-            + nullable(key)
-            + nullable(value)
-            + varint_len(headers.len() as i32);
-        for (name, header_value) in headers {
-            body += nullable(Some(name.as_bytes())) + nullable(*header_value);
-        }
-        varint_len(i32::MAX) + body
+        varint_len(i32::MAX) + body_bytes(i64::MIN, i32::MIN, key, value, headers)
     }
 
     fn record_body_bytes(
@@ -116,20 +103,13 @@ impl BatchBuilder {
         value: Option<&[u8]>,
         headers: &[(&str, Option<&[u8]>)],
     ) -> usize {
-        let nullable = |field: Option<&[u8]>| match field {
-            None => varint_len(-1),
-            Some(bytes) => varint_len(bytes.len() as i32) + bytes.len(),
-        };
-        let mut body = 1
-            + varlong_len(timestamp_ms.wrapping_sub(self.base_timestamp_ms))
-            + varint_len(self.records_count)
-            + nullable(key)
-            + nullable(value)
-            + varint_len(headers.len() as i32);
-        for (name, header_value) in headers {
-            body += nullable(Some(name.as_bytes())) + nullable(*header_value);
-        }
-        body
+        body_bytes(
+            timestamp_ms.wrapping_sub(self.base_timestamp_ms),
+            self.records_count,
+            key,
+            value,
+            headers,
+        )
     }
 
     /// Appends one record and returns its offset delta within the batch.
@@ -185,6 +165,31 @@ impl BatchBuilder {
         buf[17..21].copy_from_slice(&crc.to_be_bytes());
         buf
     }
+}
+
+/// Encoded size of a record's body (everything after its length prefix)
+/// with these deltas.
+fn body_bytes(
+    timestamp_delta: i64,
+    offset_delta: i32,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[(&str, Option<&[u8]>)],
+) -> usize {
+    let nullable = |field: Option<&[u8]>| match field {
+        None => varint_len(-1),
+        Some(bytes) => varint_len(bytes.len() as i32) + bytes.len(),
+    };
+    let mut body = 1
+        + varlong_len(timestamp_delta)
+        + varint_len(offset_delta)
+        + nullable(key)
+        + nullable(value)
+        + varint_len(headers.len() as i32);
+    for (name, header_value) in headers {
+        body += nullable(Some(name.as_bytes())) + nullable(*header_value);
+    }
+    body
 }
 
 fn put_nullable(buf: &mut Vec<u8>, field: Option<&[u8]>) {
