@@ -1,5 +1,6 @@
 //! `Admin`: topics and offsets.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use weir_protocol::message::*;
@@ -19,10 +20,17 @@ use crate::error::{ClientError, Result};
 /// }
 /// # Ok(()) }
 /// ```
+///
+/// A connection the broker closed (a restart, say) is opened again on the
+/// next call.
 #[derive(Debug, Clone)]
 pub struct Admin {
-    connection: Connection,
+    /// Shared by clones: a connection one of them reopened serves the others.
+    connection: Arc<Mutex<Connection>>,
 }
+
+/// How long an admin call (and a reconnect) may take.
+pub const ADMIN_REQUEST_TIMEOUT_MS: u64 = 30_000;
 
 fn unexpected(response: &Response) -> ClientError {
     ClientError::Protocol(format!("unexpected response {:?}", response.api()))
@@ -42,14 +50,38 @@ impl Admin {
     /// # Errors
     /// [`ClientError::Connect`].
     pub async fn connect(addr: &str) -> Result<Admin> {
-        Ok(Admin {
-            connection: Connection::connect(addr, Duration::from_secs(30)).await?,
-        })
+        let connection =
+            Connection::connect(addr, Duration::from_millis(ADMIN_REQUEST_TIMEOUT_MS)).await?;
+        Ok(Admin::with_connection(connection))
     }
 
     /// Uses an existing connection.
     pub fn with_connection(connection: Connection) -> Admin {
-        Admin { connection }
+        Admin {
+            connection: Arc::new(Mutex::new(connection)),
+        }
+    }
+
+    /// The connection, opened again (one attempt) if the broker closed it.
+    async fn connection(&self) -> Result<Connection> {
+        let current = self
+            .connection
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone();
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        let fresh = Connection::connect(
+            current.addr(),
+            Duration::from_millis(ADMIN_REQUEST_TIMEOUT_MS),
+        )
+        .await?;
+        *self
+            .connection
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = fresh.clone();
+        Ok(fresh)
     }
 
     /// Creates a topic with `partitions` partitions.
@@ -66,7 +98,7 @@ impl Admin {
             }],
             timeout_ms: 30_000,
         });
-        match self.connection.call(request).await? {
+        match self.connection().await?.call(request).await? {
             Response::CreateTopics(response) => response
                 .topics
                 .first()
@@ -84,7 +116,7 @@ impl Admin {
             names: vec![name.to_string()],
             timeout_ms: 30_000,
         });
-        match self.connection.call(request).await? {
+        match self.connection().await?.call(request).await? {
             Response::DeleteTopics(response) => {
                 match response.topics.first().map(|topic| topic.error) {
                     Some(ErrorCode::UnknownTopicOrPartition) => {
@@ -112,7 +144,8 @@ impl Admin {
     /// Connection errors.
     pub async fn metadata(&self, topics: Option<Vec<String>>) -> Result<MetadataResponse> {
         match self
-            .connection
+            .connection()
+            .await?
             .call(Request::Metadata(MetadataRequest { topics }))
             .await?
         {
@@ -129,7 +162,7 @@ impl Admin {
         let request = Request::DescribeTopics(DescribeTopicsRequest {
             names: vec![name.to_string()],
         });
-        match self.connection.call(request).await? {
+        match self.connection().await?.call(request).await? {
             Response::DescribeTopics(mut response) if !response.topics.is_empty() => {
                 let topic = response.topics.remove(0);
                 match topic.error {
@@ -155,7 +188,7 @@ impl Admin {
                 spec,
             }],
         });
-        match self.connection.call(request).await? {
+        match self.connection().await?.call(request).await? {
             Response::ListOffsets(mut response) if !response.partitions.is_empty() => {
                 let answer = response.partitions.remove(0);
                 check(answer.error)?;
@@ -211,7 +244,8 @@ impl Admin {
     /// Connection errors.
     pub async fn list_groups(&self) -> Result<Vec<GroupListing>> {
         match self
-            .connection
+            .connection()
+            .await?
             .call(Request::ListGroups(ListGroupsRequest {}))
             .await?
         {
@@ -226,7 +260,8 @@ impl Admin {
     /// `Broker(UnknownGroup)`, connection errors.
     pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse> {
         match self
-            .connection
+            .connection()
+            .await?
             .call(Request::DescribeGroup(DescribeGroupRequest {
                 group: group.to_string(),
             }))
@@ -245,7 +280,7 @@ impl Admin {
     /// # Errors
     /// Connection errors.
     pub async fn group_offsets(&self, group: &str) -> Result<Vec<(String, u32, i64)>> {
-        crate::group::fetch_offsets(&self.connection, group, None).await
+        crate::group::fetch_offsets(&self.connection().await?, group, None).await
     }
 
     /// Sets a group's committed offsets (topic, partition, next offset to
@@ -259,6 +294,6 @@ impl Admin {
         group: &str,
         offsets: &[(String, u32, u64)],
     ) -> Result<()> {
-        crate::group::commit_offsets(&self.connection, group, None, offsets).await
+        crate::group::commit_offsets(&self.connection().await?, group, None, offsets).await
     }
 }

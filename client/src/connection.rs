@@ -7,7 +7,7 @@
 //! pending call fails with `Closed` and every subscription channel closes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ struct Inner {
     next_correlation: AtomicU32,
     request_timeout: Duration,
     reader_task: tokio::task::JoinHandle<()>,
+    /// Set by the reader once it has ended (before it fails the calls and
+    /// closes the subscriptions), so `is_closed` takes no lock.
+    closed: Arc<AtomicBool>,
 }
 
 impl Drop for Inner {
@@ -93,7 +96,13 @@ impl Connection {
             }
             let _ = writer.shutdown().await;
         });
-        let reader_task = tokio::spawn(read_loop(reader, pending.clone(), subscriptions.clone()));
+        let closed = Arc::new(AtomicBool::new(false));
+        let reader_task = tokio::spawn(read_loop(
+            reader,
+            pending.clone(),
+            subscriptions.clone(),
+            closed.clone(),
+        ));
         Ok(Connection {
             inner: Arc::new(Inner {
                 addr: addr.to_string(),
@@ -103,6 +112,7 @@ impl Connection {
                 next_correlation: AtomicU32::new(1),
                 request_timeout,
                 reader_task,
+                closed,
             }),
         })
     }
@@ -115,7 +125,7 @@ impl Connection {
     /// Whether the connection has ended (the broker closed it, or an I/O
     /// error): every call on it now fails with `Closed`.
     pub fn is_closed(&self) -> bool {
-        lock(&self.inner.pending).is_none() || self.inner.writer.is_closed()
+        self.inner.closed.load(Ordering::Acquire) || self.inner.writer.is_closed()
     }
 
     /// Sends a request and waits for its response.
@@ -234,6 +244,7 @@ async fn read_loop(
     mut reader: tokio::net::tcp::OwnedReadHalf,
     pending: Pending,
     subscriptions: Subscriptions,
+    closed: Arc<AtomicBool>,
 ) {
     let decoder = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
     let mut buffer = BytesMut::with_capacity(64 * 1024);
@@ -276,7 +287,9 @@ async fn read_loop(
             Ok(_) => {}
         }
     }
-    // Fail every pending call; close every subscription channel.
+    // Fail every pending call; close every subscription channel (whoever
+    // sees either end already finds the connection closed).
+    closed.store(true, Ordering::Release);
     let calls = lock(&pending).take().unwrap_or_default();
     for (_, waiter) in calls {
         let _ = waiter.send(Err(ClientError::Closed));

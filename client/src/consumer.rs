@@ -28,6 +28,14 @@ pub struct ConsumerConfig {
     pub credit_bytes: u32,
     /// How long one call may take. Default 30 s.
     pub request_timeout_ms: u64,
+    /// How long [`Consumer::next`] and [`Consumer::next_batch`] keep trying
+    /// to reconnect after the broker connection is lost (a broker restart,
+    /// say) before they report the loss. Reading resumes where the
+    /// application left off. 0: one attempt. Default 120 s.
+    pub reconnect_timeout_ms: u64,
+    /// First pause between reconnect attempts, doubled after each failure
+    /// up to [`RECONNECT_BACKOFF_MS_MAX`]. Default 100 ms.
+    pub reconnect_backoff_ms: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -35,9 +43,14 @@ impl Default for ConsumerConfig {
         ConsumerConfig {
             credit_bytes: 4 << 20,
             request_timeout_ms: 30_000,
+            reconnect_timeout_ms: 120_000,
+            reconnect_backoff_ms: 100,
         }
     }
 }
+
+/// Longest pause between a consumer's reconnect attempts.
+pub const RECONNECT_BACKOFF_MS_MAX: u64 = 2_000;
 
 /// Where to start reading a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +103,16 @@ struct Assignment {
 }
 
 impl Assignment {
+    /// Where a new subscription must start so that the application sees
+    /// every offset once: after the chunk still being handed out record by
+    /// record, else at the position.
+    fn resume_offset(&self) -> u64 {
+        match &self.chunk {
+            Some(chunk) if !self.records.is_empty() => chunk.next_offset,
+            _ => self.position,
+        }
+    }
+
     /// The next record decoded from `chunk`, advancing the position; the
     /// chunk is let go with its last record.
     fn take_record(&mut self) -> Option<ConsumerRecord> {
@@ -263,6 +286,11 @@ pub struct Consumer {
     next_assignment: usize,
     /// Set by [`Consumer::subscribe`].
     group: Option<crate::group::Membership>,
+    /// Set when a subscription's pushes ended with the connection: the
+    /// assignments keep their positions for [`Consumer::reconnect`].
+    connection_lost: bool,
+    /// While reconnecting: when the loss was noticed, and the next pause.
+    reconnecting: Option<(tokio::time::Instant, Duration)>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -287,6 +315,8 @@ impl Consumer {
             assignments: Vec::new(),
             next_assignment: 0,
             group: None,
+            connection_lost: false,
+            reconnecting: None,
         })
     }
 
@@ -302,8 +332,32 @@ impl Consumer {
     /// # Errors
     /// `UnknownTopic`, `Broker(OffsetOutOfRange)`, connection errors.
     pub async fn assign(&mut self, topic: &str, partition: u32, start: Offset) -> Result<()> {
+        self.ensure_connected().await?;
         self.unassign(topic, partition).await?;
         let offset = self.resolve(topic, partition, start).await?;
+        let (subscription_id, pushes) = self.open_subscription(topic, partition, offset).await?;
+        self.assignments.push(Assignment {
+            topic: topic.to_string(),
+            shared_topic: std::sync::Arc::from(topic),
+            partition,
+            subscription_id,
+            pushes,
+            position: offset,
+            records: VecDeque::new(),
+            chunk: None,
+            taken_bytes: 0,
+        });
+        Ok(())
+    }
+
+    /// Subscribes to `topic`/`partition` from `offset` on the current
+    /// connection: (subscription id, where its pushes arrive).
+    async fn open_subscription(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(u32, mpsc::Receiver<SubscriptionPush>)> {
         let subscription_id = self.connection.next_id();
         // Every push carries at least one batch header's worth of credit,
         // plus one batch of overshoot per push: this many always fit.
@@ -323,6 +377,7 @@ impl Consumer {
         let response = match response {
             Ok(Response::Subscribe(response)) => response,
             Ok(other) => {
+                self.connection.forget_pushes(subscription_id);
                 return Err(ClientError::Protocol(format!(
                     "unexpected {:?}",
                     other.api()
@@ -334,28 +389,157 @@ impl Consumer {
             }
         };
         match response.error {
-            ErrorCode::None => {}
+            ErrorCode::None => Ok((subscription_id, pushes)),
             ErrorCode::UnknownTopicOrPartition => {
                 self.connection.forget_pushes(subscription_id);
-                return Err(ClientError::UnknownTopic(topic.to_string()));
+                Err(ClientError::UnknownTopic(topic.to_string()))
             }
             error => {
                 self.connection.forget_pushes(subscription_id);
-                return Err(ClientError::Broker(error));
+                Err(ClientError::Broker(error))
             }
         }
-        self.assignments.push(Assignment {
-            topic: topic.to_string(),
-            shared_topic: std::sync::Arc::from(topic),
-            partition,
-            subscription_id,
-            pushes,
-            position: offset,
-            records: VecDeque::new(),
-            chunk: None,
-            taken_bytes: 0,
-        });
+    }
+
+    /// After the connection was lost: connects again and resubscribes every
+    /// hand-assigned partition where the application left off, so that it
+    /// sees each offset once. A group member instead heartbeats on the new
+    /// connection and rejoins; its partitions restart from the committed
+    /// offsets, as after any rebalance (they are not resubscribed here: the
+    /// rejoin decides what the member owns).
+    ///
+    /// One attempt per call. Failed attempts back off (doubling from
+    /// `reconnect_backoff_ms`), and once `reconnect_timeout_ms` has passed
+    /// since the loss was noticed, every assignment and the group are
+    /// dropped and the error is returned. The clock and the backoff live in
+    /// the consumer, so a caller that wraps `next()` in a short timeout
+    /// neither restarts them nor escapes them.
+    ///
+    /// A partition that can no longer be read (its topic deleted, or its
+    /// log now ends before the position) is dropped and reported with its
+    /// position; the others go on.
+    async fn reconnect(&mut self) -> Result<()> {
+        let now = tokio::time::Instant::now();
+        let (since, backoff) = *self.reconnecting.get_or_insert((
+            now,
+            Duration::from_millis(self.config.reconnect_backoff_ms.max(1)),
+        ));
+        let attempt = self.reconnect_once().await;
+        let error = match attempt {
+            Ok(dropped) => {
+                self.reconnecting = None;
+                return match dropped {
+                    Some(error) => Err(error),
+                    None => Ok(()),
+                };
+            }
+            Err(error) => error,
+        };
+        let deadline = since + Duration::from_millis(self.config.reconnect_timeout_ms);
+        if tokio::time::Instant::now() + backoff >= deadline {
+            self.reconnecting = None;
+            self.connection_lost = false;
+            self.assignments.clear();
+            self.next_assignment = 0;
+            self.group = None;
+            return Err(error);
+        }
+        tracing::debug!(%error, addr = self.connection.addr(), "consumer reconnect failed; retrying");
+        tokio::time::sleep(backoff).await;
+        self.reconnecting = Some((
+            since,
+            (backoff * 2).min(Duration::from_millis(RECONNECT_BACKOFF_MS_MAX)),
+        ));
+        // Not given up: the caller's loop tries again.
         Ok(())
+    }
+
+    /// One reconnect attempt: a new connection that has answered a request,
+    /// then the resubscriptions. Ok carries the error reporting partitions
+    /// that had to be dropped, if any.
+    async fn reconnect_once(&mut self) -> Result<Option<ClientError>> {
+        let addr = self.connection.addr().to_string();
+        let connection =
+            Connection::connect(&addr, Duration::from_millis(self.config.request_timeout_ms))
+                .await?;
+        // A broker that accepts and then closes (out of connection slots,
+        // or restarting) must not count as reconnected.
+        match connection
+            .call(Request::Handshake(HandshakeRequest {
+                client_name: "weir-client consumer".to_string(),
+                api_versions: Vec::new(),
+            }))
+            .await?
+        {
+            Response::Handshake(response) if response.error.is_ok() => {}
+            Response::Handshake(response) => return Err(ClientError::Broker(response.error)),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected {:?}",
+                    other.api()
+                )));
+            }
+        }
+        self.connection = connection;
+        self.connection_lost = false;
+        if let Some(group) = &mut self.group {
+            group.reattach(self.connection.clone());
+            return Ok(None);
+        }
+        let mut dropped = Vec::new();
+        for index in (0..self.assignments.len()).rev() {
+            let assignment = &self.assignments[index];
+            let (topic, partition) = (assignment.topic.clone(), assignment.partition);
+            let mut offset = assignment.resume_offset();
+            let mut outcome = self.open_subscription(&topic, partition, offset).await;
+            if matches!(
+                outcome,
+                Err(ClientError::Broker(ErrorCode::OffsetOutOfRange))
+            ) && offset != self.assignments[index].position
+            {
+                // The log now ends inside the chunk being handed out (it
+                // lost unsynced data in the crash): read on from the
+                // position, dropping the chunk's undelivered records.
+                let assignment = &mut self.assignments[index];
+                assignment.records.clear();
+                assignment.chunk = None;
+                offset = assignment.position;
+                outcome = self.open_subscription(&topic, partition, offset).await;
+            }
+            match outcome {
+                Ok((subscription_id, pushes)) => {
+                    let assignment = &mut self.assignments[index];
+                    assignment.subscription_id = subscription_id;
+                    assignment.pushes = pushes;
+                    // The new subscription starts with all of its credit.
+                    assignment.taken_bytes = 0;
+                }
+                Err(
+                    error @ (ClientError::UnknownTopic(_)
+                    | ClientError::Broker(ErrorCode::OffsetOutOfRange)),
+                ) => {
+                    let assignment = self.assignments.remove(index);
+                    self.next_assignment = 0;
+                    dropped.push(format!(
+                        "{topic}/{partition} at offset {} ({error})",
+                        assignment.position
+                    ));
+                }
+                Err(error) => {
+                    // Lost again (or refused): the next attempt starts over;
+                    // subscriptions opened meanwhile die with this connection.
+                    self.connection_lost = true;
+                    return Err(error);
+                }
+            }
+        }
+        Ok((!dropped.is_empty()).then(|| {
+            dropped.reverse();
+            ClientError::Protocol(format!(
+                "unassigned after reconnecting: {}",
+                dropped.join(", ")
+            ))
+        }))
     }
 
     /// Seeks an assigned partition (or assigns it).
@@ -366,10 +550,11 @@ impl Consumer {
         self.assign(topic, partition, to).await
     }
 
-    /// Stops reading a partition.
+    /// Stops reading a partition. On a lost connection there is nothing to
+    /// unsubscribe from: that is not an error.
     ///
     /// # Errors
-    /// Connection errors.
+    /// Connection errors other than a lost connection (a timeout, say).
     pub async fn unassign(&mut self, topic: &str, partition: u32) -> Result<()> {
         let Some(index) = self
             .assignments
@@ -382,9 +567,23 @@ impl Consumer {
         let subscription_id = assignment.subscription_id;
         self.connection.forget_pushes(subscription_id);
         drop(assignment);
-        self.connection
+        match self
+            .connection
             .call(Request::Unsubscribe(UnsubscribeRequest { subscription_id }))
-            .await?;
+            .await
+        {
+            Ok(_) | Err(ClientError::Closed) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Before a call of the application's: a connection found lost is
+    /// opened again (resuming what is assigned), within
+    /// `reconnect_timeout_ms`.
+    async fn ensure_connected(&mut self) -> Result<()> {
+        while self.connection_lost || self.connection.is_closed() {
+            self.reconnect().await?;
+        }
         Ok(())
     }
 
@@ -433,18 +632,6 @@ impl Consumer {
         poll: fn(&mut Consumer, &mut Context<'_>) -> Poll<Option<Result<T>>>,
     ) -> Option<Result<T>> {
         loop {
-            let Some((wake, commit_due)) = self.group.as_ref().map(|group| {
-                (
-                    group.wake.clone(),
-                    group.last_commit
-                        + Duration::from_millis(group.config.auto_commit_interval_ms.max(1)),
-                )
-            }) else {
-                return std::future::poll_fn(|context| poll(self, context)).await;
-            };
-            let rejoin_wanted = wake.notified();
-            tokio::pin!(rejoin_wanted);
-            rejoin_wanted.as_mut().enable();
             let failure = self.group.as_ref().and_then(|group| {
                 group
                     .failed
@@ -453,13 +640,41 @@ impl Consumer {
                     .take()
             });
             if let Some(error) = failure {
-                // Membership is over (connection lost, or fenced): report
-                // it once; the consumer then has nothing assigned.
+                // Membership is over (fenced, say): report it once; the
+                // consumer then has nothing assigned.
                 self.group = None;
                 self.assignments.clear();
                 return Some(Err(error));
             }
+            let owns_anything = !self.assignments.is_empty() || self.group.is_some();
+            if self.connection_lost || (owns_anything && self.connection.is_closed()) {
+                if let Err(error) = self.reconnect().await {
+                    return Some(Err(error));
+                }
+                continue;
+            }
+            let Some((wake, commit_due)) = self.group.as_ref().map(|group| {
+                (
+                    group.wake.clone(),
+                    group.last_commit
+                        + Duration::from_millis(group.config.auto_commit_interval_ms.max(1)),
+                )
+            }) else {
+                match std::future::poll_fn(|context| poll(self, context)).await {
+                    // Lost with the connection: reconnect (top of the loop).
+                    Some(Err(ClientError::Closed)) if self.connection_lost => continue,
+                    item => return item,
+                }
+            };
+            let rejoin_wanted = wake.notified();
+            tokio::pin!(rejoin_wanted);
+            rejoin_wanted.as_mut().enable();
             if let Err(error) = self.maintain_group().await {
+                if self.connection.is_closed() {
+                    // Lost during the rejoin or a commit: reconnect and
+                    // rejoin again rather than end the application's loop.
+                    continue;
+                }
                 return Some(Err(error));
             }
             let auto_commit = self
@@ -472,7 +687,10 @@ impl Consumer {
                 other => other,
             });
             tokio::select! {
-                item = item => return item,
+                item = item => match item {
+                    Some(Err(ClientError::Closed)) if self.connection_lost => {}
+                    item => return item,
+                },
                 _ = &mut rejoin_wanted => {}
                 _ = tokio::time::sleep_until(commit_due), if auto_commit => {}
             }
@@ -515,6 +733,7 @@ impl Consumer {
         config: GroupConfig,
         listener: Option<Box<dyn RebalanceListener>>,
     ) -> Result<()> {
+        self.ensure_connected().await?;
         self.close_group().await?;
         self.unassign_all().await?;
         let topics: Vec<String> = topics.iter().map(|topic| topic.to_string()).collect();
@@ -762,6 +981,7 @@ impl Consumer {
     fn finish_rebalance(&mut self, again: bool) {
         if let Some(group) = &mut self.group {
             group.joined = None;
+            group.reattached = false;
             // Heartbeats answered during the join spoke of the old
             // generation: the join just dealt with what they asked for.
             group
@@ -817,11 +1037,13 @@ impl Consumer {
             Ok(joined) => joined,
             Err(error) => return Err(self.abandon_membership(error).await),
         };
-        if member_before.is_empty() || identity.member_id != member_before {
+        let reattached = self.group.as_ref().is_some_and(|group| group.reattached);
+        if member_before.is_empty() || identity.member_id != member_before || reattached {
             // Rejoined as a new member (expired, or the coordinator
             // restarted): what this consumer held may have been read and
             // committed by others since; start everything afresh from the
-            // committed offsets.
+            // committed offsets. So too after a reconnect, which left what
+            // it held unsubscribed.
             self.unassign_all().await?;
             self.take_assignment(assignment).await?;
             self.finish_rebalance(false);
@@ -1032,9 +1254,9 @@ impl Consumer {
                         return Poll::Ready(Some(Ok(batch)));
                     }
                     Poll::Ready(None) => {
-                        // The connection closed: report it once, then drop the partition.
-                        self.assignments.remove(index);
-                        self.next_assignment = 0;
+                        // The connection closed. The assignment keeps its
+                        // position: `next`/`next_batch` reconnect and resume.
+                        self.connection_lost = true;
                         return Poll::Ready(Some(Err(ClientError::Closed)));
                     }
                     Poll::Pending => break,
@@ -1048,7 +1270,14 @@ impl Consumer {
 impl futures_core::Stream for Consumer {
     type Item = Result<ConsumerRecord>;
 
+    /// Reads what is assigned; unlike [`Consumer::next`] it neither takes
+    /// part in group rebalances nor reconnects: after a lost connection it
+    /// yields one `Err(Closed)` and ends.
     fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.get_mut().poll_record(context)
+        let consumer = self.get_mut();
+        if consumer.connection_lost {
+            return Poll::Ready(None);
+        }
+        consumer.poll_record(context)
     }
 }

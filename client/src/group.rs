@@ -118,6 +118,10 @@ pub(crate) struct Membership {
     /// In a mutex only so the consumer stays `Sync` (it is called from the
     /// consumer's own `&mut` methods).
     pub listener: Option<Mutex<Box<dyn RebalanceListener>>>,
+    /// Set by [`Membership::reattach`] until the next rebalance is done:
+    /// the partitions held were not resubscribed on the new connection, so
+    /// that rebalance must start every partition afresh.
+    pub reattached: bool,
 }
 
 impl Drop for Membership {
@@ -171,6 +175,32 @@ impl Membership {
         Ok(joined)
     }
 
+    /// Carries the membership over to a new connection (the old one was
+    /// lost): heartbeats go there, and the member rejoins, since a
+    /// rebalance may have happened (or the coordinator restarted) while it
+    /// was away. A join under way on the old connection is abandoned. A
+    /// failure the old heartbeat reported (fenced, say) stays reported.
+    pub fn reattach(&mut self, connection: Connection) {
+        self.heartbeat.abort();
+        if let Some(join) = self.pending_join.take() {
+            join.abort();
+        }
+        self.joined = None;
+        self.reattached = true;
+        self.heartbeat = tokio::spawn(heartbeat_loop(
+            connection,
+            self.group.clone(),
+            Duration::from_millis(self.config.heartbeat_interval_ms.max(10)),
+            self.identity.clone(),
+            HeartbeatSignals {
+                rejoin: self.rejoin.clone(),
+                failed: self.failed.clone(),
+                wake: self.wake.clone(),
+            },
+        ));
+        self.rejoin.store(true, Ordering::Release);
+    }
+
     /// The current member id and generation.
     pub fn identity(&self) -> Identity {
         lock(&self.identity).clone()
@@ -214,6 +244,7 @@ impl Membership {
             pending_join: None,
             joined: None,
             listener: listener.map(Mutex::new),
+            reattached: false,
         }
     }
 }
@@ -249,8 +280,13 @@ async fn heartbeat_loop(
             Ok(Response::Heartbeat(ack)) => ack.error,
             Ok(_) => continue,
             Err(ClientError::Timeout) => continue,
+            Err(ClientError::Closed) => {
+                // The connection is gone: the consumer reconnects and
+                // starts a new heartbeat (`Membership::reattach`).
+                signals.wake.notify_waiters();
+                return;
+            }
             Err(error) => {
-                // The connection is gone: the consumer cannot go on.
                 *lock(&signals.failed) = Some(error);
                 signals.wake.notify_waiters();
                 return;

@@ -8,7 +8,7 @@ use weir_client::{
     Admin, ClientError, Compression, Consumer, ConsumerConfig, Offset, Producer, ProducerConfig,
     ProducerRecord,
 };
-use weir_testkit::BrokerProcess;
+use weir_testkit::{BrokerProcess, DEADLINE};
 
 /// A broker process on free ports with its own data directory.
 struct Broker {
@@ -674,6 +674,243 @@ async fn a_producer_rides_through_a_broker_restart() {
 
     assert_holds_numbers_once(&addr, "restart", 1500).await;
     drop(process);
+}
+
+/// A consumer reading record by record, and an admin, ride through a kill -9
+/// and restart of their broker: the consumer reconnects, resubscribes each
+/// partition where the application left off (mid-chunk included) and goes
+/// on to records produced after the restart, seeing every offset exactly
+/// once and in order; a consumer waiting in `next()` when the broker dies
+/// resumes the same way, and so does one reading with `next_batch()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_and_an_admin_ride_through_a_broker_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let process = BrokerProcess::start(dir.path(), &[]);
+    let listen = process.addr;
+    let addr = listen.to_string();
+    let admin = Admin::connect(&addr).await.expect("connect");
+    admin.create_topic("replayed", 2).await.expect("create");
+    let producer = Producer::connect(
+        &addr,
+        ProducerConfig {
+            batch_bytes: 4096,
+            linger_ms: 0,
+            request_timeout_ms: 5_000,
+            ..ProducerConfig::default()
+        },
+    )
+    .await
+    .expect("producer");
+    /// Sends each number to both partitions, its value the number.
+    async fn send(producer: &Producer, numbers: std::ops::Range<u32>) {
+        for number in numbers {
+            for partition in 0..2 {
+                producer
+                    .send(
+                        "replayed",
+                        ProducerRecord::new(number.to_string()).partition(partition),
+                    )
+                    .await
+                    .expect("send");
+            }
+        }
+        tokio::time::timeout(DEADLINE * 2, producer.flush())
+            .await
+            .expect("flush finishes")
+            .expect("flush");
+    }
+    send(&producer, 0..600).await;
+
+    let mut consumer = Consumer::connect(
+        &addr,
+        ConsumerConfig {
+            // Small pushes: the kill comes with chunks half handed out.
+            credit_bytes: 8 * 1024,
+            request_timeout_ms: 5_000,
+            reconnect_backoff_ms: 20,
+            ..ConsumerConfig::default()
+        },
+    )
+    .await
+    .expect("consumer");
+    for partition in 0..2 {
+        consumer
+            .assign("replayed", partition, Offset::Earliest)
+            .await
+            .expect("assign");
+    }
+    // A second consumer reads partition 1 a chunk at a time.
+    let mut batches = Consumer::connect(
+        &addr,
+        ConsumerConfig {
+            credit_bytes: 8 * 1024,
+            request_timeout_ms: 5_000,
+            reconnect_backoff_ms: 20,
+            ..ConsumerConfig::default()
+        },
+    )
+    .await
+    .expect("batch consumer");
+    batches
+        .assign("replayed", 1, Offset::Earliest)
+        .await
+        .expect("assign");
+    let mut batch_next = 0u64;
+    let mut read_batches_until = async |batches: &mut Consumer, end: u64| {
+        while batch_next < end {
+            let batch = tokio::time::timeout(DEADLINE, batches.next_batch())
+                .await
+                .expect("batches keep coming")
+                .expect("still assigned")
+                .expect("no error reaches the application");
+            for record in batch.records() {
+                let record = record.expect("record");
+                assert_eq!(record.offset, batch_next, "every offset once, in order");
+                assert_eq!(record.value, Some(batch_next.to_string().as_bytes()));
+                batch_next += 1;
+            }
+        }
+    };
+    read_batches_until(&mut batches, 300).await;
+    let mut next_expected = [0u64; 2];
+    let take = |next_expected: &mut [u64; 2], record: weir_client::ConsumerRecord| {
+        let partition = record.partition as usize;
+        assert_eq!(
+            record.offset, next_expected[partition],
+            "partition {partition}: every offset once, in order"
+        );
+        assert_eq!(
+            record.value.as_deref(),
+            Some(record.offset.to_string().as_bytes())
+        );
+        next_expected[partition] += 1;
+    };
+    for _ in 0..500 {
+        let record = tokio::time::timeout(DEADLINE, consumer.next())
+            .await
+            .expect("records keep coming")
+            .expect("assigned")
+            .expect("record");
+        take(&mut next_expected, record);
+    }
+
+    let killing = tokio::task::spawn_blocking(move || process.kill());
+    killing.await.expect("killed");
+    let data = dir.path().to_path_buf();
+    let process = tokio::task::spawn_blocking(move || BrokerProcess::start_at(listen, &data, &[]))
+        .await
+        .expect("restarted");
+    send(&producer, 600..900).await;
+
+    while next_expected.iter().any(|next| *next < 900) {
+        let record = tokio::time::timeout(DEADLINE, consumer.next())
+            .await
+            .expect("records keep coming after the restart")
+            .expect("still assigned")
+            .expect("no error reaches the application");
+        take(&mut next_expected, record);
+    }
+    assert_eq!(next_expected, [900, 900]);
+    read_batches_until(&mut batches, 900).await;
+
+    // Caught up and waiting in next(): the loss is noticed there.
+    let restart_and_send = async {
+        tokio::task::spawn_blocking(move || process.kill())
+            .await
+            .expect("killed again");
+        let data = dir.path().to_path_buf();
+        let process =
+            tokio::task::spawn_blocking(move || BrokerProcess::start_at(listen, &data, &[]))
+                .await
+                .expect("restarted again");
+        send(&producer, 900..901).await;
+        process
+    };
+    let (waited, process) = tokio::join!(
+        tokio::time::timeout(DEADLINE, consumer.next()),
+        restart_and_send
+    );
+    let record = waited
+        .expect("the waiting consumer resumes")
+        .expect("still assigned")
+        .expect("no error reaches the application");
+    take(&mut next_expected, record);
+    let record = tokio::time::timeout(DEADLINE, consumer.next())
+        .await
+        .expect("records keep coming")
+        .expect("still assigned")
+        .expect("record");
+    take(&mut next_expected, record);
+    assert_eq!(next_expected, [901, 901]);
+    read_batches_until(&mut batches, 901).await;
+    for partition in 0..2 {
+        let end = admin
+            .list_offset(
+                "replayed",
+                partition,
+                weir_protocol::message::OFFSET_SPEC_LATEST,
+            )
+            .await
+            .expect("the admin reconnected");
+        assert_eq!(end, 901);
+    }
+    drop(process);
+}
+
+/// With its broker gone for good, a consumer stops trying to reconnect
+/// after `reconnect_timeout_ms`, even when each `next()` is abandoned after
+/// 100 ms: it reports the connection error once, then ends, since nothing
+/// is assigned any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_reports_a_broker_gone_for_good() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let process = BrokerProcess::start(dir.path(), &[]);
+    let addr = process.addr.to_string();
+    Admin::connect(&addr)
+        .await
+        .expect("connect")
+        .create_topic("abandoned", 1)
+        .await
+        .expect("create");
+    let mut consumer = Consumer::connect(
+        &addr,
+        ConsumerConfig {
+            reconnect_timeout_ms: 1_000,
+            reconnect_backoff_ms: 50,
+            ..ConsumerConfig::default()
+        },
+    )
+    .await
+    .expect("consumer");
+    consumer
+        .assign("abandoned", 0, Offset::Earliest)
+        .await
+        .expect("assign");
+    tokio::task::spawn_blocking(move || process.kill())
+        .await
+        .expect("killed");
+    // Polled under a short timeout, as applications do: the reconnect
+    // clock keeps running across the abandoned calls.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let outcome = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gives up within its reconnect timeout"
+        );
+        if let Ok(outcome) = tokio::time::timeout(Duration::from_millis(100), consumer.next()).await
+        {
+            break outcome.expect("reports the loss");
+        }
+    };
+    assert!(
+        matches!(outcome, Err(ClientError::Connect { .. })),
+        "{outcome:?}"
+    );
+    assert!(consumer.assignment().is_empty());
+    let after = tokio::time::timeout(DEADLINE, consumer.next())
+        .await
+        .expect("ends at once");
+    assert!(after.is_none(), "{after:?}");
 }
 
 /// With its broker gone for good, a batch fails once its delivery timeout

@@ -597,3 +597,112 @@ async fn cooperative_rebalance_moves_only_what_changes_owner() {
     assert_eq!(distinct.len(), seen.len(), "no record processed twice");
     assert_eq!(distinct.len() as u64, produced, "every record processed");
 }
+
+/// A group member rides through a kill -9 and restart of its broker (the
+/// group's coordinator): it reconnects, rejoins, and reads on from the
+/// group's committed offset, so that nothing after the last commit is
+/// skipped (records after it may come twice: at-least-once, as after any
+/// rebalance), and it stays a member. Eager assignor (`range`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_member_rides_through_a_broker_restart() {
+    member_rides_through_a_broker_restart("range").await;
+}
+
+/// As `a_group_member_rides_through_a_broker_restart`, cooperative-sticky.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cooperative_group_member_rides_through_a_broker_restart() {
+    member_rides_through_a_broker_restart("cooperative-sticky").await;
+}
+
+async fn member_rides_through_a_broker_restart(assignor: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let listen = broker.addr;
+    let addr = listen.to_string();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin.create_topic("steady", 1).await.expect("create");
+    let producer = Producer::connect(&addr, ProducerConfig::default())
+        .await
+        .expect("producer");
+    let send = |numbers: std::ops::Range<u32>| {
+        let producer = &producer;
+        async move {
+            for number in numbers {
+                producer
+                    .send("steady", ProducerRecord::new(number.to_string()))
+                    .await
+                    .expect("send");
+            }
+            producer.flush().await.expect("flush");
+        }
+    };
+    send(0..300).await;
+    let mut consumer = Consumer::connect(
+        &addr,
+        ConsumerConfig {
+            request_timeout_ms: 5_000,
+            reconnect_backoff_ms: 20,
+            ..ConsumerConfig::default()
+        },
+    )
+    .await
+    .expect("consumer");
+    let config = GroupConfig {
+        auto_commit: false,
+        assignor: assignor.to_string(),
+        ..quick_group()
+    };
+    consumer
+        .subscribe_with("steady-readers", &["steady"], config, None)
+        .await
+        .expect("subscribe");
+    async fn next(consumer: &mut Consumer) -> weir_client::ConsumerRecord {
+        tokio::time::timeout(DEADLINE, consumer.next())
+            .await
+            .expect("records keep coming")
+            .expect("still a member")
+            .expect("no error reaches the application")
+    }
+    for expected in 0..200u64 {
+        assert_eq!(next(&mut consumer).await.offset, expected);
+    }
+    consumer.commit_sync().await.expect("commit at 200");
+    for expected in 200..250u64 {
+        assert_eq!(next(&mut consumer).await.offset, expected);
+    }
+
+    tokio::task::spawn_blocking(move || broker.kill())
+        .await
+        .expect("killed");
+    let data = dir.path().to_path_buf();
+    let broker = tokio::task::spawn_blocking(move || BrokerProcess::start_at(listen, &data, &[]))
+        .await
+        .expect("restarted");
+    send(300..400).await;
+
+    let resumed = next(&mut consumer).await.offset;
+    assert!(
+        (200..=250).contains(&resumed),
+        "resumes between the commit and the position, not past it: {resumed}"
+    );
+    for expected in resumed + 1..400 {
+        assert_eq!(next(&mut consumer).await.offset, expected, "no gap");
+    }
+    assert_eq!(consumer.assignment(), vec![("steady".to_string(), 0)]);
+    let (member, generation) = consumer.group_generation().expect("in the group");
+    let description = admin
+        .describe_group("steady-readers")
+        .await
+        .expect("describe (the admin reconnected)");
+    assert_eq!(description.generation, generation, "the group knows it");
+    assert_eq!(
+        description
+            .members
+            .iter()
+            .map(|m| m.member_id.clone())
+            .collect::<Vec<_>>(),
+        vec![member],
+        "the restarted broker's group has exactly this member"
+    );
+    drop(broker);
+}
