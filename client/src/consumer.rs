@@ -52,6 +52,27 @@ impl Default for ConsumerConfig {
 /// Longest pause between a consumer's reconnect attempts.
 pub const RECONNECT_BACKOFF_MS_MAX: u64 = 2_000;
 
+/// A reconnect followed by another loss within this long continues the
+/// same reconnect (its clock and backoff), so that a broker that accepts
+/// and then drops the consumer is not hammered; a connection that lived
+/// longer was a success, and the next loss starts afresh.
+const RECONNECT_STABLE_MS: u64 = 10_000;
+
+/// A reconnect under way, kept in the consumer so that a caller who
+/// abandons `next()` (a timeout around it) neither restarts its clock nor
+/// skips its pauses.
+#[derive(Debug, Clone, Copy)]
+struct Reconnecting {
+    /// When the loss was first noticed.
+    since: tokio::time::Instant,
+    /// The pause after the next attempt.
+    backoff: Duration,
+    /// No attempt before this.
+    next_attempt_at: tokio::time::Instant,
+    /// When the last attempt succeeded (the connection may be lost again).
+    connected_at: Option<tokio::time::Instant>,
+}
+
 /// Where to start reading a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offset {
@@ -95,6 +116,10 @@ struct Assignment {
     position: u64,
     /// Records of `chunk` being handed out one by one.
     records: VecDeque<ConsumerRecord>,
+    /// The subscription died with an earlier connection and was not
+    /// reopened (a group member's, until its rejoin): nothing to poll or
+    /// unsubscribe, and its id may belong to another subscription now.
+    stale: bool,
     /// The chunk `records` came from, handed back whole (from `position`)
     /// if the application switches to [`Consumer::next_batch`].
     chunk: Option<ConsumerBatch>,
@@ -289,8 +314,11 @@ pub struct Consumer {
     /// Set when a subscription's pushes ended with the connection: the
     /// assignments keep their positions for [`Consumer::reconnect`].
     connection_lost: bool,
-    /// While reconnecting: when the loss was noticed, and the next pause.
-    reconnecting: Option<(tokio::time::Instant, Duration)>,
+    /// While reconnecting (see [`Reconnecting`]).
+    reconnecting: Option<Reconnecting>,
+    /// Partitions a reconnect had to drop, reported by the next `next()`
+    /// or `next_batch()`.
+    deferred_error: Option<ClientError>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -317,6 +345,7 @@ impl Consumer {
             group: None,
             connection_lost: false,
             reconnecting: None,
+            deferred_error: None,
         })
     }
 
@@ -333,21 +362,7 @@ impl Consumer {
     /// `UnknownTopic`, `Broker(OffsetOutOfRange)`, connection errors.
     pub async fn assign(&mut self, topic: &str, partition: u32, start: Offset) -> Result<()> {
         self.ensure_connected().await?;
-        self.unassign(topic, partition).await?;
-        let offset = self.resolve(topic, partition, start).await?;
-        let (subscription_id, pushes) = self.open_subscription(topic, partition, offset).await?;
-        self.assignments.push(Assignment {
-            topic: topic.to_string(),
-            shared_topic: std::sync::Arc::from(topic),
-            partition,
-            subscription_id,
-            pushes,
-            position: offset,
-            records: VecDeque::new(),
-            chunk: None,
-            taken_bytes: 0,
-        });
-        Ok(())
+        self.assign_now(topic, partition, start).await
     }
 
     /// Subscribes to `topic`/`partition` from `offset` on the current
@@ -408,50 +423,86 @@ impl Consumer {
     /// offsets, as after any rebalance (they are not resubscribed here: the
     /// rejoin decides what the member owns).
     ///
-    /// One attempt per call. Failed attempts back off (doubling from
-    /// `reconnect_backoff_ms`), and once `reconnect_timeout_ms` has passed
-    /// since the loss was noticed, every assignment and the group are
-    /// dropped and the error is returned. The clock and the backoff live in
-    /// the consumer, so a caller that wraps `next()` in a short timeout
-    /// neither restarts them nor escapes them.
+    /// One attempt per call; the caller loops while the connection is
+    /// lost. Attempts are spaced by a backoff doubling from
+    /// `reconnect_backoff_ms` to [`RECONNECT_BACKOFF_MS_MAX`], and once
+    /// `reconnect_timeout_ms` has passed since the loss was noticed (with
+    /// attempts failing, or every new connection lost again at once), every
+    /// assignment and the group are dropped and the error is returned.
     ///
     /// A partition that can no longer be read (its topic deleted, or its
-    /// log now ends before the position) is dropped and reported with its
-    /// position; the others go on.
+    /// log now ends before the position) is dropped and reported, with its
+    /// position, by the next `next()`/`next_batch()`; the others go on.
     async fn reconnect(&mut self) -> Result<()> {
+        let timeout = Duration::from_millis(self.config.reconnect_timeout_ms);
         let now = tokio::time::Instant::now();
-        let (since, backoff) = *self.reconnecting.get_or_insert((
-            now,
-            Duration::from_millis(self.config.reconnect_backoff_ms.max(1)),
-        ));
-        let attempt = self.reconnect_once().await;
-        let error = match attempt {
-            Ok(dropped) => {
-                self.reconnecting = None;
-                return match dropped {
-                    Some(error) => Err(error),
-                    None => Ok(()),
-                };
-            }
-            Err(error) => error,
+        let fresh = Reconnecting {
+            since: now,
+            backoff: Duration::from_millis(self.config.reconnect_backoff_ms.max(1)),
+            next_attempt_at: now,
+            connected_at: None,
         };
-        let deadline = since + Duration::from_millis(self.config.reconnect_timeout_ms);
-        if tokio::time::Instant::now() + backoff >= deadline {
-            self.reconnecting = None;
-            self.connection_lost = false;
-            self.assignments.clear();
-            self.next_assignment = 0;
-            self.group = None;
-            return Err(error);
+        let mut state = match self.reconnecting {
+            // The last reconnect held long enough: this is a new loss.
+            Some(state)
+                if state.connected_at.is_some_and(|at| {
+                    now.duration_since(at) >= Duration::from_millis(RECONNECT_STABLE_MS)
+                }) =>
+            {
+                fresh
+            }
+            // A loss noticed long after the last failed attempt (nothing
+            // asked for the connection meanwhile): start afresh too.
+            Some(state)
+                if state.connected_at.is_none()
+                    && now.duration_since(state.next_attempt_at) >= timeout =>
+            {
+                fresh
+            }
+            Some(state) => state,
+            None => fresh,
+        };
+        self.reconnecting = Some(state);
+        if state.connected_at.is_some() && now >= state.since + timeout {
+            // Every new connection was lost again at once, for the whole
+            // timeout.
+            self.give_up_connection();
+            return Err(ClientError::Closed);
         }
-        tracing::debug!(%error, addr = self.connection.addr(), "consumer reconnect failed; retrying");
-        tokio::time::sleep(backoff).await;
-        self.reconnecting = Some((
-            since,
-            (backoff * 2).min(Duration::from_millis(RECONNECT_BACKOFF_MS_MAX)),
-        ));
-        // Not given up: the caller's loop tries again.
-        Ok(())
+        tokio::time::sleep_until(state.next_attempt_at).await;
+        let attempt = self.reconnect_once().await;
+        let now = tokio::time::Instant::now();
+        state.next_attempt_at = now + state.backoff;
+        state.backoff = (state.backoff * 2).min(Duration::from_millis(RECONNECT_BACKOFF_MS_MAX));
+        match attempt {
+            Ok(dropped) => {
+                state.connected_at = Some(now);
+                self.reconnecting = Some(state);
+                if let Some(error) = dropped {
+                    self.deferred_error = Some(error);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                state.connected_at = None;
+                if state.next_attempt_at >= state.since + timeout {
+                    self.give_up_connection();
+                    return Err(error);
+                }
+                tracing::debug!(%error, addr = self.connection.addr(), "consumer reconnect failed; retrying");
+                self.reconnecting = Some(state);
+                Ok(())
+            }
+        }
+    }
+
+    /// The broker stayed away: nothing is owned any more.
+    fn give_up_connection(&mut self) {
+        self.reconnecting = None;
+        self.connection_lost = false;
+        self.assignments.clear();
+        self.next_assignment = 0;
+        self.group = None;
     }
 
     /// One reconnect attempt: a new connection that has answered a request,
@@ -484,6 +535,9 @@ impl Consumer {
         self.connection_lost = false;
         if let Some(group) = &mut self.group {
             group.reattach(self.connection.clone());
+            for assignment in &mut self.assignments {
+                assignment.stale = true;
+            }
             return Ok(None);
         }
         let mut dropped = Vec::new();
@@ -511,6 +565,7 @@ impl Consumer {
                     let assignment = &mut self.assignments[index];
                     assignment.subscription_id = subscription_id;
                     assignment.pushes = pushes;
+                    assignment.stale = false;
                     // The new subscription starts with all of its credit.
                     assignment.taken_bytes = 0;
                 }
@@ -564,6 +619,10 @@ impl Consumer {
             return Ok(());
         };
         let assignment = self.assignments.remove(index);
+        self.next_assignment = 0;
+        if assignment.stale {
+            return Ok(());
+        }
         let subscription_id = assignment.subscription_id;
         self.connection.forget_pushes(subscription_id);
         drop(assignment);
@@ -584,6 +643,28 @@ impl Consumer {
         while self.connection_lost || self.connection.is_closed() {
             self.reconnect().await?;
         }
+        Ok(())
+    }
+
+    /// [`Consumer::assign`] on the connection as it is (inside a rebalance,
+    /// a lost connection must fail the rebalance, to be redone after the
+    /// reconnect, not be reconnected under it).
+    async fn assign_now(&mut self, topic: &str, partition: u32, start: Offset) -> Result<()> {
+        self.unassign(topic, partition).await?;
+        let offset = self.resolve(topic, partition, start).await?;
+        let (subscription_id, pushes) = self.open_subscription(topic, partition, offset).await?;
+        self.assignments.push(Assignment {
+            topic: topic.to_string(),
+            shared_topic: std::sync::Arc::from(topic),
+            partition,
+            subscription_id,
+            pushes,
+            position: offset,
+            records: VecDeque::new(),
+            stale: false,
+            chunk: None,
+            taken_bytes: 0,
+        });
         Ok(())
     }
 
@@ -632,6 +713,17 @@ impl Consumer {
         poll: fn(&mut Consumer, &mut Context<'_>) -> Poll<Option<Result<T>>>,
     ) -> Option<Result<T>> {
         loop {
+            if let Some(error) = self.deferred_error.take() {
+                return Some(Err(error));
+            }
+            // Listen for the heartbeat's wake before looking at anything it
+            // may have changed, so that a wake in between is not missed.
+            let wake = self.group.as_ref().map(|group| group.wake.clone());
+            let rejoin_wanted = wake.as_ref().map(|wake| wake.notified());
+            tokio::pin!(rejoin_wanted);
+            if let Some(notified) = rejoin_wanted.as_mut().as_pin_mut() {
+                notified.enable();
+            }
             let failure = self.group.as_ref().and_then(|group| {
                 group
                     .failed
@@ -653,12 +745,9 @@ impl Consumer {
                 }
                 continue;
             }
-            let Some((wake, commit_due)) = self.group.as_ref().map(|group| {
-                (
-                    group.wake.clone(),
-                    group.last_commit
-                        + Duration::from_millis(group.config.auto_commit_interval_ms.max(1)),
-                )
+            let Some(commit_due) = self.group.as_ref().map(|group| {
+                group.last_commit
+                    + Duration::from_millis(group.config.auto_commit_interval_ms.max(1))
             }) else {
                 match std::future::poll_fn(|context| poll(self, context)).await {
                     // Lost with the connection: reconnect (top of the loop).
@@ -666,11 +755,8 @@ impl Consumer {
                     item => return item,
                 }
             };
-            let rejoin_wanted = wake.notified();
-            tokio::pin!(rejoin_wanted);
-            rejoin_wanted.as_mut().enable();
             if let Err(error) = self.maintain_group().await {
-                if self.connection.is_closed() {
+                if self.group.is_some() && self.connection.is_closed() {
                     // Lost during the rejoin or a commit: reconnect and
                     // rejoin again rather than end the application's loop.
                     continue;
@@ -691,7 +777,10 @@ impl Consumer {
                     Some(Err(ClientError::Closed)) if self.connection_lost => {}
                     item => return item,
                 },
-                _ = &mut rejoin_wanted => {}
+                _ = std::future::poll_fn(|context| match rejoin_wanted.as_mut().as_pin_mut() {
+                    Some(notified) => notified.poll(context),
+                    None => Poll::Pending,
+                }) => {}
                 _ = tokio::time::sleep_until(commit_due), if auto_commit => {}
             }
         }
@@ -795,8 +884,9 @@ impl Consumer {
     /// RebalanceInProgress | UnknownMemberId)` when the group moved on (the
     /// next `next()` rejoins); connection errors.
     pub async fn commit_sync(&mut self) -> Result<()> {
+        self.ensure_connected().await?;
         let offsets = self.positions();
-        self.commit_offsets_sync(&offsets).await
+        self.commit_offsets_now(&offsets).await
     }
 
     /// Commits these offsets (topic, partition, next offset to consume).
@@ -804,6 +894,12 @@ impl Consumer {
     /// # Errors
     /// As [`Consumer::commit_sync`], and `Broker(PartitionNotAssigned)`.
     pub async fn commit_offsets_sync(&mut self, offsets: &[(String, u32, u64)]) -> Result<()> {
+        self.ensure_connected().await?;
+        self.commit_offsets_now(offsets).await
+    }
+
+    /// [`Consumer::commit_offsets_sync`] on the connection as it is.
+    async fn commit_offsets_now(&mut self, offsets: &[(String, u32, u64)]) -> Result<()> {
         let Some(group) = &mut self.group else {
             return Err(ClientError::InvalidArgument(
                 "commit needs a group (subscribe first)".into(),
@@ -894,7 +990,8 @@ impl Consumer {
         let due =
             group.last_commit + Duration::from_millis(group.config.auto_commit_interval_ms.max(1));
         if group.config.auto_commit && tokio::time::Instant::now() >= due {
-            match self.commit_sync().await {
+            let positions = self.positions();
+            match self.commit_offsets_now(&positions).await {
                 Ok(()) => {}
                 // The group moved on: the rebalance comes next.
                 Err(ClientError::Broker(_)) => {
@@ -971,7 +1068,7 @@ impl Consumer {
                 }
             }
         }
-        match self.commit_offsets_sync(&commits).await {
+        match self.commit_offsets_now(&commits).await {
             Ok(()) | Err(ClientError::Broker(_)) => Ok(()),
             Err(error) => Err(error),
         }
@@ -1022,7 +1119,7 @@ impl Consumer {
             .is_some_and(|group| group.pending_join.is_some() || group.joined.is_some());
         if auto_commit && !started {
             let positions = self.positions();
-            if let Err(error) = self.commit_offsets_sync(&positions).await
+            if let Err(error) = self.commit_offsets_now(&positions).await
                 && !matches!(error, ClientError::Broker(_))
             {
                 return Err(error);
@@ -1038,6 +1135,12 @@ impl Consumer {
             Err(error) => return Err(self.abandon_membership(error).await),
         };
         let reattached = self.group.as_ref().is_some_and(|group| group.reattached);
+        if reattached {
+            // Give up what was held as any eager member would: the
+            // listener hears of it and may commit first.
+            let owned = self.assignment();
+            self.commit_before_revoking(&owned).await?;
+        }
         if member_before.is_empty() || identity.member_id != member_before || reattached {
             // Rejoined as a new member (expired, or the coordinator
             // restarted): what this consumer held may have been read and
@@ -1090,7 +1193,7 @@ impl Consumer {
             } else {
                 reset
             };
-            match self.assign(&topic, partition, start).await {
+            match self.assign_now(&topic, partition, start).await {
                 Ok(()) => {}
                 // Deleted since the assignment: the coordinator rebalances
                 // on its own when it notices; read the rest meanwhile.
@@ -1098,7 +1201,7 @@ impl Consumer {
                 // Committed past the end after a truncation, or before a
                 // retention cut: start where the reset says.
                 Err(ClientError::Broker(ErrorCode::OffsetOutOfRange)) => {
-                    self.assign(&topic, partition, reset).await?;
+                    self.assign_now(&topic, partition, reset).await?;
                 }
                 Err(error) => return Err(error),
             }
@@ -1194,6 +1297,10 @@ impl Consumer {
         for step in 0..count {
             let index = (self.next_assignment + step) % count;
             let assignment = &mut self.assignments[index];
+            if assignment.stale {
+                // Waiting for the rejoin to replace it.
+                continue;
+            }
             if !assignment.records.is_empty() {
                 // Hand back what record-at-a-time reading left undelivered.
                 assignment.records.clear();

@@ -857,6 +857,80 @@ async fn a_consumer_and_an_admin_ride_through_a_broker_restart() {
     drop(process);
 }
 
+/// A reconnect counts only once the broker has answered: a restarted broker
+/// whose one connection slot is taken refuses the consumer (answering and
+/// closing), which keeps trying with backoff, reports nothing to the
+/// application meanwhile, and resumes exactly where it was once the slot
+/// frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_waits_out_a_broker_that_refuses_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let process = BrokerProcess::start(dir.path(), &[]);
+    let listen = process.addr;
+    let addr = listen.to_string();
+    let admin = Admin::connect(&addr).await.expect("connect");
+    admin.create_topic("refused", 1).await.expect("create");
+    let producer = Producer::connect(&addr, ProducerConfig::default())
+        .await
+        .expect("producer");
+    let mut deliveries = Vec::new();
+    send_numbers(&producer, "refused", 0..100, &mut deliveries).await;
+    producer.flush().await.expect("flush");
+    drop((producer, admin));
+    let mut consumer = Consumer::connect(
+        &addr,
+        ConsumerConfig {
+            reconnect_backoff_ms: 20,
+            request_timeout_ms: 5_000,
+            ..ConsumerConfig::default()
+        },
+    )
+    .await
+    .expect("consumer");
+    consumer
+        .assign("refused", 0, Offset::Earliest)
+        .await
+        .expect("assign");
+    for expected in 0..50u64 {
+        let record = tokio::time::timeout(DEADLINE, consumer.next())
+            .await
+            .expect("records keep coming")
+            .expect("assigned")
+            .expect("record");
+        assert_eq!(record.offset, expected);
+    }
+
+    tokio::task::spawn_blocking(move || process.kill())
+        .await
+        .expect("killed");
+    let data = dir.path().to_path_buf();
+    let process = tokio::task::spawn_blocking(move || {
+        BrokerProcess::start_at(listen, &data, &["--connections-max", "1"])
+    })
+    .await
+    .expect("restarted");
+    // Whoever connects first gets the only slot: this socket, before the
+    // consumer is next polled.
+    let hog = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("hog connects");
+    let waited = tokio::time::timeout(Duration::from_millis(1_500), consumer.next()).await;
+    assert!(
+        waited.is_err(),
+        "refused, the consumer keeps trying and reports nothing: {waited:?}"
+    );
+    drop(hog);
+    for expected in 50..100u64 {
+        let record = tokio::time::timeout(DEADLINE, consumer.next())
+            .await
+            .expect("records come once the slot is free")
+            .expect("still assigned")
+            .expect("no error reaches the application");
+        assert_eq!(record.offset, expected, "resumes exactly where it was");
+    }
+    drop(process);
+}
+
 /// With its broker gone for good, a consumer stops trying to reconnect
 /// after `reconnect_timeout_ms`, even when each `next()` is abandoned after
 /// 100 ms: it reports the connection error once, then ends, since nothing
