@@ -28,10 +28,13 @@ pub struct ConsumerConfig {
     pub credit_bytes: u32,
     /// How long one call may take. Default 30 s.
     pub request_timeout_ms: u64,
-    /// How long [`Consumer::next`] and [`Consumer::next_batch`] keep trying
-    /// to reconnect after the broker connection is lost (a broker restart,
-    /// say) before they report the loss. Reading resumes where the
-    /// application left off. 0: one attempt. Default 120 s.
+    /// How long the consumer keeps trying to reconnect after the broker
+    /// connection is lost (a broker restart, say) before it reports the
+    /// loss, drops what it owned and leaves its group. Reading resumes where
+    /// the application left off. [`Consumer::next`] and
+    /// [`Consumer::next_batch`] reconnect, and so do `assign`, `seek`,
+    /// `subscribe` and the synchronous commits, which may therefore wait
+    /// this long. 0: one attempt. Default 120 s.
     pub reconnect_timeout_ms: u64,
     /// First pause between reconnect attempts, doubled after each failure
     /// up to [`RECONNECT_BACKOFF_MS_MAX`]. Default 100 ms.
@@ -52,16 +55,16 @@ impl Default for ConsumerConfig {
 /// Longest pause between a consumer's reconnect attempts.
 pub const RECONNECT_BACKOFF_MS_MAX: u64 = 2_000;
 
-/// A reconnect followed by another loss within this long continues the
-/// same reconnect (its clock and backoff), so that a broker that accepts
-/// and then drops the consumer is not hammered; a connection that lived
-/// longer was a success, and the next loss starts afresh.
-const RECONNECT_STABLE_MS: u64 = 10_000;
+/// A connection lost again within this long of a reconnect continues that
+/// reconnect (its clock and backoff), so that a broker that accepts and
+/// then drops the consumer is not hammered; a connection that lived longer
+/// was a success, and the next loss starts afresh.
+const RECONNECT_STABLE_MS: u64 = RECONNECT_BACKOFF_MS_MAX;
 
 /// A reconnect under way, kept in the consumer so that a caller who
 /// abandons `next()` (a timeout around it) neither restarts its clock nor
 /// skips its pauses.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Reconnecting {
     /// When the loss was first noticed.
     since: tokio::time::Instant,
@@ -69,7 +72,11 @@ struct Reconnecting {
     backoff: Duration,
     /// No attempt before this.
     next_attempt_at: tokio::time::Instant,
-    /// When the last attempt succeeded (the connection may be lost again).
+    /// Attempts begun (an abandoned one counts).
+    attempts: u32,
+    /// Why the last attempt failed.
+    last_error: Option<ClientError>,
+    /// When the consumer was last fully reconnected (it may be lost again).
     connected_at: Option<tokio::time::Instant>,
 }
 
@@ -314,6 +321,9 @@ pub struct Consumer {
     /// Set when a subscription's pushes ended with the connection: the
     /// assignments keep their positions for [`Consumer::reconnect`].
     connection_lost: bool,
+    /// Hand-assigned partitions are `stale` on a new connection and still
+    /// to be resubscribed (a reconnect was cut short).
+    resubscribe_pending: bool,
     /// While reconnecting (see [`Reconnecting`]).
     reconnecting: Option<Reconnecting>,
     /// Partitions a reconnect had to drop, reported by the next `next()`
@@ -344,6 +354,7 @@ impl Consumer {
             next_assignment: 0,
             group: None,
             connection_lost: false,
+            resubscribe_pending: false,
             reconnecting: None,
             deferred_error: None,
         })
@@ -436,61 +447,71 @@ impl Consumer {
     async fn reconnect(&mut self) -> Result<()> {
         let timeout = Duration::from_millis(self.config.reconnect_timeout_ms);
         let now = tokio::time::Instant::now();
-        let fresh = Reconnecting {
-            since: now,
-            backoff: Duration::from_millis(self.config.reconnect_backoff_ms.max(1)),
-            next_attempt_at: now,
-            connected_at: None,
-        };
-        let mut state = match self.reconnecting {
-            // The last reconnect held long enough: this is a new loss.
-            Some(state)
-                if state.connected_at.is_some_and(|at| {
-                    now.duration_since(at) >= Duration::from_millis(RECONNECT_STABLE_MS)
-                }) =>
-            {
-                fresh
-            }
-            // A loss noticed long after the last failed attempt (nothing
-            // asked for the connection meanwhile): start afresh too.
-            Some(state)
-                if state.connected_at.is_none()
-                    && now.duration_since(state.next_attempt_at) >= timeout =>
-            {
-                fresh
-            }
-            Some(state) => state,
-            None => fresh,
-        };
-        self.reconnecting = Some(state);
-        if state.connected_at.is_some() && now >= state.since + timeout {
-            // Every new connection was lost again at once, for the whole
-            // timeout.
-            self.give_up_connection();
-            return Err(ClientError::Closed);
+        let continuing = self
+            .reconnecting
+            .as_ref()
+            .is_some_and(|state| match state.connected_at {
+                // Lost again right after reconnecting: the same reconnect.
+                Some(at) => now.duration_since(at) < Duration::from_millis(RECONNECT_STABLE_MS),
+                // Attempts failing, and asked again before the timeout ran out.
+                None => now.duration_since(state.next_attempt_at) < timeout,
+            });
+        if !continuing {
+            self.reconnecting = Some(Reconnecting {
+                since: now,
+                backoff: Duration::from_millis(self.config.reconnect_backoff_ms.max(1)),
+                next_attempt_at: now,
+                attempts: 0,
+                last_error: None,
+                connected_at: None,
+            });
         }
-        tokio::time::sleep_until(state.next_attempt_at).await;
+        let Some(state) = self.reconnecting.as_mut() else {
+            return Err(ClientError::Closed);
+        };
+        state.connected_at = None;
+        if state.attempts > 0 && now >= state.since + timeout {
+            let error = state
+                .last_error
+                .take()
+                .unwrap_or_else(|| ClientError::Connect {
+                    addr: self.connection.addr().to_string(),
+                    message: format!(
+                        "no lasting connection within {} ms",
+                        self.config.reconnect_timeout_ms
+                    ),
+                });
+            self.give_up_connection();
+            return Err(error);
+        }
+        let attempt_at = state.next_attempt_at;
+        // An abandoned wait leaves everything as it was.
+        tokio::time::sleep_until(attempt_at).await;
+        // Book the attempt before making it, so that one abandoned midway
+        // still counts and still spaces the next.
+        if let Some(state) = self.reconnecting.as_mut() {
+            state.attempts += 1;
+            state.next_attempt_at = tokio::time::Instant::now() + state.backoff;
+            state.backoff =
+                (state.backoff * 2).min(Duration::from_millis(RECONNECT_BACKOFF_MS_MAX));
+        }
         let attempt = self.reconnect_once().await;
-        let now = tokio::time::Instant::now();
-        state.next_attempt_at = now + state.backoff;
-        state.backoff = (state.backoff * 2).min(Duration::from_millis(RECONNECT_BACKOFF_MS_MAX));
+        let Some(state) = self.reconnecting.as_mut() else {
+            return attempt;
+        };
         match attempt {
-            Ok(dropped) => {
-                state.connected_at = Some(now);
-                self.reconnecting = Some(state);
-                if let Some(error) = dropped {
-                    self.deferred_error = Some(error);
-                }
+            Ok(()) => {
+                state.connected_at = Some(tokio::time::Instant::now());
+                state.last_error = None;
                 Ok(())
             }
             Err(error) => {
-                state.connected_at = None;
                 if state.next_attempt_at >= state.since + timeout {
                     self.give_up_connection();
                     return Err(error);
                 }
                 tracing::debug!(%error, addr = self.connection.addr(), "consumer reconnect failed; retrying");
-                self.reconnecting = Some(state);
+                state.last_error = Some(error);
                 Ok(())
             }
         }
@@ -500,49 +521,64 @@ impl Consumer {
     fn give_up_connection(&mut self) {
         self.reconnecting = None;
         self.connection_lost = false;
+        self.resubscribe_pending = false;
         self.assignments.clear();
         self.next_assignment = 0;
         self.group = None;
     }
 
-    /// One reconnect attempt: a new connection that has answered a request,
-    /// then the resubscriptions. Ok carries the error reporting partitions
-    /// that had to be dropped, if any.
-    async fn reconnect_once(&mut self) -> Result<Option<ClientError>> {
-        let addr = self.connection.addr().to_string();
-        let connection =
-            Connection::connect(&addr, Duration::from_millis(self.config.request_timeout_ms))
-                .await?;
-        // A broker that accepts and then closes (out of connection slots,
-        // or restarting) must not count as reconnected.
-        match connection
-            .call(Request::Handshake(HandshakeRequest {
-                client_name: "weir-client consumer".to_string(),
-                api_versions: Vec::new(),
-            }))
-            .await?
-        {
-            Response::Handshake(response) if response.error.is_ok() => {}
-            Response::Handshake(response) => return Err(ClientError::Broker(response.error)),
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "unexpected {:?}",
-                    other.api()
-                )));
+    /// One reconnect attempt: a new connection that has answered a request
+    /// (unless the current one is alive and only resubscriptions are left),
+    /// then the resubscriptions, each of which clears its partition's
+    /// `stale` mark, so that an attempt cut short resumes where it stopped.
+    async fn reconnect_once(&mut self) -> Result<()> {
+        if self.connection_lost || self.connection.is_closed() {
+            let addr = self.connection.addr().to_string();
+            let connection =
+                Connection::connect(&addr, Duration::from_millis(self.config.request_timeout_ms))
+                    .await?;
+            // A broker that accepts and then closes (out of connection
+            // slots, or restarting) must not count as reconnected.
+            match connection
+                .call(Request::Handshake(HandshakeRequest {
+                    client_name: "weir-client consumer".to_string(),
+                    api_versions: Vec::new(),
+                }))
+                .await?
+            {
+                Response::Handshake(response) if response.error.is_ok() => {}
+                Response::Handshake(response) => {
+                    return Err(ClientError::Broker(response.error));
+                }
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected {:?}",
+                        other.api()
+                    )));
+                }
             }
-        }
-        self.connection = connection;
-        self.connection_lost = false;
-        if let Some(group) = &mut self.group {
-            group.reattach(self.connection.clone());
+            // From here to the marks, nothing awaits: a new connection
+            // always comes with every old subscription marked stale.
+            self.connection = connection;
+            self.connection_lost = false;
             for assignment in &mut self.assignments {
                 assignment.stale = true;
             }
-            return Ok(None);
+            if let Some(group) = &mut self.group {
+                // The rejoin decides what the member owns.
+                group.reattach(self.connection.clone());
+                return Ok(());
+            }
+            self.resubscribe_pending = true;
         }
-        let mut dropped = Vec::new();
+        if self.group.is_some() {
+            return Ok(());
+        }
         for index in (0..self.assignments.len()).rev() {
             let assignment = &self.assignments[index];
+            if !assignment.stale {
+                continue;
+            }
             let (topic, partition) = (assignment.topic.clone(), assignment.partition);
             let mut offset = assignment.resume_offset();
             let mut outcome = self.open_subscription(&topic, partition, offset).await;
@@ -575,26 +611,26 @@ impl Consumer {
                 ) => {
                     let assignment = self.assignments.remove(index);
                     self.next_assignment = 0;
-                    dropped.push(format!(
+                    let dropped = format!(
                         "{topic}/{partition} at offset {} ({error})",
                         assignment.position
-                    ));
+                    );
+                    self.deferred_error = Some(match self.deferred_error.take() {
+                        Some(ClientError::Protocol(earlier)) => {
+                            ClientError::Protocol(format!("{earlier}, {dropped}"))
+                        }
+                        _ => ClientError::Protocol(format!(
+                            "unassigned after reconnecting: {dropped}"
+                        )),
+                    });
                 }
-                Err(error) => {
-                    // Lost again (or refused): the next attempt starts over;
-                    // subscriptions opened meanwhile die with this connection.
-                    self.connection_lost = true;
-                    return Err(error);
-                }
+                // Lost again, or refused: the next attempt goes on from
+                // here (on a new connection if this one closed).
+                Err(error) => return Err(error),
             }
         }
-        Ok((!dropped.is_empty()).then(|| {
-            dropped.reverse();
-            ClientError::Protocol(format!(
-                "unassigned after reconnecting: {}",
-                dropped.join(", ")
-            ))
-        }))
+        self.resubscribe_pending = false;
+        Ok(())
     }
 
     /// Seeks an assigned partition (or assigns it).
@@ -640,7 +676,7 @@ impl Consumer {
     /// opened again (resuming what is assigned), within
     /// `reconnect_timeout_ms`.
     async fn ensure_connected(&mut self) -> Result<()> {
-        while self.connection_lost || self.connection.is_closed() {
+        while self.connection_lost || self.resubscribe_pending || self.connection.is_closed() {
             self.reconnect().await?;
         }
         Ok(())
@@ -650,6 +686,10 @@ impl Consumer {
     /// a lost connection must fail the rebalance, to be redone after the
     /// reconnect, not be reconnected under it).
     async fn assign_now(&mut self, topic: &str, partition: u32, start: Offset) -> Result<()> {
+        if self.connection.is_closed() {
+            // Not reopened here (resolving through `Admin` would).
+            return Err(ClientError::Closed);
+        }
         self.unassign(topic, partition).await?;
         let offset = self.resolve(topic, partition, start).await?;
         let (subscription_id, pushes) = self.open_subscription(topic, partition, offset).await?;
@@ -739,7 +779,10 @@ impl Consumer {
                 return Some(Err(error));
             }
             let owns_anything = !self.assignments.is_empty() || self.group.is_some();
-            if self.connection_lost || (owns_anything && self.connection.is_closed()) {
+            if self.connection_lost
+                || self.resubscribe_pending
+                || (owns_anything && self.connection.is_closed())
+            {
                 if let Err(error) = self.reconnect().await {
                     return Some(Err(error));
                 }
@@ -884,6 +927,7 @@ impl Consumer {
     /// RebalanceInProgress | UnknownMemberId)` when the group moved on (the
     /// next `next()` rejoins); connection errors.
     pub async fn commit_sync(&mut self) -> Result<()> {
+        self.require_group()?;
         self.ensure_connected().await?;
         let offsets = self.positions();
         self.commit_offsets_now(&offsets).await
@@ -894,8 +938,18 @@ impl Consumer {
     /// # Errors
     /// As [`Consumer::commit_sync`], and `Broker(PartitionNotAssigned)`.
     pub async fn commit_offsets_sync(&mut self, offsets: &[(String, u32, u64)]) -> Result<()> {
+        self.require_group()?;
         self.ensure_connected().await?;
         self.commit_offsets_now(offsets).await
+    }
+
+    fn require_group(&self) -> Result<()> {
+        match self.group {
+            Some(_) => Ok(()),
+            None => Err(ClientError::InvalidArgument(
+                "commit needs a group (subscribe first)".into(),
+            )),
+        }
     }
 
     /// [`Consumer::commit_offsets_sync`] on the connection as it is.
@@ -942,6 +996,10 @@ impl Consumer {
         let Some(group) = self.group.take() else {
             return Ok(());
         };
+        // Subscriptions left stale by a reconnect were the group's: they
+        // go with it (nothing would ever resubscribe them).
+        self.assignments.retain(|assignment| !assignment.stale);
+        self.next_assignment = 0;
         group.heartbeat.abort();
         let identity = group.identity();
         if group.config.auto_commit {
@@ -1098,8 +1156,11 @@ impl Consumer {
             group.pending_join = None;
         }
         if matches!(error, ClientError::Broker(ErrorCode::FencedInstanceId)) {
-            // A newer process of this instance owns the membership now.
+            // A newer process of this instance owns the membership now;
+            // whatever `unassign_all` could not let go of goes too.
             self.group = None;
+            self.assignments.clear();
+            self.next_assignment = 0;
         }
         error
     }
@@ -1117,7 +1178,15 @@ impl Consumer {
             .group
             .as_ref()
             .is_some_and(|group| group.pending_join.is_some() || group.joined.is_some());
-        if auto_commit && !started {
+        let reattached = self.group.as_ref().is_some_and(|group| group.reattached);
+        if reattached && !started {
+            // Back from a lost connection, everything held is given up, as
+            // an eager member would: the listener hears of it and may
+            // commit, under the old identity (refused if the group moved
+            // on meanwhile, so an offset never goes back).
+            let owned = self.assignment();
+            self.commit_before_revoking(&owned).await?;
+        } else if auto_commit && !started {
             let positions = self.positions();
             if let Err(error) = self.commit_offsets_now(&positions).await
                 && !matches!(error, ClientError::Broker(_))
@@ -1134,13 +1203,6 @@ impl Consumer {
             Ok(joined) => joined,
             Err(error) => return Err(self.abandon_membership(error).await),
         };
-        let reattached = self.group.as_ref().is_some_and(|group| group.reattached);
-        if reattached {
-            // Give up what was held as any eager member would: the
-            // listener hears of it and may commit first.
-            let owned = self.assignment();
-            self.commit_before_revoking(&owned).await?;
-        }
         if member_before.is_empty() || identity.member_id != member_before || reattached {
             // Rejoined as a new member (expired, or the coordinator
             // restarted): what this consumer held may have been read and

@@ -857,11 +857,10 @@ async fn a_consumer_and_an_admin_ride_through_a_broker_restart() {
     drop(process);
 }
 
-/// A reconnect counts only once the broker has answered: a restarted broker
-/// whose one connection slot is taken refuses the consumer (answering and
-/// closing), which keeps trying with backoff, reports nothing to the
-/// application meanwhile, and resumes exactly where it was once the slot
-/// frees.
+/// A restarted broker whose one connection slot another socket holds
+/// refuses the consumer (answering and closing), which keeps trying,
+/// reports nothing to the application meanwhile, and resumes exactly where
+/// it was once the slot frees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_waits_out_a_broker_that_refuses_it() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -929,6 +928,69 @@ async fn a_consumer_waits_out_a_broker_that_refuses_it() {
         assert_eq!(record.offset, expected, "resumes exactly where it was");
     }
     drop(process);
+}
+
+/// Against an address that accepts connections but never answers, each
+/// reconnect attempt outlasts the application's 100 ms wait around
+/// `next()`; attempts cut short still count, so the consumer still gives up
+/// after `reconnect_timeout_ms` and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_gives_up_on_a_broker_that_never_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let process = BrokerProcess::start(dir.path(), &[]);
+    let listen = process.addr;
+    let addr = listen.to_string();
+    Admin::connect(&addr)
+        .await
+        .expect("connect")
+        .create_topic("silent", 1)
+        .await
+        .expect("create");
+    let mut consumer = Consumer::connect(
+        &addr,
+        ConsumerConfig {
+            request_timeout_ms: 10_000,
+            reconnect_timeout_ms: 1_000,
+            reconnect_backoff_ms: 50,
+            ..ConsumerConfig::default()
+        },
+    )
+    .await
+    .expect("consumer");
+    consumer
+        .assign("silent", 0, Offset::Earliest)
+        .await
+        .expect("assign");
+    tokio::task::spawn_blocking(move || process.kill())
+        .await
+        .expect("killed");
+    // Takes the broker's address: accepts, keeps every socket, says nothing.
+    let silent = tokio::net::TcpListener::bind(listen)
+        .await
+        .expect("bind the broker's address");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let outcome = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gives up although no attempt ever finishes"
+        );
+        if let Ok(outcome) = tokio::time::timeout(Duration::from_millis(100), consumer.next()).await
+        {
+            break outcome.expect("reports the loss");
+        }
+    };
+    assert!(
+        matches!(outcome, Err(ClientError::Connect { .. })),
+        "{outcome:?}"
+    );
+    assert!(consumer.assignment().is_empty());
+    holder.abort();
 }
 
 /// With its broker gone for good, a consumer stops trying to reconnect
