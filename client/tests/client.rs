@@ -626,16 +626,8 @@ async fn retried_batches_are_not_duplicated() {
 /// reported, in the order sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_rides_through_a_broker_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let process = BrokerProcess::start(dir.path(), &[]);
+    let (dir, process, addr) = killable_broker_with("restart", 1).await;
     let listen = process.addr;
-    let addr = listen.to_string();
-    Admin::connect(&addr)
-        .await
-        .expect("connect")
-        .create_topic("restart", 1)
-        .await
-        .expect("create");
     let producer = Producer::connect(
         &addr,
         ProducerConfig {
@@ -684,12 +676,9 @@ async fn a_producer_rides_through_a_broker_restart() {
 /// resumes the same way, and so does one reading with `next_batch()`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_and_an_admin_ride_through_a_broker_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let process = BrokerProcess::start(dir.path(), &[]);
+    let (dir, process, addr) = killable_broker_with("replayed", 2).await;
     let listen = process.addr;
-    let addr = listen.to_string();
     let admin = Admin::connect(&addr).await.expect("connect");
-    admin.create_topic("replayed", 2).await.expect("create");
     let producer = Producer::connect(
         &addr,
         ProducerConfig {
@@ -721,40 +710,16 @@ async fn a_consumer_and_an_admin_ride_through_a_broker_restart() {
     }
     send(&producer, 0..600).await;
 
-    let mut consumer = Consumer::connect(
-        &addr,
-        ConsumerConfig {
-            // Small pushes: the kill comes with chunks half handed out.
-            credit_bytes: 8 * 1024,
-            request_timeout_ms: 5_000,
-            reconnect_backoff_ms: 20,
-            ..ConsumerConfig::default()
-        },
-    )
-    .await
-    .expect("consumer");
-    for partition in 0..2 {
-        consumer
-            .assign("replayed", partition, Offset::Earliest)
-            .await
-            .expect("assign");
-    }
+    let config = ConsumerConfig {
+        // Small pushes: the kill likely finds a chunk half handed out.
+        credit_bytes: 8 * 1024,
+        request_timeout_ms: 5_000,
+        reconnect_backoff_ms: 20,
+        ..ConsumerConfig::default()
+    };
+    let mut consumer = consumer_from_start(&addr, config.clone(), "replayed", 0..2).await;
     // A second consumer reads partition 1 a chunk at a time.
-    let mut batches = Consumer::connect(
-        &addr,
-        ConsumerConfig {
-            credit_bytes: 8 * 1024,
-            request_timeout_ms: 5_000,
-            reconnect_backoff_ms: 20,
-            ..ConsumerConfig::default()
-        },
-    )
-    .await
-    .expect("batch consumer");
-    batches
-        .assign("replayed", 1, Offset::Earliest)
-        .await
-        .expect("assign");
+    let mut batches = consumer_from_start(&addr, config, "replayed", 1..2).await;
     let mut batch_next = 0u64;
     let mut read_batches_until = async |batches: &mut Consumer, end: u64| {
         while batch_next < end {
@@ -863,33 +828,26 @@ async fn a_consumer_and_an_admin_ride_through_a_broker_restart() {
 /// it was once the slot frees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_waits_out_a_broker_that_refuses_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let process = BrokerProcess::start(dir.path(), &[]);
+    let (dir, process, addr) = killable_broker_with("refused", 1).await;
     let listen = process.addr;
-    let addr = listen.to_string();
-    let admin = Admin::connect(&addr).await.expect("connect");
-    admin.create_topic("refused", 1).await.expect("create");
     let producer = Producer::connect(&addr, ProducerConfig::default())
         .await
         .expect("producer");
     let mut deliveries = Vec::new();
     send_numbers(&producer, "refused", 0..100, &mut deliveries).await;
     producer.flush().await.expect("flush");
-    drop((producer, admin));
-    let mut consumer = Consumer::connect(
+    drop(producer);
+    let mut consumer = consumer_from_start(
         &addr,
         ConsumerConfig {
             reconnect_backoff_ms: 20,
             request_timeout_ms: 5_000,
             ..ConsumerConfig::default()
         },
+        "refused",
+        0..1,
     )
-    .await
-    .expect("consumer");
-    consumer
-        .assign("refused", 0, Offset::Earliest)
-        .await
-        .expect("assign");
+    .await;
     for expected in 0..50u64 {
         let record = tokio::time::timeout(DEADLINE, consumer.next())
             .await
@@ -936,17 +894,9 @@ async fn a_consumer_waits_out_a_broker_that_refuses_it() {
 /// after `reconnect_timeout_ms` and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_gives_up_on_a_broker_that_never_answers() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let process = BrokerProcess::start(dir.path(), &[]);
+    let (_dir, process, addr) = killable_broker_with("silent", 1).await;
     let listen = process.addr;
-    let addr = listen.to_string();
-    Admin::connect(&addr)
-        .await
-        .expect("connect")
-        .create_topic("silent", 1)
-        .await
-        .expect("create");
-    let mut consumer = Consumer::connect(
+    let mut consumer = consumer_from_start(
         &addr,
         ConsumerConfig {
             request_timeout_ms: 10_000,
@@ -954,13 +904,10 @@ async fn a_consumer_gives_up_on_a_broker_that_never_answers() {
             reconnect_backoff_ms: 50,
             ..ConsumerConfig::default()
         },
+        "silent",
+        0..1,
     )
-    .await
-    .expect("consumer");
-    consumer
-        .assign("silent", 0, Offset::Earliest)
-        .await
-        .expect("assign");
+    .await;
     tokio::task::spawn_blocking(move || process.kill())
         .await
         .expect("killed");
@@ -974,11 +921,19 @@ async fn a_consumer_gives_up_on_a_broker_that_never_answers() {
             held.push(socket);
         }
     });
+    assert_gives_up_under_short_waits(&mut consumer).await;
+    holder.abort();
+}
+
+/// Calls `next()` the way applications with a poll loop do, abandoning
+/// each call after 100 ms, until it answers; the answer must be the
+/// connect error of a consumer that gave up, with nothing left assigned.
+async fn assert_gives_up_under_short_waits(consumer: &mut Consumer) {
     let deadline = std::time::Instant::now() + DEADLINE;
     let outcome = loop {
         assert!(
             std::time::Instant::now() < deadline,
-            "gives up although no attempt ever finishes"
+            "gives up within the deadline"
         );
         if let Ok(outcome) = tokio::time::timeout(Duration::from_millis(100), consumer.next()).await
         {
@@ -990,7 +945,6 @@ async fn a_consumer_gives_up_on_a_broker_that_never_answers() {
         "{outcome:?}"
     );
     assert!(consumer.assignment().is_empty());
-    holder.abort();
 }
 
 /// With its broker gone for good, a consumer stops trying to reconnect
@@ -999,50 +953,23 @@ async fn a_consumer_gives_up_on_a_broker_that_never_answers() {
 /// is assigned any more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_reports_a_broker_gone_for_good() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let process = BrokerProcess::start(dir.path(), &[]);
-    let addr = process.addr.to_string();
-    Admin::connect(&addr)
-        .await
-        .expect("connect")
-        .create_topic("abandoned", 1)
-        .await
-        .expect("create");
-    let mut consumer = Consumer::connect(
+    let (_dir, process, addr) = killable_broker_with("abandoned", 1).await;
+    let mut consumer = consumer_from_start(
         &addr,
         ConsumerConfig {
             reconnect_timeout_ms: 1_000,
             reconnect_backoff_ms: 50,
             ..ConsumerConfig::default()
         },
+        "abandoned",
+        0..1,
     )
-    .await
-    .expect("consumer");
-    consumer
-        .assign("abandoned", 0, Offset::Earliest)
-        .await
-        .expect("assign");
+    .await;
     tokio::task::spawn_blocking(move || process.kill())
         .await
         .expect("killed");
-    // Polled under a short timeout, as applications do: the reconnect
-    // clock keeps running across the abandoned calls.
-    let deadline = std::time::Instant::now() + DEADLINE;
-    let outcome = loop {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "gives up within its reconnect timeout"
-        );
-        if let Ok(outcome) = tokio::time::timeout(Duration::from_millis(100), consumer.next()).await
-        {
-            break outcome.expect("reports the loss");
-        }
-    };
-    assert!(
-        matches!(outcome, Err(ClientError::Connect { .. })),
-        "{outcome:?}"
-    );
-    assert!(consumer.assignment().is_empty());
+    // The reconnect clock keeps running across the abandoned calls.
+    assert_gives_up_under_short_waits(&mut consumer).await;
     let after = tokio::time::timeout(DEADLINE, consumer.next())
         .await
         .expect("ends at once");
@@ -1055,15 +982,7 @@ async fn a_consumer_reports_a_broker_gone_for_good() {
 /// never idempotent (a refused batch would go unreported).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_fails_after_its_delivery_timeout() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let process = BrokerProcess::start(dir.path(), &[]);
-    let addr = process.addr.to_string();
-    Admin::connect(&addr)
-        .await
-        .expect("connect")
-        .create_topic("gone", 1)
-        .await
-        .expect("create");
+    let (_dir, process, addr) = killable_broker_with("gone", 1).await;
     let unacknowledged = Producer::connect(
         &addr,
         ProducerConfig {
@@ -1141,6 +1060,42 @@ async fn assert_holds_numbers_once(addr: &str, topic: &str, count: u32) {
         .await
         .expect("end offset");
     assert_eq!(end, u64::from(count), "nothing appended twice");
+}
+
+/// A broker of its own with `topic` created; its data directory is
+/// returned too, so that it can be killed and restarted on the same
+/// address.
+async fn killable_broker_with(
+    topic: &str,
+    partitions: u32,
+) -> (tempfile::TempDir, BrokerProcess, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let process = BrokerProcess::start(dir.path(), &[]);
+    let addr = process.addr.to_string();
+    Admin::connect(&addr)
+        .await
+        .expect("connect")
+        .create_topic(topic, partitions)
+        .await
+        .expect("create");
+    (dir, process, addr)
+}
+
+/// A consumer with `config` reading `partitions` of `topic` from the start.
+async fn consumer_from_start(
+    addr: &str,
+    config: ConsumerConfig,
+    topic: &str,
+    partitions: std::ops::Range<u32>,
+) -> Consumer {
+    let mut consumer = Consumer::connect(addr, config).await.expect("consumer");
+    for partition in partitions {
+        consumer
+            .assign(topic, partition, Offset::Earliest)
+            .await
+            .expect("assign");
+    }
+    consumer
 }
 
 /// Sends one record per number, its value the number, and keeps the deliveries.
