@@ -1,5 +1,6 @@
 //! `Consumer`: assigned partitions, read through push subscriptions with
-//! credit-based flow control, as a `Stream` of records.
+//! credit-based flow control, read with `next`, `next_batch` or as a
+//! `Stream` of records (`into_stream`).
 //!
 //! Memory is bounded by credit: each partition's subscription starts with
 //! `credit_bytes` and the consumer grants more only as the application takes
@@ -1308,15 +1309,70 @@ impl Consumer {
         ))
     }
 
-    fn poll_record(&mut self, context: &mut Context<'_>) -> Poll<Option<Result<ConsumerRecord>>> {
+    /// A record already decoded, taking turns among the partitions.
+    fn take_decoded_record(&mut self) -> Option<ConsumerRecord> {
         let count = self.assignments.len();
         for step in 0..count {
             let index = (self.next_assignment + step) % count;
             let assignment = &mut self.assignments[index];
             if let Some(record) = assignment.take_record() {
                 self.next_assignment = (index + 1) % count;
-                return Poll::Ready(Some(Ok(record)));
+                return Some(record);
             }
+        }
+        None
+    }
+
+    /// What [`Consumer::next`] would return at once without awaiting
+    /// anything: a decoded record, when no reconnect, rebalance, failure
+    /// report or auto-commit is due first. `None` means "call `next()`".
+    fn take_ready_record(&mut self) -> Option<ConsumerRecord> {
+        if self.connection_lost
+            || self.resubscribe_pending
+            || self.deferred_error.is_some()
+            || self.connection.is_closed()
+        {
+            return None;
+        }
+        if let Some(group) = &self.group {
+            let commit_due = group.config.auto_commit
+                && tokio::time::Instant::now()
+                    >= group.last_commit
+                        + Duration::from_millis(group.config.auto_commit_interval_ms.max(1));
+            let failed = group
+                .failed
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner())
+                .is_some();
+            if group.rebalancing() || commit_due || failed {
+                return None;
+            }
+        }
+        self.take_decoded_record()
+    }
+
+    /// The consumer as a `Stream` of records with everything
+    /// [`Consumer::next`] does: group rebalances and commits, reconnects.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), weir_client::ClientError> {
+    /// use weir_client::{Consumer, ConsumerConfig};
+    /// let mut consumer = Consumer::connect("127.0.0.1:9092", ConsumerConfig::default()).await?;
+    /// consumer.subscribe("billing", &["orders"]).await?;
+    /// let mut records = consumer.into_stream();
+    /// // With futures::StreamExt: while let Some(record) = records.next().await { .. }
+    /// # drop(records);
+    /// # Ok(()) }
+    /// ```
+    pub fn into_stream(self) -> RecordStream {
+        RecordStream {
+            state: StreamState::Idle(Box::new(self)),
+        }
+    }
+
+    fn poll_record(&mut self, context: &mut Context<'_>) -> Poll<Option<Result<ConsumerRecord>>> {
+        if let Some(record) = self.take_decoded_record() {
+            return Poll::Ready(Some(Ok(record)));
         }
         loop {
             match self.poll_batch(context) {
@@ -1436,17 +1492,87 @@ impl Consumer {
     }
 }
 
-impl futures_core::Stream for Consumer {
+/// A [`Consumer`] as a `Stream` of records (see [`Consumer::into_stream`]):
+/// each item is what [`Consumer::next`] returns, rebalances, commits and
+/// reconnects included. Records already decoded are handed out directly;
+/// a call of `next()` runs (boxed, holding the consumer) only when none is
+/// ready, about once per pushed chunk.
+pub struct RecordStream {
+    state: StreamState,
+}
+
+type NextCall = Pin<
+    Box<dyn std::future::Future<Output = (Box<Consumer>, Option<Result<ConsumerRecord>>)> + Send>,
+>;
+
+enum StreamState {
+    Idle(Box<Consumer>),
+    Calling(NextCall),
+    /// Only while switching between the two.
+    Switching,
+}
+
+impl std::fmt::Debug for RecordStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.state {
+            StreamState::Idle(_) => "idle",
+            StreamState::Calling(_) => "calling next()",
+            StreamState::Switching => "switching",
+        };
+        f.debug_struct("RecordStream")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl RecordStream {
+    /// The consumer, unless a call of `next()` is under way (between items
+    /// that the stream returned, it is not).
+    pub fn consumer(&mut self) -> Option<&mut Consumer> {
+        match &mut self.state {
+            StreamState::Idle(consumer) => Some(consumer),
+            _ => None,
+        }
+    }
+
+    /// The consumer back, unless a call of `next()` is under way.
+    pub fn into_consumer(self) -> Option<Consumer> {
+        match self.state {
+            StreamState::Idle(consumer) => Some(*consumer),
+            _ => None,
+        }
+    }
+}
+
+impl futures_core::Stream for RecordStream {
     type Item = Result<ConsumerRecord>;
 
-    /// Reads what is assigned; unlike [`Consumer::next`] it neither takes
-    /// part in group rebalances nor reconnects: after a lost connection it
-    /// yields one `Err(Closed)` and ends.
     fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let consumer = self.get_mut();
-        if consumer.connection_lost {
-            return Poll::Ready(None);
+        let stream = self.get_mut();
+        loop {
+            match std::mem::replace(&mut stream.state, StreamState::Switching) {
+                StreamState::Idle(mut consumer) => {
+                    if let Some(record) = consumer.take_ready_record() {
+                        stream.state = StreamState::Idle(consumer);
+                        return Poll::Ready(Some(Ok(record)));
+                    }
+                    stream.state = StreamState::Calling(Box::pin(async move {
+                        let item = consumer.next().await;
+                        (consumer, item)
+                    }));
+                }
+                StreamState::Calling(mut call) => match call.as_mut().poll(context) {
+                    Poll::Ready((consumer, item)) => {
+                        stream.state = StreamState::Idle(consumer);
+                        return Poll::Ready(item);
+                    }
+                    Poll::Pending => {
+                        stream.state = StreamState::Calling(call);
+                        return Poll::Pending;
+                    }
+                },
+                StreamState::Switching => return Poll::Ready(None),
+            }
         }
-        consumer.poll_record(context)
     }
 }

@@ -6,7 +6,8 @@
 //! - `producer`: [`Producer`] — batching, compression, acks, retries,
 //!   backpressure through a bounded buffer.
 //! - `consumer`: [`Consumer`] — assigned partitions read through push
-//!   subscriptions with credit-based flow control, as a `Stream`.
+//!   subscriptions with credit-based flow control, record by record, chunk
+//!   by chunk, or as a `Stream` ([`Consumer::into_stream`]).
 //! - `partitioner`: Kafka's murmur2, so keys land where Kafka users expect.
 //! - `error`: [`ClientError`].
 //!
@@ -22,7 +23,7 @@ pub mod partitioner;
 pub mod producer;
 
 pub use admin::Admin;
-pub use consumer::{Consumer, ConsumerBatch, ConsumerConfig, ConsumerRecord, Offset};
+pub use consumer::{Consumer, ConsumerBatch, ConsumerConfig, ConsumerRecord, Offset, RecordStream};
 pub use error::{ClientError, Result};
 pub use group::{GroupConfig, RebalanceListener};
 pub use producer::{Acks, Delivery, DeliveryFuture, Producer, ProducerConfig, ProducerRecord};

@@ -710,3 +710,106 @@ async fn member_rides_through_a_broker_restart(assignor: &str) {
     );
     drop(broker);
 }
+
+/// A group member reading through `into_stream()` takes part in rebalances
+/// as `next()` does: when a second member joins, the stream's member gives
+/// up a partition, and every record produced afterwards reaches exactly one
+/// of the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_stream_takes_part_in_rebalances() {
+    use futures_core::Stream;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(dir.path(), &[]);
+    let addr = broker.addr.to_string();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin.create_topic("streamed", 2).await.expect("create");
+    let mut first = Consumer::connect(&addr, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    first
+        .subscribe_with("streamers", &["streamed"], quick_group(), None)
+        .await
+        .expect("subscribe");
+    assert_eq!(first.assignment().len(), 2, "alone, it owns both");
+    let mut stream = first.into_stream();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (seen, stop) = (seen.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let polled = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    std::future::poll_fn(|context| {
+                        std::pin::Pin::new(&mut stream).poll_next(context)
+                    }),
+                )
+                .await;
+                if let Ok(item) = polled {
+                    let record = item.expect("stream goes on").expect("record");
+                    seen.lock()
+                        .expect("lock")
+                        .push((record.partition, record.offset));
+                }
+            }
+            stream
+        })
+    };
+
+    let mut second = Consumer::connect(&addr, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    tokio::time::timeout(
+        DEADLINE,
+        second.subscribe_with("streamers", &["streamed"], quick_group(), None),
+    )
+    .await
+    .expect("the stream's member rejoins in time")
+    .expect("subscribe");
+    assert_eq!(
+        second.assignment().len(),
+        1,
+        "the joiner gets one partition"
+    );
+
+    let producer = Producer::connect(&addr, ProducerConfig::default())
+        .await
+        .expect("producer");
+    for number in 0..100u32 {
+        for partition in 0..2 {
+            producer
+                .send(
+                    "streamed",
+                    ProducerRecord::new(number.to_string()).partition(partition),
+                )
+                .await
+                .expect("send");
+        }
+    }
+    producer.flush().await.expect("flush");
+    let deadline = Instant::now() + DEADLINE;
+    let mut theirs = Vec::new();
+    while seen.lock().expect("lock").len() + theirs.len() < 200 {
+        assert!(Instant::now() < deadline, "all 200 records arrive");
+        if let Ok(item) = tokio::time::timeout(Duration::from_millis(100), second.next()).await {
+            let record = item.expect("assigned").expect("record");
+            theirs.push((record.partition, record.offset));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    reader.await.expect("reader");
+    let description = admin.describe_group("streamers").await.expect("describe");
+    let owned: Vec<usize> = description
+        .members
+        .iter()
+        .map(|member| member.assignment.len())
+        .collect();
+    assert_eq!(owned, vec![1, 1], "two members, one partition each");
+    let mut all: Vec<(u32, u64)> = seen.lock().expect("lock").clone();
+    all.extend(theirs);
+    all.sort_unstable();
+    let expected: Vec<(u32, u64)> = (0..2)
+        .flat_map(|partition| (0..100).map(move |offset| (partition, offset)))
+        .collect();
+    assert_eq!(all, expected, "each record reaches exactly one member");
+}
