@@ -64,6 +64,15 @@ pub struct BrokerConfig {
     pub verify_crc_on_read: bool,
     /// Partitions of `__consumer_offsets` (created on first use). Default 8.
     pub offsets_topic_partitions: u32,
+    /// Segment size `__consumer_offsets` is created with. Each retention
+    /// check snapshots the committed offsets and deletes the segments below
+    /// the snapshot, so a partition keeps about one segment. At least 1 MiB;
+    /// default 64 MiB.
+    pub offsets_segment_bytes: u64,
+    /// The committed offsets of a group with no members are dropped this
+    /// long after its last commit; 0 keeps them for ever. Default 7 days,
+    /// Kafka's `offsets.retention.minutes`.
+    pub offsets_retention_ms: u64,
     /// How long the first rebalance of an empty group waits for more
     /// members to join, so that consumers started together get one
     /// assignment instead of a rebalance each. Default 1 s (Kafka: 3 s).
@@ -100,6 +109,8 @@ impl Default for BrokerConfig {
             shutdown_grace_ms: 10_000,
             verify_crc_on_read: false,
             offsets_topic_partitions: 8,
+            offsets_segment_bytes: crate::groups::OFFSETS_SEGMENT_BYTES,
+            offsets_retention_ms: crate::groups::OFFSETS_RETENTION_MS,
             group_initial_rebalance_delay_ms: 1_000,
             producer_expiration_ms: 24 * 3600 * 1000,
         }

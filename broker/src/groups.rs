@@ -33,8 +33,13 @@ use crate::topics::Topics;
 
 /// The internal topic holding committed offsets.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
-/// Segment size of the offsets topic (each partition preallocates one).
+/// Default segment size of the offsets topic (each partition preallocates
+/// one). Snapshots replace the records below them, so a partition keeps
+/// about one segment beyond its snapshot.
 pub const OFFSETS_SEGMENT_BYTES: u64 = 64 << 20;
+/// Default time the offsets of a group without members are kept after its
+/// last commit: 7 days, Kafka's `offsets.retention.minutes`.
+pub const OFFSETS_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Groups a coordinator keeps at most.
 pub const GROUPS_MAX: usize = 10_000;
 /// Members of one group at most.
@@ -126,6 +131,8 @@ struct Group {
     /// Cooperative: the last round withheld partitions that change owner;
     /// the next join opens the round that hands them over.
     follow_up: bool,
+    /// Wall-clock time of the last commit, ms (0: none seen).
+    last_commit_ms: i64,
 }
 
 /// Replaced static member ids remembered per group.
@@ -146,6 +153,7 @@ impl Group {
             assigned_counts: BTreeMap::new(),
             fenced: VecDeque::new(),
             follow_up: false,
+            last_commit_ms: 0,
         }
     }
 
@@ -503,6 +511,10 @@ const GROUPS_SNAPSHOT_FILE: &str = "groups-snapshot.json";
 struct GroupsSnapshot {
     offset: u64,
     groups: BTreeMap<String, Vec<(String, u32, Committed)>>,
+    /// Each group's last commit, wall-clock ms (absent in snapshots of
+    /// earlier versions: their groups count as committed at load).
+    #[serde(default)]
+    commit_times: BTreeMap<String, i64>,
 }
 
 impl GroupsSnapshot {
@@ -541,6 +553,11 @@ pub struct Coordinator {
     commit_locks: Vec<tokio::sync::Mutex<()>>,
     offsets_partitions: u32,
     initial_delay: Duration,
+    /// Offsets of a group without members go this long after its last
+    /// commit (0: kept for ever).
+    offsets_retention_ms: u64,
+    /// Segment size the offsets topic is created with.
+    offsets_segment_bytes: u64,
     /// Distinguishes this run's member ids from an earlier run's.
     run_id: String,
     next_member: AtomicU64,
@@ -573,9 +590,19 @@ impl Coordinator {
                 .collect(),
             offsets_partitions: offsets_partitions.max(1),
             initial_delay,
+            offsets_retention_ms: OFFSETS_RETENTION_MS,
+            offsets_segment_bytes: OFFSETS_SEGMENT_BYTES,
             run_id,
             next_member: AtomicU64::new(0),
         }
+    }
+
+    /// Sets how long the offsets of a group without members outlive its
+    /// last commit (0: for ever), and the offsets topic's segment size.
+    pub fn with_offsets(mut self, retention_ms: u64, segment_bytes: u64) -> Coordinator {
+        self.offsets_retention_ms = retention_ms;
+        self.offsets_segment_bytes = segment_bytes.max(crate::topics::SEGMENT_BYTES_MIN);
+        self
     }
 
     /// Rebuilds committed offsets from the offsets topic, if it exists:
@@ -591,12 +618,25 @@ impl Coordinator {
             let log = &partition.log;
             let mut from = log.start_offset();
             let end = log.end_offset();
-            // A snapshot past the end describes commits a crash took back.
+            // A snapshot past the end describes commits a crash took back,
+            // unless the records below it are gone (it replaced them): then
+            // it is all there is.
             if let Some(snapshot) = GroupsSnapshot::load(log.dir())
-                && snapshot.offset <= end
+                && (snapshot.offset <= end || from > 0)
             {
+                if snapshot.offset > end {
+                    tracing::warn!(
+                        partition = partition.index,
+                        snapshot = snapshot.offset,
+                        end,
+                        "offsets log ends before its snapshot; using the snapshot"
+                    );
+                }
+                let loaded_ms = wall_clock_ms();
                 for (name, offsets) in snapshot.groups {
+                    let committed_ms = snapshot.commit_times.get(&name).copied();
                     let group = groups.entry(name).or_insert_with(|| Group::new(now));
+                    group.last_commit_ms = committed_ms.unwrap_or(loaded_ms);
                     for (topic, partition, committed) in offsets {
                         group.offsets.insert((topic, partition), committed);
                     }
@@ -620,7 +660,13 @@ impl Coordinator {
                                 continue;
                             }
                             records += 1;
-                            apply_record(&mut groups, now, record.key, record.value);
+                            apply_record(
+                                &mut groups,
+                                now,
+                                record.timestamp_ms,
+                                record.key,
+                                record.value,
+                            );
                         }
                     }
                 }
@@ -655,27 +701,46 @@ impl Coordinator {
                 continue;
             }
             let offset = partition.log.end_offset();
-            let groups = lock(&self.groups)
-                .iter()
-                .filter(|(name, group)| {
-                    !group.offsets.is_empty() && offsets_partition(name, count) == partition.index
-                })
-                .map(|(name, group)| {
-                    (
-                        name.clone(),
-                        group
-                            .offsets
-                            .iter()
-                            .map(|((topic, index), committed)| {
-                                (topic.clone(), *index, committed.clone())
-                            })
-                            .collect(),
-                    )
-                })
-                .collect();
-            let snapshot = GroupsSnapshot { offset, groups };
+            let mut groups = BTreeMap::new();
+            let mut commit_times = BTreeMap::new();
+            for (name, group) in lock(&self.groups).iter().filter(|(name, group)| {
+                !group.offsets.is_empty() && offsets_partition(name, count) == partition.index
+            }) {
+                groups.insert(
+                    name.clone(),
+                    group
+                        .offsets
+                        .iter()
+                        .map(|((topic, index), committed)| {
+                            (topic.clone(), *index, committed.clone())
+                        })
+                        .collect(),
+                );
+                commit_times.insert(name.clone(), group.last_commit_ms);
+            }
+            let snapshot = GroupsSnapshot {
+                offset,
+                groups,
+                commit_times,
+            };
             if let Err(error) = snapshot.save(partition.log.dir()) {
                 tracing::warn!(partition = partition.index, %error, "group snapshot failed");
+                continue;
+            }
+            // The snapshot (durable) now stands for every record below its
+            // offset: whole segments of them can go, which keeps the
+            // offsets log from growing with every commit for ever.
+            match partition.log.delete_segments_before(offset) {
+                Ok(outcome) if outcome.segments_deleted > 0 => tracing::info!(
+                    partition = partition.index,
+                    segments = outcome.segments_deleted,
+                    bytes = outcome.bytes_deleted,
+                    "offsets log compacted below its snapshot"
+                ),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(partition = partition.index, %error, "offsets log compaction failed")
+                }
             }
         }
     }
@@ -691,7 +756,7 @@ impl Coordinator {
         let configs = BTreeMap::from([
             (
                 "segment.bytes".to_string(),
-                OFFSETS_SEGMENT_BYTES.to_string(),
+                self.offsets_segment_bytes.to_string(),
             ),
             ("retention.ms".to_string(), "-1".to_string()),
             ("retention.bytes".to_string(), "-1".to_string()),
@@ -980,11 +1045,29 @@ impl Coordinator {
             }
             changed |= group.try_complete(now, topics);
         }
-        // A group with nothing left to remember goes.
-        groups.retain(|_, group| {
-            !(group.state == GroupState::Empty
-                && group.members.is_empty()
-                && group.offsets.is_empty())
+        // A group with nothing left to remember goes, and so do the
+        // offsets of one without members once they are older than the
+        // retention (the next snapshot leaves them out, and the records
+        // below it are not replayed).
+        let now_ms = wall_clock_ms();
+        let retention_ms = i64::try_from(self.offsets_retention_ms).unwrap_or(i64::MAX);
+        groups.retain(|name, group| {
+            if group.state != GroupState::Empty || !group.members.is_empty() {
+                return true;
+            }
+            if group.offsets.is_empty() {
+                return false;
+            }
+            let expired =
+                retention_ms > 0 && now_ms.saturating_sub(group.last_commit_ms) > retention_ms;
+            if expired {
+                tracing::info!(
+                    group = name,
+                    partitions = group.offsets.len(),
+                    "offsets expired: no members and no commit within the retention"
+                );
+            }
+            !expired
         });
         drop(groups);
         if changed {
@@ -1065,6 +1148,7 @@ impl Coordinator {
             let group = groups
                 .entry(request.group.clone())
                 .or_insert_with(|| Group::new(Instant::now()));
+            group.last_commit_ms = wall_clock_ms();
             for offset in &request.offsets {
                 group.offsets.insert(
                     (offset.topic.clone(), offset.partition),
@@ -1266,10 +1350,14 @@ fn check_member<'a>(
 }
 
 /// One batch with a record per committed offset.
-fn offsets_batch(request: &OffsetCommitRequest) -> Bytes {
-    let now_ms = std::time::SystemTime::now()
+fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as i64);
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+fn offsets_batch(request: &OffsetCommitRequest) -> Bytes {
+    let now_ms = wall_clock_ms();
     let mut builder = BatchBuilder::new(now_ms);
     for offset in &request.offsets {
         let key = serde_json::to_vec(&OffsetKey {
@@ -1291,6 +1379,7 @@ fn offsets_batch(request: &OffsetCommitRequest) -> Bytes {
 fn apply_record(
     groups: &mut BTreeMap<String, Group>,
     now: Instant,
+    timestamp_ms: i64,
     key: Option<&[u8]>,
     value: Option<&[u8]>,
 ) {
@@ -1298,6 +1387,7 @@ fn apply_record(
         return;
     };
     let group = groups.entry(key.group).or_insert_with(|| Group::new(now));
+    group.last_commit_ms = group.last_commit_ms.max(timestamp_ms);
     match value.map(serde_json::from_slice::<Committed>) {
         Some(Ok(committed)) => {
             group.offsets.insert((key.topic, key.partition), committed);

@@ -136,7 +136,8 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let groups = crate::groups::Coordinator::new(
         config.offsets_topic_partitions,
         Duration::from_millis(config.group_initial_rebalance_delay_ms),
-    );
+    )
+    .with_offsets(config.offsets_retention_ms, config.offsets_segment_bytes);
     groups.load(&topics);
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;

@@ -692,6 +692,9 @@ impl Consumer {
             return Err(ClientError::Closed);
         }
         self.unassign(topic, partition).await?;
+        if self.connection.is_closed() {
+            return Err(ClientError::Closed);
+        }
         let offset = self.resolve(topic, partition, start).await?;
         let (subscription_id, pushes) = self.open_subscription(topic, partition, offset).await?;
         self.assignments.push(Assignment {
@@ -997,24 +1000,24 @@ impl Consumer {
         let Some(group) = self.group.take() else {
             return Ok(());
         };
-        // Subscriptions left stale by a reconnect were the group's: they
-        // go with it (nothing would ever resubscribe them).
+        // What was read is committed, stale partitions included (read
+        // before a reconnect); then the stale subscriptions go with the
+        // group (nothing would ever resubscribe them).
+        let offsets = self.positions();
         self.assignments.retain(|assignment| !assignment.stale);
         self.next_assignment = 0;
         group.heartbeat.abort();
         let identity = group.identity();
-        if group.config.auto_commit {
-            let offsets = self.positions();
-            if let Err(error) = crate::group::commit_offsets(
+        if group.config.auto_commit
+            && let Err(error) = crate::group::commit_offsets(
                 &self.connection,
                 &group.group,
                 Some(&identity),
                 &offsets,
             )
             .await
-            {
-                tracing::warn!(%error, group = group.group, "final commit failed");
-            }
+        {
+            tracing::warn!(%error, group = group.group, "final commit failed");
         }
         if group.config.instance_id.is_none() && !identity.member_id.is_empty() {
             crate::group::leave(&self.connection, &group.group, &identity.member_id).await?;
@@ -1366,7 +1369,8 @@ impl Consumer {
     /// ```
     pub fn into_stream(self) -> RecordStream {
         RecordStream {
-            state: StreamState::Idle(Box::new(self)),
+            consumer: std::sync::Arc::new(tokio::sync::Mutex::new(self)),
+            call: None,
         }
     }
 
@@ -1495,51 +1499,43 @@ impl Consumer {
 /// A [`Consumer`] as a `Stream` of records (see [`Consumer::into_stream`]):
 /// each item is what [`Consumer::next`] returns, rebalances, commits and
 /// reconnects included. Records already decoded are handed out directly;
-/// a call of `next()` runs (boxed, holding the consumer) only when none is
-/// ready, about once per pushed chunk.
+/// a call of `next()` runs (boxed) only when none is ready, about once per
+/// pushed chunk. A call abandoned midway (a timeout or `select!` around
+/// the stream's `next()`) is dropped when the consumer is asked for, which
+/// `next()` is built to survive, so the consumer is always reachable.
 pub struct RecordStream {
-    state: StreamState,
+    consumer: std::sync::Arc<tokio::sync::Mutex<Consumer>>,
+    call: Option<NextCall>,
 }
 
-type NextCall = Pin<
-    Box<dyn std::future::Future<Output = (Box<Consumer>, Option<Result<ConsumerRecord>>)> + Send>,
->;
-
-enum StreamState {
-    Idle(Box<Consumer>),
-    Calling(NextCall),
-    /// Only while switching between the two.
-    Switching,
-}
+type NextCall = Pin<Box<dyn std::future::Future<Output = Option<Result<ConsumerRecord>>> + Send>>;
 
 impl std::fmt::Debug for RecordStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match self.state {
-            StreamState::Idle(_) => "idle",
-            StreamState::Calling(_) => "calling next()",
-            StreamState::Switching => "switching",
-        };
         f.debug_struct("RecordStream")
-            .field("state", &state)
+            .field("calling_next", &self.call.is_some())
             .finish()
     }
 }
 
 impl RecordStream {
-    /// The consumer, unless a call of `next()` is under way (between items
-    /// that the stream returned, it is not).
-    pub fn consumer(&mut self) -> Option<&mut Consumer> {
-        match &mut self.state {
-            StreamState::Idle(consumer) => Some(consumer),
-            _ => None,
-        }
+    /// The consumer, to commit or look at its assignment between items. A
+    /// call of `next()` left unfinished is abandoned first (harmless: the
+    /// stream's next item starts a new one).
+    pub fn consumer(&mut self) -> &mut Consumer {
+        self.call = None;
+        std::sync::Arc::get_mut(&mut self.consumer)
+            .expect("invariant: only an unfinished call shares the consumer")
+            .get_mut()
     }
 
-    /// The consumer back, unless a call of `next()` is under way.
-    pub fn into_consumer(self) -> Option<Consumer> {
-        match self.state {
-            StreamState::Idle(consumer) => Some(*consumer),
-            _ => None,
+    /// The consumer back (to `close` it, say), abandoning a call of
+    /// `next()` left unfinished.
+    pub fn into_consumer(mut self) -> Consumer {
+        self.call = None;
+        match std::sync::Arc::try_unwrap(self.consumer) {
+            Ok(consumer) => consumer.into_inner(),
+            Err(_) => unreachable!("invariant: only an unfinished call shares the consumer"),
         }
     }
 }
@@ -1549,30 +1545,26 @@ impl futures_core::Stream for RecordStream {
 
     fn poll_next(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let stream = self.get_mut();
-        loop {
-            match std::mem::replace(&mut stream.state, StreamState::Switching) {
-                StreamState::Idle(mut consumer) => {
-                    if let Some(record) = consumer.take_ready_record() {
-                        stream.state = StreamState::Idle(consumer);
-                        return Poll::Ready(Some(Ok(record)));
-                    }
-                    stream.state = StreamState::Calling(Box::pin(async move {
-                        let item = consumer.next().await;
-                        (consumer, item)
-                    }));
-                }
-                StreamState::Calling(mut call) => match call.as_mut().poll(context) {
-                    Poll::Ready((consumer, item)) => {
-                        stream.state = StreamState::Idle(consumer);
-                        return Poll::Ready(item);
-                    }
-                    Poll::Pending => {
-                        stream.state = StreamState::Calling(call);
-                        return Poll::Pending;
-                    }
-                },
-                StreamState::Switching => return Poll::Ready(None),
+        if stream.call.is_none() {
+            if let Ok(mut consumer) = stream.consumer.try_lock()
+                && let Some(record) = consumer.take_ready_record()
+            {
+                return Poll::Ready(Some(Ok(record)));
             }
+            let consumer = stream.consumer.clone();
+            stream.call = Some(Box::pin(
+                async move { consumer.lock_owned().await.next().await },
+            ));
+        }
+        let Some(call) = stream.call.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match call.as_mut().poll(context) {
+            Poll::Ready(item) => {
+                stream.call = None;
+                Poll::Ready(item)
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -681,9 +681,8 @@ async fn member_rides_through_a_broker_restart(assignor: &str) {
         .expect("restarted");
     send(300..400).await;
 
-    // Without auto-commit, the rejoin starts from the last commit (the
-    // broker's restart forgot the member, so the commit of the position
-    // that a rejoin attempts under the old identity is refused).
+    // Without auto-commit (and no listener staging commits) the rejoin
+    // commits nothing: it starts from the last commit.
     assert_eq!(
         next(&mut consumer).await.offset,
         200,
@@ -714,7 +713,8 @@ async fn member_rides_through_a_broker_restart(assignor: &str) {
 /// A group member reading through `into_stream()` takes part in rebalances
 /// as `next()` does: when a second member joins, the stream's member gives
 /// up a partition, and every record produced afterwards reaches exactly one
-/// of the two.
+/// of the two, in order; the consumer is reachable after an abandoned call
+/// (and closes cleanly: the other member then takes both partitions).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_stream_takes_part_in_rebalances() {
     use futures_core::Stream;
@@ -723,11 +723,16 @@ async fn a_record_stream_takes_part_in_rebalances() {
     let addr = broker.addr.to_string();
     let admin = Admin::connect(&addr).await.expect("admin");
     admin.create_topic("streamed", 2).await.expect("create");
+    // A long session: an expiry on a loaded machine would rebalance again.
+    let config = GroupConfig {
+        session_timeout_ms: 10_000,
+        ..quick_group()
+    };
     let mut first = Consumer::connect(&addr, ConsumerConfig::default())
         .await
         .expect("consumer");
     first
-        .subscribe_with("streamers", &["streamed"], quick_group(), None)
+        .subscribe_with("streamers", &["streamed"], config.clone(), None)
         .await
         .expect("subscribe");
     assert_eq!(first.assignment().len(), 2, "alone, it owns both");
@@ -761,7 +766,7 @@ async fn a_record_stream_takes_part_in_rebalances() {
         .expect("consumer");
     tokio::time::timeout(
         DEADLINE,
-        second.subscribe_with("streamers", &["streamed"], quick_group(), None),
+        second.subscribe_with("streamers", &["streamed"], config, None),
     )
     .await
     .expect("the stream's member rejoins in time")
@@ -791,13 +796,15 @@ async fn a_record_stream_takes_part_in_rebalances() {
     let mut theirs = Vec::new();
     while seen.lock().expect("lock").len() + theirs.len() < 200 {
         assert!(Instant::now() < deadline, "all 200 records arrive");
+        assert!(!reader.is_finished(), "the stream's reader goes on");
         if let Ok(item) = tokio::time::timeout(Duration::from_millis(100), second.next()).await {
             let record = item.expect("assigned").expect("record");
             theirs.push((record.partition, record.offset));
         }
     }
     stop.store(true, Ordering::Relaxed);
-    reader.await.expect("reader");
+    // Its last poll was most likely abandoned by the timeout mid-call.
+    let stream = reader.await.expect("reader");
     let description = admin.describe_group("streamers").await.expect("describe");
     let owned: Vec<usize> = description
         .members
@@ -805,11 +812,200 @@ async fn a_record_stream_takes_part_in_rebalances() {
         .map(|member| member.assignment.len())
         .collect();
     assert_eq!(owned, vec![1, 1], "two members, one partition each");
-    let mut all: Vec<(u32, u64)> = seen.lock().expect("lock").clone();
+    let mine: Vec<(u32, u64)> = seen.lock().expect("lock").clone();
+    for records in [&mine, &theirs] {
+        for partition in 0..2 {
+            let offsets: Vec<u64> = records
+                .iter()
+                .filter(|(p, _)| *p == partition)
+                .map(|(_, offset)| *offset)
+                .collect();
+            assert!(offsets.windows(2).all(|pair| pair[0] < pair[1]), "in order");
+        }
+    }
+    let mut all = mine;
     all.extend(theirs);
     all.sort_unstable();
     let expected: Vec<(u32, u64)> = (0..2)
         .flat_map(|partition| (0..100).map(move |offset| (partition, offset)))
         .collect();
     assert_eq!(all, expected, "each record reaches exactly one member");
+
+    stream.into_consumer().close().await.expect("close");
+    let deadline = Instant::now() + DEADLINE;
+    while second.assignment().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed member's partition moves"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(100), second.next()).await;
+    }
+}
+
+/// A broker of its own whose settings come from `toml` (through
+/// `--config`); returns the directory holding its data and settings.
+fn broker_with_settings(toml: &str) -> (tempfile::TempDir, BrokerProcess, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, toml).expect("config");
+    let data = dir.path().join("data");
+    let broker = BrokerProcess::start(&data, &["--config", config.to_str().expect("utf-8 path")]);
+    (dir, broker, config)
+}
+
+/// Commits never stop, but the offsets log does not grow with them: each
+/// retention check snapshots the offsets and deletes the segments below
+/// the snapshot; the last commit survives a kill -9 and restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offsets_log_is_compacted_below_its_snapshot() {
+    let (dir, broker, config) = broker_with_settings(
+        "segment_bytes = 1048576\noffsets_topic_partitions = 1\noffsets_segment_bytes = 1048576\nretention_check_ms = 100\n",
+    );
+    let listen = broker.addr;
+    let addr = listen.to_string();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin.create_topic("ledger", 100).await.expect("create");
+    // A commit of 100 partitions is about 9 KiB of records: 300 of them
+    // fill about three 1 MiB segments.
+    for round in 1..=300u64 {
+        let offsets: Vec<(String, u32, u64)> = (0..100)
+            .map(|partition| ("ledger".to_string(), partition, round))
+            .collect();
+        admin
+            .set_group_offsets("auditors", &offsets)
+            .await
+            .expect("commit");
+    }
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let start = admin
+            .list_offset(
+                "__consumer_offsets",
+                0,
+                weir_protocol::message::OFFSET_SPEC_EARLIEST,
+            )
+            .await
+            .expect("offsets log start");
+        let end = admin
+            .list_offset(
+                "__consumer_offsets",
+                0,
+                weir_protocol::message::OFFSET_SPEC_LATEST,
+            )
+            .await
+            .expect("offsets log end");
+        assert_eq!(end, 30_000, "one record per committed offset");
+        // Everything below the last snapshot goes but the active segment
+        // (about 11,000 records of 1 MiB).
+        if start > 0 && end - start < 15_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "compaction keeps only the last segments: {start}..{end}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    tokio::task::spawn_blocking(move || broker.kill())
+        .await
+        .expect("killed");
+    let data = dir.path().join("data");
+    let broker = tokio::task::spawn_blocking(move || {
+        BrokerProcess::start_at(
+            listen,
+            &data,
+            &["--config", config.to_str().expect("utf-8 path")],
+        )
+    })
+    .await
+    .expect("restarted");
+    let mut offsets = admin.group_offsets("auditors").await.expect("offsets");
+    offsets.sort();
+    let expected: Vec<(String, u32, i64)> = (0..100)
+        .map(|partition| ("ledger".to_string(), partition, 300))
+        .collect();
+    assert_eq!(offsets, expected, "the last commit survives the compaction");
+    drop(broker);
+}
+
+/// The offsets of a group without members expire after
+/// `offsets_retention_ms` and stay gone after a restart, while a group with
+/// a member keeps its offsets however old its last commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_of_a_group_without_members_expire() {
+    let (dir, broker, config) =
+        broker_with_settings("offsets_retention_ms = 1000\nretention_check_ms = 100\n");
+    let listen = broker.addr;
+    let addr = listen.to_string();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin.create_topic("aging", 1).await.expect("create");
+    let mut member = Consumer::connect(&addr, ConsumerConfig::default())
+        .await
+        .expect("consumer");
+    member
+        .subscribe_with(
+            "active",
+            &["aging"],
+            GroupConfig {
+                auto_commit: false,
+                ..quick_group()
+            },
+            None,
+        )
+        .await
+        .expect("subscribe");
+    member
+        .commit_offsets_sync(&[("aging".to_string(), 0, 7)])
+        .await
+        .expect("commit");
+    admin
+        .set_group_offsets("abandoned", &[("aging".to_string(), 0, 3)])
+        .await
+        .expect("commit");
+    assert_eq!(
+        admin.group_offsets("abandoned").await.expect("offsets"),
+        vec![("aging".to_string(), 0, 3)]
+    );
+
+    // Gone once the retention has passed; the member's group, still
+    // heartbeating (next() keeps it in), stays.
+    let gone = |offsets: Vec<(String, u32, i64)>| offsets.iter().all(|(_, _, o)| *o < 0);
+    let deadline = Instant::now() + DEADLINE;
+    while !gone(admin.group_offsets("abandoned").await.expect("offsets")) {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned group's offsets expire"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(100), member.next()).await;
+    }
+    for _ in 0..5 {
+        let _ = tokio::time::timeout(Duration::from_millis(100), member.next()).await;
+    }
+    assert_eq!(
+        admin.group_offsets("active").await.expect("offsets"),
+        vec![("aging".to_string(), 0, 7)],
+        "a group with a member keeps its offsets"
+    );
+
+    tokio::task::spawn_blocking(move || broker.kill())
+        .await
+        .expect("killed");
+    let data = dir.path().join("data");
+    let broker = tokio::task::spawn_blocking(move || {
+        BrokerProcess::start_at(
+            listen,
+            &data,
+            &["--config", config.to_str().expect("utf-8 path")],
+        )
+    })
+    .await
+    .expect("restarted");
+    // Replayed commits older than the retention expire again at once.
+    let deadline = Instant::now() + DEADLINE;
+    while !gone(admin.group_offsets("abandoned").await.expect("offsets")) {
+        assert!(Instant::now() < deadline, "expired offsets stay expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(broker);
 }

@@ -1173,6 +1173,34 @@ impl Log {
     /// I/O errors deleting files.
     pub fn apply_retention(&self, at_ms: Option<i64>) -> Result<RetentionOutcome> {
         let now_ms = at_ms.unwrap_or_else(now_ms);
+        self.delete_leading_segments(|segment, _next_base, remaining_bytes| {
+            let by_size = self
+                .config
+                .retention_bytes
+                .is_some_and(|limit| remaining_bytes >= limit);
+            let by_age = self.config.retention_ms.is_some_and(|limit| {
+                segment.max_timestamp_ms() < now_ms.saturating_sub(limit as i64)
+            });
+            by_size || by_age
+        })
+    }
+
+    /// Deletes the sealed segments, oldest first, whose every offset lies
+    /// below `offset` (for a log whose older records a snapshot replaces).
+    /// The active segment is never deleted.
+    ///
+    /// # Errors
+    /// I/O errors deleting files.
+    pub fn delete_segments_before(&self, offset: u64) -> Result<RetentionOutcome> {
+        self.delete_leading_segments(|_segment, next_base, _remaining_bytes| next_base <= offset)
+    }
+
+    /// Deletes sealed segments from the oldest on while `wanted(segment,
+    /// base offset of the next segment, bytes that would remain)` says so.
+    fn delete_leading_segments(
+        &self,
+        mut wanted: impl FnMut(&Segment, u64, u64) -> bool,
+    ) -> Result<RetentionOutcome> {
         let mut writer = lock(&self.writer);
         self.check_open(&writer)?;
         let mut outcome = RetentionOutcome::default();
@@ -1191,14 +1219,12 @@ impl Log {
                 break;
             }
             let bytes = segment.published_bytes();
-            let by_size = self
-                .config
-                .retention_bytes
-                .is_some_and(|limit| total - bytes >= limit);
-            let by_age = self.config.retention_ms.is_some_and(|limit| {
-                segment.max_timestamp_ms() < now_ms.saturating_sub(limit as i64)
-            });
-            if !(by_size || by_age) {
+            // A sealed segment is never the last: the active one follows.
+            let next_base = segments
+                .range(segment.base_offset() + 1..)
+                .next()
+                .map_or(writer.next_offset, |(base, _)| *base);
+            if !wanted(&segment, next_base, total - bytes) {
                 break;
             }
             segments.remove(&segment.base_offset());

@@ -253,6 +253,48 @@ fn retention_by_size_and_age() {
     }
 }
 
+/// Deleting before an offset removes exactly the sealed segments that lie
+/// wholly below it, oldest first, never one holding that offset or the
+/// active one, and survives a reopen.
+#[test]
+fn segments_deleted_before_an_offset() {
+    for (kind, mode) in VARIANTS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = small_config(mode);
+        let log = open(dir.path(), &config, &engine(kind));
+        let mut bases = Vec::new();
+        for tag in 0..4u64 {
+            bases.push(
+                log.append_blocking(batch(tag, 5, 100, 0))
+                    .expect("append")
+                    .base_offset,
+            );
+            log.roll().expect("roll");
+        }
+        // Segments hold [0, 5), [5, 10), [10, 15), [15, 20), then the active one.
+        assert_eq!(bases, vec![0, 5, 10, 15]);
+        let outcome = log.delete_segments_before(12).expect("delete");
+        assert_eq!(outcome.segments_deleted, 2, "{kind:?}/{mode:?}");
+        assert_eq!(log.start_offset(), 10, "the segment holding 12 stays");
+        assert!(matches!(
+            log.read(9, 10),
+            Err(StorageError::OffsetOutOfRange { .. })
+        ));
+        assert_eq!(
+            read_all(&log).iter().map(|b| b.2).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        let outcome = log.delete_segments_before(u64::MAX).expect("delete");
+        assert_eq!(outcome.segments_deleted, 2);
+        assert_eq!(log.segment_count(), 1, "only the active segment is left");
+        assert_eq!(log.start_offset(), 20);
+        drop(log);
+        let log = open(dir.path(), &config, &engine(kind));
+        assert_eq!(log.start_offset(), 20, "{kind:?}/{mode:?}: after reopening");
+        assert_eq!(log.end_offset(), 20);
+    }
+}
+
 /// A segment older than `segment_age_ms_max` rolls on the next append.
 #[test]
 fn segment_rolls_by_age() {
