@@ -69,9 +69,10 @@ pub struct BrokerConfig {
     /// the snapshot, so a partition keeps about one segment. At least 1 MiB;
     /// default 64 MiB.
     pub offsets_segment_bytes: u64,
-    /// The committed offsets of a group with no members are dropped this
-    /// long after its last commit; 0 keeps them for ever. Default 7 days,
-    /// Kafka's `offsets.retention.minutes`.
+    /// The committed offsets of a group are dropped once it has had no
+    /// members for this long and no commit within it (the clock starts when
+    /// the group empties, or at the broker's start); 0 keeps them for ever.
+    /// Default 7 days, Kafka's `offsets.retention.minutes`.
     pub offsets_retention_ms: u64,
     /// How long the first rebalance of an empty group waits for more
     /// members to join, so that consumers started together get one

@@ -37,8 +37,8 @@ pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// one). Snapshots replace the records below them, so a partition keeps
 /// about one segment beyond its snapshot.
 pub const OFFSETS_SEGMENT_BYTES: u64 = 64 << 20;
-/// Default time the offsets of a group without members are kept after its
-/// last commit: 7 days, Kafka's `offsets.retention.minutes`.
+/// Default time the offsets of a group are kept once it has no members and
+/// no commit: 7 days, Kafka's `offsets.retention.minutes`.
 pub const OFFSETS_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 /// Groups a coordinator keeps at most.
 pub const GROUPS_MAX: usize = 10_000;
@@ -133,6 +133,9 @@ struct Group {
     follow_up: bool,
     /// Wall-clock time of the last commit, ms (0: none seen).
     last_commit_ms: i64,
+    /// Since when the group has had no members, as the reaper saw it (on
+    /// the monotonic clock; after a restart, from the first reap).
+    empty_since: Option<Instant>,
 }
 
 /// Replaced static member ids remembered per group.
@@ -154,6 +157,7 @@ impl Group {
             fenced: VecDeque::new(),
             follow_up: false,
             last_commit_ms: 0,
+            empty_since: None,
         }
     }
 
@@ -518,20 +522,26 @@ struct GroupsSnapshot {
 }
 
 impl GroupsSnapshot {
-    fn save(&self, dir: &std::path::Path) -> Result<(), weir_storage::StorageError> {
-        let text = serde_json::to_vec(self).unwrap_or_default();
+    /// Writes the snapshot atomically and durably. Segments below it are
+    /// deleted afterwards, so it must never be written wrong: an encoding
+    /// failure is an error, not an empty file.
+    fn save(&self, dir: &std::path::Path) -> Result<(), String> {
+        let text = serde_json::to_vec(self).map_err(|error| error.to_string())?;
         weir_storage::checkpoint::write_atomic(dir, GROUPS_SNAPSHOT_FILE, &text)
+            .map_err(|error| error.to_string())
     }
 
-    fn load(dir: &std::path::Path) -> Option<GroupsSnapshot> {
-        let text = std::fs::read(dir.join(GROUPS_SNAPSHOT_FILE)).ok()?;
-        match serde_json::from_slice(&text) {
-            Ok(snapshot) => Some(snapshot),
-            Err(error) => {
-                tracing::warn!(dir = %dir.display(), %error, "unreadable group snapshot; replaying");
-                None
-            }
-        }
+    /// The snapshot, `Ok(None)` if there is none, `Err` if it is unreadable.
+    fn load(dir: &std::path::Path) -> Result<Option<GroupsSnapshot>, String> {
+        let path = dir.join(GROUPS_SNAPSHOT_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(format!("{}: {error}", path.display())),
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|error| format!("{}: {error}", path.display()))
     }
 }
 
@@ -553,8 +563,8 @@ pub struct Coordinator {
     commit_locks: Vec<tokio::sync::Mutex<()>>,
     offsets_partitions: u32,
     initial_delay: Duration,
-    /// Offsets of a group without members go this long after its last
-    /// commit (0: kept for ever).
+    /// Offsets of a group go once it has had no members for this long and
+    /// no commit within it (0: kept for ever).
     offsets_retention_ms: u64,
     /// Segment size the offsets topic is created with.
     offsets_segment_bytes: u64,
@@ -597,8 +607,8 @@ impl Coordinator {
         }
     }
 
-    /// Sets how long the offsets of a group without members outlive its
-    /// last commit (0: for ever), and the offsets topic's segment size.
+    /// Sets how long the offsets of a group without members and commits
+    /// are kept (0: for ever), and the offsets topic's segment size.
     pub fn with_offsets(mut self, retention_ms: u64, segment_bytes: u64) -> Coordinator {
         self.offsets_retention_ms = retention_ms;
         self.offsets_segment_bytes = segment_bytes.max(crate::topics::SEGMENT_BYTES_MIN);
@@ -607,9 +617,14 @@ impl Coordinator {
 
     /// Rebuilds committed offsets from the offsets topic, if it exists:
     /// each partition's snapshot, then the records after it.
-    pub fn load(&self, topics: &Topics) {
+    ///
+    /// # Errors
+    /// A partition whose records below its start were deleted (replaced by
+    /// its snapshot) but whose snapshot is missing or unreadable: starting
+    /// anyway would silently forget the groups it held.
+    pub fn load(&self, topics: &Topics) -> Result<(), String> {
         let Some(topic) = topics.get(OFFSETS_TOPIC) else {
-            return;
+            return Ok(());
         };
         let now = Instant::now();
         let mut groups = lock(&self.groups);
@@ -618,10 +633,25 @@ impl Coordinator {
             let log = &partition.log;
             let mut from = log.start_offset();
             let end = log.end_offset();
+            let snapshot = match GroupsSnapshot::load(log.dir()) {
+                Ok(snapshot) => snapshot,
+                Err(error) if from == 0 => {
+                    tracing::warn!(%error, "unreadable group snapshot; replaying the whole log");
+                    None
+                }
+                Err(error) => return Err(format!("group snapshot unreadable: {error}")),
+            };
+            if snapshot.is_none() && from > 0 {
+                return Err(format!(
+                    "{OFFSETS_TOPIC} partition {} starts at {from} but has no group \
+                     snapshot to stand for the records before it",
+                    partition.index
+                ));
+            }
             // A snapshot past the end describes commits a crash took back,
             // unless the records below it are gone (it replaced them): then
             // it is all there is.
-            if let Some(snapshot) = GroupsSnapshot::load(log.dir())
+            if let Some(mut snapshot) = snapshot
                 && (snapshot.offset <= end || from > 0)
             {
                 if snapshot.offset > end {
@@ -631,6 +661,12 @@ impl Coordinator {
                         end,
                         "offsets log ends before its snapshot; using the snapshot"
                     );
+                    // New commits will land below the snapshot's offset: it
+                    // must say where its content really ends, or the next
+                    // start would skip them.
+                    snapshot.offset = end;
+                    snapshot.save(log.dir())?;
+                    from = from.max(end);
                 }
                 let loaded_ms = wall_clock_ms();
                 for (name, offsets) in snapshot.groups {
@@ -678,6 +714,7 @@ impl Coordinator {
             records,
             "consumer group offsets recovered"
         );
+        Ok(())
     }
 
     /// Writes each offsets partition's snapshot (the offsets of the groups
@@ -1046,20 +1083,26 @@ impl Coordinator {
             changed |= group.try_complete(now, topics);
         }
         // A group with nothing left to remember goes, and so do the
-        // offsets of one without members once they are older than the
-        // retention (the next snapshot leaves them out, and the records
-        // below it are not replayed).
+        // offsets of one that has had no members for the retention and no
+        // commit within it (as Kafka, KIP-211: the clock starts when the
+        // group empties, so a restart or a lapsed session never costs a
+        // live group its offsets). The next snapshot leaves them out, and
+        // the records below it are not replayed.
         let now_ms = wall_clock_ms();
+        let retention = Duration::from_millis(self.offsets_retention_ms);
         let retention_ms = i64::try_from(self.offsets_retention_ms).unwrap_or(i64::MAX);
         groups.retain(|name, group| {
             if group.state != GroupState::Empty || !group.members.is_empty() {
+                group.empty_since = None;
                 return true;
             }
             if group.offsets.is_empty() {
                 return false;
             }
-            let expired =
-                retention_ms > 0 && now_ms.saturating_sub(group.last_commit_ms) > retention_ms;
+            let empty_since = *group.empty_since.get_or_insert(now);
+            let expired = retention_ms > 0
+                && now.duration_since(empty_since) >= retention
+                && now_ms.saturating_sub(group.last_commit_ms) > retention_ms;
             if expired {
                 tracing::info!(
                     group = name,

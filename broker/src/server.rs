@@ -138,7 +138,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         Duration::from_millis(config.group_initial_rebalance_delay_ms),
     )
     .with_offsets(config.offsets_retention_ms, config.offsets_segment_bytes);
-    groups.load(&topics);
+    groups.load(&topics).map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
     let admin_listener = TcpListener::bind(config.admin_listen).await?;

@@ -273,9 +273,15 @@ fn segments_deleted_before_an_offset() {
         }
         // Segments hold [0, 5), [5, 10), [10, 15), [15, 20), then the active one.
         assert_eq!(bases, vec![0, 5, 10, 15]);
+        let outcome = log.delete_segments_before(10).expect("delete");
+        assert_eq!(
+            outcome.segments_deleted, 2,
+            "{kind:?}/{mode:?}: up to 10 exactly"
+        );
+        assert_eq!(log.start_offset(), 10);
         let outcome = log.delete_segments_before(12).expect("delete");
-        assert_eq!(outcome.segments_deleted, 2, "{kind:?}/{mode:?}");
-        assert_eq!(log.start_offset(), 10, "the segment holding 12 stays");
+        assert_eq!(outcome.segments_deleted, 0, "the segment holding 12 stays");
+        assert_eq!(log.start_offset(), 10);
         assert!(matches!(
             log.read(9, 10),
             Err(StorageError::OffsetOutOfRange { .. })
