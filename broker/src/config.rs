@@ -71,7 +71,7 @@ pub struct BrokerConfig {
     pub offsets_segment_bytes: u64,
     /// The committed offsets of a group are dropped once it has had no
     /// members for this long and no commit within it (the clock starts when
-    /// the group empties, or at the broker's start); 0 keeps them for ever.
+    /// the group empties; downtime does not count); 0 keeps them for ever.
     /// Default 7 days, Kafka's `offsets.retention.minutes`.
     pub offsets_retention_ms: u64,
     /// How long the first rebalance of an empty group waits for more

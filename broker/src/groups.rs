@@ -519,6 +519,9 @@ struct GroupsSnapshot {
     /// earlier versions: their groups count as committed at load).
     #[serde(default)]
     commit_times: BTreeMap<String, i64>,
+    /// How long each group without members had been empty, ms.
+    #[serde(default)]
+    empty_for_ms: BTreeMap<String, u64>,
 }
 
 impl GroupsSnapshot {
@@ -633,30 +636,42 @@ impl Coordinator {
             let log = &partition.log;
             let mut from = log.start_offset();
             let end = log.end_offset();
+            let index = partition.index;
             let snapshot = match GroupsSnapshot::load(log.dir()) {
                 Ok(snapshot) => snapshot,
                 Err(error) if from == 0 => {
-                    tracing::warn!(%error, "unreadable group snapshot; replaying the whole log");
+                    tracing::warn!(partition = index, %error, "unreadable group snapshot; replaying the whole log");
                     None
                 }
-                Err(error) => return Err(format!("group snapshot unreadable: {error}")),
+                Err(error) => {
+                    return Err(format!(
+                        "{OFFSETS_TOPIC} partition {index}: group snapshot unreadable: {error}"
+                    ));
+                }
             };
-            if snapshot.is_none() && from > 0 {
-                return Err(format!(
-                    "{OFFSETS_TOPIC} partition {} starts at {from} but has no group \
-                     snapshot to stand for the records before it",
-                    partition.index
-                ));
+            match &snapshot {
+                None if from > 0 => {
+                    return Err(format!(
+                        "{OFFSETS_TOPIC} partition {index} starts at {from} but has no group \
+                         snapshot to stand for the records before it"
+                    ));
+                }
+                Some(snapshot) if snapshot.offset < from => {
+                    return Err(format!(
+                        "{OFFSETS_TOPIC} partition {index} starts at {from}, after its group \
+                         snapshot ({}): the records between are gone",
+                        snapshot.offset
+                    ));
+                }
+                _ => {}
             }
-            // A snapshot past the end describes commits a crash took back,
-            // unless the records below it are gone (it replaced them): then
-            // it is all there is.
-            if let Some(mut snapshot) = snapshot
-                && (snapshot.offset <= end || from > 0)
-            {
+            if let Some(mut snapshot) = snapshot {
                 if snapshot.offset > end {
+                    // Snapshots follow a flush, so the log lost records it
+                    // had on disk (a damaged tail cut at recovery): the
+                    // snapshot still knows their commits.
                     tracing::warn!(
-                        partition = partition.index,
+                        partition = index,
                         snapshot = snapshot.offset,
                         end,
                         "offsets log ends before its snapshot; using the snapshot"
@@ -665,33 +680,46 @@ impl Coordinator {
                     // must say where its content really ends, or the next
                     // start would skip them.
                     snapshot.offset = end;
-                    snapshot.save(log.dir())?;
-                    from = from.max(end);
+                    snapshot
+                        .save(log.dir())
+                        .map_err(|error| format!("{OFFSETS_TOPIC} partition {index}: {error}"))?;
                 }
                 let loaded_ms = wall_clock_ms();
                 for (name, offsets) in snapshot.groups {
                     let committed_ms = snapshot.commit_times.get(&name).copied();
+                    let empty_for_ms = snapshot.empty_for_ms.get(&name).copied();
                     let group = groups.entry(name).or_insert_with(|| Group::new(now));
                     group.last_commit_ms = committed_ms.unwrap_or(loaded_ms);
+                    // The time it had already been empty counts (downtime
+                    // does not): restarts must not keep abandoned groups.
+                    group.empty_since =
+                        empty_for_ms.and_then(|ms| now.checked_sub(Duration::from_millis(ms)));
                     for (topic, partition, committed) in offsets {
                         group.offsets.insert((topic, partition), committed);
                     }
                 }
                 from = from.max(snapshot.offset);
             }
+            // Every record below the end is replayed or the start fails: a
+            // record skipped here would be left out of the next snapshot and
+            // then deleted, moving its offset back for good.
+            let unreadable = |at: u64, what: &dyn std::fmt::Display| -> String {
+                format!("{OFFSETS_TOPIC} partition {index}: offset {at} unreadable: {what}")
+            };
             while from < end {
-                let Ok(read) = log.read(from, 4 << 20) else {
-                    break;
-                };
+                let read = log
+                    .read(from, 4 << 20)
+                    .map_err(|error| unreadable(from, &error))?;
                 if read.is_empty() {
-                    break;
+                    return Err(unreadable(from, &"nothing to read below the end"));
                 }
                 for chunk in read.chunks() {
-                    for batch in Batches::new(chunk, false).flatten() {
-                        let Ok(batch_records) = batch.records() else {
-                            continue;
-                        };
-                        for record in batch_records.flatten() {
+                    for batch in Batches::new(chunk, false) {
+                        let batch = batch.map_err(|error| unreadable(from, &error))?;
+                        let batch_records =
+                            batch.records().map_err(|error| unreadable(from, &error))?;
+                        for record in batch_records {
+                            let record = record.map_err(|error| unreadable(from, &error))?;
                             if record.offset < from {
                                 continue;
                             }
@@ -740,6 +768,8 @@ impl Coordinator {
             let offset = partition.log.end_offset();
             let mut groups = BTreeMap::new();
             let mut commit_times = BTreeMap::new();
+            let mut empty_for_ms = BTreeMap::new();
+            let now = Instant::now();
             for (name, group) in lock(&self.groups).iter().filter(|(name, group)| {
                 !group.offsets.is_empty() && offsets_partition(name, count) == partition.index
             }) {
@@ -754,11 +784,17 @@ impl Coordinator {
                         .collect(),
                 );
                 commit_times.insert(name.clone(), group.last_commit_ms);
+                if let Some(since) = group.empty_since {
+                    let ms =
+                        u64::try_from(now.duration_since(since).as_millis()).unwrap_or(u64::MAX);
+                    empty_for_ms.insert(name.clone(), ms);
+                }
             }
             let snapshot = GroupsSnapshot {
                 offset,
                 groups,
                 commit_times,
+                empty_for_ms,
             };
             if let Err(error) = snapshot.save(partition.log.dir()) {
                 tracing::warn!(partition = partition.index, %error, "group snapshot failed");
@@ -1177,6 +1213,11 @@ impl Coordinator {
         // Checked again under the commit lock: a rebalance may have begun.
         if let Err(error) = self.check_committer(&request) {
             return refuse(error, &request);
+        }
+        // A commit under way keeps its group from expiring meanwhile (the
+        // apply below would otherwise bring back only these partitions).
+        if let Some(group) = lock(&self.groups).get_mut(&request.group) {
+            group.last_commit_ms = wall_clock_ms();
         }
         let batch = offsets_batch(&request);
         let outcome = match partition.submit(batch) {

@@ -960,6 +960,26 @@ async fn the_offsets_log_is_compacted_below_its_snapshot() {
     assert!(!refused.status.success(), "the broker must not start");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("no group snapshot"), "says why: {stderr}");
+
+    // The way out OPERATIONS.md gives: remove the partition, losing its
+    // groups' offsets, and the broker starts.
+    std::fs::remove_dir_all(data.join("__consumer_offsets-0")).expect("remove the partition");
+    let config = dir.path().join("weir.toml");
+    let broker = tokio::task::spawn_blocking(move || {
+        BrokerProcess::start_at(
+            listen,
+            &data,
+            &["--config", config.to_str().expect("utf-8 path")],
+        )
+    })
+    .await
+    .expect("starts without the partition");
+    let offsets = admin.group_offsets("early").await.expect("offsets");
+    assert!(
+        offsets.iter().all(|(_, _, offset)| *offset < 0),
+        "{offsets:?}"
+    );
+    drop(broker);
 }
 
 /// The offsets of a group that has had no members for
