@@ -1087,3 +1087,52 @@ async fn offsets_of_a_group_without_members_expire() {
     );
     drop(broker);
 }
+
+/// How long a group had been without members survives a clean restart
+/// (downtime aside): a group abandoned 4 s before a restart, with a 6 s
+/// retention, expires about 2 s after it, not 6.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_neither_resets_nor_skips_a_groups_empty_time() {
+    let (dir, broker, config) =
+        broker_with_settings("offsets_retention_ms = 6000\nretention_check_ms = 100\n");
+    let listen = broker.addr;
+    let addr = listen.to_string();
+    let admin = Admin::connect(&addr).await.expect("admin");
+    admin.create_topic("paused", 1).await.expect("create");
+    admin
+        .set_group_offsets("left", &[("paused".to_string(), 0, 9)])
+        .await
+        .expect("commit");
+    tokio::time::sleep(Duration::from_millis(4_000)).await;
+    tokio::task::spawn_blocking(move || broker.terminate())
+        .await
+        .expect("stopped");
+    let data = dir.path().join("data");
+    let broker = tokio::task::spawn_blocking(move || {
+        BrokerProcess::start_at(
+            listen,
+            &data,
+            &["--config", config.to_str().expect("utf-8 path")],
+        )
+    })
+    .await
+    .expect("restarted");
+    let restarted = Instant::now();
+    assert_eq!(
+        admin.group_offsets("left").await.expect("offsets"),
+        vec![("paused".to_string(), 0, 9)],
+        "not expired by the restart"
+    );
+    loop {
+        let offsets = admin.group_offsets("left").await.expect("offsets");
+        if offsets.iter().all(|(_, _, offset)| *offset < 0) {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_millis(4_000),
+            "expires about 2 s after the restart (6 s if the restart had reset its clock)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(broker);
+}
