@@ -113,6 +113,36 @@ pub struct ConsumerRecord {
     pub headers: Vec<(String, Option<Bytes>)>,
 }
 
+/// A subscription being opened: unless disarmed (it opened), dropping it
+/// forgets the route and asks the broker to drop the subscription, which
+/// may exist even if its answer never came (a timeout, or a call cut short
+/// by the caller), so none is left pushing data nobody reads.
+struct OpeningSubscription {
+    connection: Connection,
+    subscription_id: u32,
+    armed: bool,
+}
+
+impl Drop for OpeningSubscription {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.connection.forget_pushes(self.subscription_id);
+        if self.connection.is_closed() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (connection, subscription_id) = (self.connection.clone(), self.subscription_id);
+            runtime.spawn(async move {
+                let _ = connection
+                    .call(Request::Unsubscribe(UnsubscribeRequest { subscription_id }))
+                    .await;
+            });
+        }
+    }
+}
+
 struct Assignment {
     topic: String,
     /// The same name, shared with every record handed out.
@@ -391,6 +421,11 @@ impl Consumer {
         let capacity =
             self.config.credit_bytes as usize / weir_protocol::batch::BATCH_HEADER_BYTES + 16;
         let pushes = self.connection.route_pushes(subscription_id, capacity);
+        let mut opening = OpeningSubscription {
+            connection: self.connection.clone(),
+            subscription_id,
+            armed: true,
+        };
         let response = self
             .connection
             .call(Request::Subscribe(SubscribeRequest {
@@ -400,31 +435,20 @@ impl Consumer {
                 offset,
                 credit_bytes: self.config.credit_bytes,
             }))
-            .await;
-        let response = match response {
-            Ok(Response::Subscribe(response)) => response,
-            Ok(other) => {
-                self.connection.forget_pushes(subscription_id);
-                return Err(ClientError::Protocol(format!(
-                    "unexpected {:?}",
-                    other.api()
-                )));
-            }
-            Err(error) => {
-                self.connection.forget_pushes(subscription_id);
-                return Err(error);
-            }
+            .await?;
+        let Response::Subscribe(response) = response else {
+            return Err(ClientError::Protocol(format!(
+                "unexpected {:?}",
+                response.api()
+            )));
         };
         match response.error {
-            ErrorCode::None => Ok((subscription_id, pushes)),
-            ErrorCode::UnknownTopicOrPartition => {
-                self.connection.forget_pushes(subscription_id);
-                Err(ClientError::UnknownTopic(topic.to_string()))
+            ErrorCode::None => {
+                opening.armed = false;
+                Ok((subscription_id, pushes))
             }
-            error => {
-                self.connection.forget_pushes(subscription_id);
-                Err(ClientError::Broker(error))
-            }
+            ErrorCode::UnknownTopicOrPartition => Err(ClientError::UnknownTopic(topic.to_string())),
+            error => Err(ClientError::Broker(error)),
         }
     }
 
