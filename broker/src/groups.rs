@@ -131,11 +131,16 @@ struct Group {
     /// Cooperative: the last round withheld partitions that change owner;
     /// the next join opens the round that hands them over.
     follow_up: bool,
-    /// Wall-clock time of the last commit, ms (0: none seen).
-    last_commit_ms: i64,
-    /// Since when the group has had no members, as the reaper saw it (on
-    /// the monotonic clock; after a restart, from the first reap).
+    /// Expiry is timed in the broker's own running time (the monotonic
+    /// clock, plus what snapshots carried over from earlier runs), so
+    /// neither downtime nor a wall-clock jump ages a group.
+    /// The last commit (or creation, or load): age = carried + since.
+    last_commit_at: Instant,
+    commit_age_carried: Duration,
+    /// Since when the group has had no members (set by the reaper, cleared
+    /// on a join), and the empty time carried over from before the load.
     empty_since: Option<Instant>,
+    empty_carried: Duration,
 }
 
 /// Replaced static member ids remembered per group.
@@ -156,9 +161,27 @@ impl Group {
             assigned_counts: BTreeMap::new(),
             fenced: VecDeque::new(),
             follow_up: false,
-            last_commit_ms: 0,
+            last_commit_at: now,
+            commit_age_carried: Duration::ZERO,
             empty_since: None,
+            empty_carried: Duration::ZERO,
         }
+    }
+
+    /// Time since the last commit, in the broker's running time.
+    fn commit_age(&self, now: Instant) -> Duration {
+        self.commit_age_carried + now.duration_since(self.last_commit_at)
+    }
+
+    /// Time without members so far, in the broker's running time.
+    fn empty_for(&self, now: Instant) -> Option<Duration> {
+        self.empty_since
+            .map(|since| self.empty_carried + now.duration_since(since))
+    }
+
+    fn note_commit(&mut self, now: Instant) {
+        self.last_commit_at = now;
+        self.commit_age_carried = Duration::ZERO;
     }
 
     /// The partition counts of every topic the members subscribe to.
@@ -515,10 +538,10 @@ const GROUPS_SNAPSHOT_FILE: &str = "groups-snapshot.json";
 struct GroupsSnapshot {
     offset: u64,
     groups: BTreeMap<String, Vec<(String, u32, Committed)>>,
-    /// Each group's last commit, wall-clock ms (absent in snapshots of
-    /// earlier versions: their groups count as committed at load).
+    /// How long ago each group last committed, in the broker's running
+    /// time, ms (absent: as if at load).
     #[serde(default)]
-    commit_times: BTreeMap<String, i64>,
+    commit_age_ms: BTreeMap<String, u64>,
     /// How long each group without members had been empty, ms.
     #[serde(default)]
     empty_for_ms: BTreeMap<String, u64>,
@@ -684,16 +707,19 @@ impl Coordinator {
                         .save(log.dir())
                         .map_err(|error| format!("{OFFSETS_TOPIC} partition {index}: {error}"))?;
                 }
-                let loaded_ms = wall_clock_ms();
                 for (name, offsets) in snapshot.groups {
-                    let committed_ms = snapshot.commit_times.get(&name).copied();
+                    let commit_age_ms = snapshot.commit_age_ms.get(&name).copied();
                     let empty_for_ms = snapshot.empty_for_ms.get(&name).copied();
                     let group = groups.entry(name).or_insert_with(|| Group::new(now));
-                    group.last_commit_ms = committed_ms.unwrap_or(loaded_ms);
-                    // The time it had already been empty counts (downtime
-                    // does not): restarts must not keep abandoned groups.
-                    group.empty_since =
-                        empty_for_ms.and_then(|ms| now.checked_sub(Duration::from_millis(ms)));
+                    // The running time it had already been idle counts
+                    // (downtime does not): restarts neither keep abandoned
+                    // groups for ever nor age live ones.
+                    group.last_commit_at = now;
+                    group.commit_age_carried = Duration::from_millis(commit_age_ms.unwrap_or(0));
+                    if let Some(ms) = empty_for_ms {
+                        group.empty_since = Some(now);
+                        group.empty_carried = Duration::from_millis(ms);
+                    }
                     for (topic, partition, committed) in offsets {
                         group.offsets.insert((topic, partition), committed);
                     }
@@ -724,13 +750,7 @@ impl Coordinator {
                                 continue;
                             }
                             records += 1;
-                            apply_record(
-                                &mut groups,
-                                now,
-                                record.timestamp_ms,
-                                record.key,
-                                record.value,
-                            );
+                            apply_record(&mut groups, now, record.key, record.value);
                         }
                     }
                 }
@@ -767,9 +787,10 @@ impl Coordinator {
             }
             let offset = partition.log.end_offset();
             let mut groups = BTreeMap::new();
-            let mut commit_times = BTreeMap::new();
+            let mut commit_age_ms = BTreeMap::new();
             let mut empty_for_ms = BTreeMap::new();
             let now = Instant::now();
+            let millis = |age: Duration| u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
             for (name, group) in lock(&self.groups).iter().filter(|(name, group)| {
                 !group.offsets.is_empty() && offsets_partition(name, count) == partition.index
             }) {
@@ -783,17 +804,20 @@ impl Coordinator {
                         })
                         .collect(),
                 );
-                commit_times.insert(name.clone(), group.last_commit_ms);
-                if let Some(since) = group.empty_since {
-                    let ms =
-                        u64::try_from(now.duration_since(since).as_millis()).unwrap_or(u64::MAX);
-                    empty_for_ms.insert(name.clone(), ms);
+                commit_age_ms.insert(name.clone(), millis(group.commit_age(now)));
+                // Only a group that is empty now: one a member joined since
+                // the last reap must not come back as empty.
+                if group.members.is_empty()
+                    && group.state == GroupState::Empty
+                    && let Some(empty_for) = group.empty_for(now)
+                {
+                    empty_for_ms.insert(name.clone(), millis(empty_for));
                 }
             }
             let snapshot = GroupsSnapshot {
                 offset,
                 groups,
-                commit_times,
+                commit_age_ms,
                 empty_for_ms,
             };
             if let Err(error) = snapshot.save(partition.log.dir()) {
@@ -938,6 +962,10 @@ impl Coordinator {
                     .members
                     .get(&member_id)
                     .is_some_and(|member| member.topics == topics_wanted);
+            // A member: the group is no longer empty (the reaper would see
+            // it only on its next round).
+            group.empty_since = None;
+            group.empty_carried = Duration::ZERO;
             let member = group
                 .members
                 .entry(member_id.clone())
@@ -1124,21 +1152,20 @@ impl Coordinator {
         // group empties, so a restart or a lapsed session never costs a
         // live group its offsets). The next snapshot leaves them out, and
         // the records below it are not replayed.
-        let now_ms = wall_clock_ms();
         let retention = Duration::from_millis(self.offsets_retention_ms);
-        let retention_ms = i64::try_from(self.offsets_retention_ms).unwrap_or(i64::MAX);
         groups.retain(|name, group| {
             if group.state != GroupState::Empty || !group.members.is_empty() {
                 group.empty_since = None;
+                group.empty_carried = Duration::ZERO;
                 return true;
             }
             if group.offsets.is_empty() {
                 return false;
             }
-            let empty_since = *group.empty_since.get_or_insert(now);
-            let expired = retention_ms > 0
-                && now.duration_since(empty_since) >= retention
-                && now_ms.saturating_sub(group.last_commit_ms) > retention_ms;
+            group.empty_since.get_or_insert(now);
+            let expired = !retention.is_zero()
+                && group.empty_for(now).is_some_and(|empty| empty >= retention)
+                && group.commit_age(now) >= retention;
             if expired {
                 tracing::info!(
                     group = name,
@@ -1217,7 +1244,7 @@ impl Coordinator {
         // A commit under way keeps its group from expiring meanwhile (the
         // apply below would otherwise bring back only these partitions).
         if let Some(group) = lock(&self.groups).get_mut(&request.group) {
-            group.last_commit_ms = wall_clock_ms();
+            group.note_commit(Instant::now());
         }
         let batch = offsets_batch(&request);
         let outcome = match partition.submit(batch) {
@@ -1232,7 +1259,7 @@ impl Coordinator {
             let group = groups
                 .entry(request.group.clone())
                 .or_insert_with(|| Group::new(Instant::now()));
-            group.last_commit_ms = wall_clock_ms();
+            group.note_commit(Instant::now());
             for offset in &request.offsets {
                 group.offsets.insert(
                     (offset.topic.clone(), offset.partition),
@@ -1463,7 +1490,6 @@ fn offsets_batch(request: &OffsetCommitRequest) -> Bytes {
 fn apply_record(
     groups: &mut BTreeMap<String, Group>,
     now: Instant,
-    timestamp_ms: i64,
     key: Option<&[u8]>,
     value: Option<&[u8]>,
 ) {
@@ -1471,7 +1497,9 @@ fn apply_record(
         return;
     };
     let group = groups.entry(key.group).or_insert_with(|| Group::new(now));
-    group.last_commit_ms = group.last_commit_ms.max(timestamp_ms);
+    // Replayed commits count as made at load (their wall-clock age would
+    // count downtime): expiry waits a whole retention from here.
+    group.note_commit(now);
     match value.map(serde_json::from_slice::<Committed>) {
         Some(Ok(committed)) => {
             group.offsets.insert((key.topic, key.partition), committed);
