@@ -1460,13 +1460,14 @@ fn check_member<'a>(
     }
 }
 
-/// One batch with a record per committed offset.
+/// The wall clock, ms since the epoch (record timestamps).
 fn wall_clock_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
+/// One batch with a record per committed offset.
 fn offsets_batch(request: &OffsetCommitRequest) -> Bytes {
     let now_ms = wall_clock_ms();
     let mut builder = BatchBuilder::new(now_ms);
