@@ -844,13 +844,31 @@ async fn a_record_stream_takes_part_in_rebalances() {
 
 /// A broker of its own whose settings come from `toml` (through
 /// `--config`); returns the directory holding its data and settings.
-fn broker_with_settings(toml: &str) -> (tempfile::TempDir, BrokerProcess, std::path::PathBuf) {
+fn broker_with_settings(toml: &str) -> (tempfile::TempDir, BrokerProcess) {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("weir.toml");
     std::fs::write(&config, toml).expect("config");
     let data = dir.path().join("data");
     let broker = BrokerProcess::start(&data, &["--config", config.to_str().expect("utf-8 path")]);
-    (dir, broker, config)
+    (dir, broker)
+}
+
+/// Starts the broker of `broker_with_settings` again: same address, data
+/// and settings.
+async fn restart_with_settings(
+    dir: &std::path::Path,
+    listen: std::net::SocketAddr,
+) -> BrokerProcess {
+    let (data, config) = (dir.join("data"), dir.join("weir.toml"));
+    tokio::task::spawn_blocking(move || {
+        BrokerProcess::start_at(
+            listen,
+            &data,
+            &["--config", config.to_str().expect("utf-8 path")],
+        )
+    })
+    .await
+    .expect("restarted")
 }
 
 /// Commits never stop, but the offsets log does not grow with them: each
@@ -858,7 +876,7 @@ fn broker_with_settings(toml: &str) -> (tempfile::TempDir, BrokerProcess, std::p
 /// the snapshot; the last commit survives a kill -9 and restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_offsets_log_is_compacted_below_its_snapshot() {
-    let (dir, broker, config) = broker_with_settings(
+    let (dir, broker) = broker_with_settings(
         "segment_bytes = 1048576\noffsets_topic_partitions = 1\noffsets_segment_bytes = 1048576\nretention_check_ms = 100\n",
     );
     let listen = broker.addr;
@@ -916,16 +934,7 @@ async fn the_offsets_log_is_compacted_below_its_snapshot() {
     tokio::task::spawn_blocking(move || broker.kill())
         .await
         .expect("killed");
-    let data = dir.path().join("data");
-    let broker = tokio::task::spawn_blocking(move || {
-        BrokerProcess::start_at(
-            listen,
-            &data,
-            &["--config", config.to_str().expect("utf-8 path")],
-        )
-    })
-    .await
-    .expect("restarted");
+    let broker = restart_with_settings(dir.path(), listen).await;
     let mut offsets = admin.group_offsets("auditors").await.expect("offsets");
     offsets.sort();
     let expected: Vec<(String, u32, i64)> = (0..100)
@@ -964,16 +973,7 @@ async fn the_offsets_log_is_compacted_below_its_snapshot() {
     // The way out OPERATIONS.md gives: remove the partition, losing its
     // groups' offsets, and the broker starts.
     std::fs::remove_dir_all(data.join("__consumer_offsets-0")).expect("remove the partition");
-    let config = dir.path().join("weir.toml");
-    let broker = tokio::task::spawn_blocking(move || {
-        BrokerProcess::start_at(
-            listen,
-            &data,
-            &["--config", config.to_str().expect("utf-8 path")],
-        )
-    })
-    .await
-    .expect("starts without the partition");
+    let broker = restart_with_settings(dir.path(), listen).await;
     let offsets = admin.group_offsets("early").await.expect("offsets");
     assert!(
         offsets.iter().all(|(_, _, offset)| *offset < 0),
@@ -989,7 +989,7 @@ async fn the_offsets_log_is_compacted_below_its_snapshot() {
 /// members for a while: the clock starts there, not at the last commit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_of_a_group_without_members_expire() {
-    let (dir, broker, config) =
+    let (dir, broker) =
         broker_with_settings("offsets_retention_ms = 1000\nretention_check_ms = 100\n");
     let listen = broker.addr;
     let addr = listen.to_string();
@@ -1049,16 +1049,7 @@ async fn offsets_of_a_group_without_members_expire() {
     tokio::task::spawn_blocking(move || broker.terminate())
         .await
         .expect("stopped");
-    let data = dir.path().join("data");
-    let broker = tokio::task::spawn_blocking(move || {
-        BrokerProcess::start_at(
-            listen,
-            &data,
-            &["--config", config.to_str().expect("utf-8 path")],
-        )
-    })
-    .await
-    .expect("restarted");
+    let broker = restart_with_settings(dir.path(), listen).await;
     assert!(
         gone(admin.group_offsets("abandoned").await.expect("offsets")),
         "expired offsets stay expired"
@@ -1093,7 +1084,7 @@ async fn offsets_of_a_group_without_members_expire() {
 /// retention, expires about 2 s after it, not 6.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_neither_resets_nor_skips_a_groups_empty_time() {
-    let (dir, broker, config) =
+    let (dir, broker) =
         broker_with_settings("offsets_retention_ms = 6000\nretention_check_ms = 100\n");
     let listen = broker.addr;
     let addr = listen.to_string();
@@ -1107,16 +1098,7 @@ async fn a_restart_neither_resets_nor_skips_a_groups_empty_time() {
     tokio::task::spawn_blocking(move || broker.terminate())
         .await
         .expect("stopped");
-    let data = dir.path().join("data");
-    let broker = tokio::task::spawn_blocking(move || {
-        BrokerProcess::start_at(
-            listen,
-            &data,
-            &["--config", config.to_str().expect("utf-8 path")],
-        )
-    })
-    .await
-    .expect("restarted");
+    let broker = restart_with_settings(dir.path(), listen).await;
     let restarted = Instant::now();
     assert_eq!(
         admin.group_offsets("left").await.expect("offsets"),
