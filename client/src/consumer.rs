@@ -56,6 +56,11 @@ impl Default for ConsumerConfig {
 /// Longest pause between a consumer's reconnect attempts.
 pub const RECONNECT_BACKOFF_MS_MAX: u64 = 2_000;
 
+/// Least time a reconnect attempt gets to connect and be answered, even
+/// when the reconnect timeout is (nearly) spent: the last attempt may end
+/// this much after it.
+pub const RECONNECT_ATTEMPT_MS_MIN: u64 = 1_000;
+
 /// A connection lost again within this long of a reconnect continues that
 /// reconnect (its clock and backoff), so that a broker that accepts and
 /// then drops the consumer is not hammered; a connection that lived longer
@@ -514,13 +519,19 @@ impl Consumer {
         tokio::time::sleep_until(attempt_at).await;
         // Book the attempt before making it, so that one abandoned midway
         // still counts and still spaces the next.
+        let mut budget = Duration::from_millis(self.config.request_timeout_ms);
         if let Some(state) = self.reconnecting.as_mut() {
+            let now = tokio::time::Instant::now();
             state.attempts += 1;
-            state.next_attempt_at = tokio::time::Instant::now() + state.backoff;
+            state.next_attempt_at = now + state.backoff;
             state.backoff =
                 (state.backoff * 2).min(Duration::from_millis(RECONNECT_BACKOFF_MS_MAX));
+            // Connecting and the Handshake get what is left of the timeout
+            // (at least RECONNECT_ATTEMPT_MS_MIN), not a request timeout each.
+            let left = (state.since + timeout).saturating_duration_since(now);
+            budget = budget.min(left.max(Duration::from_millis(RECONNECT_ATTEMPT_MS_MIN)));
         }
-        let attempt = self.reconnect_once().await;
+        let attempt = self.reconnect_once(budget).await;
         let Some(state) = self.reconnecting.as_mut() else {
             return attempt;
         };
@@ -556,21 +567,38 @@ impl Consumer {
     /// (unless the current one is alive and only resubscriptions are left),
     /// then the resubscriptions, each of which clears its partition's
     /// `stale` mark, so that an attempt cut short resumes where it stopped.
-    async fn reconnect_once(&mut self) -> Result<()> {
+    async fn reconnect_once(&mut self, budget: Duration) -> Result<()> {
         if self.connection_lost || self.connection.is_closed() {
             let addr = self.connection.addr().to_string();
-            let connection =
-                Connection::connect(&addr, Duration::from_millis(self.config.request_timeout_ms))
-                    .await?;
+            let started = tokio::time::Instant::now();
+            let connection = tokio::time::timeout(
+                budget,
+                Connection::connect(&addr, Duration::from_millis(self.config.request_timeout_ms)),
+            )
+            .await
+            .map_err(|_| ClientError::Connect {
+                addr: addr.clone(),
+                message: format!("no answer within {} ms", budget.as_millis()),
+            })??;
             // A broker that accepts and then closes (out of connection
             // slots, or restarting) must not count as reconnected.
-            match connection
-                .call(Request::Handshake(HandshakeRequest {
+            let handshake = connection
+                .start_call(Request::Handshake(HandshakeRequest {
                     client_name: "weir-client consumer".to_string(),
                     api_versions: Vec::new(),
                 }))
                 .await?
-            {
+                .with_timeout(budget.saturating_sub(started.elapsed()))
+                .wait()
+                .await
+                .map_err(|error| match error {
+                    ClientError::Timeout => ClientError::Connect {
+                        addr: addr.clone(),
+                        message: format!("no Handshake answer within {} ms", budget.as_millis()),
+                    },
+                    error => error,
+                })?;
+            match handshake {
                 Response::Handshake(response) if response.error.is_ok() => {}
                 Response::Handshake(response) => {
                     return Err(ClientError::Broker(response.error));

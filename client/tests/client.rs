@@ -891,23 +891,21 @@ async fn a_consumer_waits_out_a_broker_that_refuses_it() {
 /// Against an address that accepts connections but never answers, each
 /// reconnect attempt outlasts the application's 100 ms wait around
 /// `next()`; attempts cut short still count, so the consumer still gives up
-/// after `reconnect_timeout_ms` and says so.
+/// after `reconnect_timeout_ms` and says so; one awaited to the end gives
+/// up near that timeout too (not after a request timeout per attempt).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_gives_up_on_a_broker_that_never_answers() {
     let (_dir, process, addr) = killable_broker_with("silent", 1).await;
     let listen = process.addr;
-    let mut consumer = consumer_from_start(
-        &addr,
-        ConsumerConfig {
-            request_timeout_ms: 10_000,
-            reconnect_timeout_ms: 1_000,
-            reconnect_backoff_ms: 50,
-            ..ConsumerConfig::default()
-        },
-        "silent",
-        0..1,
-    )
-    .await;
+    let config = ConsumerConfig {
+        request_timeout_ms: 10_000,
+        reconnect_timeout_ms: 1_000,
+        reconnect_backoff_ms: 50,
+        ..ConsumerConfig::default()
+    };
+    let mut consumer = consumer_from_start(&addr, config.clone(), "silent", 0..1).await;
+    // And one whose next() is awaited to the end.
+    let mut patient = consumer_from_start(&addr, config, "silent", 0..1).await;
     tokio::task::spawn_blocking(move || process.kill())
         .await
         .expect("killed");
@@ -922,6 +920,22 @@ async fn a_consumer_gives_up_on_a_broker_that_never_answers() {
         }
     });
     assert_gives_up_under_short_waits(&mut consumer).await;
+    // Attempts get what is left of the reconnect timeout (at least 1 s),
+    // not a 10 s request timeout each for the connect and the Handshake.
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(DEADLINE, patient.next())
+        .await
+        .expect("answers")
+        .expect("reports the loss");
+    assert!(
+        matches!(outcome, Err(ClientError::Connect { .. })),
+        "{outcome:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "gives up near its reconnect timeout: {:?}",
+        started.elapsed()
+    );
     holder.abort();
 }
 
