@@ -62,6 +62,11 @@ pub struct BrokerConfig {
     /// receives, so a corrupted byte is still caught end to end; checking on
     /// every read too cost a quarter of the broker's CPU under load.
     pub verify_crc_on_read: bool,
+    /// `host:port` that clients are told to connect to (FindCoordinator
+    /// answers with it). Default: the address the broker listens on, or,
+    /// when that is every interface (`0.0.0.0`, `::`), `127.0.0.1` with its
+    /// port and a warning to set this.
+    pub advertised_listen: Option<String>,
     /// Partitions of `__consumer_offsets` (created on first use). Default 8.
     pub offsets_topic_partitions: u32,
     /// Segment size `__consumer_offsets` is created with. Each retention
@@ -109,6 +114,7 @@ impl Default for BrokerConfig {
             batch_bytes_max: 16 << 20,
             shutdown_grace_ms: 10_000,
             verify_crc_on_read: false,
+            advertised_listen: None,
             offsets_topic_partitions: 8,
             offsets_segment_bytes: crate::groups::OFFSETS_SEGMENT_BYTES,
             offsets_retention_ms: crate::groups::OFFSETS_RETENTION_MS,

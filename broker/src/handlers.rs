@@ -83,8 +83,8 @@ pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Optio
         Request::FindCoordinator(_) => Response::FindCoordinator(FindCoordinatorResponse {
             error: ErrorCode::None,
             broker_id: broker.config.broker_id as i32,
-            host: broker.local_addr.ip().to_string(),
-            port: broker.local_addr.port(),
+            host: broker.advertised.0.clone(),
+            port: broker.advertised.1,
         }),
         Request::JoinGroup(request) => {
             Response::JoinGroup(broker.groups.join(&broker.topics, request).await)

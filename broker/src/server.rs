@@ -69,8 +69,44 @@ pub struct Broker {
     pub producer_ids: crate::producers::ProducerIds,
     /// Consumer groups and their committed offsets.
     pub groups: crate::groups::Coordinator,
-    /// Where clients connect (FindCoordinator answers with it).
+    /// Where clients connect.
     pub local_addr: SocketAddr,
+    /// Where clients are told to connect (FindCoordinator): host and port.
+    pub advertised: (String, u16),
+}
+
+/// The `host:port` clients are told to connect to: the configured one, else
+/// the bound address, with `127.0.0.1` for an unspecified IP (a client
+/// cannot connect to `0.0.0.0`).
+///
+/// # Errors
+/// A configured value that is not `host:port`.
+pub fn advertised_address(
+    configured: Option<&str>,
+    bound: SocketAddr,
+) -> Result<(String, u16), crate::config::ConfigError> {
+    if let Some(configured) = configured {
+        let parsed = configured
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+            .filter(|(host, _)| !host.is_empty());
+        return match parsed {
+            Some((host, port)) => Ok((host.trim_matches(['[', ']']).to_string(), port)),
+            None => Err(crate::config::ConfigError {
+                name: "advertised_listen",
+                value: configured.to_string(),
+                expected: "host:port",
+            }),
+        };
+    }
+    if bound.ip().is_unspecified() {
+        tracing::warn!(
+            listen = %bound,
+            "listening on every interface: clients are told 127.0.0.1; set advertised_listen"
+        );
+        return Ok(("127.0.0.1".to_string(), bound.port()));
+    }
+    Ok((bound.ip().to_string(), bound.port()))
 }
 
 impl Broker {
@@ -141,6 +177,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     groups.load(&topics).map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
+    let advertised = advertised_address(config.advertised_listen.as_deref(), local_addr)?;
     let admin_listener = TcpListener::bind(config.admin_listen).await?;
     let admin_addr = admin_listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
@@ -157,6 +194,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         producer_ids,
         groups,
         local_addr,
+        advertised,
     });
     let admin = {
         let mut stopped = stopped.clone();
@@ -603,6 +641,39 @@ async fn write_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The advertised address: as configured (IPv6 brackets dropped), else
+    /// the bound one, with loopback for an unspecified IP; a value without
+    /// a port is refused.
+    #[test]
+    fn advertised_address_is_what_clients_can_reach() {
+        let bound: SocketAddr = "10.1.2.3:9092".parse().expect("addr");
+        let any: SocketAddr = "0.0.0.0:9092".parse().expect("addr");
+        let any6: SocketAddr = "[::]:9092".parse().expect("addr");
+        assert_eq!(
+            advertised_address(None, bound).expect("default"),
+            ("10.1.2.3".to_string(), 9092)
+        );
+        assert_eq!(
+            advertised_address(None, any).expect("any"),
+            ("127.0.0.1".to_string(), 9092)
+        );
+        assert_eq!(
+            advertised_address(None, any6).expect("any6"),
+            ("127.0.0.1".to_string(), 9092)
+        );
+        assert_eq!(
+            advertised_address(Some("weir-0.weir:9092"), any).expect("set"),
+            ("weir-0.weir".to_string(), 9092)
+        );
+        assert_eq!(
+            advertised_address(Some("[fd00::1]:9092"), any).expect("v6"),
+            ("fd00::1".to_string(), 9092)
+        );
+        for bad in ["weir-0", "weir-0:", ":9092", "weir-0:99999"] {
+            assert!(advertised_address(Some(bad), any).is_err(), "{bad}");
+        }
+    }
     use weir_protocol::frame::FRAME_BYTES_MAX_DEFAULT;
 
     /// The start of a frame announcing `frame_bytes` in all, with `received`

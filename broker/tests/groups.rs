@@ -456,3 +456,33 @@ fn static_takeover_new_topics_and_empty_groups() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// FindCoordinator tells clients the address they can reach: the bound
+/// loopback address by default, and `advertised_listen` when it is set.
+#[test]
+fn find_coordinator_answers_with_the_advertised_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = BrokerProcess::start(&dir.path().join("plain"), &[]);
+    let find =
+        |client: &mut Client| match client.call(Request::FindCoordinator(FindCoordinatorRequest {
+            group: "anyone".into(),
+        })) {
+            Response::FindCoordinator(response) => (response.host, response.port),
+            other => panic!("unexpected {other:?}"),
+        };
+    assert_eq!(
+        find(&mut broker.client()),
+        ("127.0.0.1".to_string(), broker.addr.port())
+    );
+
+    let config = dir.path().join("weir.toml");
+    std::fs::write(&config, "advertised_listen = \"weir-0.example:19092\"\n").expect("config");
+    let advertised = BrokerProcess::start(
+        &dir.path().join("advertised"),
+        &["--config", config.to_str().expect("utf-8 path")],
+    );
+    assert_eq!(
+        find(&mut advertised.client()),
+        ("weir-0.example".to_string(), 19092)
+    );
+}
