@@ -131,20 +131,40 @@ struct Group {
     /// Cooperative: the last round withheld partitions that change owner;
     /// the next join opens the round that hands them over.
     follow_up: bool,
-    /// Expiry is timed in the broker's own running time (the monotonic
-    /// clock, plus what snapshots carried over from earlier runs), so
-    /// neither downtime nor a wall-clock jump ages a group.
-    /// The last commit (or creation, or load): age = carried + since.
-    last_commit_at: Instant,
-    commit_age_carried: Duration,
-    /// Since when the group has had no members (set by the reaper, cleared
-    /// on a join), and the empty time carried over from before the load.
-    empty_since: Option<Instant>,
-    empty_carried: Duration,
+    /// Time since the last commit (or creation, or load).
+    since_commit: RunningTime,
+    /// Time without members (set by the reaper, cleared on a join).
+    empty: Option<RunningTime>,
 }
 
 /// Replaced static member ids remembered per group.
 pub const FENCED_IDS_MAX: usize = 64;
+
+/// Time elapsed in the broker's own running time: the monotonic clock since
+/// `since`, plus what a snapshot carried over from earlier runs. Neither
+/// downtime nor a wall-clock jump ages it, and a restart does not reset it.
+#[derive(Debug, Clone, Copy)]
+struct RunningTime {
+    since: Instant,
+    carried: Duration,
+}
+
+impl RunningTime {
+    fn starting(now: Instant) -> RunningTime {
+        RunningTime::carrying(now, Duration::ZERO)
+    }
+
+    fn carrying(now: Instant, carried: Duration) -> RunningTime {
+        RunningTime {
+            since: now,
+            carried,
+        }
+    }
+
+    fn elapsed(&self, now: Instant) -> Duration {
+        self.carried + now.duration_since(self.since)
+    }
+}
 
 impl Group {
     fn new(now: Instant) -> Group {
@@ -161,27 +181,9 @@ impl Group {
             assigned_counts: BTreeMap::new(),
             fenced: VecDeque::new(),
             follow_up: false,
-            last_commit_at: now,
-            commit_age_carried: Duration::ZERO,
-            empty_since: None,
-            empty_carried: Duration::ZERO,
+            since_commit: RunningTime::starting(now),
+            empty: None,
         }
-    }
-
-    /// Time since the last commit, in the broker's running time.
-    fn commit_age(&self, now: Instant) -> Duration {
-        self.commit_age_carried + now.duration_since(self.last_commit_at)
-    }
-
-    /// Time without members so far, in the broker's running time.
-    fn empty_for(&self, now: Instant) -> Option<Duration> {
-        self.empty_since
-            .map(|since| self.empty_carried + now.duration_since(since))
-    }
-
-    fn note_commit(&mut self, now: Instant) {
-        self.last_commit_at = now;
-        self.commit_age_carried = Duration::ZERO;
     }
 
     /// The partition counts of every topic the members subscribe to.
@@ -714,12 +716,12 @@ impl Coordinator {
                     // The running time it had already been idle counts
                     // (downtime does not): restarts neither keep abandoned
                     // groups for ever nor age live ones.
-                    group.last_commit_at = now;
-                    group.commit_age_carried = Duration::from_millis(commit_age_ms.unwrap_or(0));
-                    if let Some(ms) = empty_for_ms {
-                        group.empty_since = Some(now);
-                        group.empty_carried = Duration::from_millis(ms);
-                    }
+                    group.since_commit = RunningTime::carrying(
+                        now,
+                        Duration::from_millis(commit_age_ms.unwrap_or(0)),
+                    );
+                    group.empty = empty_for_ms
+                        .map(|ms| RunningTime::carrying(now, Duration::from_millis(ms)));
                     for (topic, partition, committed) in offsets {
                         group.offsets.insert((topic, partition), committed);
                     }
@@ -804,14 +806,9 @@ impl Coordinator {
                         })
                         .collect(),
                 );
-                commit_age_ms.insert(name.clone(), millis(group.commit_age(now)));
-                // Only a group that is empty now: one a member joined since
-                // the last reap must not come back as empty.
-                if group.members.is_empty()
-                    && group.state == GroupState::Empty
-                    && let Some(empty_for) = group.empty_for(now)
-                {
-                    empty_for_ms.insert(name.clone(), millis(empty_for));
+                commit_age_ms.insert(name.clone(), millis(group.since_commit.elapsed(now)));
+                if let Some(empty) = group.empty {
+                    empty_for_ms.insert(name.clone(), millis(empty.elapsed(now)));
                 }
             }
             let snapshot = GroupsSnapshot {
@@ -964,8 +961,7 @@ impl Coordinator {
                     .is_some_and(|member| member.topics == topics_wanted);
             // A member: the group is no longer empty (the reaper would see
             // it only on its next round).
-            group.empty_since = None;
-            group.empty_carried = Duration::ZERO;
+            group.empty = None;
             let member = group
                 .members
                 .entry(member_id.clone())
@@ -1155,17 +1151,16 @@ impl Coordinator {
         let retention = Duration::from_millis(self.offsets_retention_ms);
         groups.retain(|name, group| {
             if group.state != GroupState::Empty || !group.members.is_empty() {
-                group.empty_since = None;
-                group.empty_carried = Duration::ZERO;
+                group.empty = None;
                 return true;
             }
             if group.offsets.is_empty() {
                 return false;
             }
-            group.empty_since.get_or_insert(now);
+            let empty = group.empty.get_or_insert(RunningTime::starting(now));
             let expired = !retention.is_zero()
-                && group.empty_for(now).is_some_and(|empty| empty >= retention)
-                && group.commit_age(now) >= retention;
+                && empty.elapsed(now) >= retention
+                && group.since_commit.elapsed(now) >= retention;
             if expired {
                 tracing::info!(
                     group = name,
@@ -1244,7 +1239,7 @@ impl Coordinator {
         // A commit under way keeps its group from expiring meanwhile (the
         // apply below would otherwise bring back only these partitions).
         if let Some(group) = lock(&self.groups).get_mut(&request.group) {
-            group.note_commit(Instant::now());
+            group.since_commit = RunningTime::starting(Instant::now());
         }
         let batch = offsets_batch(&request);
         let outcome = match partition.submit(batch) {
@@ -1259,7 +1254,7 @@ impl Coordinator {
             let group = groups
                 .entry(request.group.clone())
                 .or_insert_with(|| Group::new(Instant::now()));
-            group.note_commit(Instant::now());
+            group.since_commit = RunningTime::starting(Instant::now());
             for offset in &request.offsets {
                 group.offsets.insert(
                     (offset.topic.clone(), offset.partition),
@@ -1500,7 +1495,7 @@ fn apply_record(
     let group = groups.entry(key.group).or_insert_with(|| Group::new(now));
     // Replayed commits count as made at load (their wall-clock age would
     // count downtime): expiry waits a whole retention from here.
-    group.note_commit(now);
+    group.since_commit = RunningTime::starting(now);
     match value.map(serde_json::from_slice::<Committed>) {
         Some(Ok(committed)) => {
             group.offsets.insert((key.topic, key.partition), committed);

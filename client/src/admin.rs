@@ -72,11 +72,7 @@ impl Admin {
         if !current.is_closed() {
             return Ok(current);
         }
-        let fresh = Connection::connect(
-            current.addr(),
-            Duration::from_millis(ADMIN_REQUEST_TIMEOUT_MS),
-        )
-        .await?;
+        let fresh = current.reopen().await?;
         *self
             .connection
             .lock()

@@ -117,6 +117,15 @@ impl Connection {
         })
     }
 
+    /// A new connection to the same broker, with the same request timeout
+    /// (to replace this one once it has closed).
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`].
+    pub async fn reopen(&self) -> Result<Connection> {
+        Connection::connect(&self.inner.addr, self.inner.request_timeout).await
+    }
+
     /// The broker address.
     pub fn addr(&self) -> &str {
         &self.inner.addr

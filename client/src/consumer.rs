@@ -571,15 +571,12 @@ impl Consumer {
         if self.connection_lost || self.connection.is_closed() {
             let addr = self.connection.addr().to_string();
             let started = tokio::time::Instant::now();
-            let connection = tokio::time::timeout(
-                budget,
-                Connection::connect(&addr, Duration::from_millis(self.config.request_timeout_ms)),
-            )
-            .await
-            .map_err(|_| ClientError::Connect {
-                addr: addr.clone(),
-                message: format!("no answer within {} ms", budget.as_millis()),
-            })??;
+            let connection = tokio::time::timeout(budget, self.connection.reopen())
+                .await
+                .map_err(|_| ClientError::Connect {
+                    addr: addr.clone(),
+                    message: format!("no answer within {} ms", budget.as_millis()),
+                })??;
             // A broker that accepts and then closes (out of connection
             // slots, or restarting) must not count as reconnected.
             let handshake = connection
@@ -844,10 +841,7 @@ impl Consumer {
                 }
                 continue;
             }
-            let Some(commit_due) = self.group.as_ref().map(|group| {
-                group.last_commit
-                    + Duration::from_millis(group.config.auto_commit_interval_ms.max(1))
-            }) else {
+            let Some(commit_due) = self.group.as_ref().map(|group| group.commit_due_at()) else {
                 match std::future::poll_fn(|context| poll(self, context)).await {
                     // Lost with the connection: reconnect (top of the loop).
                     Some(Err(ClientError::Closed)) if self.connection_lost => continue,
@@ -1101,9 +1095,7 @@ impl Consumer {
         if group.rebalancing() {
             return self.rebalance().await;
         }
-        let due =
-            group.last_commit + Duration::from_millis(group.config.auto_commit_interval_ms.max(1));
-        if group.config.auto_commit && tokio::time::Instant::now() >= due {
+        if group.auto_commit_due() {
             let positions = self.positions();
             match self.commit_offsets_now(&positions).await {
                 Ok(()) => {}
@@ -1390,16 +1382,12 @@ impl Consumer {
             return None;
         }
         if let Some(group) = &self.group {
-            let commit_due = group.config.auto_commit
-                && tokio::time::Instant::now()
-                    >= group.last_commit
-                        + Duration::from_millis(group.config.auto_commit_interval_ms.max(1));
             let failed = group
                 .failed
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner())
                 .is_some();
-            if group.rebalancing() || commit_due || failed {
+            if group.rebalancing() || group.auto_commit_due() || failed {
                 return None;
             }
         }

@@ -201,6 +201,16 @@ impl Membership {
         self.rejoin.store(true, Ordering::Release);
     }
 
+    /// When the next automatic commit is due.
+    pub fn commit_due_at(&self) -> tokio::time::Instant {
+        self.last_commit + Duration::from_millis(self.config.auto_commit_interval_ms.max(1))
+    }
+
+    /// An automatic commit is due now.
+    pub fn auto_commit_due(&self) -> bool {
+        self.config.auto_commit && tokio::time::Instant::now() >= self.commit_due_at()
+    }
+
     /// The current member id and generation.
     pub fn identity(&self) -> Identity {
         lock(&self.identity).clone()

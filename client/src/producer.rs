@@ -495,11 +495,7 @@ impl Shared {
         if !current.is_closed() {
             return Ok(current);
         }
-        let fresh = Connection::connect(
-            current.addr(),
-            Duration::from_millis(self.config.request_timeout_ms),
-        )
-        .await?;
+        let fresh = current.reopen().await?;
         tracing::debug!(addr = current.addr(), "producer reconnected");
         *lock(&self.connection) = fresh.clone();
         Ok(fresh)
