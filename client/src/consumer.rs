@@ -487,18 +487,17 @@ impl Consumer {
                 None => now.duration_since(state.next_attempt_at) < timeout,
             });
         if !continuing {
-            self.reconnecting = Some(Reconnecting {
-                since: now,
-                backoff: Duration::from_millis(self.config.reconnect_backoff_ms.max(1)),
-                next_attempt_at: now,
-                attempts: 0,
-                last_error: None,
-                connected_at: None,
-            });
+            self.reconnecting = None;
         }
-        let Some(state) = self.reconnecting.as_mut() else {
-            return Err(ClientError::Closed);
-        };
+        let first_backoff = Duration::from_millis(self.config.reconnect_backoff_ms.max(1));
+        let state = self.reconnecting.get_or_insert(Reconnecting {
+            since: now,
+            backoff: first_backoff,
+            next_attempt_at: now,
+            attempts: 0,
+            last_error: None,
+            connected_at: None,
+        });
         state.connected_at = None;
         if state.attempts > 0 && now >= state.since + timeout {
             let error = state
@@ -514,23 +513,19 @@ impl Consumer {
             self.give_up_connection();
             return Err(error);
         }
-        let attempt_at = state.next_attempt_at;
         // An abandoned wait leaves everything as it was.
-        tokio::time::sleep_until(attempt_at).await;
+        tokio::time::sleep_until(state.next_attempt_at).await;
         // Book the attempt before making it, so that one abandoned midway
         // still counts and still spaces the next.
-        let mut budget = Duration::from_millis(self.config.request_timeout_ms);
-        if let Some(state) = self.reconnecting.as_mut() {
-            let now = tokio::time::Instant::now();
-            state.attempts += 1;
-            state.next_attempt_at = now + state.backoff;
-            state.backoff =
-                (state.backoff * 2).min(Duration::from_millis(RECONNECT_BACKOFF_MS_MAX));
-            // Connecting and the Handshake get what is left of the timeout
-            // (at least RECONNECT_ATTEMPT_MS_MIN), not a request timeout each.
-            let left = (state.since + timeout).saturating_duration_since(now);
-            budget = budget.min(left.max(Duration::from_millis(RECONNECT_ATTEMPT_MS_MIN)));
-        }
+        let now = tokio::time::Instant::now();
+        state.attempts += 1;
+        state.next_attempt_at = now + state.backoff;
+        state.backoff = (state.backoff * 2).min(Duration::from_millis(RECONNECT_BACKOFF_MS_MAX));
+        // Connecting and the Handshake get what is left of the timeout (at
+        // least RECONNECT_ATTEMPT_MS_MIN), not a request timeout each.
+        let left = (state.since + timeout).saturating_duration_since(now);
+        let budget = Duration::from_millis(self.config.request_timeout_ms)
+            .min(left.max(Duration::from_millis(RECONNECT_ATTEMPT_MS_MIN)));
         let attempt = self.reconnect_once(budget).await;
         let Some(state) = self.reconnecting.as_mut() else {
             return attempt;
