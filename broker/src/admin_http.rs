@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 
-use crate::server::Broker;
+use crate::broker::Broker;
 
 /// The admin router.
 pub fn router(broker: Arc<Broker>) -> Router {
@@ -29,7 +29,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
 }
 
 async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
-    let text = broker.metrics.render(&broker);
+    let text = broker.render_metrics();
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -245,7 +245,7 @@ async fn create_topic(
     State(broker): State<Arc<Broker>>,
     Json(request): Json<CreateTopic>,
 ) -> Response {
-    if crate::handlers::is_internal(&request.name) {
+    if crate::topics::is_internal(&request.name) {
         return error(
             StatusCode::BAD_REQUEST,
             format!("{} is internal", request.name),
@@ -268,7 +268,7 @@ async fn create_topic(
 }
 
 async fn delete_topic(State(broker): State<Arc<Broker>>, Path(name): Path<String>) -> Response {
-    if crate::handlers::is_internal(&name) {
+    if crate::topics::is_internal(&name) {
         return error(StatusCode::BAD_REQUEST, format!("{name} is internal"));
     }
     match broker.delete_topic(&name).await {

@@ -7,6 +7,14 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use weir_storage::{EngineKind, FlushPolicy, WriteMode};
 
+/// Default segment size of the offsets topic (each partition preallocates
+/// one). Snapshots replace the records below them, so a partition keeps
+/// about one segment beyond its snapshot.
+pub const OFFSETS_SEGMENT_BYTES: u64 = 64 << 20;
+/// Default time the offsets of a group are kept once it has no members and
+/// no commit: 7 days, Kafka's `offsets.retention.minutes`.
+pub const OFFSETS_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// Every setting of a broker, with the reason for each default.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -116,8 +124,8 @@ impl Default for BrokerConfig {
             verify_crc_on_read: false,
             advertised_listen: None,
             offsets_topic_partitions: 8,
-            offsets_segment_bytes: crate::groups::OFFSETS_SEGMENT_BYTES,
-            offsets_retention_ms: crate::groups::OFFSETS_RETENTION_MS,
+            offsets_segment_bytes: OFFSETS_SEGMENT_BYTES,
+            offsets_retention_ms: OFFSETS_RETENTION_MS,
             group_initial_rebalance_delay_ms: 1_000,
             producer_expiration_ms: 24 * 3600 * 1000,
         }

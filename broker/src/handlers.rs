@@ -10,15 +10,13 @@ use weir_protocol::message::*;
 use weir_protocol::{ApiKey, ErrorCode, Request, Response};
 use weir_storage::StorageError;
 
+use crate::context::{ConnectionContext, PushSender, SubscriptionControl};
 use crate::partition::{Partition, storage_error_code};
-use crate::server::{ConnectionContext, PushSender, SubscriptionControl};
 use crate::topics::Topic;
+use crate::topics::{TOPICS_PER_REQUEST_MAX, is_internal};
 
 /// Subscriptions one connection may hold: each has a push task.
 pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 1024;
-/// Topics one Metadata or DescribeTopics request may name; more are refused
-/// with one `InvalidRequest` entry rather than answered.
-pub const TOPICS_PER_REQUEST_MAX: usize = 10_000;
 
 /// Distinct names, at most `TOPICS_PER_REQUEST_MAX`; `Err` with the count if more.
 fn distinct_names(names: Vec<String>) -> Result<Vec<String>, usize> {
@@ -32,12 +30,6 @@ fn distinct_names(names: Vec<String>) -> Result<Vec<String>, usize> {
     } else {
         Ok(distinct)
     }
-}
-
-/// Whether clients may not create, delete or produce to `topic` (they may
-/// read it).
-pub fn is_internal(topic: &str) -> bool {
-    topic == crate::groups::OFFSETS_TOPIC
 }
 
 /// Longest producer name InitProducerId accepts.
@@ -725,7 +717,7 @@ async fn push_loop(
 }
 
 /// Counts records and bytes sent to consumers.
-fn count_out(broker: &crate::server::Broker, topic: &str, records: &RecordSet) {
+fn count_out(broker: &crate::broker::Broker, topic: &str, records: &RecordSet) {
     if records.is_empty() {
         return;
     }

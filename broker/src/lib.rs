@@ -1,14 +1,21 @@
 //! Weir's broker: topics of partitions on the storage engine, served over
 //! the binary protocol of `weir-protocol`.
 //!
-//! Layout:
+//! Layout, each module importing only those above it:
 //! - `config`: [`BrokerConfig`], every setting with its default and reason.
-//! - `topics`: the topic registry (`topics.json`) and partition directories.
+//! - `blocking`: file work and decompression run off the async workers.
+//! - `producers`: idempotent producers' ids, epochs and per-partition state.
 //! - `partition`: one partition — a storage log, leader epoch, high watermark.
-//! - `server`: accepting, per-connection reader/writer tasks, limits, shutdown.
+//! - `topics`: the topic registry (`topics.json`) and partition directories.
+//! - `groups`: the group coordinator (`group`: one group's rounds;
+//!   `assignors`: pure assignment functions; `offsets`: committed offsets
+//!   as records of `__consumer_offsets`, their snapshots and load).
+//! - `metrics`: the Prometheus metrics (`prometheus-client`).
+//! - `broker`: [`broker::Broker`], the state every connection shares.
+//! - `context`: what the handlers of one connection share.
 //! - `handlers`: one function per API.
 //! - `admin_http`: `/metrics`, `/healthz`, `/readyz` and the JSON API (axum).
-//! - `metrics`: the Prometheus metrics (`prometheus-client`).
+//! - `server`: accepting, per-connection reader/writer tasks, limits, shutdown.
 //!
 //! Architecture invariant: every queue on a data path is bounded — the
 //! per-connection response channel (`in_flight_requests_max`), the request
@@ -17,7 +24,9 @@
 
 pub mod admin_http;
 pub mod blocking;
+pub mod broker;
 pub mod config;
+pub mod context;
 pub mod groups;
 pub mod handlers;
 pub mod metrics;

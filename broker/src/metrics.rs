@@ -13,7 +13,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::server::Broker;
+use crate::groups::Coordinator;
+use crate::topics::Topics;
+use weir_storage::IoEngine;
 
 type Labels = Vec<(String, String)>;
 
@@ -204,12 +206,18 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with state gauges refreshed from `broker`.
-    pub fn render(&self, broker: &Broker) -> String {
-        self.connections
-            .set(broker.connections.load(Ordering::Relaxed) as i64);
-        self.io_queue_depth.set(broker.engine.queue_depth() as i64);
-        let stats = broker.engine.stats();
+    /// The text exposition, with state gauges refreshed from the broker's
+    /// connection count, io engine, topics and groups.
+    pub fn render(
+        &self,
+        connections: u64,
+        engine: &IoEngine,
+        topics: &Topics,
+        groups: &Coordinator,
+    ) -> String {
+        self.connections.set(connections as i64);
+        self.io_queue_depth.set(engine.queue_depth() as i64);
+        let stats = engine.stats();
         self.fsyncs.set(stats.syncs.load(Ordering::Relaxed) as i64);
         self.fsync_errors
             .set(stats.sync_errors.load(Ordering::Relaxed) as i64);
@@ -227,7 +235,7 @@ impl Metrics {
                 .get_or_create(&vec![("le".to_string(), le)])
                 .set(cumulative as i64);
         }
-        for topic in broker.topics.all() {
+        for topic in topics.all() {
             for partition in &topic.partitions {
                 let labels = vec![
                     ("topic".to_string(), topic.name.clone()),
@@ -248,11 +256,11 @@ impl Metrics {
         self.group_members.clear();
         self.group_committed_offset.clear();
         self.group_lag.clear();
-        for name in broker.groups.group_names() {
+        for name in groups.group_names() {
             let request = weir_protocol::message::DescribeGroupRequest {
                 group: name.clone(),
             };
-            let description = broker.groups.describe(&broker.topics, &request);
+            let description = groups.describe(topics, &request);
             self.group_members
                 .get_or_create(&vec![("group".to_string(), name.clone())])
                 .set(description.members.len() as i64);

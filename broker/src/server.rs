@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,11 +20,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use weir_protocol::frame::FrameDecoder;
-use weir_protocol::message::{EncodedFrame, error_frame};
+use weir_protocol::message::error_frame;
 use weir_protocol::{ErrorCode, FrameKind, Request, Response};
 use weir_storage::{EngineConfig, IoEngine, LogConfig};
 
+use crate::broker::{Broker, advertised_address};
 use crate::config::BrokerConfig;
+use crate::context::{ConnectionContext, Outgoing};
 use crate::handlers;
 use crate::topics::Topics;
 
@@ -41,85 +43,6 @@ const OWN_BUFFER_FRAME_BYTES_MIN: usize = 64 * 1024;
 pub const OWN_FRAME_BUFFERS_BYTES_MAX: usize = 256 << 20;
 /// Bytes the writer buffers before a write syscall.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
-
-/// Everything the connections share.
-#[derive(Debug)]
-pub struct Broker {
-    /// Settings.
-    pub config: BrokerConfig,
-    /// Topics and partitions.
-    pub topics: Topics,
-    /// The io engine of the data directory.
-    pub engine: Arc<IoEngine>,
-    /// Woken after every append anywhere (long-poll fetches and pushes wait on it).
-    pub appended: Arc<Notify>,
-    /// Connections open now.
-    pub connections: AtomicU64,
-    /// Bytes of frame-sized read buffers allocated ahead of their frame's
-    /// arrival, across connections (at most [`OWN_FRAME_BUFFERS_BYTES_MAX`]).
-    pub own_frame_buffer_bytes: Arc<std::sync::atomic::AtomicUsize>,
-    /// Prometheus metrics.
-    pub metrics: crate::metrics::Metrics,
-    /// True while serving; false during start-up and shutdown (`/readyz`).
-    pub ready: std::sync::atomic::AtomicBool,
-    /// Becomes true when shutdown begins: long polls answer at once rather
-    /// than hold the connection past the grace period.
-    pub stopping: watch::Receiver<bool>,
-    /// Idempotent producers' ids and epochs.
-    pub producer_ids: crate::producers::ProducerIds,
-    /// Consumer groups and their committed offsets.
-    pub groups: crate::groups::Coordinator,
-    /// Where clients connect.
-    pub local_addr: SocketAddr,
-    /// Where clients are told to connect (FindCoordinator): host and port.
-    pub advertised: (String, u16),
-}
-
-/// The `host:port` clients are told to connect to: the configured one, else
-/// the bound address, with `127.0.0.1` for an unspecified IP (a client
-/// cannot connect to `0.0.0.0`).
-///
-/// # Errors
-/// A configured value that is not `host:port`.
-pub fn advertised_address(
-    configured: Option<&str>,
-    bound: SocketAddr,
-) -> Result<(String, u16), crate::config::ConfigError> {
-    if let Some(configured) = configured {
-        let parsed = configured
-            .rsplit_once(':')
-            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
-            .filter(|(host, _)| !host.is_empty());
-        return match parsed {
-            Some((host, port)) => Ok((host.trim_matches(['[', ']']).to_string(), port)),
-            None => Err(crate::config::ConfigError {
-                name: "advertised_listen",
-                value: configured.to_string(),
-                expected: "host:port",
-            }),
-        };
-    }
-    if bound.ip().is_unspecified() {
-        tracing::warn!(
-            listen = %bound,
-            "listening on every interface: clients are told 127.0.0.1; set advertised_listen"
-        );
-        return Ok(("127.0.0.1".to_string(), bound.port()));
-    }
-    Ok((bound.ip().to_string(), bound.port()))
-}
-
-impl Broker {
-    /// Deletes a topic, its data and its metric series.
-    ///
-    /// # Errors
-    /// As [`Topics::delete`].
-    pub async fn delete_topic(&self, name: &str) -> Result<(), crate::topics::TopicError> {
-        let partitions = self.topics.delete(name).await?;
-        self.metrics.forget_topic(name, partitions);
-        Ok(())
-    }
-}
 
 /// A running broker.
 #[derive(Debug)]
@@ -312,88 +235,6 @@ async fn refuse(mut stream: TcpStream, error: ErrorCode) {
     let frame = error_frame(0, 0, error);
     let _ = stream.write_all(&frame.to_vec()).await;
     let _ = stream.shutdown().await;
-}
-
-/// A frame for the writer, with the in-flight budget it releases when written.
-#[derive(Debug)]
-struct Outgoing {
-    frame: EncodedFrame,
-    _budget: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
-}
-
-/// A subscription's control block, shared by the connection and its push task.
-#[derive(Debug)]
-pub struct SubscriptionControl {
-    /// Bytes the broker may still push (may go below zero by one batch).
-    pub credit_bytes: AtomicI64,
-    /// Woken when credit is granted.
-    pub credit_granted: Notify,
-    /// The push task.
-    pub task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-/// What request handlers of one connection share.
-#[derive(Debug)]
-pub struct ConnectionContext {
-    /// The broker.
-    pub broker: Arc<Broker>,
-    /// Subscriptions of this connection by id.
-    pub subscriptions: Mutex<HashMap<u32, Arc<SubscriptionControl>>>,
-    outgoing: mpsc::Sender<Outgoing>,
-}
-
-impl ConnectionContext {
-    /// Queues a push frame; false once the connection is gone.
-    pub async fn push(&self, frame: EncodedFrame) -> bool {
-        self.outgoing
-            .send(Outgoing {
-                frame,
-                _budget: None,
-            })
-            .await
-            .is_ok()
-    }
-}
-
-impl ConnectionContext {
-    /// A sender for a push task (which must not hold the context itself).
-    pub fn push_sender(&self) -> PushSender {
-        PushSender(self.outgoing.clone())
-    }
-
-    /// Stops every push task of the connection.
-    fn end_subscriptions(&self) {
-        let subscriptions =
-            std::mem::take(&mut *self.subscriptions.lock().unwrap_or_else(|p| p.into_inner()));
-        for control in subscriptions.values() {
-            if let Some(task) = control
-                .task
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-            {
-                task.abort();
-            }
-        }
-    }
-}
-
-/// Queues push frames for one connection's writer.
-#[derive(Debug, Clone)]
-pub struct PushSender(mpsc::Sender<Outgoing>);
-
-impl PushSender {
-    /// Queues a push frame, waiting while the writer is behind; false once
-    /// the connection is gone.
-    pub async fn push(&self, frame: EncodedFrame) -> bool {
-        self.0
-            .send(Outgoing {
-                frame,
-                _budget: None,
-            })
-            .await
-            .is_ok()
-    }
 }
 
 async fn connection(
@@ -642,38 +483,6 @@ async fn write_frame(
 mod tests {
     use super::*;
 
-    /// The advertised address: as configured (IPv6 brackets dropped), else
-    /// the bound one, with loopback for an unspecified IP; a value without
-    /// a port is refused.
-    #[test]
-    fn advertised_address_is_what_clients_can_reach() {
-        let bound: SocketAddr = "10.1.2.3:9092".parse().expect("addr");
-        let any: SocketAddr = "0.0.0.0:9092".parse().expect("addr");
-        let any6: SocketAddr = "[::]:9092".parse().expect("addr");
-        assert_eq!(
-            advertised_address(None, bound).expect("default"),
-            ("10.1.2.3".to_string(), 9092)
-        );
-        assert_eq!(
-            advertised_address(None, any).expect("any"),
-            ("127.0.0.1".to_string(), 9092)
-        );
-        assert_eq!(
-            advertised_address(None, any6).expect("any6"),
-            ("127.0.0.1".to_string(), 9092)
-        );
-        assert_eq!(
-            advertised_address(Some("weir-0.weir:9092"), any).expect("set"),
-            ("weir-0.weir".to_string(), 9092)
-        );
-        assert_eq!(
-            advertised_address(Some("[fd00::1]:9092"), any).expect("v6"),
-            ("fd00::1".to_string(), 9092)
-        );
-        for bad in ["weir-0", "weir-0:", ":9092", "weir-0:99999"] {
-            assert!(advertised_address(Some(bad), any).is_err(), "{bad}");
-        }
-    }
     use weir_protocol::frame::FRAME_BYTES_MAX_DEFAULT;
 
     /// The start of a frame announcing `frame_bytes` in all, with `received`

@@ -18,6 +18,12 @@ use crate::partition::Partition;
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 /// Most partitions one topic may have.
 pub const TOPIC_PARTITIONS_MAX: u32 = 10_000;
+/// Topics one Metadata or DescribeTopics request may name; more are refused
+/// with one `InvalidRequest` entry rather than answered.
+pub const TOPICS_PER_REQUEST_MAX: usize = 10_000;
+/// The internal topic holding committed offsets (written by the group
+/// coordinator only).
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
 /// The topic list's file name inside the data directory.
 pub const TOPICS_FILE: &str = "topics.json";
 
@@ -88,6 +94,12 @@ pub struct Topics {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serialises create and delete so `topics.json` matches the directories.
     changes: tokio::sync::Mutex<()>,
+}
+
+/// Whether clients may not create, delete or produce to `topic` (they may
+/// read it).
+pub fn is_internal(topic: &str) -> bool {
+    topic == OFFSETS_TOPIC
 }
 
 /// Checks a topic name: 1–249 bytes of `[A-Za-z0-9._-]`, not `.` or `..`.

@@ -1,0 +1,544 @@
+//! Committed offsets as records of `__consumer_offsets`: the record
+//! format, the per-partition snapshot, and the coordinator's load, save,
+//! commit and fetch.
+
+use super::*;
+
+/// Java's `String.hashCode`, so groups land on the offsets partition
+/// Kafka would put them on.
+fn java_hash(text: &str) -> i32 {
+    text.encode_utf16().fold(0i32, |hash, unit| {
+        hash.wrapping_mul(31).wrapping_add(i32::from(unit))
+    })
+}
+
+/// The offsets partition of a group.
+pub fn offsets_partition(group: &str, partitions: u32) -> u32 {
+    // Kafka's Utils.abs: i32::MIN maps to 0.
+    let hash = java_hash(group);
+    let positive = if hash == i32::MIN {
+        0
+    } else {
+        hash.unsigned_abs()
+    };
+    positive % partitions.max(1)
+}
+
+const GROUPS_SNAPSHOT_FILE: &str = "groups-snapshot.json";
+
+/// The committed offsets of one offsets partition's groups as of `offset`.
+#[derive(Debug, Serialize, Deserialize)]
+struct GroupsSnapshot {
+    offset: u64,
+    groups: BTreeMap<String, Vec<(String, u32, Committed)>>,
+    /// How long ago each group last committed, in the broker's running
+    /// time, ms (absent: as if at load).
+    #[serde(default)]
+    commit_age_ms: BTreeMap<String, u64>,
+    /// How long each group without members had been empty, ms.
+    #[serde(default)]
+    empty_for_ms: BTreeMap<String, u64>,
+}
+
+impl GroupsSnapshot {
+    /// Writes the snapshot atomically and durably. Segments below it are
+    /// deleted afterwards, so it must never be written wrong: an encoding
+    /// failure is an error, not an empty file.
+    fn save(&self, dir: &std::path::Path) -> Result<(), String> {
+        let text = serde_json::to_vec(self).map_err(|error| error.to_string())?;
+        weir_storage::checkpoint::write_atomic(dir, GROUPS_SNAPSHOT_FILE, &text)
+            .map_err(|error| error.to_string())
+    }
+
+    /// The snapshot, `Ok(None)` if there is none, `Err` if it is unreadable.
+    fn load(dir: &std::path::Path) -> Result<Option<GroupsSnapshot>, String> {
+        let path = dir.join(GROUPS_SNAPSHOT_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(format!("{}: {error}", path.display())),
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|error| format!("{}: {error}", path.display()))
+    }
+}
+
+/// The key of an offset record (JSON: readable with any consumer).
+#[derive(Debug, Serialize, Deserialize)]
+struct OffsetKey {
+    group: String,
+    topic: String,
+    partition: u32,
+}
+
+impl Coordinator {
+    /// Rebuilds committed offsets from the offsets topic, if it exists:
+    /// each partition's snapshot, then the records after it.
+    ///
+    /// # Errors
+    /// A partition whose records below its start were deleted (replaced by
+    /// its snapshot) but whose snapshot is missing or unreadable: starting
+    /// anyway would silently forget the groups it held.
+    pub fn load(&self, topics: &Topics) -> Result<(), String> {
+        let Some(topic) = topics.get(OFFSETS_TOPIC) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let mut groups = lock(&self.groups);
+        let mut records = 0u64;
+        for partition in &topic.partitions {
+            let log = &partition.log;
+            let mut from = log.start_offset();
+            let end = log.end_offset();
+            let index = partition.index;
+            let snapshot = match GroupsSnapshot::load(log.dir()) {
+                Ok(snapshot) => snapshot,
+                Err(error) if from == 0 => {
+                    tracing::warn!(partition = index, %error, "unreadable group snapshot; replaying the whole log");
+                    None
+                }
+                Err(error) => {
+                    return Err(format!(
+                        "{OFFSETS_TOPIC} partition {index}: group snapshot unreadable: {error}"
+                    ));
+                }
+            };
+            match &snapshot {
+                None if from > 0 => {
+                    return Err(format!(
+                        "{OFFSETS_TOPIC} partition {index} starts at {from} but has no group \
+                         snapshot to stand for the records before it"
+                    ));
+                }
+                Some(snapshot) if snapshot.offset < from => {
+                    return Err(format!(
+                        "{OFFSETS_TOPIC} partition {index} starts at {from}, after its group \
+                         snapshot ({}): the records between are gone",
+                        snapshot.offset
+                    ));
+                }
+                _ => {}
+            }
+            if let Some(mut snapshot) = snapshot {
+                if snapshot.offset > end {
+                    // Snapshots follow a flush, so the log lost records it
+                    // had on disk (a damaged tail cut at recovery): the
+                    // snapshot still knows their commits.
+                    tracing::warn!(
+                        partition = index,
+                        snapshot = snapshot.offset,
+                        end,
+                        "offsets log ends before its snapshot; using the snapshot"
+                    );
+                    // New commits will land below the snapshot's offset: it
+                    // must say where its content really ends, or the next
+                    // start would skip them.
+                    snapshot.offset = end;
+                    snapshot
+                        .save(log.dir())
+                        .map_err(|error| format!("{OFFSETS_TOPIC} partition {index}: {error}"))?;
+                }
+                for (name, offsets) in snapshot.groups {
+                    let commit_age_ms = snapshot.commit_age_ms.get(&name).copied();
+                    let empty_for_ms = snapshot.empty_for_ms.get(&name).copied();
+                    let group = groups.entry(name).or_insert_with(|| Group::new(now));
+                    // The running time it had already been idle counts
+                    // (downtime does not): restarts neither keep abandoned
+                    // groups for ever nor age live ones.
+                    group.since_commit = RunningTime::carrying(
+                        now,
+                        Duration::from_millis(commit_age_ms.unwrap_or(0)),
+                    );
+                    group.empty = empty_for_ms
+                        .map(|ms| RunningTime::carrying(now, Duration::from_millis(ms)));
+                    for (topic, partition, committed) in offsets {
+                        group.offsets.insert((topic, partition), committed);
+                    }
+                }
+                from = from.max(snapshot.offset);
+            }
+            // Every record below the end is replayed or the start fails: a
+            // record skipped here would be left out of the next snapshot and
+            // then deleted, moving its offset back for good.
+            let unreadable = |at: u64, what: &dyn std::fmt::Display| -> String {
+                format!("{OFFSETS_TOPIC} partition {index}: offset {at} unreadable: {what}")
+            };
+            while from < end {
+                let read = log
+                    .read(from, 4 << 20)
+                    .map_err(|error| unreadable(from, &error))?;
+                if read.is_empty() {
+                    return Err(unreadable(from, &"nothing to read below the end"));
+                }
+                for chunk in read.chunks() {
+                    for batch in Batches::new(chunk, false) {
+                        let batch = batch.map_err(|error| unreadable(from, &error))?;
+                        let batch_records =
+                            batch.records().map_err(|error| unreadable(from, &error))?;
+                        for record in batch_records {
+                            let record = record.map_err(|error| unreadable(from, &error))?;
+                            if record.offset < from {
+                                continue;
+                            }
+                            records += 1;
+                            apply_record(&mut groups, now, record.key, record.value);
+                        }
+                    }
+                }
+                from = from.max(read.next_offset());
+            }
+        }
+        tracing::info!(
+            groups = groups.len(),
+            records,
+            "consumer group offsets recovered"
+        );
+        Ok(())
+    }
+
+    /// Writes each offsets partition's snapshot (the offsets of the groups
+    /// it holds, as of its end), so the next start replays only what
+    /// follows. Blocking (takes the commit locks, writes files): call it off
+    /// the runtime.
+    pub fn save_snapshots(&self, topics: &Topics) {
+        let Some(topic) = topics.get(OFFSETS_TOPIC) else {
+            return;
+        };
+        let count = topic.partitions.len() as u32;
+        for partition in &topic.partitions {
+            // Holding the partition's commit lock: no commit is between its
+            // append and its apply, so the end offset and the table agree.
+            let _ordered = self.commit_locks[partition.index as usize % self.commit_locks.len()]
+                .blocking_lock();
+            // Only durable commits may be covered (a crash must not leave
+            // the log below the snapshot).
+            if let Err(error) = partition.log.flush() {
+                tracing::warn!(partition = partition.index, %error, "offsets flush failed; no snapshot");
+                continue;
+            }
+            let offset = partition.log.end_offset();
+            let mut groups = BTreeMap::new();
+            let mut commit_age_ms = BTreeMap::new();
+            let mut empty_for_ms = BTreeMap::new();
+            let now = Instant::now();
+            let millis = |age: Duration| u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+            for (name, group) in lock(&self.groups).iter().filter(|(name, group)| {
+                !group.offsets.is_empty() && offsets_partition(name, count) == partition.index
+            }) {
+                groups.insert(
+                    name.clone(),
+                    group
+                        .offsets
+                        .iter()
+                        .map(|((topic, index), committed)| {
+                            (topic.clone(), *index, committed.clone())
+                        })
+                        .collect(),
+                );
+                commit_age_ms.insert(name.clone(), millis(group.since_commit.elapsed(now)));
+                if let Some(empty) = group.empty {
+                    empty_for_ms.insert(name.clone(), millis(empty.elapsed(now)));
+                }
+            }
+            let snapshot = GroupsSnapshot {
+                offset,
+                groups,
+                commit_age_ms,
+                empty_for_ms,
+            };
+            if let Err(error) = snapshot.save(partition.log.dir()) {
+                tracing::warn!(partition = partition.index, %error, "group snapshot failed");
+                continue;
+            }
+            // The snapshot (durable) now stands for every record below its
+            // offset: whole segments of them can go, which keeps the
+            // offsets log from growing with every commit for ever.
+            match partition.log.delete_segments_before(offset) {
+                Ok(outcome) if outcome.segments_deleted > 0 => tracing::info!(
+                    partition = partition.index,
+                    segments = outcome.segments_deleted,
+                    bytes = outcome.bytes_deleted,
+                    "offsets log compacted below its snapshot"
+                ),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(partition = partition.index, %error, "offsets log compaction failed")
+                }
+            }
+        }
+    }
+
+    async fn offsets_topic(
+        &self,
+        topics: &Topics,
+    ) -> Result<std::sync::Arc<crate::topics::Topic>, ErrorCode> {
+        if let Some(topic) = topics.get(OFFSETS_TOPIC) {
+            return Ok(topic);
+        }
+        // No retention: the records (and snapshots) are the groups' memory.
+        let configs = BTreeMap::from([
+            (
+                "segment.bytes".to_string(),
+                self.offsets_segment_bytes.to_string(),
+            ),
+            ("retention.ms".to_string(), "-1".to_string()),
+            ("retention.bytes".to_string(), "-1".to_string()),
+        ]);
+        match topics
+            .create(OFFSETS_TOPIC, self.offsets_partitions, configs)
+            .await
+        {
+            Ok(()) => {}
+            Err(error) if error.code() == ErrorCode::TopicAlreadyExists => {}
+            Err(error) => return Err(error.code()),
+        }
+        topics.get(OFFSETS_TOPIC).ok_or(ErrorCode::Unknown)
+    }
+
+    /// OffsetCommit: all offsets or none, durable before the answer.
+    pub async fn commit(
+        &self,
+        topics: &Topics,
+        request: OffsetCommitRequest,
+    ) -> OffsetCommitResponse {
+        let refuse = |error: ErrorCode, request: &OffsetCommitRequest| OffsetCommitResponse {
+            error,
+            partitions: request
+                .offsets
+                .iter()
+                .map(|offset| OffsetCommitPartitionResponse {
+                    topic: offset.topic.clone(),
+                    partition: offset.partition,
+                    error,
+                })
+                .collect(),
+        };
+        if !valid_name(&request.group)
+            || request.offsets.len() > COMMIT_OFFSETS_MAX
+            || request.offsets.iter().any(|offset| {
+                offset
+                    .metadata
+                    .as_ref()
+                    .is_some_and(|metadata| metadata.len() > COMMIT_METADATA_BYTES_MAX)
+            })
+        {
+            return refuse(ErrorCode::InvalidRequest, &request);
+        }
+        if request.offsets.is_empty() {
+            return OffsetCommitResponse {
+                error: ErrorCode::None,
+                partitions: Vec::new(),
+            };
+        }
+        if request
+            .offsets
+            .iter()
+            .any(|offset| topics.partition(&offset.topic, offset.partition).is_none())
+        {
+            return refuse(ErrorCode::UnknownTopicOrPartition, &request);
+        }
+        if let Err(error) = self.check_committer(&request) {
+            return refuse(error, &request);
+        }
+        let offsets_topic = match self.offsets_topic(topics).await {
+            Ok(topic) => topic,
+            Err(error) => return refuse(error, &request),
+        };
+        let index = offsets_partition(&request.group, offsets_topic.partitions.len() as u32);
+        let Some(partition) = offsets_topic.partitions.get(index as usize).cloned() else {
+            return refuse(ErrorCode::Unknown, &request);
+        };
+        let _ordered = self.commit_locks[index as usize % self.commit_locks.len()]
+            .lock()
+            .await;
+        // Checked again under the commit lock: a rebalance may have begun.
+        if let Err(error) = self.check_committer(&request) {
+            return refuse(error, &request);
+        }
+        // A commit under way keeps its group from expiring meanwhile (the
+        // apply below would otherwise bring back only these partitions).
+        if let Some(group) = lock(&self.groups).get_mut(&request.group) {
+            group.since_commit = RunningTime::starting(Instant::now());
+        }
+        let batch = offsets_batch(&request);
+        let outcome = match partition.submit(batch) {
+            Ok(pending) => pending.wait().await.map(|_| ()),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = outcome {
+            return refuse(error, &request);
+        }
+        {
+            let mut groups = lock(&self.groups);
+            let group = groups
+                .entry(request.group.clone())
+                .or_insert_with(|| Group::new(Instant::now()));
+            group.since_commit = RunningTime::starting(Instant::now());
+            for offset in &request.offsets {
+                group.offsets.insert(
+                    (offset.topic.clone(), offset.partition),
+                    Committed {
+                        offset: offset.offset,
+                        metadata: offset.metadata.clone(),
+                    },
+                );
+            }
+        }
+        OffsetCommitResponse {
+            error: ErrorCode::None,
+            partitions: request
+                .offsets
+                .iter()
+                .map(|offset| OffsetCommitPartitionResponse {
+                    topic: offset.topic.clone(),
+                    partition: offset.partition,
+                    error: ErrorCode::None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether `request`'s committer may commit these offsets now.
+    fn check_committer(&self, request: &OffsetCommitRequest) -> Result<(), ErrorCode> {
+        let groups = lock(&self.groups);
+        if request.generation < 0 && request.member_id.is_empty() {
+            // An admin (or a consumer without a group membership): only
+            // while nobody consumes the group.
+            return match groups.get(&request.group) {
+                Some(group) if !group.members.is_empty() => Err(ErrorCode::GroupNotEmpty),
+                _ => {
+                    if !groups.contains_key(&request.group) && groups.len() >= GROUPS_MAX {
+                        Err(ErrorCode::InvalidRequest)
+                    } else {
+                        Ok(())
+                    }
+                }
+            };
+        }
+        let group = check_member(&groups, &request.group, &request.member_id)?;
+        if group.generation != request.generation {
+            return Err(ErrorCode::IllegalGeneration);
+        }
+        let member = group
+            .members
+            .get(&request.member_id)
+            .ok_or(ErrorCode::UnknownMemberId)?;
+        if request.offsets.iter().any(|offset| {
+            !member
+                .assignment
+                .iter()
+                .chain(member.revoking.iter())
+                .any(|(topic, partition)| *topic == offset.topic && *partition == offset.partition)
+        }) {
+            return Err(ErrorCode::PartitionNotAssigned);
+        }
+        Ok(())
+    }
+
+    /// OffsetFetch: the committed offsets asked for (or all of the group).
+    pub fn fetch(&self, request: &OffsetFetchRequest) -> OffsetFetchResponse {
+        let groups = lock(&self.groups);
+        let group = groups.get(&request.group);
+        let offsets = match &request.partitions {
+            Some(wanted) => wanted
+                .iter()
+                .map(|wanted| {
+                    let committed = group.and_then(|group| {
+                        group.offsets.get(&(wanted.topic.clone(), wanted.partition))
+                    });
+                    OffsetFetchPartition {
+                        topic: wanted.topic.clone(),
+                        partition: wanted.partition,
+                        offset: committed.map_or(-1, |c| c.offset as i64),
+                        metadata: committed.and_then(|c| c.metadata.clone()),
+                    }
+                })
+                .collect(),
+            None => group
+                .map(|group| {
+                    group
+                        .offsets
+                        .iter()
+                        .map(|((topic, partition), committed)| OffsetFetchPartition {
+                            topic: topic.clone(),
+                            partition: *partition,
+                            offset: committed.offset as i64,
+                            metadata: committed.metadata.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        OffsetFetchResponse {
+            error: ErrorCode::None,
+            offsets,
+        }
+    }
+}
+
+/// The wall clock, ms since the epoch (record timestamps).
+fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+/// One batch with a record per committed offset.
+fn offsets_batch(request: &OffsetCommitRequest) -> Bytes {
+    let now_ms = wall_clock_ms();
+    let mut builder = BatchBuilder::new(now_ms);
+    for offset in &request.offsets {
+        let key = serde_json::to_vec(&OffsetKey {
+            group: request.group.clone(),
+            topic: offset.topic.clone(),
+            partition: offset.partition,
+        })
+        .unwrap_or_default();
+        let value = serde_json::to_vec(&Committed {
+            offset: offset.offset,
+            metadata: offset.metadata.clone(),
+        })
+        .unwrap_or_default();
+        builder.push(now_ms, Some(&key), Some(&value), &[]);
+    }
+    Bytes::from(builder.finish())
+}
+
+fn apply_record(
+    groups: &mut BTreeMap<String, Group>,
+    now: Instant,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) {
+    let Some(Ok(key)) = key.map(serde_json::from_slice::<OffsetKey>) else {
+        return;
+    };
+    let group = groups.entry(key.group).or_insert_with(|| Group::new(now));
+    // Replayed commits count as made at load (their wall-clock age would
+    // count downtime): expiry waits a whole retention from here.
+    group.since_commit = RunningTime::starting(now);
+    match value.map(serde_json::from_slice::<Committed>) {
+        Some(Ok(committed)) => {
+            group.offsets.insert((key.topic, key.partition), committed);
+        }
+        // A tombstone (or an unreadable value): no offset.
+        _ => {
+            group.offsets.remove(&(key.topic, key.partition));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Groups map to offsets partitions as Kafka maps them
+    /// (`abs(hashCode) % n`).
+    #[test]
+    fn offsets_partition_follows_java_hash() {
+        assert_eq!(java_hash("group"), 98_629_247);
+        assert_eq!(offsets_partition("group", 50), 98_629_247 % 50);
+        assert_eq!(java_hash(""), 0);
+    }
+}
