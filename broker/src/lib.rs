@@ -25,6 +25,7 @@
 pub mod admin_http;
 pub mod blocking;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod context;
 pub mod groups;

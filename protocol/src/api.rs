@@ -192,10 +192,20 @@ pub enum ErrorCode {
     /// A newer process of the same static instance took this member's
     /// place: this one must stop consuming.
     FencedInstanceId,
+    /// `acks=all` with fewer in-sync replicas than `min_insync_replicas`:
+    /// nothing was appended.
+    NotEnoughReplicas,
+    /// Appended, but the in-sync set shrank below `min_insync_replicas`
+    /// before it was replicated: the batch may be kept; retry.
+    NotEnoughReplicasAfterAppend,
+    /// The request named an older leader epoch than the partition's.
+    FencedLeaderEpoch,
+    /// The request named a leader epoch newer than this broker knows.
+    UnknownLeaderEpoch,
 }
 
 impl ErrorCode {
-    const TABLE: [(ErrorCode, u16); 32] = [
+    const TABLE: [(ErrorCode, u16); 36] = [
         (ErrorCode::None, 0),
         (ErrorCode::Unknown, 1),
         (ErrorCode::CorruptMessage, 2),
@@ -228,6 +238,10 @@ impl ErrorCode {
         (ErrorCode::InvalidSessionTimeout, 29),
         (ErrorCode::InconsistentAssignor, 30),
         (ErrorCode::FencedInstanceId, 31),
+        (ErrorCode::NotEnoughReplicas, 32),
+        (ErrorCode::NotEnoughReplicasAfterAppend, 33),
+        (ErrorCode::FencedLeaderEpoch, 34),
+        (ErrorCode::UnknownLeaderEpoch, 35),
     ];
 
     /// The number on the wire.
@@ -252,6 +266,10 @@ impl ErrorCode {
         matches!(
             self,
             ErrorCode::NotLeader
+                | ErrorCode::NotEnoughReplicas
+                | ErrorCode::NotEnoughReplicasAfterAppend
+                | ErrorCode::FencedLeaderEpoch
+                | ErrorCode::UnknownLeaderEpoch
                 | ErrorCode::StorageFull
                 | ErrorCode::StorageError
                 | ErrorCode::Timeout
