@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 
 use weir_protocol::ErrorCode;
 
-pub use super::metadata::{BrokerId, PartitionState};
+pub use super::metadata::{BrokerId, MetadataError, PartitionState};
 
 /// What the rules need to know of the local log.
 pub trait LogView {
@@ -40,7 +40,11 @@ pub trait LogView {
     fn start_offset(&self) -> u64;
     /// End of what is durable (the next offset to write).
     fn end_offset(&self) -> u64;
-    /// The epoch of the last record (or the newest assigned epoch).
+    /// The newest epoch of the epoch cache, including one assigned on
+    /// becoming leader with no record written in it yet: a follower names it
+    /// in its fetch, so that a leadership it lost is found diverging and cut
+    /// from its cache (naming only its last record's epoch would leave the
+    /// cache claiming offsets for an epoch it holds none of).
     fn latest_epoch(&self) -> Option<i32>;
     /// The largest epoch `<= epoch` this log knows and where it ends
     /// (exclusive): the leader-epoch lookup.
@@ -163,6 +167,8 @@ struct Pending {
     isr: Vec<BrokerId>,
     partition_epoch: i32,
     sent_at_ms: u64,
+    /// Refused as stale: not resent; newer metadata settles it.
+    awaiting_metadata: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -170,8 +176,6 @@ enum Role {
     Leader {
         progress: BTreeMap<BrokerId, Progress>,
         pending: Option<Pending>,
-        /// The log's end when this leadership began.
-        epoch_start_offset: u64,
     },
     Follower {
         leader: BrokerId,
@@ -271,8 +275,17 @@ impl Replica {
             .is_some_and(|current| current.leader_epoch == state.leader_epoch);
         let mut actions = Vec::new();
         let is_replica = state.replicas.contains(&self.me);
+        // An epoch this log already holds was led by this broker in an
+        // earlier life (only the leader of an epoch writes it): after a
+        // restart it must not lead it again with what it forgot (its high
+        // watermark, its followers' progress), or it could admit a lagging
+        // follower to the in-sync set. It waits for a new epoch.
+        let led_before = !(same_leadership && self.is_leader())
+            && log
+                .latest_epoch()
+                .is_some_and(|latest| latest >= state.leader_epoch);
         match state.leader {
-            Some(leader) if leader == self.me && is_replica => {
+            Some(leader) if leader == self.me && is_replica && !led_before => {
                 if !(same_leadership && self.is_leader()) {
                     let progress = state
                         .replicas
@@ -293,7 +306,6 @@ impl Replica {
                     self.role = Role::Leader {
                         progress,
                         pending: None,
-                        epoch_start_offset: log.end_offset(),
                     };
                     actions.push(Action::BecomeLeader {
                         epoch: state.leader_epoch,
@@ -357,10 +369,17 @@ impl Replica {
         Ok(())
     }
 
-    /// Whether an `acks=all` append ending at `end_offset` (exclusive) is
-    /// complete: `None` while the high watermark is below it.
-    pub fn acks_all_outcome(&self, end_offset: u64) -> Option<Result<(), ErrorCode>> {
-        if !self.is_leader() {
+    /// Whether an `acks=all` append ending at `end_offset` (exclusive),
+    /// made while leading in `leader_epoch`, is complete: `None` while the
+    /// high watermark is below it. An append from an earlier leadership is
+    /// refused even if the offset is now below the high watermark: the
+    /// record there may be another one.
+    pub fn acks_all_outcome(
+        &self,
+        end_offset: u64,
+        leader_epoch: i32,
+    ) -> Option<Result<(), ErrorCode>> {
+        if !self.is_leader() || leader_epoch != self.leader_epoch() {
             return Some(Err(ErrorCode::NotLeader));
         }
         if self.high_watermark < end_offset {
@@ -428,7 +447,11 @@ impl Replica {
         }
         follower.previous_fetch = (leader_end, now_ms);
         let mut actions = self.advance_high_watermark(log);
-        actions.extend(self.maybe_expand(fetch.follower, offset, now_ms));
+        // This leadership's first offset: where the previous epoch ends.
+        let epoch_start = log
+            .epoch_end(epoch - 1)
+            .map_or(log.start_offset(), |(_, end)| end);
+        actions.extend(self.maybe_expand(fetch.follower, offset, epoch_start, now_ms));
         (
             FetchAnswer::Read {
                 from: offset,
@@ -462,7 +485,7 @@ impl Replica {
             return Vec::new();
         };
         if let Some(pending) = pending {
-            if now_ms.saturating_sub(pending.sent_at_ms) >= retry {
+            if !pending.awaiting_metadata && now_ms.saturating_sub(pending.sent_at_ms) >= retry {
                 pending.sent_at_ms = now_ms;
                 return vec![Action::ProposeIsr {
                     leader_epoch: state.leader_epoch,
@@ -496,6 +519,7 @@ impl Replica {
             isr: isr.clone(),
             partition_epoch: state.partition_epoch,
             sent_at_ms: now_ms,
+            awaiting_metadata: false,
         });
         vec![Action::ProposeIsr {
             leader_epoch: state.leader_epoch,
@@ -504,9 +528,39 @@ impl Replica {
         }]
     }
 
-    /// The controller refused or lost the proposal: forget it (the next
-    /// fetch or tick proposes again from the current state).
-    pub fn on_isr_refused(&mut self) {
+    /// The controller refused the proposal. A refusal because the
+    /// proposal was ineligible leaves the committed set as it was: the
+    /// proposal is dropped and the next fetch or tick proposes again. A
+    /// refusal because this broker's view is stale (a newer leader epoch or
+    /// partition epoch) keeps the proposal, and with it the maximal in-sync
+    /// set, until newer metadata arrives: the controller may have applied
+    /// the proposal (its answer lost) before electing another leader, and
+    /// falling back to the older, smaller set could let this deposed leader
+    /// advance its high watermark without the new leader's copy.
+    ///
+    /// `partition_epoch` and `isr` name the refused proposal; a refusal of
+    /// an earlier one is ignored.
+    pub fn on_isr_refused(
+        &mut self,
+        partition_epoch: i32,
+        isr: &[BrokerId],
+        error: &MetadataError,
+    ) {
+        if let Role::Leader {
+            pending: Some(pending),
+            ..
+        } = &mut self.role
+            && pending.partition_epoch == partition_epoch
+            && pending.isr == isr
+        {
+            match error {
+                MetadataError::InvalidIsr => self.role_clear_pending(),
+                _ => pending.awaiting_metadata = true,
+            }
+        }
+    }
+
+    fn role_clear_pending(&mut self) {
         if let Role::Leader { pending, .. } = &mut self.role {
             *pending = None;
         }
@@ -602,23 +656,24 @@ impl Replica {
 
     /// Proposes `follower` into the in-sync set once it holds everything
     /// below the high watermark and this leadership's first offset.
-    fn maybe_expand(&mut self, follower: BrokerId, end_offset: u64, now_ms: u64) -> Vec<Action> {
+    fn maybe_expand(
+        &mut self,
+        follower: BrokerId,
+        end_offset: u64,
+        epoch_start: u64,
+        now_ms: u64,
+    ) -> Vec<Action> {
         let high_watermark = self.high_watermark;
         let Some(state) = &self.state else {
             return Vec::new();
         };
-        let Role::Leader {
-            pending,
-            epoch_start_offset,
-            ..
-        } = &mut self.role
-        else {
+        let Role::Leader { pending, .. } = &mut self.role else {
             return Vec::new();
         };
         if pending.is_some()
             || state.in_sync(follower)
             || end_offset < high_watermark
-            || end_offset < *epoch_start_offset
+            || end_offset < epoch_start
         {
             return Vec::new();
         }
@@ -628,6 +683,7 @@ impl Replica {
             isr: isr.clone(),
             partition_epoch: state.partition_epoch,
             sent_at_ms: now_ms,
+            awaiting_metadata: false,
         });
         vec![Action::ProposeIsr {
             leader_epoch: state.leader_epoch,
