@@ -616,10 +616,11 @@ impl Log {
                 limit: self.config.batch_records_max as usize,
             }));
         }
-        let (last_offset_delta, batch_max_timestamp_ms, given_base) = (
+        let (last_offset_delta, batch_max_timestamp_ms, given_base, given_epoch) = (
             u64::from(parsed.last_offset_delta() as u32),
             parsed.max_timestamp(),
             parsed.base_offset(),
+            parsed.partition_leader_epoch(),
         );
 
         let mut writer = lock(&self.writer);
@@ -633,6 +634,22 @@ impl Log {
                 expected: writer.next_offset,
                 got: given_base,
             });
+        }
+        if !assign_offsets
+            && given_epoch >= 0
+            && writer
+                .epochs
+                .latest()
+                .is_none_or(|latest| latest.epoch < given_epoch)
+        {
+            // A replica learns the leader's epochs from the batches it
+            // copies, in log order, before the batch is written: the
+            // leader-epoch lookup then answers for this log as for the
+            // leader's. If the write fails, the repair's truncation drops
+            // the entry again.
+            let start = writer.next_offset;
+            writer.epochs.assign(given_epoch, start);
+            writer.epochs.store(&self.dir)?;
         }
         let len = batch.len() as u64;
         if self.should_roll(&writer, len, last_offset_delta + 1) {

@@ -397,7 +397,8 @@ fn leader_epochs_are_stamped_and_checkpointed() {
     }
 }
 
-/// A replica append must continue the log exactly and keeps the leader's epoch.
+/// A replica append must continue the log exactly, keeps the leader's
+/// epoch, and teaches the log's epoch cache the leader's epochs.
 #[test]
 fn replica_appends_keep_offsets_and_epoch() {
     for (kind, mode) in VARIANTS {
@@ -426,6 +427,39 @@ fn replica_appends_keep_offsets_and_epoch() {
                 .partition_leader_epoch(),
             7
         );
+        // The epoch cache learns the leader's epochs from the copies, and
+        // keeps them across a reopen; an older epoch adds nothing.
+        let mut next = batch(2, 2, 10, 0);
+        weir_protocol::batch::patch_base_offset(&mut next, 3);
+        weir_protocol::batch::patch_leader_epoch(&mut next, 9);
+        log.append_replica(next)
+            .expect("append")
+            .wait()
+            .expect("durable");
+        let mut older = batch(3, 1, 10, 0);
+        weir_protocol::batch::patch_base_offset(&mut older, 5);
+        weir_protocol::batch::patch_leader_epoch(&mut older, 8);
+        log.append_replica(older)
+            .expect("append")
+            .wait()
+            .expect("durable");
+        let entries = |log: &Log| {
+            log.epochs()
+                .entries()
+                .iter()
+                .map(|entry| (entry.epoch, entry.start_offset))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(entries(&log), vec![(7, 0), (9, 3)]);
+        assert_eq!(
+            log.epochs().end_offset_for(8, log.end_offset()),
+            Some((7, 3))
+        );
+        drop(log);
+        let log = open(dir.path(), &small_config(mode), &engine(kind));
+        assert_eq!(entries(&log), vec![(7, 0), (9, 3)]);
+        log.truncate_to(3).expect("truncate");
+        assert_eq!(entries(&log), vec![(7, 0)]);
     }
 }
 
