@@ -171,7 +171,7 @@ struct Broker {
     /// A fetch in flight: its sequence number and when it was sent.
     fetch: Option<(u64, u64)>,
     /// The answer whose entries are being written.
-    answer_after_write: Option<FetchAnswer>,
+    answer_after_write: Option<(u32, i32, FetchAnswer)>,
     /// `acks=all` appends waiting: (end offset, epoch, value).
     waiting: Vec<(u64, i32, u64)>,
     last_heartbeat_ms: u64,
@@ -286,7 +286,28 @@ impl Sim {
         if self.cut.contains(&(from, to)) || self.rng.u32(0..100) < self.drop_percent {
             return;
         }
-        let at = self.now + self.rng.u64(1..15);
+        // Mostly quick, sometimes very late (a stalled connection
+        // delivering a stale request after retries), sometimes twice.
+        let late = self.rng.u32(0..100) < 2;
+        let at = self.now
+            + if late {
+                self.rng.u64(200..2_000)
+            } else {
+                self.rng.u64(1..15)
+            };
+        // (Not produces: deduplicating a resent batch is the idempotent
+        // producer's part, outside these rules.)
+        if !matches!(message, Message::Produce(_)) && self.rng.u32(0..100) < 1 {
+            let again = at + self.rng.u64(1..500);
+            self.queue.push(
+                again,
+                Event::Deliver {
+                    from,
+                    to,
+                    message: message.clone(),
+                },
+            );
+        }
         self.queue.push(at, Event::Deliver { from, to, message });
     }
 
@@ -553,7 +574,7 @@ impl Sim {
                 leader_epoch,
                 answer,
                 entries,
-            } => self.follower_answer(to, seq, leader_epoch, answer, entries),
+            } => self.follower_answer(to, from, seq, leader_epoch, answer, entries),
             Message::Produce(value) => self.leader_produce(to, value),
             _ => {}
         }
@@ -771,9 +792,11 @@ impl Sim {
             let actions = broker.replica.on_local_durable(&broker.log);
             self.execute(id, actions);
             self.answer_waiting(id);
-        } else if let Some(answer) = broker.answer_after_write.take() {
+        } else if let Some((from, epoch, answer)) = broker.answer_after_write.take() {
             broker.fetch = None;
-            let actions = broker.replica.on_fetch_answer(&answer, &broker.log);
+            let actions = broker
+                .replica
+                .on_fetch_answer(from, epoch, &answer, &broker.log);
             self.execute(id, actions);
             self.maybe_fetch(id);
         }
@@ -811,6 +834,7 @@ impl Sim {
     fn follower_answer(
         &mut self,
         id: u32,
+        from: u32,
         seq: u64,
         leader_epoch: i32,
         answer: FetchAnswer,
@@ -827,10 +851,12 @@ impl Sim {
         {
             return;
         }
-        if let FetchAnswer::Read { from, .. } = answer
+        if let FetchAnswer::Read {
+            from: read_from, ..
+        } = answer
             && !entries.is_empty()
         {
-            assert_eq!(from, broker.log.end_offset(), "a read from elsewhere");
+            assert_eq!(read_from, broker.log.end_offset(), "a read from elsewhere");
             // As the storage log does, the epoch cache learns a batch's
             // epoch when the batch is submitted, in log order with epochs
             // assigned on becoming leader.
@@ -838,7 +864,7 @@ impl Sim {
                 broker.log.assign_epoch(entry.epoch, entry.offset);
             }
             broker.log.in_flight = entries;
-            broker.answer_after_write = Some(answer);
+            broker.answer_after_write = Some((from, leader_epoch, answer));
             let incarnation = broker.incarnation;
             let at = self.now + self.rng.u64(1..8);
             self.queue.push(
@@ -851,7 +877,9 @@ impl Sim {
             return;
         }
         broker.fetch = None;
-        let actions = broker.replica.on_fetch_answer(&answer, &broker.log);
+        let actions = broker
+            .replica
+            .on_fetch_answer(from, leader_epoch, &answer, &broker.log);
         self.execute(id, actions);
         // An empty answer: the next fetch waits for the next tick (a long poll).
     }

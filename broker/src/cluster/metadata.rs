@@ -272,6 +272,7 @@ impl MetadataImage {
                     return Err(MetadataError::UnknownBroker);
                 }
                 broker.fenced = false;
+                self.bump_partitions_of(*id);
                 self.elect_leaderless();
                 Ok(MetadataOutcome::Done)
             }
@@ -342,7 +343,22 @@ impl MetadataImage {
                     set_leader(partition, next);
                     changed = true;
                 }
-                if changed {
+                // Bumped even when nothing else changed: an in-sync
+                // proposal made before this broker's liveness changed (say,
+                // to add it, from a fetch of its previous incarnation) must
+                // not be applied after it.
+                let _ = changed;
+                partition.partition_epoch += 1;
+            }
+        }
+    }
+
+    /// Bumps the partition epoch of every partition `broker` replicates, so
+    /// that proposals based on its earlier liveness are refused as stale.
+    fn bump_partitions_of(&mut self, broker: BrokerId) {
+        for topic in self.topics.values_mut() {
+            for partition in &mut topic.partitions {
+                if partition.replicas.contains(&broker) {
                     partition.partition_epoch += 1;
                 }
             }

@@ -322,7 +322,7 @@ impl Replica {
                 self.high_watermark = self.high_watermark.min(log.end_offset());
                 actions.extend(self.advance_high_watermark(log));
             }
-            Some(leader) if is_replica => {
+            Some(leader) if is_replica && leader != self.me => {
                 let changed = !same_leadership
                     || !matches!(self.role, Role::Follower { leader: l } if l == leader);
                 self.role = Role::Follower { leader };
@@ -573,8 +573,20 @@ impl Replica {
     /// If the leader asks to truncate below this broker's high watermark
     /// while unclean election is off: records every in-sync replica held
     /// would be lost, which the rules exclude.
-    pub fn on_fetch_answer(&mut self, answer: &FetchAnswer, log: &impl LogView) -> Vec<Action> {
-        if !matches!(self.role, Role::Follower { .. }) {
+    ///
+    /// An answer from another broker than the leader followed, or in
+    /// another epoch, is ignored: a deposed leader's divergence must not
+    /// truncate this log.
+    pub fn on_fetch_answer(
+        &mut self,
+        from: BrokerId,
+        leader_epoch: i32,
+        answer: &FetchAnswer,
+        log: &impl LogView,
+    ) -> Vec<Action> {
+        if !matches!(self.role, Role::Follower { leader } if leader == from)
+            || leader_epoch != self.leader_epoch()
+        {
             return Vec::new();
         }
         match *answer {
@@ -602,12 +614,10 @@ impl Replica {
                     );
                     self.high_watermark = offset;
                 }
-                let mut actions = vec![Action::Truncate { offset }];
-                if high_watermark.min(offset) > self.high_watermark {
-                    self.high_watermark = high_watermark.min(offset);
-                    actions.push(Action::HighWatermark(self.high_watermark));
-                }
-                actions
+                // The high watermark rises only with a consistent read: what
+                // is left below the cut may still diverge in an older epoch.
+                let _ = high_watermark;
+                vec![Action::Truncate { offset }]
             }
             FetchAnswer::Refused(_) => Vec::new(),
         }
