@@ -580,18 +580,20 @@ impl Sim {
         }
     }
 
+    fn register(&mut self, broker: u32, incarnation: u64) {
+        self.heard_from.insert(broker, self.now);
+        let _ = self.controller_apply(&MetadataCommand::RegisterBroker {
+            id: broker,
+            host: "sim".into(),
+            port: 0,
+            rack: None,
+            incarnation,
+        });
+    }
+
     fn controller_receive(&mut self, from: u32, message: Message) {
         match message {
-            Message::Register(incarnation) => {
-                self.heard_from.insert(from, self.now);
-                let _ = self.controller_apply(&MetadataCommand::RegisterBroker {
-                    id: from,
-                    host: "sim".into(),
-                    port: 0,
-                    rack: None,
-                    incarnation,
-                });
-            }
+            Message::Register(incarnation) => self.register(from, incarnation),
             Message::Heartbeat(incarnation) => {
                 let registered = self.image.brokers.get(&from).map(|b| b.incarnation);
                 if registered == Some(incarnation) {
@@ -606,14 +608,7 @@ impl Sim {
                     && registered < incarnation
                 {
                     // Its registration was lost: it registers again.
-                    self.heard_from.insert(from, self.now);
-                    let _ = self.controller_apply(&MetadataCommand::RegisterBroker {
-                        id: from,
-                        host: "sim".into(),
-                        port: 0,
-                        rack: None,
-                        incarnation,
-                    });
+                    self.register(from, incarnation);
                 }
             }
             Message::Propose(command) => {

@@ -321,36 +321,26 @@ impl MetadataImage {
     /// get a new leader from the rest of their in-sync set (or none); it
     /// leaves every in-sync set it is not the last member of.
     fn fence(&mut self, broker: BrokerId) {
-        let live: Vec<BrokerId> = self
-            .brokers
-            .values()
-            .filter(|b| !b.fenced)
-            .map(|b| b.id)
-            .collect();
+        let live = self.live_brokers();
         let unclean = self.unclean_leader_election;
         for topic in self.topics.values_mut() {
             for partition in &mut topic.partitions {
                 if !partition.replicas.contains(&broker) {
                     continue;
                 }
-                let mut changed = false;
                 if partition.isr.len() > 1 && partition.in_sync(broker) {
                     partition.isr.retain(|id| *id != broker);
-                    changed = true;
                 }
                 if partition.leader == Some(broker) {
                     let next = choose_leader(partition, &live, unclean);
                     set_leader(partition, next);
-                    changed = true;
                 }
-                // Bumped even when nothing else changed: an in-sync
-                // proposal made before this broker's liveness changed (say,
-                // to add it, from a fetch of its previous incarnation) must
-                // not be applied after it.
-                let _ = changed;
-                partition.partition_epoch += 1;
             }
         }
+        // Bumped even where nothing else changed: an in-sync proposal made
+        // before this broker's liveness changed (say, to add it, from a
+        // fetch of its previous incarnation) must not be applied after it.
+        self.bump_partitions_of(broker);
     }
 
     /// Bumps the partition epoch of every partition `broker` replicates, so

@@ -515,17 +515,7 @@ impl Replica {
             .copied()
             .filter(|id| !lagging.contains(id))
             .collect();
-        *pending = Some(Pending {
-            isr: isr.clone(),
-            partition_epoch: state.partition_epoch,
-            sent_at_ms: now_ms,
-            awaiting_metadata: false,
-        });
-        vec![Action::ProposeIsr {
-            leader_epoch: state.leader_epoch,
-            partition_epoch: state.partition_epoch,
-            isr,
-        }]
+        propose(pending, state, isr, now_ms)
     }
 
     /// The controller refused the proposal. A refusal because the
@@ -546,23 +536,18 @@ impl Replica {
         isr: &[BrokerId],
         error: &MetadataError,
     ) {
-        if let Role::Leader {
-            pending: Some(pending),
-            ..
-        } = &mut self.role
-            && pending.partition_epoch == partition_epoch
-            && pending.isr == isr
-        {
-            match error {
-                MetadataError::InvalidIsr => self.role_clear_pending(),
-                _ => pending.awaiting_metadata = true,
-            }
-        }
-    }
-
-    fn role_clear_pending(&mut self) {
-        if let Role::Leader { pending, .. } = &mut self.role {
-            *pending = None;
+        let Role::Leader { pending, .. } = &mut self.role else {
+            return;
+        };
+        let Some(refused) = pending
+            .as_mut()
+            .filter(|p| p.partition_epoch == partition_epoch && p.isr == isr)
+        else {
+            return;
+        };
+        match error {
+            MetadataError::InvalidIsr => *pending = None,
+            _ => refused.awaiting_metadata = true,
         }
     }
 
@@ -593,10 +578,10 @@ impl Replica {
             FetchAnswer::Read { high_watermark, .. } => {
                 self.follow_high_watermark(high_watermark, log)
             }
+            // The high watermark rises only with a consistent read: what is
+            // left below the cut may still diverge in an older epoch.
             FetchAnswer::Diverging {
-                epoch,
-                end_offset,
-                high_watermark,
+                epoch, end_offset, ..
             } => {
                 // Cut where the leader's epoch ends, or where ours does if
                 // that is earlier; the next fetch checks again from there.
@@ -614,9 +599,6 @@ impl Replica {
                     );
                     self.high_watermark = offset;
                 }
-                // The high watermark rises only with a consistent read: what
-                // is left below the cut may still diverge in an older epoch.
-                let _ = high_watermark;
                 vec![Action::Truncate { offset }]
             }
             FetchAnswer::Refused(_) => Vec::new(),
@@ -689,18 +671,29 @@ impl Replica {
         }
         let mut isr = state.isr.clone();
         isr.push(follower);
-        *pending = Some(Pending {
-            isr: isr.clone(),
-            partition_epoch: state.partition_epoch,
-            sent_at_ms: now_ms,
-            awaiting_metadata: false,
-        });
-        vec![Action::ProposeIsr {
-            leader_epoch: state.leader_epoch,
-            partition_epoch: state.partition_epoch,
-            isr,
-        }]
+        propose(pending, state, isr, now_ms)
     }
+}
+
+/// Records `isr` as the proposal in flight, based on `state`, and the
+/// action that sends it.
+fn propose(
+    pending: &mut Option<Pending>,
+    state: &PartitionState,
+    isr: Vec<BrokerId>,
+    now_ms: u64,
+) -> Vec<Action> {
+    *pending = Some(Pending {
+        isr: isr.clone(),
+        partition_epoch: state.partition_epoch,
+        sent_at_ms: now_ms,
+        awaiting_metadata: false,
+    });
+    vec![Action::ProposeIsr {
+        leader_epoch: state.leader_epoch,
+        partition_epoch: state.partition_epoch,
+        isr,
+    }]
 }
 
 /// A request naming `requested` reaching a broker at `current`.
