@@ -43,6 +43,8 @@ pub struct Broker {
     pub local_addr: SocketAddr,
     /// Where clients are told to connect (FindCoordinator): host and port.
     pub advertised: (String, u16),
+    /// This broker's part of the controller quorum, once started.
+    pub controller: Option<Arc<crate::cluster::controller::Controller>>,
 }
 
 /// The `host:port` clients are told to connect to: the configured one, else

@@ -56,6 +56,13 @@ pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Optio
                 .unwrap_or(u32::MAX),
         }),
         Request::Metadata(request) => Response::Metadata(metadata(context, request)),
+        Request::Controller(request) => Response::Controller(match &broker.controller {
+            Some(controller) => controller.handle(request).await,
+            None => weir_protocol::message::ControllerResponse {
+                error: ErrorCode::NotController,
+                payload: bytes::Bytes::from_static(b"null"),
+            },
+        }),
         Request::CreateTopics(request) => {
             Response::CreateTopics(create_topics(context, request).await)
         }

@@ -118,6 +118,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         groups,
         local_addr,
         advertised,
+        controller: None,
     });
     let admin = {
         let mut stopped = stopped.clone();

@@ -45,11 +45,14 @@ pub enum ApiKey {
     ListGroups,
     /// A group's members, assignment, offsets and lag.
     DescribeGroup,
+    /// Broker to broker: the controller quorum's messages (Raft RPCs,
+    /// proposals forwarded to the controller leader, broker heartbeats).
+    Controller,
 }
 
 impl ApiKey {
     /// All keys, in numeric order.
-    pub const ALL: [ApiKey; 21] = [
+    pub const ALL: [ApiKey; 22] = [
         ApiKey::Handshake,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -71,6 +74,7 @@ impl ApiKey {
         ApiKey::OffsetFetch,
         ApiKey::ListGroups,
         ApiKey::DescribeGroup,
+        ApiKey::Controller,
     ];
 
     /// The number on the wire.
@@ -97,6 +101,7 @@ impl ApiKey {
             ApiKey::OffsetFetch => 18,
             ApiKey::ListGroups => 19,
             ApiKey::DescribeGroup => 20,
+            ApiKey::Controller => 21,
         }
     }
 
@@ -202,10 +207,14 @@ pub enum ErrorCode {
     FencedLeaderEpoch,
     /// The request named a leader epoch newer than this broker knows.
     UnknownLeaderEpoch,
+    /// A controller request reached a broker that is not the controller
+    /// leader (or not a controller voter); the response names the leader
+    /// when it is known.
+    NotController,
 }
 
 impl ErrorCode {
-    const TABLE: [(ErrorCode, u16); 36] = [
+    const TABLE: [(ErrorCode, u16); 37] = [
         (ErrorCode::None, 0),
         (ErrorCode::Unknown, 1),
         (ErrorCode::CorruptMessage, 2),
@@ -242,6 +251,7 @@ impl ErrorCode {
         (ErrorCode::NotEnoughReplicasAfterAppend, 33),
         (ErrorCode::FencedLeaderEpoch, 34),
         (ErrorCode::UnknownLeaderEpoch, 35),
+        (ErrorCode::NotController, 36),
     ];
 
     /// The number on the wire.
@@ -270,6 +280,7 @@ impl ErrorCode {
                 | ErrorCode::NotEnoughReplicasAfterAppend
                 | ErrorCode::FencedLeaderEpoch
                 | ErrorCode::UnknownLeaderEpoch
+                | ErrorCode::NotController
                 | ErrorCode::StorageFull
                 | ErrorCode::StorageError
                 | ErrorCode::Timeout

@@ -165,6 +165,18 @@ impl Wire for RecordSet {
     }
 }
 
+/// An opaque byte string (`u32` length), bounded only by the frame.
+impl Wire for Bytes {
+    const BYTES_MIN: usize = 4;
+    fn put(&self, writer: &mut Writer) {
+        writer.chunked_bytes(std::slice::from_ref(self));
+    }
+    fn get(reader: &mut Reader, field: &'static str) -> Result<Self, WireError> {
+        let limit = reader.remaining();
+        reader.bytes(field, limit)
+    }
+}
+
 /// Defines a struct and its [`Wire`] encoding (fields in order).
 macro_rules! wire_struct {
     ($(#[$meta:meta])* pub struct $name:ident { $($(#[$field_meta:meta])* pub $field:ident : $ty:ty,)* }) => {
@@ -1056,6 +1068,29 @@ macro_rules! message_enum {
     };
 }
 
+wire_struct! {
+    /// Broker to broker: one controller message. `kind` says what the
+    /// payload (JSON, see docs/PROTOCOL.md) holds.
+    pub struct ControllerRequest {
+        /// 0 Raft AppendEntries, 1 Raft Vote, 2 Raft InstallSnapshot,
+        /// 3 a metadata proposal, 4 a broker heartbeat.
+        pub kind: u8,
+        /// The message, JSON.
+        pub payload: Bytes,
+    }
+}
+
+wire_struct! {
+    /// The answer to a [`ControllerRequest`].
+    pub struct ControllerResponse {
+        /// `None`, or `NotController` (payload: the leader's id as JSON, or
+        /// `null`), or why the request failed.
+        pub error: ErrorCode,
+        /// The answer, JSON.
+        pub payload: Bytes,
+    }
+}
+
 message_enum! {
     /// Every request a client may send.
     Request {
@@ -1080,6 +1115,7 @@ message_enum! {
         OffsetFetch(OffsetFetchRequest) = OffsetFetch,
         ListGroups(ListGroupsRequest) = ListGroups,
         DescribeGroup(DescribeGroupRequest) = DescribeGroup,
+        Controller(ControllerRequest) = Controller,
     }
 }
 
@@ -1107,6 +1143,7 @@ message_enum! {
         OffsetFetch(OffsetFetchResponse) = OffsetFetch,
         ListGroups(ListGroupsResponse) = ListGroups,
         DescribeGroup(DescribeGroupResponse) = DescribeGroup,
+        Controller(ControllerResponse) = Controller,
     }
 }
 

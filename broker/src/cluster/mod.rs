@@ -13,5 +13,6 @@
 //! simulation in `tests/replication_sim.rs` drives exactly the code the
 //! broker runs.
 
+pub mod controller;
 pub mod metadata;
 pub mod replica;
