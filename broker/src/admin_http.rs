@@ -96,7 +96,7 @@ fn topic_view(topic: &crate::topics::Topic) -> TopicView {
             .iter()
             .map(|partition| PartitionView {
                 partition: partition.index,
-                leader_epoch: partition.leader_epoch,
+                leader_epoch: partition.leader_epoch(),
                 start_offset: partition.log.start_offset(),
                 end_offset: partition.log.end_offset(),
                 high_watermark: partition.high_watermark(),
@@ -255,8 +255,7 @@ async fn create_topic(
         .partitions
         .unwrap_or(broker.config.default_partitions);
     match broker
-        .topics
-        .create(&request.name, partitions, request.configs)
+        .create_topic(&request.name, partitions, 0, request.configs)
         .await
     {
         Ok(()) => match broker.topics.get(&request.name) {

@@ -43,8 +43,11 @@ pub struct Broker {
     pub local_addr: SocketAddr,
     /// Where clients are told to connect (FindCoordinator): host and port.
     pub advertised: (String, u16),
-    /// This broker's part of the controller quorum, once started.
-    pub controller: Option<Arc<crate::cluster::controller::Controller>>,
+    /// This broker's part of the controller quorum (a quorum of one on a
+    /// single node).
+    pub controller: Arc<crate::cluster::controller::Controller>,
+    /// The replica fetchers, one per leader followed.
+    pub fetchers: crate::replication::fetcher::Fetchers,
 }
 
 /// The `host:port` clients are told to connect to: the configured one, else
@@ -86,10 +89,105 @@ impl Broker {
     ///
     /// # Errors
     /// As [`Topics::delete`].
-    pub async fn delete_topic(&self, name: &str) -> Result<(), crate::topics::TopicError> {
+    pub async fn delete_local_topic(&self, name: &str) -> Result<(), crate::topics::TopicError> {
         let partitions = self.topics.delete(name).await?;
         self.metrics.forget_topic(name, partitions);
         Ok(())
+    }
+
+    /// Creates a topic in the cluster and waits (within the proposal
+    /// timeout) until this broker holds it, if it replicates any of it.
+    /// `replication_factor` 0 means the default.
+    ///
+    /// # Errors
+    /// A [`TopicError`] with the client's code.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u16,
+        configs: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), crate::topics::TopicError> {
+        use crate::cluster::metadata::MetadataCommand;
+        if !crate::topics::valid_topic_name(name) {
+            return Err(crate::topics::TopicError::refused(
+                weir_protocol::ErrorCode::InvalidTopic,
+                format!("invalid topic name {name:?}"),
+            ));
+        }
+        let replication_factor = if replication_factor == 0 {
+            self.default_replication_factor()
+        } else {
+            replication_factor
+        };
+        let command = MetadataCommand::CreateTopic {
+            name: name.to_string(),
+            partitions,
+            replication_factor,
+            configs,
+        };
+        self.controller
+            .propose(command)
+            .await
+            .map_err(crate::topics::TopicError::from_controller)?;
+        self.await_local(|broker| {
+            let view = broker.controller.view();
+            let replicated = view.image.topics.get(name).is_some_and(|topic| {
+                topic
+                    .partitions
+                    .iter()
+                    .any(|partition| partition.replicas.contains(&broker.config.broker_id))
+            });
+            !replicated || broker.topics.get(name).is_some()
+        })
+        .await;
+        Ok(())
+    }
+
+    /// Deletes a topic in the cluster and waits (within the proposal
+    /// timeout) until this broker has dropped its data.
+    ///
+    /// # Errors
+    /// A [`TopicError`] with the client's code.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), crate::topics::TopicError> {
+        use crate::cluster::metadata::MetadataCommand;
+        self.controller
+            .propose(MetadataCommand::DeleteTopic {
+                name: name.to_string(),
+            })
+            .await
+            .map_err(crate::topics::TopicError::from_controller)?;
+        self.await_local(|broker| broker.topics.get(name).is_none())
+            .await;
+        Ok(())
+    }
+
+    /// Replicas of a topic created without a replication factor.
+    pub fn default_replication_factor(&self) -> u16 {
+        self.config.default_replication_factor.unwrap_or_else(|| {
+            let registered = self.controller.view().image.brokers.len();
+            u16::try_from(registered.clamp(1, 3)).unwrap_or(1)
+        })
+    }
+
+    /// Waits until `done` holds, re-checking as metadata arrives, for at
+    /// most the proposal timeout.
+    async fn await_local(&self, done: impl Fn(&Broker) -> bool) {
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(self.config.controller_propose_timeout_ms);
+        let mut metadata = self.controller.metadata();
+        while !done(self) {
+            // The local change follows the metadata change by a moment.
+            let wait = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + std::time::Duration::from_millis(20)),
+                metadata.changed(),
+            );
+            if wait.await.is_ok_and(|changed| changed.is_err())
+                || tokio::time::Instant::now() >= deadline
+            {
+                return;
+            }
+        }
     }
 
     /// The Prometheus text exposition, state gauges refreshed first.

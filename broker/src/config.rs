@@ -95,6 +95,43 @@ pub struct BrokerConfig {
     /// forgotten there (its retries are long over). Default 1 day, Kafka's
     /// `producer.id.expiration.ms`.
     pub producer_expiration_ms: u64,
+    /// The controller quorum's voters, `id@host:port` separated by commas
+    /// (each the broker listener of that broker). Default: none, which
+    /// makes this broker a quorum of one at its own address.
+    pub controller_voters: Option<String>,
+    /// This broker's rack (replicas of a partition are spread over racks).
+    pub rack: Option<String>,
+    /// A broker whose heartbeats stop for this long is fenced: it leads
+    /// nothing and leaves in-sync sets. Default 1.5 s (Kafka: 9 s;
+    /// Redpanda's election timeout: 1.5 s).
+    pub broker_session_timeout_ms: u64,
+    /// How often a broker heartbeats to every controller voter. Default 150 ms.
+    pub broker_heartbeat_ms: u64,
+    /// The controller's Raft heartbeat. Default 100 ms.
+    pub controller_heartbeat_ms: u64,
+    /// The controller's Raft election timeout, lower end (the upper end is
+    /// twice it). Default 500 ms.
+    pub controller_election_timeout_ms: u64,
+    /// Bound on one metadata change (topic creation, in-sync change),
+    /// controller failover included. Default 10 s.
+    pub controller_propose_timeout_ms: u64,
+    /// A follower that has not caught up for this long leaves the in-sync
+    /// set. Default 10 s (Kafka: 30 s).
+    pub replica_lag_time_max_ms: u64,
+    /// In-sync replicas `acks=all` needs; a topic's `min.insync.replicas`
+    /// overrides it. Default: 2 for topics with 3 or more replicas, else 1.
+    pub min_insync_replicas: Option<usize>,
+    /// Replicas of a topic created without a replication factor. Default:
+    /// 3, or the number of registered brokers if fewer.
+    pub default_replication_factor: Option<u16>,
+    /// Whether a replica outside the in-sync set may be elected leader when
+    /// none in it is alive (acknowledged records can then be lost; see
+    /// docs/REPLICATION.md). Default off.
+    pub unclean_leader_election: bool,
+    /// Longest a follower's fetch waits at its leader for new data. Default 500 ms.
+    pub replica_fetch_wait_ms: u32,
+    /// Most record bytes one follower fetch carries. Default 8 MiB.
+    pub replica_fetch_bytes_max: u32,
 }
 
 impl Default for BrokerConfig {
@@ -128,6 +165,19 @@ impl Default for BrokerConfig {
             offsets_retention_ms: OFFSETS_RETENTION_MS,
             group_initial_rebalance_delay_ms: 1_000,
             producer_expiration_ms: 24 * 3600 * 1000,
+            controller_voters: None,
+            rack: None,
+            broker_session_timeout_ms: 1_500,
+            broker_heartbeat_ms: 150,
+            controller_heartbeat_ms: 100,
+            controller_election_timeout_ms: 500,
+            controller_propose_timeout_ms: 10_000,
+            replica_lag_time_max_ms: 10_000,
+            min_insync_replicas: None,
+            default_replication_factor: None,
+            unclean_leader_election: false,
+            replica_fetch_wait_ms: 500,
+            replica_fetch_bytes_max: 8 << 20,
         }
     }
 }
@@ -179,5 +229,49 @@ impl BrokerConfig {
             value: self.io_engine.clone(),
             expected: "auto, uring or sync",
         })
+    }
+}
+
+impl BrokerConfig {
+    /// The controller voters: parsed `controller_voters`, or this broker
+    /// alone at `own_address`.
+    ///
+    /// # Errors
+    /// A malformed list.
+    pub fn voters(
+        &self,
+        own_address: &str,
+    ) -> Result<std::collections::BTreeMap<u32, String>, ConfigError> {
+        let Some(list) = &self.controller_voters else {
+            return Ok([(self.broker_id, own_address.to_string())].into());
+        };
+        let invalid = || ConfigError {
+            name: "controller_voters",
+            value: list.clone(),
+            expected: "id@host:port[,id@host:port...] (1, 3 or 5 voters)",
+        };
+        let mut voters = std::collections::BTreeMap::new();
+        for item in list
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+        {
+            let (id, address) = item.split_once('@').ok_or_else(invalid)?;
+            let id: u32 = id.trim().parse().map_err(|_| invalid())?;
+            let address = address.trim();
+            if address
+                .rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+            {
+                return Err(invalid());
+            }
+            if voters.insert(id, address.to_string()).is_some() {
+                return Err(invalid());
+            }
+        }
+        if voters.is_empty() || voters.len() % 2 == 0 || voters.len() > 5 {
+            return Err(invalid());
+        }
+        Ok(voters)
     }
 }

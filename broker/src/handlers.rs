@@ -56,13 +56,12 @@ pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Optio
                 .unwrap_or(u32::MAX),
         }),
         Request::Metadata(request) => Response::Metadata(metadata(context, request)),
-        Request::Controller(request) => Response::Controller(match &broker.controller {
-            Some(controller) => controller.handle(request).await,
-            None => weir_protocol::message::ControllerResponse {
-                error: ErrorCode::NotController,
-                payload: bytes::Bytes::from_static(b"null"),
-            },
-        }),
+        Request::Controller(request) => {
+            Response::Controller(broker.controller.handle(request).await)
+        }
+        Request::ReplicaFetch(request) => {
+            Response::ReplicaFetch(replica_fetch(context, request).await)
+        }
         Request::CreateTopics(request) => {
             Response::CreateTopics(create_topics(context, request).await)
         }
@@ -132,65 +131,100 @@ pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Optio
     })
 }
 
-fn partition_metadata(topic: &Topic) -> Vec<PartitionMetadata> {
+fn partition_metadata(
+    partitions: &[crate::cluster::metadata::PartitionState],
+) -> Vec<PartitionMetadata> {
+    partitions
+        .iter()
+        .enumerate()
+        .map(|(index, state)| PartitionMetadata {
+            error: if state.leader.is_some() {
+                ErrorCode::None
+            } else {
+                ErrorCode::NotLeader
+            },
+            partition: index as u32,
+            leader: state
+                .leader
+                .and_then(|leader| i32::try_from(leader).ok())
+                .unwrap_or(-1),
+            leader_epoch: state.leader_epoch,
+            replicas: state.replicas.clone(),
+            in_sync_replicas: state.isr.clone(),
+        })
+        .collect()
+}
+
+/// An internal topic, kept by this broker alone.
+fn local_partition_metadata(broker_id: u32, topic: &Topic) -> Vec<PartitionMetadata> {
     topic
         .partitions
         .iter()
         .map(|partition| PartitionMetadata {
             error: ErrorCode::None,
             partition: partition.index,
-            leader: 1,
-            leader_epoch: partition.leader_epoch,
-            replicas: vec![1],
-            in_sync_replicas: vec![1],
+            leader: i32::try_from(broker_id).unwrap_or(-1),
+            leader_epoch: partition.leader_epoch(),
+            replicas: vec![broker_id],
+            in_sync_replicas: vec![broker_id],
         })
         .collect()
 }
 
+/// Answers from this broker's copy of the cluster's metadata.
 fn metadata(context: &ConnectionContext, request: MetadataRequest) -> MetadataResponse {
     let broker = &context.broker;
-    let topics = match request.topics {
-        None => broker
-            .topics
-            .all()
-            .iter()
-            .map(|topic| TopicMetadata {
+    let view = broker.controller.view();
+    let describe = |name: String| -> TopicMetadata {
+        if let Some(topic) = view.image.topics.get(&name) {
+            return TopicMetadata {
                 error: ErrorCode::None,
-                name: topic.name.clone(),
-                partitions: partition_metadata(topic),
-            })
-            .collect(),
+                partitions: partition_metadata(&topic.partitions),
+                name,
+            };
+        }
+        match broker.topics.get(&name).filter(|_| is_internal(&name)) {
+            Some(topic) => TopicMetadata {
+                error: ErrorCode::None,
+                partitions: local_partition_metadata(broker.config.broker_id, &topic),
+                name,
+            },
+            None => TopicMetadata {
+                error: ErrorCode::UnknownTopicOrPartition,
+                name,
+                partitions: Vec::new(),
+            },
+        }
+    };
+    let topics = match request.topics {
+        None => view.image.topics.keys().cloned().map(describe).collect(),
         Some(names) => match distinct_names(names) {
             Err(count) => vec![TopicMetadata {
                 error: ErrorCode::InvalidRequest,
                 name: format!("{count} topics named; at most {TOPICS_PER_REQUEST_MAX} per request"),
                 partitions: Vec::new(),
             }],
-            Ok(names) => names
-                .into_iter()
-                .map(|name| match broker.topics.get(&name) {
-                    Some(topic) => TopicMetadata {
-                        error: ErrorCode::None,
-                        name,
-                        partitions: partition_metadata(&topic),
-                    },
-                    None => TopicMetadata {
-                        error: ErrorCode::UnknownTopicOrPartition,
-                        name,
-                        partitions: Vec::new(),
-                    },
-                })
-                .collect(),
+            Ok(names) => names.into_iter().map(describe).collect(),
         },
     };
     MetadataResponse {
         cluster_id: broker.config.cluster_id.clone(),
-        controller_id: i32::try_from(broker.config.broker_id).unwrap_or(-1),
-        brokers: vec![BrokerInfo {
-            id: broker.config.broker_id,
-            host: broker.config.listen.ip().to_string(),
-            port: broker.config.listen.port(),
-        }],
+        controller_id: broker
+            .controller
+            .leader()
+            .and_then(|leader| i32::try_from(leader).ok())
+            .unwrap_or(-1),
+        brokers: view
+            .image
+            .brokers
+            .values()
+            .filter(|registration| !registration.fenced)
+            .map(|registration| BrokerInfo {
+                id: registration.id,
+                host: registration.host.clone(),
+                port: registration.port,
+            })
+            .collect(),
         topics,
     }
 }
@@ -201,18 +235,12 @@ async fn create_topics(
 ) -> CreateTopicsResponse {
     let mut results = Vec::with_capacity(request.topics.len());
     for topic in request.topics {
-        let outcome = if topic.replication_factor > 1 {
-            Err((
-                ErrorCode::InvalidRequest,
-                "replication factor above 1 needs a cluster".to_string(),
-            ))
-        } else if is_internal(&topic.name) {
+        let outcome = if is_internal(&topic.name) {
             Err((
                 ErrorCode::InvalidTopic,
                 format!("{} is internal", topic.name),
             ))
         } else {
-            let partitions = topic.partitions;
             let configs: BTreeMap<String, String> = topic
                 .configs
                 .into_iter()
@@ -220,8 +248,12 @@ async fn create_topics(
                 .collect();
             context
                 .broker
-                .topics
-                .create(&topic.name, partitions, configs)
+                .create_topic(
+                    &topic.name,
+                    topic.partitions,
+                    topic.replication_factor,
+                    configs,
+                )
                 .await
                 .map_err(|error| (error.code(), error.to_string()))
         };
@@ -327,8 +359,11 @@ fn describe_topics(
                         .map(|partition| PartitionDescription {
                             partition: partition.index,
                             error: ErrorCode::None,
-                            leader: 1,
-                            leader_epoch: partition.leader_epoch,
+                            leader: partition
+                                .leader()
+                                .and_then(|leader| i32::try_from(leader).ok())
+                                .unwrap_or(-1),
+                            leader_epoch: partition.leader_epoch(),
                             start_offset: partition.log.start_offset(),
                             end_offset: partition.log.end_offset(),
                             high_watermark: partition.high_watermark(),
@@ -350,7 +385,15 @@ fn now_ms() -> i64 {
 }
 
 /// One partition of a submitted produce: its index and what the log said.
-type SubmittedPartition = (u32, Result<crate::partition::PendingAppend, ErrorCode>);
+type SubmittedPartition = (u32, Result<Submitted, ErrorCode>);
+
+/// An append handed to a partition's log, with what `acks=all` waits on.
+#[derive(Debug)]
+pub struct Submitted {
+    pending: crate::partition::PendingAppend,
+    partition: Arc<Partition>,
+    leader_epoch: i32,
+}
 
 /// A produce request whose batches the log has (or has refused).
 #[derive(Debug)]
@@ -390,14 +433,20 @@ pub fn submit_produce(context: &ConnectionContext, request: ProduceRequest) -> S
                             .partition(&topic.name, partition.partition)
                         {
                             None => Err(ErrorCode::UnknownTopicOrPartition),
-                            Some(target) => {
+                            Some(target) => target.check_produce(acks == -1).and_then(|epoch| {
                                 let records = partition.records.into_bytes();
-                                target.submit(if sole {
-                                    records
-                                } else {
-                                    Bytes::copy_from_slice(&records)
-                                })
-                            }
+                                target
+                                    .submit(if sole {
+                                        records
+                                    } else {
+                                        Bytes::copy_from_slice(&records)
+                                    })
+                                    .map(|pending| Submitted {
+                                        pending,
+                                        partition: target.clone(),
+                                        leader_epoch: epoch,
+                                    })
+                            }),
                         }
                     };
                     (partition.partition, outcome)
@@ -414,6 +463,24 @@ pub fn submit_produce(context: &ConnectionContext, request: ProduceRequest) -> S
     }
 }
 
+impl Submitted {
+    /// Waits until the append is durable here and, for `acks=all`, on
+    /// every in-sync replica.
+    async fn acks_all(self, acks_all: bool) -> Result<crate::partition::Appended, ErrorCode> {
+        let appended = self.pending.wait().await?;
+        if acks_all {
+            // The high watermark is at batch boundaries: passing the first
+            // offset means the whole batch is in (for a duplicate, whose
+            // record count is not known here, too).
+            let end = appended.base_offset + 1;
+            self.partition
+                .wait_replicated(end, self.leader_epoch)
+                .await?;
+        }
+        Ok(appended)
+    }
+}
+
 /// Waits for a submitted produce to meet its acks and builds the response
 /// (none for acks = 0).
 pub async fn finish_produce(
@@ -422,17 +489,20 @@ pub async fn finish_produce(
 ) -> Option<ProduceResponse> {
     let broker = &context.broker;
     let deadline = submitted.started + submitted.timeout;
+    let submitted_acks = submitted.acks;
     let mut topics = Vec::with_capacity(submitted.topics.len());
     for (name, partitions) in submitted.topics {
         let mut answers = Vec::with_capacity(partitions.len());
         for (index, pending) in partitions {
             let outcome = match pending {
                 Err(error) => Err(error),
-                Ok(pending) => match tokio::time::timeout_at(deadline.into(), pending.wait()).await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(ErrorCode::Timeout),
-                },
+                Ok(submitted) => {
+                    let acks_all = submitted.acks_all(submitted_acks == -1);
+                    match tokio::time::timeout_at(deadline.into(), acks_all).await {
+                        Ok(result) => result,
+                        Err(_) => Err(ErrorCode::Timeout),
+                    }
+                }
             };
             answers.push(match outcome {
                 Ok(appended) => {
@@ -498,6 +568,154 @@ fn read_records(
     }
 }
 
+/// [`read_records`] for consumers: only whole batches below
+/// `high_watermark` (batches below it are whole: the high watermark moves
+/// at batch boundaries).
+fn read_committed(
+    partition: &Partition,
+    offset: u64,
+    max_bytes: usize,
+    high_watermark: u64,
+) -> Result<RecordSet, ErrorCode> {
+    if offset >= high_watermark && offset <= partition.log.end_offset() {
+        return Ok(RecordSet::default());
+    }
+    let records = read_records(partition, offset, max_bytes)?;
+    if next_offset(&records).is_none_or(|next| next <= high_watermark) {
+        return Ok(records);
+    }
+    let mut kept = Vec::with_capacity(records.0.len());
+    'chunks: for chunk in records.0 {
+        let mut length = 0;
+        for batch in weir_protocol::Batches::new(&chunk, false) {
+            let Ok(batch) = batch else { break };
+            if batch.base_offset() >= high_watermark {
+                kept.push(chunk.slice(..length));
+                break 'chunks;
+            }
+            length += batch.len();
+        }
+        kept.push(chunk);
+    }
+    kept.retain(|chunk| !chunk.is_empty());
+    Ok(RecordSet(kept))
+}
+
+/// A follower's fetch: the rules decide per partition (read on, or where
+/// its log diverges, or refused), then whole batches are read the way
+/// consumers read, up to the log's end rather than the high watermark.
+/// Long-polls like Fetch while there is nothing to send.
+async fn replica_fetch(
+    context: &ConnectionContext,
+    request: ReplicaFetchRequest,
+) -> ReplicaFetchResponse {
+    let broker = &context.broker;
+    let wait = Duration::from_millis(u64::from(
+        request.max_wait_ms.min(broker.config.fetch_wait_ms_max),
+    ));
+    let deadline = Instant::now() + wait;
+    let max_bytes = (request.max_bytes as usize).min(
+        broker
+            .config
+            .frame_bytes_max
+            .saturating_sub(64 * 1024)
+            .max(1),
+    );
+    loop {
+        let appended = broker.appended.notified();
+        tokio::pin!(appended);
+        appended.as_mut().enable();
+        let mut total = 0usize;
+        let mut worth_answering = false;
+        let mut partitions = Vec::with_capacity(request.partitions.len());
+        for wanted in &request.partitions {
+            let mut data = ReplicaFetchData {
+                topic: wanted.topic.clone(),
+                partition: wanted.partition,
+                error: ErrorCode::None,
+                high_watermark: 0,
+                log_start_offset: 0,
+                diverging: 0,
+                diverging_epoch: -1,
+                diverging_end_offset: 0,
+                records: RecordSet::default(),
+            };
+            let Some(partition) = broker.topics.partition(&wanted.topic, wanted.partition) else {
+                data.error = ErrorCode::UnknownTopicOrPartition;
+                worth_answering = true;
+                partitions.push(data);
+                continue;
+            };
+            let fetch = crate::cluster::replica::FetchFrom {
+                follower: request.replica_id,
+                leader_epoch: wanted.leader_epoch,
+                fetch_offset: wanted.fetch_offset,
+                last_fetched_epoch: (wanted.last_fetched_epoch >= 0)
+                    .then_some(wanted.last_fetched_epoch),
+            };
+            let (answer, actions) =
+                partition.on_replica_fetch(&fetch, crate::replication::now_ms());
+            crate::replication::execute(&context.broker, &partition, actions);
+            data.log_start_offset = partition.log.start_offset();
+            match answer {
+                crate::cluster::replica::FetchAnswer::Refused(code) => {
+                    data.error = code;
+                    worth_answering = true;
+                }
+                crate::cluster::replica::FetchAnswer::Diverging {
+                    epoch,
+                    end_offset,
+                    high_watermark,
+                } => {
+                    data.diverging = 1;
+                    data.diverging_epoch = epoch;
+                    data.diverging_end_offset = end_offset;
+                    data.high_watermark = high_watermark;
+                    worth_answering = true;
+                }
+                crate::cluster::replica::FetchAnswer::Read {
+                    from,
+                    high_watermark,
+                } => {
+                    data.high_watermark = high_watermark;
+                    let remaining = max_bytes.saturating_sub(total);
+                    if remaining > 0 && from < partition.log.end_offset() {
+                        match read_records(&partition, from, remaining) {
+                            Ok(records) => {
+                                total += records.len();
+                                worth_answering |= !records.is_empty();
+                                data.records = records;
+                            }
+                            Err(error) => {
+                                data.error = error;
+                                worth_answering = true;
+                            }
+                        }
+                    }
+                }
+            }
+            partitions.push(data);
+        }
+        if worth_answering || *broker.stopping.borrow() || Instant::now() >= deadline {
+            return ReplicaFetchResponse {
+                error: ErrorCode::None,
+                partitions,
+            };
+        }
+        drop(partitions);
+        let mut stopping = broker.stopping.clone();
+        tokio::select! {
+            _ = appended => {}
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = async {
+                if stopping.wait_for(|stopping| *stopping).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => {}
+        }
+    }
+}
+
 async fn fetch(context: &ConnectionContext, request: FetchRequest) -> FetchResponse {
     let broker = &context.broker;
     let wait = Duration::from_millis(u64::from(
@@ -524,6 +742,9 @@ async fn fetch(context: &ConnectionContext, request: FetchRequest) -> FetchRespo
             let remaining = max_bytes.saturating_sub(total);
             let response = match broker.topics.partition(&wanted.topic, wanted.partition) {
                 None => fetch_error(wanted, ErrorCode::UnknownTopicOrPartition, 0, 0),
+                Some(partition) if !partition.is_leader() => {
+                    fetch_error(wanted, ErrorCode::NotLeader, 0, 0)
+                }
                 Some(partition) => {
                     let high_watermark = partition.high_watermark();
                     let start = partition.log.start_offset();
@@ -531,7 +752,7 @@ async fn fetch(context: &ConnectionContext, request: FetchRequest) -> FetchRespo
                     let records = if remaining == 0 && total > 0 {
                         Ok(RecordSet::default())
                     } else {
-                        read_records(&partition, wanted.fetch_offset, budget)
+                        read_committed(&partition, wanted.fetch_offset, budget, high_watermark)
                     };
                     match records {
                         Ok(records) => {
@@ -608,6 +829,13 @@ fn subscribe(context: &Arc<ConnectionContext>, request: SubscribeRequest) -> Sub
             log_start_offset: 0,
         };
     };
+    if !partition.is_leader() {
+        return SubscribeResponse {
+            error: ErrorCode::NotLeader,
+            high_watermark: 0,
+            log_start_offset: 0,
+        };
+    }
     let (high_watermark, start) = (partition.high_watermark(), partition.log.start_offset());
     if request.offset < start || request.offset > high_watermark {
         return SubscribeResponse {
@@ -681,6 +909,16 @@ async fn push_loop(
             let _ = sender.push(push.encode(subscription_id)).await;
             return;
         }
+        if !partition.is_leader() {
+            // Leadership moved: the consumer resubscribes at the new leader.
+            let push = SubscriptionPush {
+                error: ErrorCode::NotLeader,
+                high_watermark: 0,
+                records: RecordSet::default(),
+            };
+            let _ = sender.push(push.encode(subscription_id)).await;
+            return;
+        }
         let credit = control.credit_bytes.load(Ordering::Acquire);
         if credit <= 0 {
             // Appends wake this too (cheaply: one look, then back to
@@ -702,7 +940,8 @@ async fn push_loop(
             .unwrap_or(usize::MAX)
             .min(push_bytes_max)
             .max(1);
-        let (error, records) = match read_records(&partition, offset, budget) {
+        let high_watermark = partition.high_watermark();
+        let (error, records) = match read_committed(&partition, offset, budget, high_watermark) {
             Ok(records) => (ErrorCode::None, records),
             Err(error) => (error, RecordSet::default()),
         };

@@ -33,6 +33,7 @@ pub mod handlers;
 pub mod metrics;
 pub mod partition;
 pub mod producers;
+pub mod replication;
 pub mod server;
 pub mod topics;
 

@@ -1,19 +1,25 @@
-//! A partition: one storage log, its leader epoch, and a signal for readers
-//! waiting for new data.
+//! A partition: one storage log, its replication rules, and signals for
+//! readers waiting for new data.
 //!
-//! Replication comes later; the partition is already shaped as the unit it
-//! will drive: it has a leader epoch, and consumers read only below the high
-//! watermark, which on one node is the log's published end (durable under
-//! `flush = always`).
+//! The rules (`cluster::replica::Replica`) decide leadership, the high
+//! watermark, in-sync changes and truncation; this module carries out the
+//! local part of what they decide (assigning an epoch on becoming leader,
+//! truncating, publishing the high watermark) and hands the rest (fetching,
+//! proposals to the controller) back to the driver in `replication`.
+//! Consumers read only below the high watermark; `acks=all` answers once it
+//! passes the batch.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, watch};
 use weir_protocol::{Batch, Batches, Compression, ErrorCode};
 use weir_storage::{Log, StorageError};
 
+use crate::cluster::metadata::{BrokerId, MetadataError, PartitionState};
+use crate::cluster::replica::{Action, FetchAnswer, FetchFrom, LogView, Replica, ReplicaConfig};
 use crate::producers::{Check, ProducerStates, Stamp};
 
 /// Most bytes the compressed batches of one produce request may expand to
@@ -34,8 +40,15 @@ pub struct Partition {
     pub index: u32,
     /// The storage log.
     pub log: Log,
-    /// Current leader epoch (0 on a single node).
-    pub leader_epoch: i32,
+    /// The replication rules for this partition on this broker.
+    replica: Mutex<Replica>,
+    /// The rules' high watermark, for readers that take no lock.
+    high_watermark: AtomicU64,
+    /// Bumped whenever the high watermark or the leadership changes:
+    /// `acks=all` answers wait on it.
+    replica_changes: watch::Sender<u64>,
+    /// This partition, for the tasks it spawns.
+    me: Weak<Partition>,
     /// Woken after every append anywhere (shared by all partitions of the
     /// broker): a Fetch over several partitions waits on it.
     pub appended: Arc<Notify>,
@@ -110,9 +123,40 @@ pub struct Appended {
     pub bytes: u64,
 }
 
+/// The storage log as the replication rules read it. Under `flush =
+/// always` (required for replicated partitions) the published end is the
+/// durable end.
+struct LogAdapter<'a>(&'a Log);
+
+impl LogView for LogAdapter<'_> {
+    fn start_offset(&self) -> u64 {
+        self.0.start_offset()
+    }
+
+    fn end_offset(&self) -> u64 {
+        self.0.end_offset()
+    }
+
+    fn latest_epoch(&self) -> Option<i32> {
+        self.0.epochs().latest().map(|entry| entry.epoch)
+    }
+
+    fn epoch_end(&self, epoch: i32) -> Option<(i32, u64)> {
+        self.0.epochs().end_offset_for(epoch, self.0.end_offset())
+    }
+}
+
 impl Partition {
-    /// Wraps an open log, rebuilding its idempotent producers' state.
-    pub fn new(topic: String, index: u32, log: Log, appended: Arc<Notify>) -> Arc<Partition> {
+    /// Wraps an open log, rebuilding its idempotent producers' state. The
+    /// partition leads nothing until metadata makes it leader.
+    pub fn new(
+        topic: String,
+        index: u32,
+        log: Log,
+        appended: Arc<Notify>,
+        broker_id: BrokerId,
+        replica_config: ReplicaConfig,
+    ) -> Arc<Partition> {
         let states = ProducerStates::recover(&log);
         // Replace whatever snapshot was there with one of what is now known,
         // so a stale one cannot be picked up after a later crash.
@@ -125,11 +169,14 @@ impl Partition {
             in_flight: HashMap::new(),
             next_append_id: 0,
         };
-        Arc::new(Partition {
+        Arc::new_cyclic(|me| Partition {
             topic,
             index,
             log,
-            leader_epoch: 0,
+            replica: Mutex::new(Replica::new(broker_id, replica_config, 0)),
+            high_watermark: AtomicU64::new(0),
+            replica_changes: watch::channel(0).0,
+            me: me.clone(),
             appended,
             partition_appended: Arc::new(Notify::new()),
             deleted: std::sync::atomic::AtomicBool::new(false),
@@ -183,7 +230,217 @@ impl Partition {
 
     /// Offsets below it are readable by consumers.
     pub fn high_watermark(&self) -> u64 {
-        self.log.end_offset()
+        self.high_watermark.load(Ordering::Acquire)
+    }
+
+    /// The leader epoch of the metadata last applied (-1 before any).
+    pub fn leader_epoch(&self) -> i32 {
+        lock(&self.replica).leader_epoch()
+    }
+
+    /// Whether this broker leads the partition now.
+    pub fn is_leader(&self) -> bool {
+        lock(&self.replica).is_leader()
+    }
+
+    /// The leader as this broker knows it.
+    pub fn leader(&self) -> Option<BrokerId> {
+        lock(&self.replica).leader()
+    }
+
+    /// The metadata last applied.
+    pub fn state(&self) -> Option<PartitionState> {
+        lock(&self.replica).state().cloned()
+    }
+
+    /// The in-sync set the high watermark counts (committed plus a
+    /// proposed expansion).
+    pub fn maximal_isr(&self) -> Vec<BrokerId> {
+        lock(&self.replica).maximal_isr()
+    }
+
+    /// Changes whenever the high watermark or the leadership does.
+    pub fn replica_changes(&self) -> watch::Receiver<u64> {
+        self.replica_changes.subscribe()
+    }
+
+    /// Carries out the local actions (epoch, truncation, high watermark)
+    /// under the rules' lock, in order, and returns the rest (for the
+    /// driver: fetching, stopping, proposals). `BecomeLeader` is returned
+    /// too, so the driver stops fetching.
+    fn carry_out(&self, replica: &mut Replica, actions: Vec<Action>) -> Vec<Action> {
+        let mut rest = Vec::new();
+        let mut changed = false;
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::HighWatermark(offset) => {
+                    self.high_watermark.store(offset, Ordering::Release);
+                    changed = true;
+                }
+                Action::BecomeLeader { epoch } => {
+                    // The epoch starts at the log's end, before any append
+                    // in it: followers find where the previous one ended.
+                    if let Err(error) = crate::blocking::blocking(|| self.log.assign_epoch(epoch)) {
+                        tracing::error!(topic = %self.topic, partition = self.index, %error,
+                            "cannot record the new leader epoch; not leading");
+                    }
+                    changed = true;
+                    rest.push(action);
+                    // With no follower to wait for, what is durable is committed.
+                    queue.extend(replica.on_local_durable(&LogAdapter(&self.log)));
+                }
+                Action::Truncate { offset } => {
+                    let cut = crate::blocking::blocking(|| self.log.truncate_to(offset));
+                    match cut {
+                        Ok(()) => lock(&self.producers).states.purge_from(offset),
+                        Err(error) => tracing::error!(topic = %self.topic,
+                            partition = self.index, offset, %error, "truncation failed"),
+                    }
+                }
+                Action::Stop | Action::FollowLeader { .. } => {
+                    changed = true;
+                    rest.push(action);
+                }
+                Action::ProposeIsr { .. } => rest.push(action),
+            }
+        }
+        if changed {
+            self.replica_changes.send_modify(|version| *version += 1);
+            self.wake_readers();
+        }
+        rest
+    }
+
+    /// Makes this broker the partition's only replica and leader, in an
+    /// epoch above any its log holds: for internal topics, which each
+    /// broker keeps for itself.
+    pub fn lead_alone(&self, broker_id: BrokerId) {
+        let epoch = self
+            .log
+            .epochs()
+            .latest()
+            .map_or(0, |entry| entry.epoch + 1);
+        let state = PartitionState {
+            replicas: vec![broker_id],
+            isr: vec![broker_id],
+            leader: Some(broker_id),
+            leader_epoch: epoch,
+            partition_epoch: 0,
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as u64);
+        self.apply_metadata(state, 1, now_ms);
+    }
+
+    /// Applies the controller's view of this partition (with the
+    /// `min.insync.replicas` its topic calls for).
+    pub fn apply_metadata(
+        &self,
+        state: PartitionState,
+        min_insync_replicas: usize,
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let mut replica = lock(&self.replica);
+        replica.set_min_insync_replicas(min_insync_replicas);
+        let actions = replica.apply_metadata(state, &LogAdapter(&self.log), now_ms);
+        self.carry_out(&mut replica, actions)
+    }
+
+    /// The leader's side of a follower's fetch.
+    pub fn on_replica_fetch(&self, fetch: &FetchFrom, now_ms: u64) -> (FetchAnswer, Vec<Action>) {
+        let mut replica = lock(&self.replica);
+        let (answer, actions) = replica.on_fetch(fetch, &LogAdapter(&self.log), now_ms);
+        let rest = self.carry_out(&mut replica, actions);
+        (answer, rest)
+    }
+
+    /// A follower's side of its leader's answer (after appending what it
+    /// carried, durably).
+    pub fn on_fetch_answer(
+        &self,
+        from: BrokerId,
+        leader_epoch: i32,
+        answer: &FetchAnswer,
+    ) -> Vec<Action> {
+        let mut replica = lock(&self.replica);
+        let actions = replica.on_fetch_answer(from, leader_epoch, answer, &LogAdapter(&self.log));
+        self.carry_out(&mut replica, actions)
+    }
+
+    /// Time passed: lagging followers leave the in-sync set, unanswered
+    /// proposals are retried.
+    pub fn tick(&self, now_ms: u64) -> Vec<Action> {
+        let mut replica = lock(&self.replica);
+        let actions = replica.tick(now_ms);
+        self.carry_out(&mut replica, actions)
+    }
+
+    /// The controller refused an in-sync proposal.
+    pub fn on_isr_refused(&self, partition_epoch: i32, isr: &[BrokerId], error: &MetadataError) {
+        lock(&self.replica).on_isr_refused(partition_epoch, isr, error);
+    }
+
+    /// Whether a produce may be appended now; the leader epoch it is
+    /// appended in.
+    ///
+    /// # Errors
+    /// `NotLeader`, or `NotEnoughReplicas` for `acks=all` with too small an
+    /// in-sync set.
+    pub fn check_produce(&self, acks_all: bool) -> Result<i32, ErrorCode> {
+        let replica = lock(&self.replica);
+        replica.check_produce(acks_all, None)?;
+        Ok(replica.leader_epoch())
+    }
+
+    /// Waits until an `acks=all` append ending at `end_offset`, made in
+    /// `leader_epoch`, is on every in-sync replica.
+    ///
+    /// # Errors
+    /// `NotLeader` when leadership moved first (the record may or may not
+    /// survive: the producer retries), `NotEnoughReplicasAfterAppend`.
+    pub async fn wait_replicated(
+        &self,
+        end_offset: u64,
+        leader_epoch: i32,
+    ) -> Result<(), ErrorCode> {
+        let mut changes = self.replica_changes.subscribe();
+        loop {
+            if let Some(outcome) = lock(&self.replica).acks_all_outcome(end_offset, leader_epoch) {
+                return outcome;
+            }
+            if changes.changed().await.is_err() {
+                return Err(ErrorCode::ShuttingDown);
+            }
+        }
+    }
+
+    /// A follower appends a batch copied from its leader, offsets and epoch
+    /// kept, recording an idempotent producer's batch as the leader did (so
+    /// a retry after a failover is still recognised).
+    ///
+    /// # Errors
+    /// The storage error's code.
+    pub fn append_replica(&self, batch: Bytes) -> Result<weir_storage::AppendFuture, ErrorCode> {
+        let stamp = Batch::parse(&batch)
+            .ok()
+            .and_then(|parsed| Stamp::of(&parsed).ok().flatten());
+        let mut producers = lock(&self.producers);
+        let future = self
+            .log
+            .append_replica(batch)
+            .map_err(|error| storage_error_code(&error))?;
+        if let Some(stamp) = stamp {
+            self.stamped_seen.store(true, Ordering::Release);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_millis() as i64);
+            producers
+                .states
+                .record(&stamp, future.base_offset(), now_ms);
+        }
+        Ok(future)
     }
 
     /// Checks every batch in `records` (framing, CRC, size, record count)
@@ -415,6 +672,7 @@ impl Partition {
         let appended = self.appended.clone();
         let partition_appended = self.partition_appended.clone();
         let log_start_offset = self.log.start_offset();
+        let me = self.me.clone();
         tokio::spawn(async move {
             let mut first = None;
             let mut outcome = Ok(());
@@ -428,6 +686,13 @@ impl Partition {
                         break;
                     }
                 }
+            }
+            // The high watermark first, then the wake-ups: a woken reader
+            // must find what it was woken for.
+            if let Some(partition) = me.upgrade() {
+                let mut replica = lock(&partition.replica);
+                let actions = replica.on_local_durable(&LogAdapter(&partition.log));
+                partition.carry_out(&mut replica, actions);
             }
             partition_appended.notify_waiters();
             appended.notify_waiters();

@@ -64,6 +64,46 @@ impl Running {
     }
 }
 
+/// The controller's directory inside the data directory.
+pub const CONTROLLER_DIR: &str = "controller";
+/// Longest a cluster of one waits at start to be writable.
+pub const READY_WAIT_MS: u64 = 30_000;
+
+/// Resolves once this broker is registered and unfenced and every
+/// partition it replicates has had its metadata applied; marks it ready.
+async fn wait_ready(broker: Arc<Broker>) {
+    let me = broker.config.broker_id;
+    let mut metadata = broker.controller.metadata();
+    let mut stopping = broker.stopping.clone();
+    loop {
+        let view = metadata.borrow_and_update().clone();
+        let unfenced = view
+            .image
+            .brokers
+            .get(&me)
+            .is_some_and(|registration| !registration.fenced);
+        let applied = view.image.topics.iter().all(|(name, topic)| {
+            topic.partitions.iter().enumerate().all(|(index, state)| {
+                !state.replicas.contains(&me)
+                    || broker
+                        .topics
+                        .partition(name, index as u32)
+                        .is_some_and(|partition| partition.leader_epoch() >= state.leader_epoch)
+            })
+        });
+        if unfenced && applied {
+            broker.ready.store(true, Ordering::Release);
+            return;
+        }
+        tokio::select! {
+            changed = metadata.changed() => if changed.is_err() { return },
+            // The local side follows a metadata change by a moment.
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = stopping.wait_for(|stopping| *stopping) => return,
+        }
+    }
+}
+
 /// Opens the data directory and starts serving.
 ///
 /// # Errors
@@ -84,11 +124,21 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         ..LogConfig::default()
     };
     let appended = Arc::new(Notify::new());
+    let replica_config = crate::cluster::replica::ReplicaConfig {
+        replica_lag_time_max_ms: config.replica_lag_time_max_ms,
+        min_insync_replicas: 1,
+        isr_retry_ms: 1_000,
+        unclean_leader_election: config.unclean_leader_election,
+    };
+    let upgrading = config.data_dir.join(crate::topics::TOPICS_FILE).exists()
+        && !config.data_dir.join(CONTROLLER_DIR).exists();
     let topics = Topics::open(
         &config.data_dir,
         log_config,
         engine.clone(),
         appended.clone(),
+        config.broker_id,
+        replica_config,
     )?;
     let producer_ids =
         crate::producers::ProducerIds::open(&config.data_dir).map_err(anyhow::Error::msg)?;
@@ -101,6 +151,28 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
     let advertised = advertised_address(config.advertised_listen.as_deref(), local_addr)?;
+    let voters = config.voters(&format!("{}:{}", advertised.0, advertised.1))?;
+    if voters.len() > 1 && config.flush_policy()? != weir_storage::FlushPolicy::Always {
+        // The high watermark counts what followers report as written; only
+        // `flush = always` makes that durable (the lesson of KIP-966).
+        anyhow::bail!("a cluster of several brokers needs flush = always");
+    }
+    let alone = voters.len() == 1 && voters.contains_key(&config.broker_id);
+    let controller = crate::cluster::controller::Controller::start(
+        crate::cluster::controller::ControllerConfig {
+            node_id: config.broker_id,
+            voters,
+            dir: config.data_dir.join(CONTROLLER_DIR),
+            raft_heartbeat_ms: config.controller_heartbeat_ms,
+            raft_election_timeout_min_ms: config.controller_election_timeout_ms,
+            raft_election_timeout_max_ms: config.controller_election_timeout_ms * 2,
+            broker_session_timeout_ms: config.broker_session_timeout_ms,
+            unclean_leader_election: config.unclean_leader_election,
+            propose_timeout_ms: config.controller_propose_timeout_ms,
+        },
+    )
+    .await?;
+    let incarnation = crate::replication::session::next_incarnation(&config.data_dir)?;
     let admin_listener = TcpListener::bind(config.admin_listen).await?;
     let admin_addr = admin_listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
@@ -112,14 +184,38 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         connections: AtomicU64::new(0),
         own_frame_buffer_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         metrics: crate::metrics::Metrics::new(),
-        ready: std::sync::atomic::AtomicBool::new(true),
+        ready: std::sync::atomic::AtomicBool::new(false),
         stopping: stopped.clone(),
         producer_ids,
         groups,
         local_addr,
         advertised,
-        controller: None,
+        controller,
+        fetchers: crate::replication::fetcher::Fetchers::default(),
     });
+    tokio::spawn(crate::replication::session::run(
+        broker.clone(),
+        incarnation,
+        upgrading,
+    ));
+    let serving = {
+        let broker = broker.clone();
+        let stopped = stopped.clone();
+        tokio::spawn(async move { serve(listener, broker, stopped).await })
+    };
+    let became_ready = wait_ready(broker.clone());
+    if alone {
+        // A cluster of one is ready within moments: start() returns once
+        // it can take writes, as the single-node broker always did.
+        if tokio::time::timeout(Duration::from_millis(READY_WAIT_MS), became_ready)
+            .await
+            .is_err()
+        {
+            tracing::warn!("not ready after {READY_WAIT_MS} ms; serving anyway");
+        }
+    } else {
+        tokio::spawn(became_ready);
+    }
     let admin = {
         let mut stopped = stopped.clone();
         let app = crate::admin_http::router(broker.clone());
@@ -136,7 +232,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         })
     };
     let done = tokio::spawn(async move {
-        serve(listener, broker, stopped).await;
+        let _ = serving.await;
         let _ = admin.await;
     });
     Ok(Running {
@@ -196,6 +292,7 @@ async fn serve(listener: TcpListener, broker: Arc<Broker>, mut stopped: watch::R
     }
     broker.topics.close_all();
     broker.engine.shutdown();
+    broker.controller.shutdown().await;
     tracing::info!("broker stopped");
 }
 

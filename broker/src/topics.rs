@@ -65,11 +65,30 @@ pub enum TopicError {
 }
 
 impl TopicError {
-    fn refused(code: ErrorCode, message: impl Into<String>) -> Self {
+    /// A refusal with the client's code.
+    pub fn refused(code: ErrorCode, message: impl Into<String>) -> Self {
         TopicError::Refused {
             code,
             message: message.into(),
         }
+    }
+
+    /// A controller failure, as the client sees it.
+    pub fn from_controller(error: crate::cluster::controller::ControllerError) -> Self {
+        use crate::cluster::controller::ControllerError;
+        use crate::cluster::metadata::MetadataError;
+        let code = match &error {
+            ControllerError::Rejected(MetadataError::TopicAlreadyExists) => {
+                ErrorCode::TopicAlreadyExists
+            }
+            ControllerError::Rejected(MetadataError::UnknownTopicOrPartition) => {
+                ErrorCode::UnknownTopicOrPartition
+            }
+            ControllerError::Rejected(_) => ErrorCode::InvalidRequest,
+            ControllerError::Timeout(_) => ErrorCode::Timeout,
+            ControllerError::Start(_) | ControllerError::Stopped(_) => ErrorCode::NotController,
+        };
+        TopicError::refused(code, error.to_string())
     }
 
     /// The code for the client.
@@ -91,6 +110,8 @@ pub struct Topics {
     log_config: LogConfig,
     engine: Arc<IoEngine>,
     appended: Arc<tokio::sync::Notify>,
+    broker_id: crate::cluster::metadata::BrokerId,
+    replica_config: crate::cluster::replica::ReplicaConfig,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serialises create and delete so `topics.json` matches the directories.
     changes: tokio::sync::Mutex<()>,
@@ -127,6 +148,8 @@ impl Topics {
         log_config: LogConfig,
         engine: Arc<IoEngine>,
         appended: Arc<tokio::sync::Notify>,
+        broker_id: crate::cluster::metadata::BrokerId,
+        replica_config: crate::cluster::replica::ReplicaConfig,
     ) -> Result<Topics, TopicError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|error| weir_storage::StorageError::io(data_dir, error))?;
@@ -149,6 +172,8 @@ impl Topics {
             log_config,
             engine,
             appended,
+            broker_id,
+            replica_config,
             topics: RwLock::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
         };
@@ -214,12 +239,18 @@ impl Topics {
                     "partition recovered with a cut"
                 );
             }
-            partitions.push(Partition::new(
+            let partition = Partition::new(
                 name.to_string(),
                 index,
                 log,
                 self.appended.clone(),
-            ));
+                self.broker_id,
+                self.replica_config,
+            );
+            if is_internal(name) {
+                partition.lead_alone(self.broker_id);
+            }
+            partitions.push(partition);
         }
         Ok(Topic {
             name: name.to_string(),

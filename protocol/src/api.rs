@@ -48,11 +48,13 @@ pub enum ApiKey {
     /// Broker to broker: the controller quorum's messages (Raft RPCs,
     /// proposals forwarded to the controller leader, broker heartbeats).
     Controller,
+    /// Broker to broker: a follower fetches its partitions from their leader.
+    ReplicaFetch,
 }
 
 impl ApiKey {
     /// All keys, in numeric order.
-    pub const ALL: [ApiKey; 22] = [
+    pub const ALL: [ApiKey; 23] = [
         ApiKey::Handshake,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -75,6 +77,7 @@ impl ApiKey {
         ApiKey::ListGroups,
         ApiKey::DescribeGroup,
         ApiKey::Controller,
+        ApiKey::ReplicaFetch,
     ];
 
     /// The number on the wire.
@@ -102,6 +105,7 @@ impl ApiKey {
             ApiKey::ListGroups => 19,
             ApiKey::DescribeGroup => 20,
             ApiKey::Controller => 21,
+            ApiKey::ReplicaFetch => 22,
         }
     }
 

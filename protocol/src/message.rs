@@ -1091,6 +1091,72 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// One partition a follower fetches.
+    pub struct ReplicaFetchPartition {
+        /// Topic.
+        pub topic: String,
+        /// Partition index.
+        pub partition: u32,
+        /// The leader epoch the follower follows.
+        pub leader_epoch: i32,
+        /// The follower's durable end: the first offset it wants.
+        pub fetch_offset: u64,
+        /// The newest epoch in the follower's epoch cache, -1 for none.
+        pub last_fetched_epoch: i32,
+    }
+}
+
+wire_struct! {
+    /// Broker to broker: a follower's fetch of partitions from their leader.
+    pub struct ReplicaFetchRequest {
+        /// The follower's broker id.
+        pub replica_id: u32,
+        /// Longest the leader may wait for data, milliseconds.
+        pub max_wait_ms: u32,
+        /// Most bytes of records to return over all partitions.
+        pub max_bytes: u32,
+        /// The partitions.
+        pub partitions: Vec<ReplicaFetchPartition>,
+    }
+}
+
+wire_struct! {
+    /// One partition's answer to a replica fetch.
+    pub struct ReplicaFetchData {
+        /// Topic.
+        pub topic: String,
+        /// Partition index.
+        pub partition: u32,
+        /// `None`, or `NotLeader`, `FencedLeaderEpoch`, `UnknownLeaderEpoch`,
+        /// `UnknownTopicOrPartition`.
+        pub error: ErrorCode,
+        /// The leader's high watermark.
+        pub high_watermark: u64,
+        /// The leader's first stored offset.
+        pub log_start_offset: u64,
+        /// 1 if the follower's log diverges from the leader's: it must cut
+        /// back to where `diverging_epoch` ends (`diverging_end_offset`).
+        pub diverging: u8,
+        /// The largest epoch the leader knows at or below the follower's.
+        pub diverging_epoch: i32,
+        /// Where that epoch ends on the leader.
+        pub diverging_end_offset: u64,
+        /// Whole batches from `fetch_offset`, as stored.
+        pub records: RecordSet,
+    }
+}
+
+wire_struct! {
+    /// The answer to a [`ReplicaFetchRequest`].
+    pub struct ReplicaFetchResponse {
+        /// `None`, or why the whole request was refused.
+        pub error: ErrorCode,
+        /// Per partition.
+        pub partitions: Vec<ReplicaFetchData>,
+    }
+}
+
 message_enum! {
     /// Every request a client may send.
     Request {
@@ -1116,6 +1182,7 @@ message_enum! {
         ListGroups(ListGroupsRequest) = ListGroups,
         DescribeGroup(DescribeGroupRequest) = DescribeGroup,
         Controller(ControllerRequest) = Controller,
+        ReplicaFetch(ReplicaFetchRequest) = ReplicaFetch,
     }
 }
 
@@ -1144,6 +1211,7 @@ message_enum! {
         ListGroups(ListGroupsResponse) = ListGroups,
         DescribeGroup(DescribeGroupResponse) = DescribeGroup,
         Controller(ControllerResponse) = Controller,
+        ReplicaFetch(ReplicaFetchResponse) = ReplicaFetch,
     }
 }
 

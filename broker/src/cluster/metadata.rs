@@ -124,6 +124,19 @@ pub enum MetadataCommand {
         /// Topic configs.
         configs: BTreeMap<String, String>,
     },
+    /// Adopts a topic one broker holds from before it was in a cluster:
+    /// that broker is its only replica, and each partition's leader epoch
+    /// starts above what its log holds.
+    ImportTopic {
+        /// Name.
+        name: String,
+        /// The broker holding it.
+        broker: BrokerId,
+        /// Per partition, the first leader epoch to use.
+        leader_epochs: Vec<i32>,
+        /// Topic configs.
+        configs: BTreeMap<String, String>,
+    },
     /// Deletes a topic.
     DeleteTopic {
         /// Name.
@@ -179,6 +192,9 @@ pub enum MetadataError {
     /// No such broker, or a stale incarnation.
     #[error("unknown broker or stale incarnation")]
     UnknownBroker,
+    /// A registration older than the one recorded.
+    #[error("a newer incarnation of this broker is registered")]
+    StaleIncarnation,
     /// The proposer is not the leader of that epoch.
     #[error("not the leader of that epoch")]
     FencedLeaderEpoch,
@@ -238,6 +254,15 @@ impl MetadataImage {
                 rack,
                 incarnation,
             } => {
+                // An older start of a broker must not replace a newer one
+                // (a registration retried from before a restart).
+                if self
+                    .brokers
+                    .get(id)
+                    .is_some_and(|known| known.incarnation > *incarnation)
+                {
+                    return Err(MetadataError::StaleIncarnation);
+                }
                 self.brokers.insert(
                     *id,
                     BrokerRegistration {
@@ -282,6 +307,44 @@ impl MetadataImage {
                 replication_factor,
                 configs,
             } => self.create_topic(name, *partitions, *replication_factor, configs),
+            MetadataCommand::ImportTopic {
+                name,
+                broker,
+                leader_epochs,
+                configs,
+            } => {
+                if self.topics.contains_key(name) {
+                    return Err(MetadataError::TopicAlreadyExists);
+                }
+                if !self.brokers.contains_key(broker) || leader_epochs.is_empty() {
+                    return Err(MetadataError::UnknownBroker);
+                }
+                let live = self.live_brokers();
+                let partitions = leader_epochs
+                    .iter()
+                    .map(|epoch| {
+                        let mut state = PartitionState {
+                            replicas: vec![*broker],
+                            isr: vec![*broker],
+                            leader: None,
+                            leader_epoch: *epoch,
+                            partition_epoch: 0,
+                        };
+                        if live.contains(broker) {
+                            set_leader(&mut state, Some(*broker));
+                        }
+                        state
+                    })
+                    .collect();
+                self.topics.insert(
+                    name.clone(),
+                    TopicImage {
+                        partitions,
+                        configs: configs.clone(),
+                    },
+                );
+                Ok(MetadataOutcome::Done)
+            }
             MetadataCommand::DeleteTopic { name } => self
                 .topics
                 .remove(name)

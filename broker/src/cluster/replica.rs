@@ -208,6 +208,12 @@ impl Replica {
         }
     }
 
+    /// Sets how many in-sync replicas `acks=all` needs (it depends on the
+    /// topic's replication factor and configs, known with its metadata).
+    pub fn set_min_insync_replicas(&mut self, count: usize) {
+        self.config.min_insync_replicas = count;
+    }
+
     /// Consumers read below it.
     pub fn high_watermark(&self) -> u64 {
         self.high_watermark

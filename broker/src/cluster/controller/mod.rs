@@ -209,7 +209,11 @@ impl Controller {
         )
         .await
         .map_err(|error| start_error(&error))?;
-        if config.voters.contains_key(&config.node_id) {
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|error| start_error(&error))?;
+        if config.voters.contains_key(&config.node_id) && !initialized {
             let members: BTreeMap<u64, BasicNode> = config
                 .voters
                 .iter()
