@@ -108,6 +108,24 @@ pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Optio
             {
                 Err(ErrorCode::InvalidRequest)
             } else {
+                if let Some(at_least) = broker.producer_ids.needs_block() {
+                    let command = crate::cluster::metadata::MetadataCommand::AllocateProducerIds {
+                        broker: broker.config.broker_id,
+                        at_least,
+                    };
+                    match broker.controller.propose(command).await {
+                        Ok(crate::cluster::metadata::MetadataOutcome::ProducerIds(first)) => {
+                            broker.producer_ids.grant_block(
+                                first,
+                                first + crate::cluster::metadata::PRODUCER_ID_BLOCK,
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::warn!(%error, "no producer id block from the controller");
+                        }
+                    }
+                }
                 // One small file written and synced: off the worker's queue.
                 crate::blocking::blocking(|| broker.producer_ids.init(name.as_deref()))
             };

@@ -43,6 +43,18 @@ struct Args {
     /// Segment size in bytes.
     #[arg(long, env = "WEIR_SEGMENT_BYTES")]
     segment_bytes: Option<u64>,
+    /// This broker's id in the cluster.
+    #[arg(long, env = "WEIR_BROKER_ID")]
+    broker_id: Option<u32>,
+    /// Controller voters, `id@host:port,...` (default: this broker alone).
+    #[arg(long, env = "WEIR_CONTROLLER_VOTERS")]
+    controller_voters: Option<String>,
+    /// `host:port` other brokers and clients are told to connect to.
+    #[arg(long, env = "WEIR_ADVERTISED_LISTEN")]
+    advertised_listen: Option<String>,
+    /// This broker's rack.
+    #[arg(long, env = "WEIR_RACK")]
+    rack: Option<String>,
 }
 
 fn load(args: &Args) -> anyhow::Result<BrokerConfig> {
@@ -78,6 +90,18 @@ fn load(args: &Args) -> anyhow::Result<BrokerConfig> {
     if let Some(bytes) = args.segment_bytes {
         config.segment_bytes = bytes;
     }
+    if let Some(id) = args.broker_id {
+        config.broker_id = id;
+    }
+    if let Some(voters) = &args.controller_voters {
+        config.controller_voters = Some(voters.clone());
+    }
+    if let Some(advertised) = &args.advertised_listen {
+        config.advertised_listen = Some(advertised.clone());
+    }
+    if let Some(rack) = &args.rack {
+        config.rack = Some(rack.clone());
+    }
     config.flush_policy()?;
     config.write_mode()?;
     config.engine_kind()?;
@@ -88,7 +112,10 @@ fn load(args: &Args) -> anyhow::Result<BrokerConfig> {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                // openraft logs every unreachable peer at ERROR, twice a second;
+                // the controller logs its own leadership and liveness changes.
+                .unwrap_or_else(|_| "info,openraft=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();

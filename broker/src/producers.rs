@@ -345,6 +345,10 @@ pub struct ProducerIds {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct IdsFile {
     next_id: i64,
+    /// End (exclusive) of the block of ids the controller allocated to
+    /// this broker; `next_id` at or past it needs a new block.
+    #[serde(default)]
+    block_end: i64,
     /// Name → (id, epoch, last InitProducerId in ms).
     named: BTreeMap<String, (i64, i16, i64)>,
 }
@@ -371,12 +375,37 @@ impl ProducerIds {
         })
     }
 
+    /// Whether the next fresh id needs a new block from the controller,
+    /// and the lowest id such a block may start at.
+    pub fn needs_block(&self) -> Option<i64> {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        (state.next_id >= state.block_end).then_some(state.next_id)
+    }
+
+    /// Takes the block `[first, end)` the controller allocated, unless a
+    /// concurrent request already brought one.
+    pub fn grant_block(&self, first: i64, end: i64) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if state.next_id >= state.block_end && first >= state.next_id {
+            state.next_id = first;
+            state.block_end = end;
+        }
+    }
+
     /// A fresh id (epoch 0), or for a name the same id with the next epoch
     /// (which fences the previous holder). Durable before it returns.
     ///
     /// # Errors
     /// `StorageError` if the file cannot be written; `InvalidRequest` when
-    /// the broker already remembers [`NAMED_PRODUCERS_MAX`] names.
+    /// the broker already remembers [`NAMED_PRODUCERS_MAX`] names;
+    /// `NotController` (retriable) when a fresh id is needed and the block
+    /// is used up.
     pub fn init(&self, name: Option<&str>) -> Result<(i64, i16), ErrorCode> {
         let mut state = self
             .state
@@ -388,6 +417,15 @@ impl ProducerIds {
         state.named.retain(|_, (_, _, used_ms)| {
             used_ms.saturating_add(NAMED_PRODUCER_EXPIRATION_MS) >= now_ms
         });
+        let fresh_needed = name.is_none_or(|name| {
+            state
+                .named
+                .get(name)
+                .is_none_or(|(_, epoch, _)| *epoch == i16::MAX)
+        });
+        if fresh_needed && state.next_id >= state.block_end {
+            return Err(ErrorCode::NotController);
+        }
         let given = match name {
             None => {
                 let id = state.next_id;

@@ -80,16 +80,32 @@ impl Admin {
         Ok(fresh)
     }
 
-    /// Creates a topic with `partitions` partitions.
+    /// Creates a topic with `partitions` partitions and the cluster's
+    /// default replication factor (3, or fewer brokers if there are fewer).
     ///
     /// # Errors
     /// `Broker(TopicAlreadyExists)`, `Broker(InvalidTopic)`, connection errors.
     pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<()> {
+        self.create_topic_replicated(name, partitions, 0).await
+    }
+
+    /// Creates a topic with `partitions` partitions of `replication_factor`
+    /// copies each (0: the cluster's default).
+    ///
+    /// # Errors
+    /// As [`Admin::create_topic`]; `Broker(InvalidRequest)` for more
+    /// replicas than brokers.
+    pub async fn create_topic_replicated(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u16,
+    ) -> Result<()> {
         let request = Request::CreateTopics(CreateTopicsRequest {
             topics: vec![NewTopic {
                 name: name.to_string(),
                 partitions,
-                replication_factor: 1,
+                replication_factor,
                 configs: Vec::new(),
             }],
             timeout_ms: 30_000,

@@ -79,7 +79,7 @@ impl BrokerProcess {
             ])
             .arg(data_dir)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,openraft=off")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -138,6 +138,98 @@ impl Drop for BrokerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound and released: another process could take
+/// it in between, which on loopback in a test run does not happen).
+///
+/// # Panics
+/// If no port can be bound.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("bind a free port")
+}
+
+/// Brokers `1..=n` on fixed loopback ports, all controller voters, each
+/// with its own data directory under one root; any may be killed and
+/// restarted on its address.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Running brokers by index (broker id - 1); `None` while stopped.
+    pub brokers: Vec<Option<BrokerProcess>>,
+    /// Client addresses by index.
+    pub addrs: Vec<SocketAddr>,
+    root: PathBuf,
+    voters: String,
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `count` brokers under `root` with `extra` flags each.
+    ///
+    /// # Panics
+    /// If a broker does not start within [`DEADLINE`].
+    pub fn start(count: usize, root: &Path, extra: &[&str]) -> Cluster {
+        let addrs: Vec<SocketAddr> = (0..count)
+            .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+            .collect();
+        let voters = addrs
+            .iter()
+            .enumerate()
+            .map(|(index, addr)| format!("{}@{addr}", index + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            brokers: (0..count).map(|_| None).collect(),
+            addrs,
+            root: root.to_path_buf(),
+            voters,
+            extra: extra.iter().map(|flag| (*flag).to_string()).collect(),
+        };
+        // Started together: each waits for a quorum before it is writable,
+        // not before it prints its address.
+        for index in 0..count {
+            cluster.restart(index);
+        }
+        cluster
+    }
+
+    /// The data directory of broker `index`.
+    pub fn data_dir(&self, index: usize) -> PathBuf {
+        self.root.join(format!("broker-{}", index + 1))
+    }
+
+    /// Starts broker `index` again (on its address, with its data).
+    ///
+    /// # Panics
+    /// If it does not start within [`DEADLINE`].
+    pub fn restart(&mut self, index: usize) {
+        let id = (index + 1).to_string();
+        let mut flags: Vec<&str> = vec!["--broker-id", &id, "--controller-voters", &self.voters];
+        flags.extend(self.extra.iter().map(String::as_str));
+        let process = BrokerProcess::start_at(self.addrs[index], &self.data_dir(index), &flags);
+        self.brokers[index] = Some(process);
+    }
+
+    /// SIGKILL broker `index`.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(process) = self.brokers[index].take() {
+            process.kill();
+        }
+    }
+
+    /// The addresses of running brokers, comma-separated (a bootstrap list).
+    pub fn bootstrap(&self) -> String {
+        self.addrs
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| self.brokers[*index].is_some())
+            .map(|(_, addr)| addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

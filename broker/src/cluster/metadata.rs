@@ -163,6 +163,9 @@ pub enum MetadataCommand {
     AllocateProducerIds {
         /// The broker asking.
         broker: BrokerId,
+        /// The block starts at or above this (ids a broker handed out
+        /// before it was in a cluster are never handed out again).
+        at_least: i64,
     },
 }
 
@@ -369,11 +372,11 @@ impl MetadataImage {
                 self.elect_preferred();
                 Ok(MetadataOutcome::Done)
             }
-            MetadataCommand::AllocateProducerIds { broker } => {
+            MetadataCommand::AllocateProducerIds { broker, at_least } => {
                 if !self.brokers.contains_key(broker) {
                     return Err(MetadataError::UnknownBroker);
                 }
-                let first = self.next_producer_id;
+                let first = self.next_producer_id.max(*at_least);
                 self.next_producer_id += PRODUCER_ID_BLOCK;
                 Ok(MetadataOutcome::ProducerIds(first))
             }
@@ -832,8 +835,14 @@ mod tests {
         let back = image.partition("t", 0).expect("p");
         assert_eq!(back.leader, Some(preferred));
         assert_eq!(back.leader_epoch, state.leader_epoch + 1);
-        let first = image.apply(&MetadataCommand::AllocateProducerIds { broker: 1 });
-        let second = image.apply(&MetadataCommand::AllocateProducerIds { broker: 2 });
+        let first = image.apply(&MetadataCommand::AllocateProducerIds {
+            broker: 1,
+            at_least: 0,
+        });
+        let second = image.apply(&MetadataCommand::AllocateProducerIds {
+            broker: 2,
+            at_least: 0,
+        });
         assert_eq!(first, Ok(MetadataOutcome::ProducerIds(0)));
         assert_eq!(second, Ok(MetadataOutcome::ProducerIds(PRODUCER_ID_BLOCK)));
     }

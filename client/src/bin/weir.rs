@@ -116,6 +116,10 @@ enum TopicCommand {
         /// Partitions.
         #[arg(long, default_value_t = 1)]
         partitions: u32,
+        /// Copies of each partition (default: 3, or the number of brokers
+        /// if fewer).
+        #[arg(long)]
+        replication_factor: Option<u16>,
     },
     /// List topics.
     List,
@@ -287,8 +291,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn topic(broker: &str, command: TopicCommand) -> anyhow::Result<()> {
     let admin = Admin::connect(broker).await?;
     match command {
-        TopicCommand::Create { name, partitions } => {
-            admin.create_topic(&name, partitions).await?;
+        TopicCommand::Create {
+            name,
+            partitions,
+            replication_factor,
+        } => {
+            admin
+                .create_topic_replicated(&name, partitions, replication_factor.unwrap_or(0))
+                .await?;
             println!("created topic {name} with {partitions} partitions");
         }
         TopicCommand::List => {
