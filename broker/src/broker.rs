@@ -130,17 +130,9 @@ impl Broker {
             .propose(command)
             .await
             .map_err(crate::topics::TopicError::from_controller)?;
-        self.await_local(|broker| {
-            let view = broker.controller.view();
-            let replicated = view.image.topics.get(name).is_some_and(|topic| {
-                topic
-                    .partitions
-                    .iter()
-                    .any(|partition| partition.replicas.contains(&broker.config.broker_id))
-            });
-            !replicated || broker.topics.get(name).is_some()
-        })
-        .await;
+        // Answered once this broker holds (and has applied) the partitions
+        // it replicates, so a produce right after creation finds a leader.
+        self.await_local(|broker| broker.has_applied(name)).await;
         Ok(())
     }
 
@@ -160,6 +152,23 @@ impl Broker {
         self.await_local(|broker| broker.topics.get(name).is_none())
             .await;
         Ok(())
+    }
+
+    /// Whether every partition of `topic` this broker replicates is open
+    /// here with the metadata the image has for it.
+    pub fn has_applied(&self, topic: &str) -> bool {
+        let me = self.config.broker_id;
+        let view = self.controller.view();
+        let Some(image) = view.image.topics.get(topic) else {
+            return true;
+        };
+        image.partitions.iter().enumerate().all(|(index, state)| {
+            !state.replicas.contains(&me)
+                || self
+                    .topics
+                    .partition(topic, index as u32)
+                    .is_some_and(|partition| partition.leader_epoch() >= state.leader_epoch)
+        })
     }
 
     /// Replicas of a topic created without a replication factor.

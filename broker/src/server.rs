@@ -82,15 +82,11 @@ async fn wait_ready(broker: Arc<Broker>) {
             .brokers
             .get(&me)
             .is_some_and(|registration| !registration.fenced);
-        let applied = view.image.topics.iter().all(|(name, topic)| {
-            topic.partitions.iter().enumerate().all(|(index, state)| {
-                !state.replicas.contains(&me)
-                    || broker
-                        .topics
-                        .partition(name, index as u32)
-                        .is_some_and(|partition| partition.leader_epoch() >= state.leader_epoch)
-            })
-        });
+        let applied = view
+            .image
+            .topics
+            .keys()
+            .all(|name| broker.has_applied(name));
         if unfenced && applied {
             broker.ready.store(true, Ordering::Release);
             return;

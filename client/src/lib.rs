@@ -21,6 +21,7 @@ mod error;
 pub mod group;
 pub mod partitioner;
 pub mod producer;
+pub mod router;
 
 pub use admin::Admin;
 pub use consumer::{Consumer, ConsumerBatch, ConsumerConfig, ConsumerRecord, Offset, RecordStream};

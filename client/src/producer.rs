@@ -21,7 +21,6 @@ use weir_protocol::batch::with_compressed_records;
 use weir_protocol::message::*;
 use weir_protocol::{BatchBuilder, Compression, ErrorCode, Request, Response};
 
-use crate::admin::Admin;
 use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::partitioner::partition_for_key;
@@ -442,12 +441,8 @@ impl State {
 }
 
 struct Shared {
-    /// The connection in use; replaced by a fresh one when the broker closed
-    /// it (see [`Shared::connection`]).
-    connection: Mutex<Connection>,
-    /// Held while reconnecting, so that concurrent retries open one
-    /// connection, not one each.
-    reconnecting: tokio::sync::Mutex<()>,
+    /// Connections to the brokers, and which one leads each partition.
+    router: crate::router::Router,
     /// Set (with `fatal`) when an idempotent batch failed for good: every
     /// later send fails. The flag spares `send` a lock.
     failed: AtomicBool,
@@ -474,31 +469,16 @@ impl Shared {
         }
     }
 
-    /// The connection, reopened if the broker closed it (a restart, say).
-    /// Batches retried over the new one keep their sequence numbers, so the
-    /// broker's dedupe keeps every record exactly once across the restart.
+    /// A connection to the leader of `topic`/`partition` (opened again
+    /// if the broker closed it: a restart, say). Batches retried over a new
+    /// connection, or at a new leader, keep their sequence numbers, so the
+    /// dedupe (which followers replicate) keeps every record exactly once.
     ///
     /// # Errors
-    /// [`ClientError::Connect`] while the broker cannot be reached
+    /// Connection errors and `Broker(NotLeader)` while no leader is known
     /// (retriable: a batch's retries and backoff ride out the outage).
-    async fn connection(&self) -> Result<Connection> {
-        let current = lock(&self.connection).clone();
-        if !current.is_closed() {
-            return Ok(current);
-        }
-        // One reconnect at a time; a batch arriving meanwhile backs off and
-        // retries rather than queueing behind it.
-        let Ok(_one_at_a_time) = self.reconnecting.try_lock() else {
-            return Err(ClientError::Closed);
-        };
-        let current = lock(&self.connection).clone();
-        if !current.is_closed() {
-            return Ok(current);
-        }
-        let fresh = current.reopen().await?;
-        tracing::debug!(addr = current.addr(), "producer reconnected");
-        *lock(&self.connection) = fresh.clone();
-        Ok(fresh)
+    async fn connection(&self, topic: &str, partition: u32) -> Result<Connection> {
+        self.router.leader(topic, partition).await
     }
 
     fn fatal_reason(&self) -> Option<String> {
@@ -551,21 +531,23 @@ fn now_ms() -> i64 {
 }
 
 impl Producer {
-    /// Connects to a broker.
+    /// Connects to a cluster through `addr`: one broker's `host:port`, or
+    /// several, comma-separated (the first that answers is used to learn
+    /// the rest). Each partition's batches go to its leader.
     ///
     /// # Errors
     /// [`ClientError::Connect`].
     pub async fn connect(addr: &str, config: ProducerConfig) -> Result<Producer> {
-        let connection =
-            Connection::connect(addr, Duration::from_millis(config.request_timeout_ms)).await?;
+        let router =
+            crate::router::Router::connect(addr, Duration::from_millis(config.request_timeout_ms))
+                .await?;
         let identity = if config.idempotent && config.acks != Acks::None {
-            Some(init_producer_id(&connection, config.producer_name.clone()).await?)
+            Some(init_producer_id(&router.any().await?, config.producer_name.clone()).await?)
         } else {
             None
         };
         let shared = Arc::new(Shared {
-            connection: Mutex::new(connection),
-            reconnecting: tokio::sync::Mutex::new(()),
+            router,
             failed: AtomicBool::new(false),
             fatal: Mutex::new(None),
             identity,
@@ -599,9 +581,7 @@ impl Producer {
                 return Ok((guard, index));
             }
         }
-        let count = Admin::with_connection(self.shared.connection().await?)
-            .partition_count(topic)
-            .await?;
+        let count = self.shared.router.partition_count(topic).await?;
         let mut guard = lock(&self.shared.state);
         let index = guard.add_topic(topic, count);
         Ok((guard, index))
@@ -934,7 +914,7 @@ async fn first_attempt(shared: &Shared, batch: &ReadyBatch) -> FirstAttempt {
         Ok(request) => request,
         Err(error) => return FirstAttempt::Failed(None, error),
     };
-    let connection = match shared.connection().await {
+    let connection = match shared.connection(&batch.topic, batch.partition).await {
         Ok(connection) => connection,
         Err(error) => return FirstAttempt::Failed(Some(request), error),
     };
@@ -1048,11 +1028,14 @@ async fn finish(
                     attempt += 1;
                 }
                 tracing::debug!(%error, attempt, "retrying produce");
+                if crate::router::leader_moved(&error) {
+                    shared.router.forget_leader(topic, partition);
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = backoff
                     .saturating_mul(2)
                     .min(Duration::from_millis(RETRY_BACKOFF_MS_MAX));
-                result = match shared.connection().await {
+                result = match shared.connection(topic, partition).await {
                     Err(error) => Err(error),
                     Ok(connection) if shared.config.acks == Acks::None => {
                         connection.send_only(request.clone()).await.map(|()| -1)
