@@ -454,11 +454,14 @@ pub fn submit_produce(context: &ConnectionContext, request: ProduceRequest) -> S
                             Some(target) => target.check_produce(acks == -1).and_then(|epoch| {
                                 let records = partition.records.into_bytes();
                                 target
-                                    .submit(if sole {
-                                        records
-                                    } else {
-                                        Bytes::copy_from_slice(&records)
-                                    })
+                                    .submit(
+                                        if sole {
+                                            records
+                                        } else {
+                                            Bytes::copy_from_slice(&records)
+                                        },
+                                        epoch,
+                                    )
                                     .map(|pending| Submitted {
                                         pending,
                                         partition: target.clone(),
@@ -487,12 +490,8 @@ impl Submitted {
     async fn acks_all(self, acks_all: bool) -> Result<crate::partition::Appended, ErrorCode> {
         let appended = self.pending.wait().await?;
         if acks_all {
-            // The high watermark is at batch boundaries: passing the first
-            // offset means the whole batch is in (for a duplicate, whose
-            // record count is not known here, too).
-            let end = appended.base_offset + 1;
             self.partition
-                .wait_replicated(end, self.leader_epoch)
+                .wait_replicated(appended.end_offset, self.leader_epoch)
                 .await?;
         }
         Ok(appended)

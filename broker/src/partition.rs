@@ -115,6 +115,9 @@ impl StampedAppend {
 pub struct Appended {
     /// Offset of the first record.
     pub base_offset: u64,
+    /// One past the last record's offset (`acks=all` waits for the high
+    /// watermark to reach it).
+    pub end_offset: u64,
     /// The partition's first stored offset when the append was submitted.
     pub log_start_offset: u64,
     /// Records appended.
@@ -391,7 +394,21 @@ impl Partition {
     pub fn check_produce(&self, acks_all: bool) -> Result<i32, ErrorCode> {
         let replica = lock(&self.replica);
         replica.check_produce(acks_all, None)?;
-        Ok(replica.leader_epoch())
+        let epoch = replica.leader_epoch();
+        // A failed write's repair truncates an epoch no record was written
+        // in yet: record it again, or appends would carry the previous one.
+        if self
+            .log
+            .epochs()
+            .latest()
+            .is_none_or(|latest| latest.epoch < epoch)
+            && let Err(error) = crate::blocking::blocking(|| self.log.assign_epoch(epoch))
+        {
+            tracing::error!(topic = %self.topic, partition = self.index, %error,
+                "cannot record the leader epoch");
+            return Err(ErrorCode::StorageError);
+        }
+        Ok(epoch)
     }
 
     /// Waits until an `acks=all` append ending at `end_offset`, made in
@@ -457,7 +474,7 @@ impl Partition {
     /// # Errors
     /// An [`ErrorCode`] for the client: CorruptBatch, BatchTooLarge,
     /// StorageFull, StorageError, ShuttingDown.
-    pub fn submit(&self, records: Bytes) -> Result<PendingAppend, ErrorCode> {
+    pub fn submit(&self, records: Bytes, leader_epoch: i32) -> Result<PendingAppend, ErrorCode> {
         let config = self.log.config();
         let check = || {
             let mut parsed = Vec::new();
@@ -500,7 +517,7 @@ impl Partition {
             drop(parsed);
             let mut owned = records;
             owned.truncate(length);
-            return self.submit_stamped(owned, stamp, records_total);
+            return self.submit_stamped(owned, stamp, records_total, leader_epoch);
         }
         // The log checks each batch's CRC as it appends. A lone batch is
         // left to that check (one pass over the bytes, not two); several
@@ -544,7 +561,7 @@ impl Partition {
                 // producer table must forget the batches that had them.
                 let mut producers = lock(&self.producers);
                 self.log
-                    .append_checked(batch, |next_offset| {
+                    .append_checked_in_epoch(batch, leader_epoch, |next_offset| {
                         producers.states.purge_from(next_offset);
                         Ok::<(), std::convert::Infallible>(())
                     })
@@ -553,7 +570,14 @@ impl Partition {
                         Err(never) => match never {},
                     })
             } else {
-                self.log.append(batch)
+                self.log
+                    .append_checked_in_epoch(batch, leader_epoch, |_| {
+                        Ok::<(), std::convert::Infallible>(())
+                    })
+                    .map(|checked| match checked {
+                        Ok(future) => future,
+                        Err(never) => match never {},
+                    })
             };
             match appended {
                 Ok(future) => futures.push(future),
@@ -574,6 +598,7 @@ impl Partition {
         batch: Bytes,
         stamp: Stamp,
         records_total: u64,
+        leader_epoch: i32,
     ) -> Result<PendingAppend, ErrorCode> {
         let batch_bytes = batch.len() as u64;
         self.stamped_seen
@@ -584,7 +609,7 @@ impl Partition {
         // write: batches whose offsets it took back are forgotten first.
         let appended = self
             .log
-            .append_checked(batch, |next_offset| {
+            .append_checked_in_epoch(batch, leader_epoch, |next_offset| {
                 producers.states.purge_from(next_offset);
                 match producers.states.check(&stamp) {
                     Ok(Check::Append) => Ok(()),
@@ -603,6 +628,10 @@ impl Partition {
                 drop(guard);
                 let answer = Appended {
                     base_offset,
+                    // The original travelled alone; the high watermark is at
+                    // batch boundaries, so passing its first offset is
+                    // passing it.
+                    end_offset: base_offset + 1,
                     log_start_offset: self.log.start_offset(),
                     records: 0,
                     bytes: 0,
@@ -675,11 +704,13 @@ impl Partition {
         let me = self.me.clone();
         tokio::spawn(async move {
             let mut first = None;
+            let mut end = 0;
             let mut outcome = Ok(());
             for future in futures {
                 match future.await {
                     Ok(info) => {
                         first.get_or_insert(info.base_offset);
+                        end = info.last_offset + 1;
                     }
                     Err(error) => {
                         outcome = Err(storage_error_code(&error));
@@ -700,6 +731,7 @@ impl Partition {
                 (Some(code), _) | (None, Err(code)) => Err(code),
                 (None, Ok(())) => Ok(Appended {
                     base_offset: first.unwrap_or(0),
+                    end_offset: end,
                     records: records_total,
                     bytes: bytes_total,
                     log_start_offset,
@@ -804,6 +836,7 @@ pub fn storage_error_code(error: &StorageError) -> ErrorCode {
             ErrorCode::CorruptBatch
         }
         StorageError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
+        StorageError::StaleEpoch { .. } => ErrorCode::NotLeader,
         StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
         StorageError::StorageFull { .. } => ErrorCode::StorageFull,
         StorageError::Closed => ErrorCode::ShuttingDown,

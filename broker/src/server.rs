@@ -126,8 +126,13 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         isr_retry_ms: 1_000,
         unclean_leader_election: config.unclean_leader_election,
     };
+    // A data directory written before the broker had a controller: its
+    // topics are imported into the cluster (until a marker says done).
     let upgrading = config.data_dir.join(crate::topics::TOPICS_FILE).exists()
-        && !config.data_dir.join(CONTROLLER_DIR).exists();
+        && !config
+            .data_dir
+            .join(crate::replication::session::IMPORTED_FILE)
+            .exists();
     let topics = Topics::open(
         &config.data_dir,
         log_config,
@@ -148,6 +153,14 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let local_addr = listener.local_addr()?;
     let advertised = advertised_address(config.advertised_listen.as_deref(), local_addr)?;
     let voters = config.voters(&format!("{}:{}", advertised.0, advertised.1))?;
+    if !voters.contains_key(&config.broker_id) {
+        // Brokers learn metadata as voters; following it as a learner is
+        // not built yet.
+        anyhow::bail!(
+            "broker {} is not among controller_voters; every broker must be a voter for now",
+            config.broker_id
+        );
+    }
     if voters.len() > 1 && config.flush_policy()? != weir_storage::FlushPolicy::Always {
         // The high watermark counts what followers report as written; only
         // `flush = always` makes that durable (the lesson of KIP-966).

@@ -30,6 +30,10 @@ pub const TOPICS_FILE: &str = "topics.json";
 /// A topic as `topics.json` records it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TopicSpec {
+    /// The cluster's id for the topic (`None`: written before the broker
+    /// was in a cluster, or internal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
     /// Partition count.
     pub partitions: u32,
     /// Topic configs (recorded; `segment.bytes`, `retention.ms` and
@@ -295,6 +299,7 @@ impl Topics {
     pub async fn create(
         &self,
         name: &str,
+        id: Option<u64>,
         partitions: u32,
         configs: BTreeMap<String, String>,
     ) -> Result<(), TopicError> {
@@ -319,12 +324,37 @@ impl Topics {
         }
         // Preallocating segments and syncing metadata block: keep them off
         // the runtime's workers' queues (other connections keep running).
-        crate::blocking::blocking(|| self.create_locked(name, partitions, configs))
+        crate::blocking::blocking(|| self.create_locked(name, id, partitions, configs))
+    }
+
+    /// Records the cluster's id for a topic this broker held before it had
+    /// one.
+    ///
+    /// # Errors
+    /// UnknownTopicOrPartition, or a storage error writing the list.
+    pub async fn adopt_id(&self, name: &str, id: u64) -> Result<(), TopicError> {
+        let _changes = self.changes.lock().await;
+        let Some(topic) = self.get(name) else {
+            return Err(TopicError::refused(
+                ErrorCode::UnknownTopicOrPartition,
+                format!("no topic {name}"),
+            ));
+        };
+        let mut spec = topic.spec.clone();
+        spec.id = Some(id);
+        let updated = Topic {
+            name: topic.name.clone(),
+            spec,
+            partitions: topic.partitions.clone(),
+        };
+        self.write().insert(name.to_string(), Arc::new(updated));
+        crate::blocking::blocking(|| self.store())
     }
 
     fn create_locked(
         &self,
         name: &str,
+        id: Option<u64>,
         partitions: u32,
         configs: BTreeMap<String, String>,
     ) -> Result<(), TopicError> {
@@ -339,6 +369,7 @@ impl Topics {
         let topic = match self.open_topic(
             name,
             TopicSpec {
+                id,
                 partitions,
                 configs,
             },

@@ -45,14 +45,24 @@ fn check(error: ErrorCode) -> Result<()> {
 }
 
 impl Admin {
-    /// Connects to a broker.
+    /// Connects to a broker: `addr` is one `host:port` or several,
+    /// comma-separated, tried in order until one answers (any broker of a
+    /// cluster answers admin calls; topic changes go through the
+    /// controller).
     ///
     /// # Errors
-    /// [`ClientError::Connect`].
+    /// [`ClientError::Connect`] for the last address when none answers.
     pub async fn connect(addr: &str) -> Result<Admin> {
-        let connection =
-            Connection::connect(addr, Duration::from_millis(ADMIN_REQUEST_TIMEOUT_MS)).await?;
-        Ok(Admin::with_connection(connection))
+        let mut last_error = ClientError::InvalidArgument("no broker address given".into());
+        for candidate in crate::router::bootstrap_list(addr) {
+            match Connection::connect(&candidate, Duration::from_millis(ADMIN_REQUEST_TIMEOUT_MS))
+                .await
+            {
+                Ok(connection) => return Ok(Admin::with_connection(connection)),
+                Err(error) => last_error = error,
+            }
+        }
+        Err(last_error)
     }
 
     /// Uses an existing connection.

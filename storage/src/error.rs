@@ -19,6 +19,15 @@ pub enum StorageError {
         /// `batch_bytes_max`.
         limit: usize,
     },
+    /// An append made in a leader epoch the log has moved past (or lost:
+    /// a repair truncated it away before any record was written in it).
+    #[error("append in leader epoch {expected}, but the log's newest is {latest:?}")]
+    StaleEpoch {
+        /// The epoch the caller appends in.
+        expected: i32,
+        /// The log's newest epoch.
+        latest: Option<i32>,
+    },
     /// A replica append's base offset is not the log's next offset.
     #[error("batch base offset {got} does not continue the log at {expected}")]
     UnexpectedOffset {

@@ -545,11 +545,16 @@ impl Log {
     /// write's I/O error, or [`StorageError::WriteFailed`] if an earlier
     /// in-flight write failed.
     pub fn append(&self, batch: impl IntoBatchBytes) -> Result<AppendFuture> {
-        self.append_inner(batch, true, |_| Ok::<(), std::convert::Infallible>(()))
-            .map(|checked| match checked {
-                Ok(future) => future,
-                Err(never) => match never {},
-            })
+        self.append_inner(
+            batch,
+            true,
+            None,
+            |_| Ok::<(), std::convert::Infallible>(()),
+        )
+        .map(|checked| match checked {
+            Ok(future) => future,
+            Err(never) => match never {},
+        })
     }
 
     /// [`Log::append`], but first `check` is called, under the log's writer
@@ -566,7 +571,24 @@ impl Log {
         batch: impl IntoBatchBytes,
         check: impl FnOnce(u64) -> std::result::Result<(), E>,
     ) -> Result<std::result::Result<AppendFuture, E>> {
-        self.append_inner(batch, true, check)
+        self.append_inner(batch, true, None, check)
+    }
+
+    /// [`Log::append_checked`] for a leader appending in `epoch`: refused
+    /// with [`StorageError::StaleEpoch`] unless `epoch` is still the log's
+    /// newest, decided under the writer lock, so a broker deposed (and
+    /// already copying its new leader's epoch) between its leadership check
+    /// and the append cannot write into the new leader's epoch.
+    ///
+    /// # Errors
+    /// As [`Log::append`], and [`StorageError::StaleEpoch`].
+    pub fn append_checked_in_epoch<E>(
+        &self,
+        batch: impl IntoBatchBytes,
+        epoch: i32,
+        check: impl FnOnce(u64) -> std::result::Result<(), E>,
+    ) -> Result<std::result::Result<AppendFuture, E>> {
+        self.append_inner(batch, true, Some(epoch), check)
     }
 
     /// Appends a batch that already carries its offsets and leader epoch (a
@@ -576,11 +598,13 @@ impl Log {
     /// # Errors
     /// As [`Log::append`], and [`StorageError::UnexpectedOffset`].
     pub fn append_replica(&self, batch: impl IntoBatchBytes) -> Result<AppendFuture> {
-        self.append_inner(batch, false, |_| Ok::<(), std::convert::Infallible>(()))
-            .map(|checked| match checked {
-                Ok(future) => future,
-                Err(never) => match never {},
-            })
+        self.append_inner(batch, false, None, |_| {
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .map(|checked| match checked {
+            Ok(future) => future,
+            Err(never) => match never {},
+        })
     }
 
     /// [`Log::append`] and wait.
@@ -595,6 +619,7 @@ impl Log {
         &self,
         batch: impl IntoBatchBytes,
         assign_offsets: bool,
+        required_epoch: Option<i32>,
         check: impl FnOnce(u64) -> std::result::Result<(), E>,
     ) -> Result<std::result::Result<AppendFuture, E>> {
         if batch.batch_len() > self.config.batch_bytes_max {
@@ -626,6 +651,12 @@ impl Log {
         let mut writer = lock(&self.writer);
         self.check_open(&writer)?;
         self.repair_if_failed(&mut writer)?;
+        if let Some(expected) = required_epoch {
+            let latest = writer.epochs.latest().map(|entry| entry.epoch);
+            if latest != Some(expected) {
+                return Err(StorageError::StaleEpoch { expected, latest });
+            }
+        }
         if let Err(refused) = check(writer.next_offset) {
             return Ok(Err(refused));
         }

@@ -77,6 +77,11 @@ pub struct BrokerRegistration {
 /// A topic in the image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicImage {
+    /// The topic's id: a topic deleted and created again under its name
+    /// gets a new one, so a broker that missed both drops the old data
+    /// instead of taking it for the new topic's.
+    #[serde(default)]
+    pub id: u64,
     /// Partitions by index.
     pub partitions: Vec<PartitionState>,
     /// Topic configs.
@@ -222,6 +227,14 @@ pub struct MetadataImage {
     /// Allow electing a replica outside the in-sync set when none in it is
     /// available (loses acknowledged records; off by default).
     pub unclean_leader_election: bool,
+    /// The id the next topic gets (ids start at 1).
+    #[serde(default)]
+    pub next_topic_id: u64,
+    /// Ids of deleted topics: a broker deletes local data only of a topic
+    /// the cluster deleted, never merely because the image lacks it (an
+    /// image that lost its history must not wipe the brokers).
+    #[serde(default)]
+    pub deleted_topic_ids: std::collections::BTreeSet<u64>,
 }
 
 impl MetadataImage {
@@ -231,6 +244,13 @@ impl MetadataImage {
             unclean_leader_election,
             ..MetadataImage::default()
         }
+    }
+
+    fn take_topic_id(&mut self) -> u64 {
+        self.next_topic_id = self.next_topic_id.max(1);
+        let id = self.next_topic_id;
+        self.next_topic_id += 1;
+        id
     }
 
     /// A partition's state.
@@ -339,20 +359,25 @@ impl MetadataImage {
                         state
                     })
                     .collect();
+                let id = self.take_topic_id();
                 self.topics.insert(
                     name.clone(),
                     TopicImage {
+                        id,
                         partitions,
                         configs: configs.clone(),
                     },
                 );
                 Ok(MetadataOutcome::Done)
             }
-            MetadataCommand::DeleteTopic { name } => self
-                .topics
-                .remove(name)
-                .map(|_| MetadataOutcome::Done)
-                .ok_or(MetadataError::UnknownTopicOrPartition),
+            MetadataCommand::DeleteTopic { name } => {
+                let topic = self
+                    .topics
+                    .remove(name)
+                    .ok_or(MetadataError::UnknownTopicOrPartition)?;
+                self.deleted_topic_ids.insert(topic.id);
+                Ok(MetadataOutcome::Done)
+            }
             MetadataCommand::AlterPartition {
                 topic,
                 partition,
@@ -502,9 +527,11 @@ impl MetadataImage {
                 partition_epoch: 0,
             })
             .collect();
+        let id = self.take_topic_id();
         self.topics.insert(
             name.to_string(),
             TopicImage {
+                id,
                 partitions,
                 configs: configs.clone(),
             },

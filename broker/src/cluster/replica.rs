@@ -193,6 +193,10 @@ pub struct Replica {
     state: Option<PartitionState>,
     role: Role,
     high_watermark: u64,
+    /// After the controller refused an expansion as ineligible, none is
+    /// proposed again before this time (a fenced broker that still fetches
+    /// must not cost a controller write per fetch).
+    expand_blocked_until_ms: u64,
 }
 
 impl Replica {
@@ -205,6 +209,7 @@ impl Replica {
             state: None,
             role: Role::Idle,
             high_watermark,
+            expand_blocked_until_ms: 0,
         }
     }
 
@@ -552,7 +557,10 @@ impl Replica {
             return;
         };
         match error {
-            MetadataError::InvalidIsr => *pending = None,
+            MetadataError::InvalidIsr => {
+                self.expand_blocked_until_ms = refused.sent_at_ms + self.config.isr_retry_ms;
+                *pending = None;
+            }
             _ => refused.awaiting_metadata = true,
         }
     }
@@ -669,6 +677,7 @@ impl Replica {
             return Vec::new();
         };
         if pending.is_some()
+            || now_ms < self.expand_blocked_until_ms
             || state.in_sync(follower)
             || end_offset < high_watermark
             || end_offset < epoch_start

@@ -286,7 +286,7 @@ impl Coordinator {
             ("retention.bytes".to_string(), "-1".to_string()),
         ]);
         match topics
-            .create(OFFSETS_TOPIC, self.offsets_partitions, configs)
+            .create(OFFSETS_TOPIC, None, self.offsets_partitions, configs)
             .await
         {
             Ok(()) => {}
@@ -362,7 +362,11 @@ impl Coordinator {
             group.since_commit = RunningTime::starting(Instant::now());
         }
         let batch = offsets_batch(&request);
-        let outcome = match partition.submit(batch) {
+        // The offsets partition is this broker's alone (it leads it).
+        let outcome = match partition
+            .check_produce(false)
+            .and_then(|epoch| partition.submit(batch, epoch))
+        {
             Ok(pending) => pending.wait().await.map(|_| ()),
             Err(error) => Err(error),
         };

@@ -114,7 +114,39 @@ impl Fetchers {
     }
 }
 
+/// Takes a fetcher out of the map when its task ends (shutdown, or a
+/// panic: a broken invariant in the rules), so the next `follow` starts a
+/// new one rather than adding partitions no task fetches.
+struct Deregister {
+    broker: Arc<Broker>,
+    fetcher: Arc<LeaderFetcher>,
+}
+
+impl Drop for Deregister {
+    fn drop(&mut self) {
+        let mut by_leader = lock(&self.broker.fetchers.by_leader);
+        if by_leader
+            .get(&self.fetcher.leader)
+            .is_some_and(|current| Arc::ptr_eq(current, &self.fetcher))
+        {
+            by_leader.remove(&self.fetcher.leader);
+        }
+        let left = lock(&self.fetcher.partitions).len();
+        if left > 0 && !*self.broker.stopping.borrow() {
+            tracing::error!(
+                leader = self.fetcher.leader,
+                partitions = left,
+                "replica fetcher ended with partitions to fetch"
+            );
+        }
+    }
+}
+
 async fn run(broker: Arc<Broker>, fetcher: Arc<LeaderFetcher>) {
+    let _deregister = Deregister {
+        broker: broker.clone(),
+        fetcher: fetcher.clone(),
+    };
     let mut connection: Option<Connection> = None;
     let retry = Duration::from_millis(FETCH_RETRY_MS);
     loop {

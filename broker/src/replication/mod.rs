@@ -137,6 +137,26 @@ pub async fn reconcile(broker: &Arc<Broker>, view: &MetadataView) {
             .partitions
             .iter()
             .any(|partition| partition.replicas.contains(&me));
+        match broker.topics.get(name) {
+            // The same name, another topic: the old one was deleted (and
+            // this one created) while this broker was away.
+            Some(local) if local.spec.id.is_some_and(|id| id != topic.id) => {
+                tracing::info!(topic = %name, "replaced in the cluster: dropping the old data");
+                for partition in &local.partitions {
+                    broker.fetchers.unfollow(partition);
+                }
+                if let Err(error) = broker.delete_local_topic(name).await {
+                    tracing::error!(topic = %name, %error, "cannot delete local data");
+                    continue;
+                }
+            }
+            Some(local) if local.spec.id.is_none() => {
+                if let Err(error) = broker.topics.adopt_id(name, topic.id).await {
+                    tracing::error!(topic = %name, %error, "cannot record the topic id");
+                }
+            }
+            _ => {}
+        }
         if broker.topics.get(name).is_none() {
             if !replicates {
                 continue;
@@ -144,7 +164,7 @@ pub async fn reconcile(broker: &Arc<Broker>, view: &MetadataView) {
             let partitions = topic.partitions.len() as u32;
             if let Err(error) = broker
                 .topics
-                .create(name, partitions, topic.configs.clone())
+                .create(name, Some(topic.id), partitions, topic.configs.clone())
                 .await
             {
                 tracing::error!(topic = %name, %error, "cannot create the local partitions");
@@ -160,8 +180,19 @@ pub async fn reconcile(broker: &Arc<Broker>, view: &MetadataView) {
             execute(broker, &partition, actions);
         }
     }
+    // Local data goes only for a topic the cluster deleted: a topic the
+    // image merely lacks (an image that lost its history, an import not yet
+    // done) is kept, with a warning.
     for topic in broker.topics.all() {
         if is_internal(&topic.name) || view.image.topics.contains_key(&topic.name) {
+            continue;
+        }
+        let deleted = topic
+            .spec
+            .id
+            .is_some_and(|id| view.image.deleted_topic_ids.contains(&id));
+        if !deleted {
+            tracing::warn!(topic = %topic.name, "held here but unknown to the cluster: kept");
             continue;
         }
         tracing::info!(topic = %topic.name, "deleted in the cluster: deleting its local data");

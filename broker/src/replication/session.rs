@@ -17,6 +17,8 @@ use crate::topics::is_internal;
 
 /// The file in the data directory holding the last incarnation.
 pub const INCARNATION_FILE: &str = "broker-incarnation";
+/// Written once every pre-cluster topic has been imported.
+pub const IMPORTED_FILE: &str = "cluster-imported";
 /// Pause between registration attempts while no quorum answers.
 pub const REGISTER_RETRY_MS: u64 = 200;
 
@@ -81,7 +83,18 @@ pub async fn run(broker: Arc<Broker>, incarnation: u64, upgrading: bool) {
     }
     tracing::info!(broker = me, incarnation, "registered with the controller");
     if upgrading {
-        import_local_topics(&broker).await;
+        // Until every topic is in, retried: the marker says it is done.
+        while !import_local_topics(&broker).await {
+            if *broker.stopping.borrow() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS)).await;
+        }
+        if let Err(error) =
+            weir_storage::checkpoint::write_atomic(&broker.config.data_dir, IMPORTED_FILE, b"1\n")
+        {
+            tracing::error!(%error, "cannot record that the import is done");
+        }
     }
     tokio::spawn(super::follow_metadata(broker.clone()));
     tokio::spawn(super::tick_loop(broker.clone()));
@@ -92,20 +105,19 @@ pub async fn run(broker: Arc<Broker>, incarnation: u64, upgrading: bool) {
         if *broker.stopping.borrow() {
             return;
         }
-        broker
-            .controller
-            .heartbeat(Heartbeat {
-                broker: me,
-                incarnation,
-                caught_up: true,
-            })
-            .await;
+        broker.controller.heartbeat(Heartbeat {
+            broker: me,
+            incarnation,
+            caught_up: true,
+        });
     }
 }
 
 /// Proposes every local topic the cluster does not know, with this broker
-/// as its only replica and leader epochs above those its logs hold.
-async fn import_local_topics(broker: &Arc<Broker>) {
+/// as its only replica and leader epochs above those its logs hold; true
+/// once all are in.
+async fn import_local_topics(broker: &Arc<Broker>) -> bool {
+    let mut all_in = true;
     let known = broker.controller.view();
     for topic in broker.topics.all() {
         if is_internal(&topic.name) || known.image.topics.contains_key(&topic.name) {
@@ -134,7 +146,9 @@ async fn import_local_topics(broker: &Arc<Broker>) {
             }
             Err(error) => {
                 tracing::error!(topic = %topic.name, %error, "import into the cluster failed");
+                all_in = false;
             }
         }
     }
+    all_in
 }

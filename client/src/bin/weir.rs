@@ -20,7 +20,7 @@ use weir_protocol::ErrorCode;
     about = "Weir command line: topics, produce, consume, cluster"
 )]
 struct Cli {
-    /// Broker address.
+    /// Broker address: `host:port`, or several comma-separated (a cluster).
     #[arg(
         long,
         short,
@@ -308,11 +308,32 @@ async fn topic(broker: &str, command: TopicCommand) -> anyhow::Result<()> {
         }
         TopicCommand::Describe { name } => {
             let description = admin.describe_topic(&name).await?;
+            let metadata = admin.metadata(Some(vec![name.clone()])).await?;
+            let placement = metadata.topics.into_iter().next();
+            let ids = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
             println!("topic {}", description.name);
-            println!("partition\tstart\tend\thigh_watermark\tbytes\tsegments");
+            println!(
+                "partition\tleader\treplicas\tin_sync\tstart\tend\thigh_watermark\tbytes\tsegments"
+            );
             for partition in description.partitions {
+                let placed = placement.as_ref().and_then(|topic| {
+                    topic
+                        .partitions
+                        .iter()
+                        .find(|entry| entry.partition == partition.partition)
+                });
+                let (leader, replicas, in_sync) = placed.map_or(
+                    ("-".to_string(), "-".to_string(), "-".to_string()),
+                    |entry| {
+                        (
+                            entry.leader.to_string(),
+                            ids(&entry.replicas),
+                            ids(&entry.in_sync_replicas),
+                        )
+                    },
+                );
                 println!(
-                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    "{}\t{leader}\t{replicas}\t{in_sync}\t{}\t{}\t{}\t{}\t{}",
                     partition.partition,
                     partition.start_offset,
                     partition.end_offset,

@@ -148,8 +148,13 @@ pub struct Controller {
     metadata: watch::Receiver<Arc<MetadataView>>,
     sessions: Mutex<HashMap<BrokerId, Session>>,
     /// Connections to the other voters, for forwarded proposals and
-    /// heartbeats (Raft's own RPCs have theirs).
-    peers: tokio::sync::Mutex<HashMap<BrokerId, Connection>>,
+    /// heartbeats (Raft's own RPCs have theirs). Never held across a
+    /// connect or a call: one unreachable voter must not delay the others.
+    peers: Mutex<HashMap<BrokerId, Connection>>,
+    /// Voters a heartbeat is on its way to: the next is not sent to one
+    /// until the previous is answered or timed out, so a slow voter does
+    /// not pile up tasks.
+    heartbeats_in_flight: Mutex<std::collections::HashSet<BrokerId>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -159,6 +164,12 @@ impl std::fmt::Debug for Controller {
             .field("leader", &self.leader())
             .finish_non_exhaustive()
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn json<T: Serialize>(value: &T) -> Bytes {
@@ -231,7 +242,8 @@ impl Controller {
             raft,
             metadata,
             sessions: Mutex::new(HashMap::new()),
-            peers: tokio::sync::Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            heartbeats_in_flight: Mutex::new(std::collections::HashSet::new()),
         });
         tokio::spawn(Self::liveness_loop(Arc::downgrade(&controller)));
         Ok(controller)
@@ -337,10 +349,7 @@ impl Controller {
     }
 
     fn record_heartbeat(&self, heartbeat: &Heartbeat) {
-        let mut sessions = self
-            .sessions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sessions = lock(&self.sessions);
         sessions.insert(
             heartbeat.broker,
             Session {
@@ -367,7 +376,14 @@ impl Controller {
         loop {
             let outcome: Result<Bytes, Option<BrokerId>> = match leader_hint {
                 Some(leader) if leader == self.config.node_id => {
-                    match self.raft.client_write(command.clone()).await {
+                    // A leader that lost its quorum never commits: bounded.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let Ok(written) =
+                        tokio::time::timeout(left, self.raft.client_write(command.clone())).await
+                    else {
+                        return Err(ControllerError::Timeout(timeout_ms));
+                    };
+                    match written {
                         Ok(written) => return written.data.map_err(ControllerError::Rejected),
                         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                             Err(forward.leader_id.and_then(|id| BrokerId::try_from(id).ok()))
@@ -381,7 +397,11 @@ impl Controller {
                         }
                     }
                 }
-                Some(leader) => self.forward(leader, kind::PROPOSE, json(&command)).await,
+                Some(leader) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    self.forward(leader, kind::PROPOSE, json(&command), left)
+                        .await
+                }
                 None => Err(None),
             };
             match outcome {
@@ -406,37 +426,52 @@ impl Controller {
         }
     }
 
-    /// Sends one request to voter `target`; `Err` carries a leader hint.
+    /// A connection to voter `target`, opened (within `timeout`) if there
+    /// is none.
+    async fn peer(&self, target: BrokerId, timeout: Duration) -> Option<Connection> {
+        let existing = lock(&self.peers)
+            .get(&target)
+            .filter(|connection| !connection.is_closed())
+            .cloned();
+        if existing.is_some() {
+            return existing;
+        }
+        let addr = self.config.voters.get(&target)?;
+        match Connection::connect(addr, timeout).await {
+            Ok(connection) => {
+                lock(&self.peers).insert(target, connection.clone());
+                Some(connection)
+            }
+            Err(error) => {
+                tracing::debug!(%error, target, "controller: cannot reach voter");
+                None
+            }
+        }
+    }
+
+    /// Sends one request to voter `target`, answered within `timeout`;
+    /// `Err` carries a leader hint.
     async fn forward(
         &self,
         target: BrokerId,
         kind: u8,
         payload: Bytes,
+        timeout: Duration,
     ) -> Result<Bytes, Option<BrokerId>> {
-        let Some(addr) = self.config.voters.get(&target) else {
+        let Some(connection) = self.peer(target, timeout).await else {
             return Err(None);
         };
-        let timeout = Duration::from_millis(self.config.propose_timeout_ms);
-        let connection = {
-            let mut peers = self.peers.lock().await;
-            match peers.get(&target) {
-                Some(connection) if !connection.is_closed() => connection.clone(),
-                _ => match Connection::connect(addr, timeout).await {
-                    Ok(connection) => {
-                        peers.insert(target, connection.clone());
-                        connection
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, target, "controller: cannot reach voter");
-                        return Err(None);
-                    }
-                },
-            }
-        };
-        match connection
-            .call(Request::Controller(ControllerRequest { kind, payload }))
-            .await
-        {
+        let request = Request::Controller(ControllerRequest { kind, payload });
+        let answer = async {
+            connection
+                .start_call(request)
+                .await?
+                .with_timeout(timeout)
+                .wait()
+                .await
+        }
+        .await;
+        match answer {
             Ok(Response::Controller(response)) if response.error.is_ok() => Ok(response.payload),
             Ok(Response::Controller(response)) if response.error == ErrorCode::NotController => {
                 Err(
@@ -452,21 +487,36 @@ impl Controller {
             }
             Err(error) => {
                 tracing::debug!(%error, target, "controller: voter call failed");
-                self.peers.lock().await.remove(&target);
+                let mut peers = lock(&self.peers);
+                if peers.get(&target).is_some_and(Connection::is_closed) {
+                    peers.remove(&target);
+                }
                 Err(None)
             }
         }
     }
 
-    /// Tells every voter this broker is alive (this voter directly).
-    pub async fn heartbeat(&self, heartbeat: Heartbeat) {
-        let voters: Vec<BrokerId> = self.config.voters.keys().copied().collect();
-        for voter in voters {
-            if voter == self.config.node_id {
-                self.record_heartbeat(&heartbeat);
-            } else if let Err(hint) = self.forward(voter, kind::HEARTBEAT, json(&heartbeat)).await {
-                tracing::trace!(voter, ?hint, "controller: heartbeat not delivered");
+    /// Tells every voter this broker is alive: this voter at once, the
+    /// others concurrently, each bounded by a third of the session
+    /// timeout, so one unreachable voter delays none of the rest.
+    pub fn heartbeat(self: &Arc<Self>, heartbeat: Heartbeat) {
+        self.record_heartbeat(&heartbeat);
+        let timeout = Duration::from_millis((self.config.broker_session_timeout_ms / 3).max(50));
+        for voter in self.config.voters.keys().copied() {
+            if voter == self.config.node_id || !lock(&self.heartbeats_in_flight).insert(voter) {
+                continue;
             }
+            let controller = self.clone();
+            let heartbeat = heartbeat.clone();
+            tokio::spawn(async move {
+                if let Err(hint) = controller
+                    .forward(voter, kind::HEARTBEAT, json(&heartbeat), timeout)
+                    .await
+                {
+                    tracing::trace!(voter, ?hint, "controller: heartbeat not delivered");
+                }
+                lock(&controller.heartbeats_in_flight).remove(&voter);
+            });
         }
     }
 
