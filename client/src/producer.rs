@@ -996,8 +996,14 @@ async fn finish(
     loop {
         // Out of sequence while idempotent: an earlier batch of the
         // partition failed and is being retried; this one goes in after it.
+        // An unknown partition is retried too (as in Kafka): in a cluster a
+        // new topic reaches its leaders a moment after it is created.
         let retriable = |error: &ClientError| {
             error.is_retriable()
+                || matches!(
+                    error,
+                    ClientError::Broker(ErrorCode::UnknownTopicOrPartition)
+                )
                 || (shared.identity.is_some()
                     && matches!(error, ClientError::Broker(ErrorCode::OutOfOrderSequence)))
         };

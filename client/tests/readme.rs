@@ -119,6 +119,134 @@ fn readme_quickstart_runs() {
     );
 }
 
+/// The lines of the README's three-broker section this test runs: the
+/// cluster script and the `weir` commands (the build and the `export` are
+/// the test's own).
+fn cluster_lines() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README");
+    let start = readme
+        .find("<!-- cluster-quickstart")
+        .expect("cluster quickstart marker");
+    let end = readme
+        .find("<!-- /cluster-quickstart -->")
+        .expect("cluster quickstart end marker");
+    readme[start..end]
+        .lines()
+        .map(|line| line.split(" && ").last().unwrap_or_default().to_string())
+        .filter(|line| {
+            line.starts_with("weir ")
+                || line.contains("| weir ")
+                || line.starts_with("deploy/local/cluster.sh")
+        })
+        .collect()
+}
+
+/// The README's three-broker section runs as written: the script starts
+/// three real brokers, a topic is created with three replicas, records are
+/// produced through the broker list, `describe` shows each partition's
+/// leader and its three in-sync replicas, and the script stops them all.
+#[test]
+fn readme_three_brokers_run() {
+    let target = target_dir();
+    assert!(
+        target.join("weir").exists() && target.join("weir-broker").exists(),
+        "build the workspace first"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports: Vec<u16> = (0..3).map(|_| weir_testkit::free_port()).collect();
+    let admin_ports: Vec<u16> = (0..3).map(|_| weir_testkit::free_port()).collect();
+    let join = |ports: &[u16]| {
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let bootstrap = ports
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let path = format!(
+        "{}:{}",
+        target.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let lines = cluster_lines();
+    assert_eq!(
+        lines.first().map(String::as_str),
+        Some("deploy/local/cluster.sh start")
+    );
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("deploy/local/cluster.sh stop")
+    );
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let run = |line: &str| {
+        Command::new("bash")
+            .args(["-c", line])
+            .current_dir(repo)
+            .env("PATH", &path)
+            .env("WEIR_BROKER", &bootstrap)
+            .env("WEIR_BROKER_BIN", target.join("weir-broker"))
+            .env("WEIR_CLUSTER_DIR", dir.path())
+            .env("WEIR_CLUSTER_PORTS", join(&ports))
+            .env("WEIR_CLUSTER_ADMIN_PORTS", join(&admin_ports))
+            .output()
+            .expect("run command")
+    };
+    let mut outputs = Vec::new();
+    for line in &lines {
+        let output = run(line);
+        if !output.status.success() {
+            // Leave no broker behind before failing.
+            run("deploy/local/cluster.sh stop");
+        }
+        assert!(
+            output.status.success(),
+            "{line}\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // `produce` reports on stderr (stdout stays for data).
+        outputs.push(format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let described = outputs
+        .iter()
+        .find(|output| output.contains("in_sync"))
+        .expect("describe output");
+    let rows: Vec<&str> = described
+        .lines()
+        .filter(|line| line.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(rows.len(), 3, "{described}");
+    for row in rows {
+        let columns: Vec<&str> = row.split('\t').collect();
+        assert!(
+            columns[1]
+                .parse::<u32>()
+                .is_ok_and(|leader| (1..=3).contains(&leader))
+        );
+        assert_eq!(columns[3].split(',').count(), 3, "three in sync: {row}");
+    }
+    let produced: u64 = outputs
+        .iter()
+        .find_map(|output| {
+            output
+                .lines()
+                .find_map(|line| line.strip_prefix("produced "))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|count| count.parse().ok())
+        })
+        .expect("produce output");
+    assert_eq!(produced, 100);
+}
+
 /// The CLI exits with 3 and says so when the broker is unreachable.
 #[test]
 fn cli_exit_codes() {

@@ -417,14 +417,19 @@ async fn produce(
         }
     }
     producer.flush().await?;
+    let mut first_error = None;
     for delivery in deliveries {
-        if delivery.await.is_err() {
+        if let Err(error) = delivery.await {
             failed += 1;
+            first_error.get_or_insert(error);
         }
     }
     bar.finish_and_clear();
     if failed > 0 {
-        anyhow::bail!("{failed} of {sent} records were not delivered");
+        match first_error {
+            Some(error) => anyhow::bail!("{failed} of {sent} records were not delivered: {error}"),
+            None => anyhow::bail!("{failed} of {sent} records were not delivered"),
+        }
     }
     eprintln!("produced {sent} records to {topic}");
     Ok(())
