@@ -36,6 +36,10 @@ pub struct ConnectionContext {
     /// Subscriptions of this connection by id.
     pub subscriptions: Mutex<HashMap<u32, Arc<SubscriptionControl>>>,
     pub(crate) outgoing: mpsc::Sender<Outgoing>,
+    /// The broker (and incarnation) whose heartbeats arrive on this
+    /// connection: when it closes, the controller learns at once that the
+    /// broker may be gone (a process that dies closes its sockets).
+    pub heartbeats_from: Mutex<Option<(u32, u64)>>,
 }
 
 impl ConnectionContext {

@@ -57,6 +57,17 @@ pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Optio
         }),
         Request::Metadata(request) => Response::Metadata(metadata(context, request)),
         Request::Controller(request) => {
+            if request.kind == crate::cluster::controller::kind::HEARTBEAT
+                && let Ok(heartbeat) = serde_json::from_slice::<crate::cluster::controller::Heartbeat>(
+                    &request.payload,
+                )
+            {
+                *context
+                    .heartbeats_from
+                    .lock()
+                    .unwrap_or_else(|poison| poison.into_inner()) =
+                    Some((heartbeat.broker, heartbeat.incarnation));
+            }
             Response::Controller(broker.controller.handle(request).await)
         }
         Request::ReplicaFetch(request) => {

@@ -359,6 +359,7 @@ async fn connection(
         broker: broker.clone(),
         subscriptions: Mutex::new(HashMap::new()),
         outgoing,
+        heartbeats_from: Mutex::new(None),
     });
     let budget_bytes = broker.config.in_flight_bytes_max.max(1);
     let budget = Arc::new(Semaphore::new(budget_bytes));
@@ -482,6 +483,13 @@ async fn connection(
     context.end_subscriptions();
     while requests.join_next().await.is_some() {}
     context.end_subscriptions();
+    let heartbeats_from = *context
+        .heartbeats_from
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    if let Some((broker_id, incarnation)) = heartbeats_from {
+        broker.controller.connection_lost(broker_id, incarnation);
+    }
     drop(context);
     let _ = writer_task.await;
     broker.connections.fetch_sub(1, Ordering::Relaxed);

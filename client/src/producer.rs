@@ -25,8 +25,11 @@ use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::partitioner::partition_for_key;
 
-/// Longest wait between two attempts of a batch.
-pub const RETRY_BACKOFF_MS_MAX: u64 = 5_000;
+/// Longest pause between retries of a batch (the pause doubles from
+/// `retry_backoff_ms`). 1 s, as Kafka's `retry.backoff.max.ms`: a leader
+/// failover takes one to two seconds, and a longer pause would add up to
+/// its own length to it.
+pub const RETRY_BACKOFF_MS_MAX: u64 = 1_000;
 
 /// Most batches in flight per partition for an idempotent producer: the
 /// broker remembers the last five of each producer (as Kafka does).
@@ -1034,13 +1037,22 @@ async fn finish(
                     attempt += 1;
                 }
                 tracing::debug!(%error, attempt, "retrying produce");
-                if crate::router::leader_moved(&error) {
+                // Leadership moving is waited out at the base pause, each
+                // retry asking for the new leader: a failover is over in a
+                // second or two, and a doubled pause would add up to its
+                // own length to it. Other errors back off exponentially.
+                let moved = crate::router::leader_moved(&error);
+                if moved {
                     shared.router.forget_leader(topic, partition);
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = backoff
-                    .saturating_mul(2)
-                    .min(Duration::from_millis(RETRY_BACKOFF_MS_MAX));
+                backoff = if moved {
+                    Duration::from_millis(shared.config.retry_backoff_ms)
+                } else {
+                    backoff
+                        .saturating_mul(2)
+                        .min(Duration::from_millis(RETRY_BACKOFF_MS_MAX))
+                };
                 result = match shared.connection(topic, partition).await {
                     Err(error) => Err(error),
                     Ok(connection) if shared.config.acks == Acks::None => {

@@ -79,7 +79,11 @@ impl BrokerProcess {
             ])
             .arg(data_dir)
             .args(extra)
-            .env("RUST_LOG", "warn,openraft=off")
+            // WEIR_BROKER_LOG overrides, to watch a test's brokers.
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_BROKER_LOG").unwrap_or_else(|_| "warn,openraft=off".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -113,6 +117,19 @@ impl BrokerProcess {
             admin_addr,
             data_dir: data_dir.to_path_buf(),
         }
+    }
+
+    /// Starts `binary` listening on `listen`.
+    ///
+    /// # Panics
+    /// As [`BrokerProcess::start_binary`].
+    pub fn start_binary_at(
+        binary: &Path,
+        listen: SocketAddr,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> BrokerProcess {
+        Self::spawn(binary, &listen.to_string(), data_dir, extra)
     }
 
     /// Starts the workspace's `weir-broker`.
@@ -165,6 +182,7 @@ pub struct Cluster {
     root: PathBuf,
     voters: String,
     extra: Vec<String>,
+    binary: PathBuf,
 }
 
 impl Cluster {
@@ -173,6 +191,14 @@ impl Cluster {
     /// # Panics
     /// If a broker does not start within [`DEADLINE`].
     pub fn start(count: usize, root: &Path, extra: &[&str]) -> Cluster {
+        Self::start_binary(&workspace_binary("weir-broker"), count, root, extra)
+    }
+
+    /// [`Cluster::start`] with the broker binary at `binary`.
+    ///
+    /// # Panics
+    /// As [`Cluster::start`].
+    pub fn start_binary(binary: &Path, count: usize, root: &Path, extra: &[&str]) -> Cluster {
         let addrs: Vec<SocketAddr> = (0..count)
             .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
             .collect();
@@ -188,6 +214,7 @@ impl Cluster {
             root: root.to_path_buf(),
             voters,
             extra: extra.iter().map(|flag| (*flag).to_string()).collect(),
+            binary: binary.to_path_buf(),
         };
         // Started together: each waits for a quorum before it is writable,
         // not before it prints its address.
@@ -210,7 +237,12 @@ impl Cluster {
         let id = (index + 1).to_string();
         let mut flags: Vec<&str> = vec!["--broker-id", &id, "--controller-voters", &self.voters];
         flags.extend(self.extra.iter().map(String::as_str));
-        let process = BrokerProcess::start_at(self.addrs[index], &self.data_dir(index), &flags);
+        let process = BrokerProcess::start_binary_at(
+            &self.binary,
+            self.addrs[index],
+            &self.data_dir(index),
+            &flags,
+        );
         self.brokers[index] = Some(process);
     }
 

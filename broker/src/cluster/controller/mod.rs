@@ -78,6 +78,11 @@ pub const SNAPSHOT_LOGS_SINCE_LAST: u64 = 1_000;
 pub const SNAPSHOT_LOGS_KEPT: u64 = 200;
 /// How often a voter checks sessions (and, leading, fences).
 pub const LIVENESS_CHECK_MS: u64 = 100;
+/// A broker whose heartbeat connection closed, and which has not
+/// heartbeated since, is fenced this long after the close (rather than a
+/// whole session timeout later): a process that died closed its sockets.
+/// Long enough for a live broker to reconnect and heartbeat again.
+pub const CONNECTION_LOSS_GRACE_MS: u64 = 400;
 /// Pause between attempts of a proposal that found no leader.
 pub const PROPOSE_RETRY_MS: u64 = 50;
 
@@ -139,6 +144,9 @@ struct Session {
     incarnation: u64,
     caught_up: bool,
     last_heartbeat: Instant,
+    /// When the connection its heartbeats came over closed, if no
+    /// heartbeat arrived since.
+    connection_lost_at: Option<Instant>,
 }
 
 /// This broker's part of the controller quorum.
@@ -356,8 +364,19 @@ impl Controller {
                 incarnation: heartbeat.incarnation,
                 caught_up: heartbeat.caught_up,
                 last_heartbeat: Instant::now(),
+                connection_lost_at: None,
             },
         );
+    }
+
+    /// The connection `broker`'s heartbeats arrived on has closed.
+    pub fn connection_lost(&self, broker: BrokerId, incarnation: u64) {
+        if let Some(session) = lock(&self.sessions)
+            .get_mut(&broker)
+            .filter(|session| session.incarnation == incarnation)
+        {
+            session.connection_lost_at = Some(Instant::now());
+        }
     }
 
     /// Commits `command` through the controller leader (this voter or,
@@ -559,9 +578,17 @@ impl Controller {
             // A voter that has heard nothing since it started gives every
             // broker one session timeout from its own start.
             let last = session.map_or(started, |session| session.last_heartbeat);
-            let alive = now.duration_since(last) < timeout;
+            let grace = Duration::from_millis(CONNECTION_LOSS_GRACE_MS);
+            let connection_gone = session
+                .and_then(|session| session.connection_lost_at)
+                .is_some_and(|lost| now.duration_since(lost) >= grace);
+            let alive = now.duration_since(last) < timeout && !connection_gone;
             if !broker.fenced && !alive {
-                tracing::info!(broker = id, "controller: session expired, fencing");
+                tracing::info!(
+                    broker = id,
+                    connection_gone,
+                    "controller: session expired, fencing"
+                );
                 commands.push(MetadataCommand::FenceBroker { id: *id });
             } else if broker.fenced && alive && session.is_some_and(|session| session.caught_up) {
                 commands.push(MetadataCommand::UnfenceBroker {
