@@ -731,16 +731,7 @@ async fn replica_fetch(
             };
         }
         drop(partitions);
-        let mut stopping = broker.stopping.clone();
-        tokio::select! {
-            _ = appended => {}
-            _ = tokio::time::sleep_until(deadline.into()) => {}
-            _ = async {
-                if stopping.wait_for(|stopping| *stopping).await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            } => {}
-        }
+        wait_for_append(broker, appended.as_mut(), deadline).await;
     }
 }
 
@@ -813,19 +804,28 @@ async fn fetch(context: &ConnectionContext, request: FetchRequest) -> FetchRespo
             return FetchResponse { partitions };
         }
         drop(partitions);
-        // Whichever comes first; the next turn looks once more and answers
-        // (by the deadline, or at once when the broker is stopping).
-        let mut stopping = broker.stopping.clone();
-        tokio::select! {
-            _ = appended => {}
-            _ = tokio::time::sleep_until(deadline.into()) => {}
-            _ = async {
-                if stopping.wait_for(|stopping| *stopping).await.is_err() {
-                    // No one can stop the broker any more: never fires.
-                    std::future::pending::<()>().await;
-                }
-            } => {}
-        }
+        // The next turn looks once more and answers.
+        wait_for_append(broker, appended, deadline).await;
+    }
+}
+
+/// A long poll's wait: an append, the deadline or the start of shutdown,
+/// whichever comes first.
+async fn wait_for_append(
+    broker: &crate::broker::Broker,
+    appended: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+    deadline: Instant,
+) {
+    let mut stopping = broker.stopping.clone();
+    tokio::select! {
+        _ = appended => {}
+        _ = tokio::time::sleep_until(deadline.into()) => {}
+        _ = async {
+            if stopping.wait_for(|stopping| *stopping).await.is_err() {
+                // No one can stop the broker any more: never fires.
+                std::future::pending::<()>().await;
+            }
+        } => {}
     }
 }
 

@@ -67,6 +67,32 @@ where
     }
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Creates `topic` (one partition, three replicas) once the cluster takes
+/// writes, and waits for a leader with all three in sync.
+async fn create_replicated(cluster: &Cluster, topic: &str) -> Placement {
+    let first = cluster.addrs[0].to_string();
+    wait_for("a writable cluster", || async {
+        let admin = Admin::connect(&first).await.ok()?;
+        admin.create_topic_replicated(topic, 1, 3).await.ok()
+    })
+    .await;
+    let all: BTreeSet<u32> = [1, 2, 3].into();
+    wait_for("a leader with all replicas in sync", || async {
+        placement(&first, topic, 0)
+            .await
+            .filter(|placement| placement.leader > 0 && placement.isr == all)
+    })
+    .await
+}
+
 fn acks_all() -> ProducerConfig {
     ProducerConfig {
         acks: Acks::All,
@@ -148,25 +174,10 @@ fn log_bytes(data_dir: &Path, topic: &str) -> Vec<u8> {
 fn leader_kill_loses_no_acknowledged_record() {
     let root = tempfile::tempdir().expect("tempdir");
     let mut cluster = Cluster::start(3, root.path(), FLAGS);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
-        let first = cluster.addrs[0].to_string();
-        wait_for("a writable cluster", || async {
-            let admin = Admin::connect(&first).await.ok()?;
-            admin.create_topic_replicated("events", 1, 3).await.ok()
-        })
-        .await;
+        let before = create_replicated(&cluster, "events").await;
         let all: BTreeSet<u32> = [1, 2, 3].into();
-        let before = wait_for("a leader with all replicas in sync", || async {
-            placement(&first, "events", 0)
-                .await
-                .filter(|placement| placement.leader > 0 && placement.isr == all)
-        })
-        .await;
         let leader_index = before.leader as usize - 1;
         // Bootstrapped from all three: it finds the leader itself, and the
         // next one after the kill.
@@ -227,25 +238,9 @@ fn leader_kill_loses_no_acknowledged_record() {
 fn two_followers_down_acknowledges_nothing() {
     let root = tempfile::tempdir().expect("tempdir");
     let mut cluster = Cluster::start(3, root.path(), FLAGS);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
-        let first = cluster.addrs[0].to_string();
-        wait_for("a writable cluster", || async {
-            let admin = Admin::connect(&first).await.ok()?;
-            admin.create_topic_replicated("guarded", 1, 3).await.ok()
-        })
-        .await;
-        let all: BTreeSet<u32> = [1, 2, 3].into();
-        let placed = wait_for("a leader with all replicas in sync", || async {
-            placement(&first, "guarded", 0)
-                .await
-                .filter(|placement| placement.leader > 0 && placement.isr == all)
-        })
-        .await;
+        let placed = create_replicated(&cluster, "guarded").await;
         let leader_index = placed.leader as usize - 1;
         let leader_addr = cluster.addrs[leader_index].to_string();
         let followers: Vec<usize> = (0..3).filter(|index| *index != leader_index).collect();
