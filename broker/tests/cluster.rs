@@ -1,6 +1,7 @@
 //! Three real broker processes on loopback, every one a controller voter:
 //! replication with acks=all survives kill -9 of the leader (a producer
-//! bootstrapped from the broker list follows the new leader), a follower
+//! and a consumer bootstrapped from the broker list follow the new
+//! leader without an error reaching the application), a follower
 //! that was killed catches up and rejoins the in-sync set, replicas end
 //! with identical bytes, and with two of three brokers down nothing is
 //! acknowledged.
@@ -118,7 +119,7 @@ async fn produce_all(producer: &Producer, topic: &str, values: &[String]) -> Vec
     values.to_vec()
 }
 
-/// Every value of partition 0, read from the leader at `addr`.
+/// Every value of partition 0, read through `addr` (a bootstrap list).
 async fn read_all(addr: &str, topic: &str, expected: usize) -> Vec<String> {
     let mut consumer = Consumer::connect(addr, ConsumerConfig::default())
         .await
@@ -127,8 +128,13 @@ async fn read_all(addr: &str, topic: &str, expected: usize) -> Vec<String> {
         .assign(topic, 0, Offset::Earliest)
         .await
         .expect("assign");
+    next_values(&mut consumer, expected).await
+}
+
+/// The next `count` values `consumer` returns; any error fails the test.
+async fn next_values(consumer: &mut Consumer, count: usize) -> Vec<String> {
     let mut values = Vec::new();
-    while values.len() < expected {
+    while values.len() < count {
         let record = tokio::time::timeout(DEADLINE, consumer.next())
             .await
             .expect("records keep coming")
@@ -186,6 +192,21 @@ fn leader_kill_loses_no_acknowledged_record() {
             .expect("producer");
         let first_half: Vec<String> = (0..300).map(|n| format!("value-{n}")).collect();
         let mut acknowledged = produce_all(&producer, "events", &first_half).await;
+        // A consumer bootstrapped at a follower reads from the leader, and
+        // follows it across the kill without an error reaching it.
+        let follower_first = format!(
+            "{},{}",
+            cluster.addrs[(leader_index + 1) % 3],
+            cluster.bootstrap()
+        );
+        let mut consumer = Consumer::connect(&follower_first, ConsumerConfig::default())
+            .await
+            .expect("consumer");
+        consumer
+            .assign("events", 0, Offset::Earliest)
+            .await
+            .expect("assign");
+        let mut consumed = next_values(&mut consumer, first_half.len()).await;
 
         cluster.kill(leader_index);
         let survivor = cluster.addrs[(leader_index + 1) % 3].to_string();
@@ -199,8 +220,20 @@ fn leader_kill_loses_no_acknowledged_record() {
         let new_leader = cluster.addrs[after.leader as usize - 1].to_string();
         let second_half: Vec<String> = (300..600).map(|n| format!("value-{n}")).collect();
         acknowledged.extend(produce_all(&producer, "events", &second_half).await);
+        consumed.extend(next_values(&mut consumer, second_half.len()).await);
+        assert_eq!(
+            consumed, acknowledged,
+            "the consumer read every acknowledged record once, in order, across the kill"
+        );
 
-        let read = read_all(&new_leader, "events", acknowledged.len()).await;
+        // Bootstrapped from a list whose first broker is the dead one.
+        let every_broker = cluster
+            .addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let read = read_all(&every_broker, "events", acknowledged.len()).await;
         assert_eq!(
             read, acknowledged,
             "every acknowledged record, once, in order"

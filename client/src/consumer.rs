@@ -21,6 +21,7 @@ use crate::connection::Connection;
 use crate::error::{ClientError, Result};
 use crate::group::{GroupConfig, RebalanceListener};
 use crate::producer::decompress;
+use crate::router::Router;
 
 /// Consumer settings.
 #[derive(Debug, Clone)]
@@ -149,6 +150,9 @@ impl Drop for OpeningSubscription {
 }
 
 struct Assignment {
+    /// The connection its subscription lives on: the partition's leader
+    /// when it was subscribed.
+    connection: Connection,
     topic: String,
     /// The same name, shared with every record handed out.
     shared_topic: std::sync::Arc<str>,
@@ -163,6 +167,10 @@ struct Assignment {
     /// reopened (a group member's, until its rejoin): nothing to poll or
     /// unsubscribe, and its id may belong to another subscription now.
     stale: bool,
+    /// The partition's leadership moved (or its leader's connection
+    /// closed) while the consumer still owns it: resubscribed at the new
+    /// leader from where the application left off, group member or not.
+    moved: bool,
     /// The chunk `records` came from, handed back whole (from `position`)
     /// if the application switches to [`Consumer::next_batch`].
     chunk: Option<ConsumerBatch>,
@@ -348,6 +356,10 @@ impl ConsumerBatch {
 /// # Ok(()) }
 /// ```
 pub struct Consumer {
+    /// Finds each partition's leader.
+    router: std::sync::Arc<Router>,
+    /// The connection for everything that is not a partition's: the
+    /// group's calls, metadata.
     connection: Connection,
     config: ConsumerConfig,
     assignments: Vec<Assignment>,
@@ -376,14 +388,17 @@ impl std::fmt::Debug for Consumer {
 }
 
 impl Consumer {
-    /// Connects to a broker.
+    /// Connects to a broker of `addr`, a comma-separated bootstrap list;
+    /// each partition is then read from its leader, wherever it moves.
     ///
     /// # Errors
     /// [`ClientError::Connect`].
     pub async fn connect(addr: &str, config: ConsumerConfig) -> Result<Consumer> {
-        let connection =
-            Connection::connect(addr, Duration::from_millis(config.request_timeout_ms)).await?;
+        let router =
+            Router::connect(addr, Duration::from_millis(config.request_timeout_ms)).await?;
+        let connection = router.any().await?;
         Ok(Consumer {
+            router: std::sync::Arc::new(router),
             connection,
             config,
             assignments: Vec::new(),
@@ -396,10 +411,63 @@ impl Consumer {
         })
     }
 
-    async fn resolve(&self, topic: &str, partition: u32, start: Offset) -> Result<u64> {
-        crate::Admin::with_connection(self.connection.clone())
-            .resolve_offset(topic, partition, start)
-            .await
+    /// A connection to the leader of `topic`/`partition`.
+    ///
+    /// # Errors
+    /// `UnknownTopic` when the cluster's metadata has no such partition;
+    /// retriable errors ([`crate::router::leader_moved`]) while it has no
+    /// leader or the leader cannot be reached.
+    async fn leader(&self, topic: &str, partition: u32) -> Result<Connection> {
+        match self.router.leader(topic, partition).await {
+            Err(ClientError::Broker(ErrorCode::NotLeader))
+                if !self.router.knows_partition(topic, partition) =>
+            {
+                Err(ClientError::UnknownTopic(topic.to_string()))
+            }
+            other => other,
+        }
+    }
+
+    /// Resolves `start` at the partition's leader and subscribes there:
+    /// the connection, the offset, the subscription and its pushes. While
+    /// leadership is moving it asks again, at the reconnect backoff, for up
+    /// to `reconnect_timeout_ms`.
+    async fn subscribe_at_leader(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: Offset,
+    ) -> Result<(Connection, u64, u32, mpsc::Receiver<SubscriptionPush>)> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.config.reconnect_timeout_ms);
+        let mut backoff = Duration::from_millis(self.config.reconnect_backoff_ms.max(1));
+        loop {
+            let attempt = async {
+                let connection = self.leader(topic, partition).await?;
+                let offset = crate::Admin::with_connection(connection.clone())
+                    .resolve_offset(topic, partition, start)
+                    .await?;
+                let (subscription_id, pushes) = self
+                    .open_subscription(&connection, topic, partition, offset)
+                    .await?;
+                Ok((connection, offset, subscription_id, pushes))
+            };
+            match attempt.await {
+                Err(error)
+                    if crate::router::leader_moved(&error)
+                        && tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tracing::debug!(%error, topic, partition, "leader moving; asking again");
+                    self.router.forget_leader(topic, partition);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(RECONNECT_BACKOFF_MS_MAX));
+                }
+                Err(ClientError::Broker(ErrorCode::UnknownTopicOrPartition)) => {
+                    return Err(ClientError::UnknownTopic(topic.to_string()));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Starts reading `topic`/`partition` from `start` (replacing an
@@ -412,27 +480,27 @@ impl Consumer {
         self.assign_now(topic, partition, start).await
     }
 
-    /// Subscribes to `topic`/`partition` from `offset` on the current
-    /// connection: (subscription id, where its pushes arrive).
+    /// Subscribes to `topic`/`partition` from `offset` on `connection`:
+    /// (subscription id, where its pushes arrive).
     async fn open_subscription(
         &self,
+        connection: &Connection,
         topic: &str,
         partition: u32,
         offset: u64,
     ) -> Result<(u32, mpsc::Receiver<SubscriptionPush>)> {
-        let subscription_id = self.connection.next_id();
+        let subscription_id = connection.next_id();
         // Every push carries at least one batch header's worth of credit,
         // plus one batch of overshoot per push: this many always fit.
         let capacity =
             self.config.credit_bytes as usize / weir_protocol::batch::BATCH_HEADER_BYTES + 16;
-        let pushes = self.connection.route_pushes(subscription_id, capacity);
+        let pushes = connection.route_pushes(subscription_id, capacity);
         let mut opening = OpeningSubscription {
-            connection: self.connection.clone(),
+            connection: connection.clone(),
             subscription_id,
             armed: true,
         };
-        let response = self
-            .connection
+        let response = connection
             .call(Request::Subscribe(SubscribeRequest {
                 subscription_id,
                 topic: topic.to_string(),
@@ -566,7 +634,8 @@ impl Consumer {
         if self.connection_lost || self.connection.is_closed() {
             let addr = self.connection.addr().to_string();
             let started = tokio::time::Instant::now();
-            let connection = tokio::time::timeout(budget, self.connection.reopen())
+            // The same broker if it answers, else any other of the cluster.
+            let connection = tokio::time::timeout(budget, self.router.any())
                 .await
                 .map_err(|_| ClientError::Connect {
                     addr: addr.clone(),
@@ -603,30 +672,47 @@ impl Consumer {
                 }
             }
             // From here to the marks, nothing awaits: a new connection
-            // always comes with every old subscription marked stale.
+            // always comes with every subscription of a closed one marked
+            // stale (those at other brokers' leaders read on).
             self.connection = connection;
             self.connection_lost = false;
             for assignment in &mut self.assignments {
-                assignment.stale = true;
+                if assignment.connection.is_closed() {
+                    assignment.stale = true;
+                }
             }
             if let Some(group) = &mut self.group {
                 // The rejoin decides what the member owns.
                 group.reattach(self.connection.clone());
-                return Ok(());
+            } else {
+                self.resubscribe_pending = true;
             }
-            self.resubscribe_pending = true;
-        }
-        if self.group.is_some() {
-            return Ok(());
         }
         for index in (0..self.assignments.len()).rev() {
             let assignment = &self.assignments[index];
-            if !assignment.stale {
+            // A group member's partitions of a lost coordinator connection
+            // wait for the rejoin; those whose leader moved are its still.
+            if !assignment.stale || (self.group.is_some() && !assignment.moved) {
                 continue;
             }
             let (topic, partition) = (assignment.topic.clone(), assignment.partition);
             let mut offset = assignment.resume_offset();
-            let mut outcome = self.open_subscription(&topic, partition, offset).await;
+            let leader = match self.leader(&topic, partition).await {
+                Ok(leader) => Ok(leader),
+                Err(error) => {
+                    if crate::router::leader_moved(&error) {
+                        self.router.forget_leader(&topic, partition);
+                    }
+                    Err(error)
+                }
+            };
+            let mut outcome = match &leader {
+                Ok(leader) => {
+                    self.open_subscription(leader, &topic, partition, offset)
+                        .await
+                }
+                Err(error) => Err(error.clone()),
+            };
             if matches!(
                 outcome,
                 Err(ClientError::Broker(ErrorCode::OffsetOutOfRange))
@@ -639,20 +725,29 @@ impl Consumer {
                 assignment.records.clear();
                 assignment.chunk = None;
                 offset = assignment.position;
-                outcome = self.open_subscription(&topic, partition, offset).await;
+                if let Ok(leader) = &leader {
+                    outcome = self
+                        .open_subscription(leader, &topic, partition, offset)
+                        .await;
+                }
             }
-            match outcome {
-                Ok((subscription_id, pushes)) => {
+            match (outcome, leader) {
+                (Ok((subscription_id, pushes)), Ok(leader)) => {
                     let assignment = &mut self.assignments[index];
+                    assignment.connection = leader;
                     assignment.subscription_id = subscription_id;
                     assignment.pushes = pushes;
                     assignment.stale = false;
+                    assignment.moved = false;
                     // The new subscription starts with all of its credit.
                     assignment.taken_bytes = 0;
                 }
-                Err(
-                    error @ (ClientError::UnknownTopic(_)
-                    | ClientError::Broker(ErrorCode::OffsetOutOfRange)),
+                (
+                    Err(
+                        error @ (ClientError::UnknownTopic(_)
+                        | ClientError::Broker(ErrorCode::OffsetOutOfRange)),
+                    ),
+                    _,
                 ) => {
                     let assignment = self.assignments.remove(index);
                     self.next_assignment = 0;
@@ -669,9 +764,15 @@ impl Consumer {
                         )),
                     });
                 }
-                // Lost again, or refused: the next attempt goes on from
-                // here (on a new connection if this one closed).
-                Err(error) => return Err(error),
+                // Lost again, refused, or the leader is still moving: the
+                // next attempt goes on from here (on a new connection if
+                // this one closed).
+                (Err(error), _) | (Ok(_), Err(error)) => {
+                    if crate::router::leader_moved(&error) {
+                        self.router.forget_leader(&topic, partition);
+                    }
+                    return Err(error);
+                }
             }
         }
         self.resubscribe_pending = false;
@@ -705,10 +806,10 @@ impl Consumer {
             return Ok(());
         }
         let subscription_id = assignment.subscription_id;
-        self.connection.forget_pushes(subscription_id);
+        let connection = assignment.connection.clone();
+        connection.forget_pushes(subscription_id);
         drop(assignment);
-        match self
-            .connection
+        match connection
             .call(Request::Unsubscribe(UnsubscribeRequest { subscription_id }))
             .await
         {
@@ -739,9 +840,10 @@ impl Consumer {
         if self.connection.is_closed() {
             return Err(ClientError::Closed);
         }
-        let offset = self.resolve(topic, partition, start).await?;
-        let (subscription_id, pushes) = self.open_subscription(topic, partition, offset).await?;
+        let (connection, offset, subscription_id, pushes) =
+            self.subscribe_at_leader(topic, partition, start).await?;
         self.assignments.push(Assignment {
+            connection,
             topic: topic.to_string(),
             shared_topic: std::sync::Arc::from(topic),
             partition,
@@ -750,6 +852,7 @@ impl Consumer {
             position: offset,
             records: VecDeque::new(),
             stale: false,
+            moved: false,
             chunk: None,
             taken_bytes: 0,
         });
@@ -839,7 +942,11 @@ impl Consumer {
             let Some(commit_due) = self.group.as_ref().map(|group| group.commit_due_at()) else {
                 match std::future::poll_fn(|context| poll(self, context)).await {
                     // Lost with the connection: reconnect (top of the loop).
-                    Some(Err(ClientError::Closed)) if self.connection_lost => continue,
+                    Some(Err(ClientError::Closed))
+                        if self.connection_lost || self.resubscribe_pending =>
+                    {
+                        continue;
+                    }
                     item => return item,
                 }
             };
@@ -862,7 +969,8 @@ impl Consumer {
             });
             tokio::select! {
                 item = item => match item {
-                    Some(Err(ClientError::Closed)) if self.connection_lost => {}
+                    Some(Err(ClientError::Closed))
+                        if self.connection_lost || self.resubscribe_pending => {}
                     item => return item,
                 },
                 _ = std::future::poll_fn(|context| match rejoin_wanted.as_mut().as_pin_mut() {
@@ -1337,8 +1445,8 @@ impl Consumer {
     fn abandon(&mut self, index: usize, error: ClientError) -> ClientError {
         let assignment = self.assignments.remove(index);
         self.next_assignment = 0;
-        self.connection.forget_pushes(assignment.subscription_id);
-        let connection = self.connection.clone();
+        let connection = assignment.connection.clone();
+        connection.forget_pushes(assignment.subscription_id);
         let subscription_id = assignment.subscription_id;
         tokio::spawn(async move {
             let _ = connection
@@ -1446,6 +1554,21 @@ impl Consumer {
         }
     }
 
+    /// The partition's subscription ended with its leader (an error push
+    /// saying leadership moved, or the leader's connection closed): it is
+    /// resubscribed at the new leader by the next reconnect step.
+    fn mark_moved(&mut self, index: usize) {
+        let assignment = &mut self.assignments[index];
+        assignment
+            .connection
+            .forget_pushes(assignment.subscription_id);
+        assignment.stale = true;
+        assignment.moved = true;
+        self.router
+            .forget_leader(&assignment.topic, assignment.partition);
+        self.resubscribe_pending = true;
+    }
+
     fn poll_batch(&mut self, context: &mut Context<'_>) -> Poll<Option<Result<ConsumerBatch>>> {
         if self.assignments.is_empty() {
             return Poll::Ready(None);
@@ -1471,6 +1594,17 @@ impl Consumer {
             loop {
                 match assignment.pushes.poll_recv(context) {
                     Poll::Ready(Some(push)) => {
+                        if matches!(
+                            push.error,
+                            ErrorCode::NotLeader
+                                | ErrorCode::FencedLeaderEpoch
+                                | ErrorCode::UnknownLeaderEpoch
+                                | ErrorCode::ShuttingDown
+                        ) {
+                            // Leadership moved: read on at the new leader.
+                            self.mark_moved(index);
+                            return Poll::Ready(Some(Err(ClientError::Closed)));
+                        }
                         if !push.error.is_ok() {
                             // The broker ended this subscription.
                             self.assignments.remove(index);
@@ -1490,7 +1624,7 @@ impl Consumer {
                         assignment.taken_bytes = assignment.taken_bytes.saturating_add(pushed);
                         if assignment.taken_bytes >= self.config.credit_bytes / 2 {
                             let grant = std::mem::take(&mut assignment.taken_bytes);
-                            let connection = self.connection.clone();
+                            let connection = assignment.connection.clone();
                             let subscription_id = assignment.subscription_id;
                             tokio::spawn(async move {
                                 let _ = connection
@@ -1519,8 +1653,13 @@ impl Consumer {
                     }
                     Poll::Ready(None) => {
                         // The connection closed. The assignment keeps its
-                        // position: `next`/`next_batch` reconnect and resume.
-                        self.connection_lost = true;
+                        // position: `next`/`next_batch` reconnect and resume,
+                        // at the partition's leader wherever it is now.
+                        if self.connection.is_closed() {
+                            self.connection_lost = true;
+                        } else {
+                            self.mark_moved(index);
+                        }
                         return Poll::Ready(Some(Err(ClientError::Closed)));
                     }
                     Poll::Pending => break,

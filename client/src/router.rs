@@ -273,6 +273,15 @@ impl Router {
         }
     }
 
+    /// Whether the metadata last learnt has `topic`/`partition` (with or
+    /// without a leader).
+    pub fn knows_partition(&self, topic: &str, partition: u32) -> bool {
+        lock(&self.cache)
+            .leaders
+            .get(topic)
+            .is_some_and(|leaders| (partition as usize) < leaders.len())
+    }
+
     /// Forgets the cached leader of `topic`/`partition` (after an error that
     /// says it moved), so the next [`Router::leader`] asks again.
     pub fn forget_leader(&self, topic: &str, partition: u32) {
