@@ -136,6 +136,35 @@ impl Broker {
         Ok(())
     }
 
+    /// Creates `__consumer_offsets` in the cluster: the configured number
+    /// of partitions, min(3, controller voters) replicas, no retention (its
+    /// records and snapshots are the groups' memory).
+    ///
+    /// # Errors
+    /// As [`Broker::create_topic`] (`TopicAlreadyExists` when another
+    /// broker created it first).
+    pub async fn create_offsets_topic(&self) -> Result<(), crate::topics::TopicError> {
+        let configs = std::collections::BTreeMap::from([
+            (
+                "segment.bytes".to_string(),
+                self.config
+                    .offsets_segment_bytes
+                    .max(crate::topics::SEGMENT_BYTES_MIN)
+                    .to_string(),
+            ),
+            ("retention.ms".to_string(), "-1".to_string()),
+            ("retention.bytes".to_string(), "-1".to_string()),
+        ]);
+        let voters = self.controller.voters().len().clamp(1, 3);
+        self.create_topic(
+            crate::topics::OFFSETS_TOPIC,
+            self.config.offsets_topic_partitions.max(1),
+            u16::try_from(voters).unwrap_or(3),
+            configs,
+        )
+        .await
+    }
+
     /// Deletes a topic in the cluster and waits (within the proposal
     /// timeout) until this broker has dropped its data.
     ///

@@ -13,7 +13,7 @@ use weir_storage::StorageError;
 use crate::context::{ConnectionContext, PushSender, SubscriptionControl};
 use crate::partition::{Partition, storage_error_code};
 use crate::topics::Topic;
-use crate::topics::{TOPICS_PER_REQUEST_MAX, is_internal};
+use crate::topics::{OFFSETS_TOPIC, TOPICS_PER_REQUEST_MAX, is_internal};
 
 /// Subscriptions one connection may hold: each has a push task.
 pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 1024;
@@ -89,12 +89,9 @@ pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Optio
                 .map(Response::Produce);
         }
         Request::Fetch(request) => Response::Fetch(fetch(context, request).await),
-        Request::FindCoordinator(_) => Response::FindCoordinator(FindCoordinatorResponse {
-            error: ErrorCode::None,
-            broker_id: broker.config.broker_id as i32,
-            host: broker.advertised.0.clone(),
-            port: broker.advertised.1,
-        }),
+        Request::FindCoordinator(request) => {
+            Response::FindCoordinator(find_coordinator(broker, &request).await)
+        }
         Request::JoinGroup(request) => {
             Response::JoinGroup(broker.groups.join(&broker.topics, request).await)
         }
@@ -184,20 +181,61 @@ fn partition_metadata(
         .collect()
 }
 
-/// An internal topic, kept by this broker alone.
-fn local_partition_metadata(broker_id: u32, topic: &Topic) -> Vec<PartitionMetadata> {
-    topic
+/// FindCoordinator: the leader of the group's offsets partition, creating
+/// the offsets topic (RF = min(3, controller voters)) on the cluster's
+/// first group. `CoordinatorNotAvailable` while it has no leader.
+async fn find_coordinator(
+    broker: &crate::broker::Broker,
+    request: &FindCoordinatorRequest,
+) -> FindCoordinatorResponse {
+    let refuse = |error| FindCoordinatorResponse {
+        error,
+        broker_id: -1,
+        host: String::new(),
+        port: 0,
+    };
+    if request.group.is_empty() || request.group.len() > crate::groups::GROUP_NAME_BYTES_MAX {
+        return refuse(ErrorCode::InvalidRequest);
+    }
+    if !broker
+        .controller
+        .view()
+        .image
+        .topics
+        .contains_key(OFFSETS_TOPIC)
+        && let Err(error) = broker.create_offsets_topic().await
+        && error.code() != ErrorCode::TopicAlreadyExists
+    {
+        tracing::warn!(%error, "cannot create {OFFSETS_TOPIC} yet");
+        return refuse(ErrorCode::CoordinatorNotAvailable);
+    }
+    let view = broker.controller.view();
+    let Some(topic) = view.image.topics.get(OFFSETS_TOPIC) else {
+        return refuse(ErrorCode::CoordinatorNotAvailable);
+    };
+    let index = crate::groups::offsets_partition(&request.group, topic.partitions.len() as u32);
+    let leader = topic
         .partitions
-        .iter()
-        .map(|partition| PartitionMetadata {
+        .get(index as usize)
+        .and_then(|partition| partition.leader);
+    match leader {
+        Some(leader) if leader == broker.config.broker_id => FindCoordinatorResponse {
             error: ErrorCode::None,
-            partition: partition.index,
-            leader: i32::try_from(broker_id).unwrap_or(-1),
-            leader_epoch: partition.leader_epoch(),
-            replicas: vec![broker_id],
-            in_sync_replicas: vec![broker_id],
-        })
-        .collect()
+            broker_id: i32::try_from(leader).unwrap_or(-1),
+            host: broker.advertised.0.clone(),
+            port: broker.advertised.1,
+        },
+        Some(leader) => match view.image.brokers.get(&leader) {
+            Some(registration) => FindCoordinatorResponse {
+                error: ErrorCode::None,
+                broker_id: i32::try_from(leader).unwrap_or(-1),
+                host: registration.host.clone(),
+                port: registration.port,
+            },
+            None => refuse(ErrorCode::CoordinatorNotAvailable),
+        },
+        None => refuse(ErrorCode::CoordinatorNotAvailable),
+    }
 }
 
 /// Answers from this broker's copy of the cluster's metadata.
@@ -212,17 +250,10 @@ fn metadata(context: &ConnectionContext, request: MetadataRequest) -> MetadataRe
                 name,
             };
         }
-        match broker.topics.get(&name).filter(|_| is_internal(&name)) {
-            Some(topic) => TopicMetadata {
-                error: ErrorCode::None,
-                partitions: local_partition_metadata(broker.config.broker_id, &topic),
-                name,
-            },
-            None => TopicMetadata {
-                error: ErrorCode::UnknownTopicOrPartition,
-                name,
-                partitions: Vec::new(),
-            },
+        TopicMetadata {
+            error: ErrorCode::UnknownTopicOrPartition,
+            name,
+            partitions: Vec::new(),
         }
     };
     let topics = match request.topics {

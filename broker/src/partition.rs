@@ -315,28 +315,6 @@ impl Partition {
         rest
     }
 
-    /// Makes this broker the partition's only replica and leader, in an
-    /// epoch above any its log holds: for internal topics, which each
-    /// broker keeps for itself.
-    pub fn lead_alone(&self, broker_id: BrokerId) {
-        let epoch = self
-            .log
-            .epochs()
-            .latest()
-            .map_or(0, |entry| entry.epoch + 1);
-        let state = PartitionState {
-            replicas: vec![broker_id],
-            isr: vec![broker_id],
-            leader: Some(broker_id),
-            leader_epoch: epoch,
-            partition_epoch: 0,
-        };
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as u64);
-        self.apply_metadata(state, 1, now_ms);
-    }
-
     /// Applies the controller's view of this partition (with the
     /// `min.insync.replicas` its topic calls for).
     pub fn apply_metadata(

@@ -148,7 +148,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         Duration::from_millis(config.group_initial_rebalance_delay_ms),
     )
     .with_offsets(config.offsets_retention_ms, config.offsets_segment_bytes);
-    groups.load(&topics).map_err(anyhow::Error::msg)?;
+    groups.verify(&topics).map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
     let advertised = advertised_address(config.advertised_listen.as_deref(), local_addr)?;
@@ -326,13 +326,21 @@ async fn retention_loop(broker: Arc<Broker>, mut stopped: watch::Receiver<bool>)
     }
 }
 
-/// Expires group members whose session ran out.
+/// Expires group members whose session ran out, and takes up or gives up
+/// offsets partitions (their groups) as their leadership moves.
 async fn group_reaper(broker: Arc<Broker>, mut stopped: watch::Receiver<bool>) {
     let period = Duration::from_millis(crate::groups::REAPER_INTERVAL_MS);
     loop {
         tokio::select! {
             _ = stopped.changed() => return,
-            _ = tokio::time::sleep(period) => broker.groups.reap(&broker.topics),
+            _ = tokio::time::sleep(period) => {
+                let follower = broker.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    follower.groups.follow_leadership(&follower.topics);
+                })
+                .await;
+                broker.groups.reap(&broker.topics);
+            }
         }
     }
 }

@@ -251,9 +251,6 @@ impl Topics {
                 self.broker_id,
                 self.replica_config,
             );
-            if is_internal(name) {
-                partition.lead_alone(self.broker_id);
-            }
             partitions.push(partition);
         }
         Ok(Topic {

@@ -108,6 +108,7 @@ fn groups_and_lag_are_reported() {
             .error,
         ErrorCode::None
     );
+    client.find_coordinator("readers");
     let Response::JoinGroup(member) = client.call(Request::JoinGroup(JoinGroupRequest {
         group: "readers".into(),
         member_id: String::new(),

@@ -21,6 +21,7 @@ fn join_as(
     session_timeout_ms: u32,
     topics: &[&str],
 ) -> JoinGroupResponse {
+    client.find_coordinator(group);
     let Response::JoinGroup(response) = client.call(Request::JoinGroup(JoinGroupRequest {
         group: group.into(),
         member_id: member_id.into(),
@@ -53,6 +54,7 @@ fn commit(
     member_id: &str,
     offsets: &[(&str, u32, u64)],
 ) -> OffsetCommitResponse {
+    client.find_coordinator(group);
     let Response::OffsetCommit(response) =
         client.call(Request::OffsetCommit(OffsetCommitRequest {
             group: group.into(),
@@ -75,6 +77,7 @@ fn commit(
 }
 
 fn committed(client: &mut Client, group: &str) -> Vec<(String, u32, i64)> {
+    client.find_coordinator(group);
     let Response::OffsetFetch(response) = client.call(Request::OffsetFetch(OffsetFetchRequest {
         group: group.into(),
         partitions: None,

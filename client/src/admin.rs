@@ -260,19 +260,107 @@ impl Admin {
         }
     }
 
-    /// Every group the coordinator knows.
+    /// Every group of the cluster (each broker lists those it
+    /// coordinates).
     ///
     /// # Errors
     /// Connection errors.
     pub async fn list_groups(&self) -> Result<Vec<GroupListing>> {
-        match self
-            .connection()
-            .await?
-            .call(Request::ListGroups(ListGroupsRequest {}))
+        let connection = self.connection().await?;
+        let brokers = self.broker_addrs(&connection).await?;
+        let mut all: Vec<GroupListing> = Vec::new();
+        for addr in brokers {
+            let broker = match &addr {
+                None => connection.clone(),
+                Some(addr) => {
+                    Connection::connect(addr, Duration::from_millis(ADMIN_REQUEST_TIMEOUT_MS))
+                        .await?
+                }
+            };
+            match broker
+                .call(Request::ListGroups(ListGroupsRequest {}))
+                .await?
+            {
+                Response::ListGroups(response) => all.extend(response.groups),
+                other => return Err(unexpected(&other)),
+            }
+        }
+        all.sort_by(|a, b| a.group.cmp(&b.group));
+        all.dedup_by(|a, b| a.group == b.group);
+        Ok(all)
+    }
+
+    /// The brokers of the cluster: `None` for the one `connection` reaches
+    /// when it is the only one, else each broker's address.
+    async fn broker_addrs(&self, connection: &Connection) -> Result<Vec<Option<String>>> {
+        let metadata = match connection
+            .call(Request::Metadata(MetadataRequest {
+                topics: Some(Vec::new()),
+            }))
             .await?
         {
-            Response::ListGroups(response) => Ok(response.groups),
+            Response::Metadata(metadata) => metadata,
+            other => return Err(unexpected(&other)),
+        };
+        if metadata.brokers.len() <= 1 {
+            return Ok(vec![None]);
+        }
+        Ok(metadata
+            .brokers
+            .iter()
+            .map(|broker| Some(format!("{}:{}", broker.host, broker.port)))
+            .collect())
+    }
+
+    /// A connection to `group`'s coordinator.
+    async fn coordinator(&self, group: &str) -> Result<Connection> {
+        let connection = self.connection().await?;
+        match connection
+            .call(Request::FindCoordinator(FindCoordinatorRequest {
+                group: group.to_string(),
+            }))
+            .await?
+        {
+            Response::FindCoordinator(found) => {
+                check(found.error)?;
+                if self.broker_addrs(&connection).await? == [None] {
+                    return Ok(connection);
+                }
+                Connection::connect(
+                    &format!("{}:{}", found.host, found.port),
+                    Duration::from_millis(ADMIN_REQUEST_TIMEOUT_MS),
+                )
+                .await
+            }
             other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `call` at `group`'s coordinator, found again while it moves (for up
+    /// to [`ADMIN_REQUEST_TIMEOUT_MS`]).
+    async fn at_coordinator<T, F, Fut>(&self, group: &str, call: F) -> Result<T>
+    where
+        F: Fn(Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(ADMIN_REQUEST_TIMEOUT_MS);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let outcome = match self.coordinator(group).await {
+                Ok(coordinator) => call(coordinator).await,
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Err(error)
+                    if crate::group::coordinator_moved(&error)
+                        && tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(1_000));
+                }
+                outcome => return outcome,
+            }
         }
     }
 
@@ -281,20 +369,21 @@ impl Admin {
     /// # Errors
     /// `Broker(UnknownGroup)`, connection errors.
     pub async fn describe_group(&self, group: &str) -> Result<DescribeGroupResponse> {
-        match self
-            .connection()
-            .await?
-            .call(Request::DescribeGroup(DescribeGroupRequest {
-                group: group.to_string(),
-            }))
-            .await?
-        {
-            Response::DescribeGroup(response) => {
-                check(response.error)?;
-                Ok(response)
+        self.at_coordinator(group, |coordinator| async move {
+            match coordinator
+                .call(Request::DescribeGroup(DescribeGroupRequest {
+                    group: group.to_string(),
+                }))
+                .await?
+            {
+                Response::DescribeGroup(response) => {
+                    check(response.error)?;
+                    Ok(response)
+                }
+                other => Err(unexpected(&other)),
             }
-            other => Err(unexpected(&other)),
-        }
+        })
+        .await
     }
 
     /// A group's committed offsets (topic, partition, offset).
@@ -302,7 +391,10 @@ impl Admin {
     /// # Errors
     /// Connection errors.
     pub async fn group_offsets(&self, group: &str) -> Result<Vec<(String, u32, i64)>> {
-        crate::group::fetch_offsets(&self.connection().await?, group, None).await
+        self.at_coordinator(group, |coordinator| async move {
+            crate::group::fetch_offsets(&coordinator, group, None).await
+        })
+        .await
     }
 
     /// Sets a group's committed offsets (topic, partition, next offset to
@@ -316,6 +408,9 @@ impl Admin {
         group: &str,
         offsets: &[(String, u32, u64)],
     ) -> Result<()> {
-        crate::group::commit_offsets(&self.connection().await?, group, None, offsets).await
+        self.at_coordinator(group, |coordinator| async move {
+            crate::group::commit_offsets(&coordinator, group, None, offsets).await
+        })
+        .await
     }
 }

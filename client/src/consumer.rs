@@ -631,16 +631,26 @@ impl Consumer {
     /// then the resubscriptions, each of which clears its partition's
     /// `stale` mark, so that an attempt cut short resumes where it stopped.
     async fn reconnect_once(&mut self, budget: Duration) -> Result<()> {
-        if self.connection_lost || self.connection.is_closed() {
+        if self.connection_lost || self.connection.is_closed() || self.coordinator_lost() {
             let addr = self.connection.addr().to_string();
             let started = tokio::time::Instant::now();
-            // The same broker if it answers, else any other of the cluster.
-            let connection = tokio::time::timeout(budget, self.router.any())
-                .await
-                .map_err(|_| ClientError::Connect {
-                    addr: addr.clone(),
-                    message: format!("no answer within {} ms", budget.as_millis()),
-                })??;
+            // A group member's calls go to its coordinator, wherever it is
+            // now; otherwise the same broker if it answers, else any other.
+            let router = self.router.clone();
+            let group = self.group.as_ref().map(|group| group.group.clone());
+            let found = async move {
+                match group {
+                    Some(group) => crate::group::find_coordinator(&router, &group).await,
+                    None => router.any().await,
+                }
+            };
+            let connection =
+                tokio::time::timeout(budget, found)
+                    .await
+                    .map_err(|_| ClientError::Connect {
+                        addr: addr.clone(),
+                        message: format!("no answer within {} ms", budget.as_millis()),
+                    })??;
             // A broker that accepts and then closes (out of connection
             // slots, or restarting) must not count as reconnected.
             let handshake = connection
@@ -822,7 +832,11 @@ impl Consumer {
     /// opened again (resuming what is assigned), within
     /// `reconnect_timeout_ms`.
     async fn ensure_connected(&mut self) -> Result<()> {
-        while self.connection_lost || self.resubscribe_pending || self.connection.is_closed() {
+        while self.connection_lost
+            || self.resubscribe_pending
+            || self.connection.is_closed()
+            || self.coordinator_lost()
+        {
             self.reconnect().await?;
         }
         Ok(())
@@ -933,6 +947,7 @@ impl Consumer {
             if self.connection_lost
                 || self.resubscribe_pending
                 || (owns_anything && self.connection.is_closed())
+                || self.coordinator_lost()
             {
                 if let Err(error) = self.reconnect().await {
                     return Some(Err(error));
@@ -951,7 +966,11 @@ impl Consumer {
                 }
             };
             if let Err(error) = self.maintain_group().await {
-                if self.group.is_some() && self.connection.is_closed() {
+                if crate::group::coordinator_moved(&error) {
+                    self.mark_coordinator_moved();
+                }
+                if self.group.is_some() && (self.connection.is_closed() || self.coordinator_lost())
+                {
                     // Lost during the rejoin or a commit: reconnect and
                     // rejoin again rather than end the application's loop.
                     continue;
@@ -1022,8 +1041,34 @@ impl Consumer {
         self.close_group().await?;
         self.unassign_all().await?;
         let topics: Vec<String> = topics.iter().map(|topic| topic.to_string()).collect();
-        let (identity, assignment) =
-            crate::group::join(&self.connection, group, &topics, &config, "").await?;
+        // The group's coordinator (the leader of its offsets partition)
+        // takes every group call; while it moves or loads, ask again.
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.config.reconnect_timeout_ms);
+        let mut backoff = Duration::from_millis(self.config.reconnect_backoff_ms.max(1));
+        let (identity, assignment) = loop {
+            let attempt = async {
+                let coordinator = crate::group::find_coordinator(&self.router, group).await?;
+                let joined = crate::group::join(&coordinator, group, &topics, &config, "").await?;
+                Ok((coordinator, joined))
+            };
+            match attempt.await {
+                Ok((coordinator, joined)) => {
+                    self.connection = coordinator;
+                    break joined;
+                }
+                Err(error)
+                    if (crate::group::coordinator_moved(&error)
+                        || crate::router::leader_moved(&error))
+                        && tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tracing::debug!(%error, group, "coordinator not ready; asking again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(RECONNECT_BACKOFF_MS_MAX));
+                }
+                Err(error) => return Err(error),
+            }
+        };
         self.group = Some(crate::group::Membership::start(
             self.connection.clone(),
             group.to_string(),
@@ -1080,10 +1125,8 @@ impl Consumer {
     /// RebalanceInProgress | UnknownMemberId)` when the group moved on (the
     /// next `next()` rejoins); connection errors.
     pub async fn commit_sync(&mut self) -> Result<()> {
-        self.require_group()?;
-        self.ensure_connected().await?;
         let offsets = self.positions();
-        self.commit_offsets_now(&offsets).await
+        self.commit_offsets_sync(&offsets).await
     }
 
     /// Commits these offsets (topic, partition, next offset to consume).
@@ -1092,8 +1135,33 @@ impl Consumer {
     /// As [`Consumer::commit_sync`], and `Broker(PartitionNotAssigned)`.
     pub async fn commit_offsets_sync(&mut self, offsets: &[(String, u32, u64)]) -> Result<()> {
         self.require_group()?;
-        self.ensure_connected().await?;
-        self.commit_offsets_now(offsets).await
+        loop {
+            // Finding a moved coordinator again is bounded by the
+            // reconnect timeout, as any reconnect.
+            self.ensure_connected().await?;
+            match self.commit_offsets_now(offsets).await {
+                Err(error) if crate::group::coordinator_moved(&error) => continue,
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// The coordinator said the group is no longer its own.
+    fn coordinator_lost(&self) -> bool {
+        self.group.as_ref().is_some_and(|group| {
+            group
+                .coordinator_moved
+                .load(std::sync::atomic::Ordering::Acquire)
+        })
+    }
+
+    /// Finds the coordinator again before the next group call.
+    fn mark_coordinator_moved(&self) {
+        if let Some(group) = &self.group {
+            group
+                .coordinator_moved
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 
     fn require_group(&self) -> Result<()> {
@@ -1126,6 +1194,13 @@ impl Consumer {
         {
             group
                 .rejoin
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        if let Err(error) = &outcome
+            && crate::group::coordinator_moved(error)
+        {
+            group
+                .coordinator_moved
                 .store(true, std::sync::atomic::Ordering::Release);
         }
         if outcome.is_ok() {
@@ -1239,6 +1314,12 @@ impl Consumer {
         };
         let (_, assignment) = match group.join_resumable(&connection).await {
             Ok(joined) => joined,
+            Err(error) if crate::group::coordinator_moved(&error) => {
+                // Not a failure of the membership: rejoin at the new
+                // coordinator once it is found.
+                self.mark_coordinator_moved();
+                return Err(error);
+            }
             Err(error) => return Err(self.abandon_membership(error).await),
         };
         self.take_assignment(assignment).await?;
@@ -1352,6 +1433,12 @@ impl Consumer {
         let member_before = group.identity().member_id;
         let (identity, assignment) = match group.join_resumable(&connection).await {
             Ok(joined) => joined,
+            Err(error) if crate::group::coordinator_moved(&error) => {
+                // Not a failure of the membership: rejoin at the new
+                // coordinator once it is found.
+                self.mark_coordinator_moved();
+                return Err(error);
+            }
             Err(error) => return Err(self.abandon_membership(error).await),
         };
         if member_before.is_empty() || identity.member_id != member_before || reattached {
@@ -1481,6 +1568,7 @@ impl Consumer {
             || self.resubscribe_pending
             || self.deferred_error.is_some()
             || self.connection.is_closed()
+            || self.coordinator_lost()
         {
             return None;
         }

@@ -20,6 +20,7 @@ use weir_protocol::{ErrorCode, Request, Response};
 use crate::connection::Connection;
 use crate::consumer::Offset;
 use crate::error::{ClientError, Result};
+use crate::router::Router;
 
 /// Group membership settings.
 #[derive(Debug, Clone)]
@@ -102,6 +103,10 @@ pub(crate) struct Membership {
     /// connection failed, or a newer process of this static instance took
     /// over (`FencedInstanceId`).
     pub failed: Arc<Mutex<Option<ClientError>>>,
+    /// Set by the heartbeat task (and by calls answered so) when the
+    /// coordinator is no longer this connection's broker: the consumer
+    /// finds the new one and reattaches there.
+    pub coordinator_moved: Arc<AtomicBool>,
     /// Serialises commits, so a background commit never lands after a
     /// later one (an offset must not go backwards).
     pub commit_order: Arc<tokio::sync::Mutex<()>>,
@@ -187,6 +192,7 @@ impl Membership {
         }
         self.joined = None;
         self.reattached = true;
+        self.coordinator_moved.store(false, Ordering::Release);
         self.heartbeat = tokio::spawn(heartbeat_loop(
             connection,
             self.group.clone(),
@@ -196,6 +202,7 @@ impl Membership {
                 rejoin: self.rejoin.clone(),
                 failed: self.failed.clone(),
                 wake: self.wake.clone(),
+                coordinator_moved: self.coordinator_moved.clone(),
             },
         ));
         self.rejoin.store(true, Ordering::Release);
@@ -229,6 +236,7 @@ impl Membership {
         let rejoin = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(Notify::new());
         let failed = Arc::new(Mutex::new(None));
+        let coordinator_moved = Arc::new(AtomicBool::new(false));
         let heartbeat = tokio::spawn(heartbeat_loop(
             connection,
             group.clone(),
@@ -238,6 +246,7 @@ impl Membership {
                 rejoin: rejoin.clone(),
                 failed: failed.clone(),
                 wake: wake.clone(),
+                coordinator_moved: coordinator_moved.clone(),
             },
         ));
         Membership {
@@ -247,6 +256,7 @@ impl Membership {
             identity,
             rejoin,
             failed,
+            coordinator_moved,
             commit_order: Arc::new(tokio::sync::Mutex::new(())),
             wake,
             heartbeat,
@@ -263,6 +273,47 @@ struct HeartbeatSignals {
     rejoin: Arc<AtomicBool>,
     failed: Arc<Mutex<Option<ClientError>>>,
     wake: Arc<Notify>,
+    coordinator_moved: Arc<AtomicBool>,
+}
+
+/// Whether `error` says the group's coordinator is elsewhere now (its
+/// offsets partition's leadership moved) or not yet known.
+pub(crate) fn coordinator_moved(error: &ClientError) -> bool {
+    matches!(
+        error,
+        ClientError::Broker(ErrorCode::NotCoordinator | ErrorCode::CoordinatorNotAvailable)
+    )
+}
+
+/// A connection to the coordinator of `group`, asked of any broker.
+///
+/// # Errors
+/// `Broker(CoordinatorNotAvailable)` (retriable) while the group's offsets
+/// partition has no leader; connection errors.
+pub(crate) async fn find_coordinator(router: &Router, group: &str) -> Result<Connection> {
+    let connection = router.any().await?;
+    let response = connection
+        .call(Request::FindCoordinator(FindCoordinatorRequest {
+            group: group.to_string(),
+        }))
+        .await?;
+    let Response::FindCoordinator(found) = response else {
+        return Err(ClientError::Protocol(format!(
+            "unexpected {:?}",
+            response.api()
+        )));
+    };
+    if !found.error.is_ok() {
+        return Err(ClientError::Broker(found.error));
+    }
+    if router.is_single().await? {
+        // One broker: the connection the client has, whatever address it
+        // advertises (a proxy or a port mapping in between).
+        return Ok(connection);
+    }
+    router
+        .connection_to(&format!("{}:{}", found.host, found.port))
+        .await
 }
 
 async fn heartbeat_loop(
@@ -287,6 +338,13 @@ async fn heartbeat_loop(
             }))
             .await;
         let error = match response {
+            Ok(Response::Heartbeat(ack)) if coordinator_moved(&ClientError::Broker(ack.error)) => {
+                // The coordinator moved: the consumer finds the new one and
+                // reattaches there.
+                signals.coordinator_moved.store(true, Ordering::Release);
+                signals.wake.notify_waiters();
+                return;
+            }
             Ok(Response::Heartbeat(ack)) => ack.error,
             Ok(_) => continue,
             Err(ClientError::Timeout) => continue,
@@ -296,6 +354,7 @@ async fn heartbeat_loop(
                 signals.wake.notify_waiters();
                 return;
             }
+
             Err(error) => {
                 *lock(&signals.failed) = Some(error);
                 signals.wake.notify_waiters();

@@ -273,6 +273,18 @@ impl Router {
         }
     }
 
+    /// Whether the cluster has one broker (asking for metadata if none
+    /// was learnt yet).
+    ///
+    /// # Errors
+    /// Connection errors when no broker answers.
+    pub async fn is_single(&self) -> Result<bool> {
+        if lock(&self.cache).brokers.is_empty() {
+            self.refresh(Some(Vec::new())).await?;
+        }
+        Ok(lock(&self.cache).single)
+    }
+
     /// Whether the metadata last learnt has `topic`/`partition` (with or
     /// without a leader).
     pub fn knows_partition(&self, topic: &str, partition: u32) -> bool {

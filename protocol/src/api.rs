@@ -215,10 +215,17 @@ pub enum ErrorCode {
     /// leader (or not a controller voter); the response names the leader
     /// when it is known.
     NotController,
+    /// A group call reached a broker that does not coordinate the group
+    /// (its offsets partition is led elsewhere, or was only just taken
+    /// over and is loading): FindCoordinator again and retry.
+    NotCoordinator,
+    /// FindCoordinator: the group's offsets partition has no leader now
+    /// (an election, or the offsets topic is being created). Retriable.
+    CoordinatorNotAvailable,
 }
 
 impl ErrorCode {
-    const TABLE: [(ErrorCode, u16); 37] = [
+    const TABLE: [(ErrorCode, u16); 39] = [
         (ErrorCode::None, 0),
         (ErrorCode::Unknown, 1),
         (ErrorCode::CorruptMessage, 2),
@@ -256,6 +263,8 @@ impl ErrorCode {
         (ErrorCode::FencedLeaderEpoch, 34),
         (ErrorCode::UnknownLeaderEpoch, 35),
         (ErrorCode::NotController, 36),
+        (ErrorCode::NotCoordinator, 37),
+        (ErrorCode::CoordinatorNotAvailable, 38),
     ];
 
     /// The number on the wire.
@@ -285,6 +294,8 @@ impl ErrorCode {
                 | ErrorCode::FencedLeaderEpoch
                 | ErrorCode::UnknownLeaderEpoch
                 | ErrorCode::NotController
+                | ErrorCode::NotCoordinator
+                | ErrorCode::CoordinatorNotAvailable
                 | ErrorCode::StorageFull
                 | ErrorCode::StorageError
                 | ErrorCode::Timeout

@@ -2,8 +2,12 @@
 //! and committed offsets kept as records of the internal topic
 //! `__consumer_offsets`.
 //!
-//! One broker coordinates every group (a single node; the cluster will place
-//! each group with the leader of its offsets partition). A rebalance is a
+//! A group is coordinated by the leader of its `__consumer_offsets`
+//! partition (on a single node: this broker, for every group). The
+//! coordinator takes up an offsets partition when it becomes its leader,
+//! loading its groups from the partition's snapshot and log, and gives it
+//! up (dropping those groups' memberships) when leadership moves on; a
+//! group call elsewhere is answered `NotCoordinator`. A rebalance is a
 //! round: it starts when a member joins, changes its subscription, leaves
 //! or misses its session timeout; every member must (re)join within the
 //! rebalance timeout, or it is dropped; then the generation advances and the
@@ -14,13 +18,14 @@
 //! from before a restart is unknown after it: its owner rejoins.
 //!
 //! Offsets are the durable part: an OffsetCommit is one batch appended to
-//! the group's offsets partition and acknowledged once durable; on start the
-//! coordinator loads each offsets partition's snapshot (written at clean
-//! stops and every retention check) and replays the records after it.
+//! the group's offsets partition and acknowledged once it is on every
+//! in-sync replica (as an acks=all produce), so the next coordinator has
+//! it; taking up a partition loads its snapshot (written at clean stops and
+//! every retention check) and replays the records after it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -58,6 +63,9 @@ pub const REBALANCE_TIMEOUT_MS_MAX: u32 = 300_000;
 pub const COMMIT_OFFSETS_MAX: usize = 10_000;
 /// Longest metadata string kept with an offset.
 pub const COMMIT_METADATA_BYTES_MAX: usize = 4096;
+/// How long an OffsetCommit waits for the in-sync replicas of its offsets
+/// partition before it is answered `Timeout` (the commit may still land).
+pub const OFFSET_COMMIT_REPLICATION_TIMEOUT_MS: u64 = 10_000;
 /// How often expired members are looked for.
 pub const REAPER_INTERVAL_MS: u64 = 100;
 /// The assignors the coordinator knows.
@@ -75,7 +83,15 @@ pub struct Coordinator {
     /// One per offsets partition: a commit holds it from append to apply,
     /// so the log's order and the table's agree.
     commit_locks: Vec<tokio::sync::Mutex<()>>,
-    offsets_partitions: u32,
+    /// Partitions of the offsets topic: configured until the topic exists,
+    /// then the topic's own count.
+    offsets_partitions: AtomicU32,
+    /// Offsets partitions this broker leads and has loaded: it coordinates
+    /// their groups.
+    owned: Mutex<BTreeSet<u32>>,
+    /// Offsets partitions whose load failed, with the leader epoch it
+    /// failed in (not retried until leadership changes).
+    load_failed: Mutex<BTreeMap<u32, i32>>,
     initial_delay: Duration,
     /// Offsets of a group go once it has had no members for this long and
     /// no commit within it (0: kept for ever).
@@ -112,7 +128,9 @@ impl Coordinator {
             commit_locks: (0..offsets_partitions.max(1))
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
-            offsets_partitions: offsets_partitions.max(1),
+            offsets_partitions: AtomicU32::new(offsets_partitions.max(1)),
+            owned: Mutex::new(BTreeSet::new()),
+            load_failed: Mutex::new(BTreeMap::new()),
             initial_delay,
             offsets_retention_ms: OFFSETS_RETENTION_MS,
             offsets_segment_bytes: OFFSETS_SEGMENT_BYTES,
@@ -147,6 +165,9 @@ impl Coordinator {
         }
         if !ASSIGNORS.contains(&request.assignor.as_str()) {
             return join_error(ErrorCode::InconsistentAssignor, &request.member_id);
+        }
+        if let Err(error) = self.check_coordinator(&request.group) {
+            return join_error(error, &request.member_id);
         }
         let now = Instant::now();
         let (member_id, joined_at_generation) = {
@@ -264,6 +285,10 @@ impl Coordinator {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            if let Err(error) = self.check_coordinator(&request.group) {
+                // Leadership of the offsets partition moved meanwhile.
+                return join_error(error, &member_id);
+            }
             let wake_at = {
                 let mut groups = lock(&self.groups);
                 let Some(group) = groups.get_mut(&request.group) else {
@@ -304,7 +329,10 @@ impl Coordinator {
     /// SyncGroup: the member's assignment in the current generation.
     pub fn sync(&self, request: &SyncGroupRequest) -> SyncGroupResponse {
         let groups = lock(&self.groups);
-        let error = match check_member(&groups, &request.group, &request.member_id) {
+        let checked = self
+            .check_coordinator(&request.group)
+            .and_then(|()| check_member(&groups, &request.group, &request.member_id));
+        let error = match checked {
             Err(error) => error,
             Ok(group) if group.state == GroupState::PreparingRebalance => {
                 ErrorCode::RebalanceInProgress
@@ -330,6 +358,9 @@ impl Coordinator {
     /// Heartbeat: keeps the member's session; tells it to rejoin during a
     /// rebalance.
     pub fn heartbeat(&self, request: &HeartbeatRequest) -> GroupAck {
+        if let Err(error) = self.check_coordinator(&request.group) {
+            return GroupAck { error };
+        }
         let mut groups = lock(&self.groups);
         let error = match groups.get_mut(&request.group) {
             None => ErrorCode::UnknownGroup,
@@ -356,6 +387,9 @@ impl Coordinator {
 
     /// LeaveGroup: the member goes; the rest rebalance.
     pub fn leave(&self, topics: &Topics, request: &LeaveGroupRequest) -> GroupAck {
+        if let Err(error) = self.check_coordinator(&request.group) {
+            return GroupAck { error };
+        }
         let mut groups = lock(&self.groups);
         let error = match groups.get_mut(&request.group) {
             None => ErrorCode::UnknownGroup,
@@ -461,9 +495,10 @@ impl Coordinator {
         request: &DescribeGroupRequest,
     ) -> DescribeGroupResponse {
         let groups = lock(&self.groups);
-        let Some(group) = groups.get(&request.group) else {
+        let coordinated = self.check_coordinator(&request.group);
+        let Some(group) = groups.get(&request.group).filter(|_| coordinated.is_ok()) else {
             return DescribeGroupResponse {
-                error: ErrorCode::UnknownGroup,
+                error: coordinated.err().unwrap_or(ErrorCode::UnknownGroup),
                 group: request.group.clone(),
                 state: String::new(),
                 assignor: String::new(),

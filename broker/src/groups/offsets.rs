@@ -73,134 +73,133 @@ struct OffsetKey {
 }
 
 impl Coordinator {
-    /// Rebuilds committed offsets from the offsets topic, if it exists:
-    /// each partition's snapshot, then the records after it.
+    /// Partitions of the offsets topic (which groups map onto).
+    pub fn partition_count(&self) -> u32 {
+        self.offsets_partitions.load(Ordering::Acquire).max(1)
+    }
+
+    /// `Ok` when this broker coordinates `group` now (it leads the group's
+    /// offsets partition and has loaded it), else `NotCoordinator`.
+    pub fn check_coordinator(&self, group: &str) -> Result<(), ErrorCode> {
+        let index = offsets_partition(group, self.partition_count());
+        if lock(&self.owned).contains(&index) {
+            Ok(())
+        } else {
+            Err(ErrorCode::NotCoordinator)
+        }
+    }
+
+    /// Takes up the offsets partitions this broker has come to lead
+    /// (loading their groups) and gives up those it no longer leads
+    /// (dropping their groups, whose members then find the new
+    /// coordinator). Blocking (reads logs, takes commit locks): call it off
+    /// the runtime, as leadership may have moved.
+    pub fn follow_leadership(&self, topics: &Topics) {
+        let Some(topic) = topics.get(OFFSETS_TOPIC) else {
+            let owned: Vec<u32> = lock(&self.owned).iter().copied().collect();
+            for index in owned {
+                self.unload(index);
+            }
+            return;
+        };
+        self.offsets_partitions
+            .store(topic.partitions.len().max(1) as u32, Ordering::Release);
+        for partition in &topic.partitions {
+            let index = partition.index;
+            let leads = partition.is_leader() && !partition.is_deleted();
+            let owned = lock(&self.owned).contains(&index);
+            if leads && !owned {
+                let epoch = partition.leader_epoch();
+                if lock(&self.load_failed).get(&index) == Some(&epoch) {
+                    continue;
+                }
+                let _ordered =
+                    self.commit_locks[index as usize % self.commit_locks.len()].blocking_lock();
+                match self.load_partition(partition) {
+                    Ok(()) => {
+                        lock(&self.owned).insert(index);
+                        lock(&self.load_failed).remove(&index);
+                    }
+                    Err(error) => {
+                        // Serving the partition's groups without the offsets
+                        // it failed to load would hand out wrong positions.
+                        tracing::error!(partition = index, epoch, %error,
+                            "cannot load the offsets partition; its groups stay uncoordinated");
+                        lock(&self.load_failed).insert(index, epoch);
+                    }
+                }
+            } else if !leads && owned {
+                self.unload(index);
+            }
+        }
+    }
+
+    /// Stops coordinating the groups of offsets partition `index`.
+    fn unload(&self, index: u32) {
+        let _ordered = self.commit_locks[index as usize % self.commit_locks.len()].blocking_lock();
+        lock(&self.owned).remove(&index);
+        let count = self.partition_count();
+        let mut dropped = 0usize;
+        lock(&self.groups).retain(|name, _| {
+            let keep = offsets_partition(name, count) != index;
+            dropped += usize::from(!keep);
+            keep
+        });
+        // Joins waiting on a dropped group answer NotCoordinator.
+        self.changed.notify_waiters();
+        tracing::info!(
+            partition = index,
+            groups = dropped,
+            "no longer coordinating the groups of this offsets partition"
+        );
+    }
+
+    /// Loads the groups of one offsets partition this broker now leads:
+    /// its snapshot, then the records after it, replacing whatever this
+    /// broker held of those groups before.
     ///
     /// # Errors
     /// A partition whose records below its start were deleted (replaced by
-    /// its snapshot) but whose snapshot is missing or unreadable: starting
-    /// anyway would silently forget the groups it held.
-    pub fn load(&self, topics: &Topics) -> Result<(), String> {
-        let Some(topic) = topics.get(OFFSETS_TOPIC) else {
-            return Ok(());
-        };
+    /// its snapshot) but whose snapshot is missing or unreadable: serving
+    /// it anyway would silently forget the groups it held.
+    fn load_partition(&self, partition: &crate::partition::Partition) -> Result<(), String> {
         let now = Instant::now();
+        let count = self.partition_count();
         let mut groups = lock(&self.groups);
-        let mut records = 0u64;
-        for partition in &topic.partitions {
-            let log = &partition.log;
-            let mut from = log.start_offset();
-            let end = log.end_offset();
-            let index = partition.index;
-            let snapshot = match GroupsSnapshot::load(log.dir()) {
-                Ok(snapshot) => snapshot,
-                Err(error) if from == 0 => {
-                    tracing::warn!(partition = index, %error, "unreadable group snapshot; replaying the whole log");
-                    None
-                }
-                Err(error) => {
-                    return Err(format!(
-                        "{OFFSETS_TOPIC} partition {index}: group snapshot unreadable: {error}"
-                    ));
-                }
-            };
-            match &snapshot {
-                None if from > 0 => {
-                    return Err(format!(
-                        "{OFFSETS_TOPIC} partition {index} starts at {from} but has no group \
-                         snapshot to stand for the records before it"
-                    ));
-                }
-                Some(snapshot) if snapshot.offset < from => {
-                    return Err(format!(
-                        "{OFFSETS_TOPIC} partition {index} starts at {from}, after its group \
-                         snapshot ({}): the records between are gone",
-                        snapshot.offset
-                    ));
-                }
-                _ => {}
-            }
-            if let Some(mut snapshot) = snapshot {
-                if snapshot.offset > end {
-                    // Snapshots follow a flush, so the log lost records it
-                    // had on disk (a damaged tail cut at recovery): the
-                    // snapshot still knows their commits.
-                    tracing::warn!(
-                        partition = index,
-                        snapshot = snapshot.offset,
-                        end,
-                        "offsets log ends before its snapshot; using the snapshot"
-                    );
-                    // New commits will land below the snapshot's offset: it
-                    // must say where its content really ends, or the next
-                    // start would skip them.
-                    snapshot.offset = end;
-                    snapshot
-                        .save(log.dir())
-                        .map_err(|error| format!("{OFFSETS_TOPIC} partition {index}: {error}"))?;
-                }
-                for (name, offsets) in snapshot.groups {
-                    let commit_age_ms = snapshot.commit_age_ms.get(&name).copied();
-                    let empty_for_ms = snapshot.empty_for_ms.get(&name).copied();
-                    let group = groups.entry(name).or_insert_with(|| Group::new(now));
-                    // The running time it had already been idle counts
-                    // (downtime does not): restarts neither keep abandoned
-                    // groups for ever nor age live ones.
-                    group.since_commit = RunningTime::carrying(
-                        now,
-                        Duration::from_millis(commit_age_ms.unwrap_or(0)),
-                    );
-                    group.empty = empty_for_ms
-                        .map(|ms| RunningTime::carrying(now, Duration::from_millis(ms)));
-                    for (topic, partition, committed) in offsets {
-                        group.offsets.insert((topic, partition), committed);
-                    }
-                }
-                from = from.max(snapshot.offset);
-            }
-            // Every record below the end is replayed or the start fails: a
-            // record skipped here would be left out of the next snapshot and
-            // then deleted, moving its offset back for good.
-            let unreadable = |at: u64, what: &dyn std::fmt::Display| -> String {
-                format!("{OFFSETS_TOPIC} partition {index}: offset {at} unreadable: {what}")
-            };
-            while from < end {
-                let read = log
-                    .read(from, 4 << 20)
-                    .map_err(|error| unreadable(from, &error))?;
-                if read.is_empty() {
-                    return Err(unreadable(from, &"nothing to read below the end"));
-                }
-                for chunk in read.chunks() {
-                    for batch in Batches::new(chunk, false) {
-                        let batch = batch.map_err(|error| unreadable(from, &error))?;
-                        let batch_records =
-                            batch.records().map_err(|error| unreadable(from, &error))?;
-                        for record in batch_records {
-                            let record = record.map_err(|error| unreadable(from, &error))?;
-                            if record.offset < from {
-                                continue;
-                            }
-                            records += 1;
-                            apply_record(&mut groups, now, record.key, record.value);
-                        }
-                    }
-                }
-                from = from.max(read.next_offset());
-            }
-        }
+        groups.retain(|name, _| offsets_partition(name, count) != partition.index);
+        let records = replay(partition, &mut groups, now)?;
         tracing::info!(
-            groups = groups.len(),
+            partition = partition.index,
+            groups = groups
+                .keys()
+                .filter(|name| offsets_partition(name, count) == partition.index)
+                .count(),
             records,
-            "consumer group offsets recovered"
+            "coordinating the groups of this offsets partition"
         );
         Ok(())
     }
 
-    /// Writes each offsets partition's snapshot (the offsets of the groups
-    /// it holds, as of its end), so the next start replays only what
-    /// follows. Blocking (takes the commit locks, writes files): call it off
-    /// the runtime.
+    /// Replays every local offsets partition without keeping the result,
+    /// so that a broker whose offsets cannot be loaded refuses to start
+    /// rather than later forget its groups when it comes to lead them.
+    ///
+    /// # Errors
+    /// As [`replay`], naming the partition.
+    pub fn verify(&self, topics: &Topics) -> Result<(), String> {
+        let Some(topic) = topics.get(OFFSETS_TOPIC) else {
+            return Ok(());
+        };
+        for partition in &topic.partitions {
+            replay(partition, &mut BTreeMap::new(), Instant::now())?;
+        }
+        Ok(())
+    }
+
+    /// Writes the snapshot of each offsets partition this broker
+    /// coordinates (the offsets of its groups, as of its end, once all of it
+    /// is committed), so the next load replays only what follows. Blocking
+    /// (takes the commit locks, writes files): call it off the runtime.
     pub fn save_snapshots(&self, topics: &Topics) {
         let Some(topic) = topics.get(OFFSETS_TOPIC) else {
             return;
@@ -211,6 +210,10 @@ impl Coordinator {
             // append and its apply, so the end offset and the table agree.
             let _ordered = self.commit_locks[partition.index as usize % self.commit_locks.len()]
                 .blocking_lock();
+            // Only the coordinator's table is the partition's content.
+            if !lock(&self.owned).contains(&partition.index) {
+                continue;
+            }
             // Only durable commits may be covered (a crash must not leave
             // the log below the snapshot).
             if let Err(error) = partition.log.flush() {
@@ -218,6 +221,12 @@ impl Coordinator {
                 continue;
             }
             let offset = partition.log.end_offset();
+            if partition.high_watermark() < offset {
+                // Records not yet on every in-sync replica (taken over with
+                // the partition, or a commit that timed out) could still be
+                // cut: the snapshot waits until they are committed.
+                continue;
+            }
             let mut groups = BTreeMap::new();
             let mut commit_age_ms = BTreeMap::new();
             let mut empty_for_ms = BTreeMap::new();
@@ -269,34 +278,8 @@ impl Coordinator {
         }
     }
 
-    async fn offsets_topic(
-        &self,
-        topics: &Topics,
-    ) -> Result<std::sync::Arc<crate::topics::Topic>, ErrorCode> {
-        if let Some(topic) = topics.get(OFFSETS_TOPIC) {
-            return Ok(topic);
-        }
-        // No retention: the records (and snapshots) are the groups' memory.
-        let configs = BTreeMap::from([
-            (
-                "segment.bytes".to_string(),
-                self.offsets_segment_bytes.to_string(),
-            ),
-            ("retention.ms".to_string(), "-1".to_string()),
-            ("retention.bytes".to_string(), "-1".to_string()),
-        ]);
-        match topics
-            .create(OFFSETS_TOPIC, None, self.offsets_partitions, configs)
-            .await
-        {
-            Ok(()) => {}
-            Err(error) if error.code() == ErrorCode::TopicAlreadyExists => {}
-            Err(error) => return Err(error.code()),
-        }
-        topics.get(OFFSETS_TOPIC).ok_or(ErrorCode::Unknown)
-    }
-
-    /// OffsetCommit: all offsets or none, durable before the answer.
+    /// OffsetCommit: all offsets or none, on every in-sync replica of the
+    /// offsets partition before the answer.
     pub async fn commit(
         &self,
         topics: &Topics,
@@ -338,22 +321,28 @@ impl Coordinator {
         {
             return refuse(ErrorCode::UnknownTopicOrPartition, &request);
         }
-        if let Err(error) = self.check_committer(&request) {
+        if let Err(error) = self
+            .check_coordinator(&request.group)
+            .and_then(|()| self.check_committer(&request))
+        {
             return refuse(error, &request);
         }
-        let offsets_topic = match self.offsets_topic(topics).await {
-            Ok(topic) => topic,
-            Err(error) => return refuse(error, &request),
+        let Some(offsets_topic) = topics.get(OFFSETS_TOPIC) else {
+            return refuse(ErrorCode::NotCoordinator, &request);
         };
         let index = offsets_partition(&request.group, offsets_topic.partitions.len() as u32);
         let Some(partition) = offsets_topic.partitions.get(index as usize).cloned() else {
-            return refuse(ErrorCode::Unknown, &request);
+            return refuse(ErrorCode::NotCoordinator, &request);
         };
         let _ordered = self.commit_locks[index as usize % self.commit_locks.len()]
             .lock()
             .await;
-        // Checked again under the commit lock: a rebalance may have begun.
-        if let Err(error) = self.check_committer(&request) {
+        // Checked again under the commit lock: a rebalance may have begun,
+        // or leadership of the offsets partition moved.
+        if let Err(error) = self
+            .check_coordinator(&request.group)
+            .and_then(|()| self.check_committer(&request))
+        {
             return refuse(error, &request);
         }
         // A commit under way keeps its group from expiring meanwhile (the
@@ -362,15 +351,25 @@ impl Coordinator {
             group.since_commit = RunningTime::starting(Instant::now());
         }
         let batch = offsets_batch(&request);
-        // The offsets partition is this broker's alone (it leads it).
-        let outcome = match partition
-            .check_produce(false)
-            .and_then(|epoch| partition.submit(batch, epoch))
-        {
-            Ok(pending) => pending.wait().await.map(|_| ()),
-            Err(error) => Err(error),
+        // As an acks=all produce: the next coordinator (any in-sync
+        // replica) has every commit that was answered.
+        let outcome = async {
+            let epoch = partition.check_produce(true)?;
+            let appended = partition.submit(batch, epoch)?.wait().await?;
+            tokio::time::timeout(
+                Duration::from_millis(OFFSET_COMMIT_REPLICATION_TIMEOUT_MS),
+                partition.wait_replicated(appended.end_offset, epoch),
+            )
+            .await
+            .map_err(|_| ErrorCode::Timeout)?
         };
-        if let Err(error) = outcome {
+        if let Err(error) = outcome.await {
+            // Leadership moved under the commit: the client finds the new
+            // coordinator and commits there.
+            let error = match error {
+                ErrorCode::NotLeader | ErrorCode::FencedLeaderEpoch => ErrorCode::NotCoordinator,
+                error => error,
+            };
             return refuse(error, &request);
         }
         {
@@ -442,6 +441,12 @@ impl Coordinator {
 
     /// OffsetFetch: the committed offsets asked for (or all of the group).
     pub fn fetch(&self, request: &OffsetFetchRequest) -> OffsetFetchResponse {
+        if let Err(error) = self.check_coordinator(&request.group) {
+            return OffsetFetchResponse {
+                error,
+                offsets: Vec::new(),
+            };
+        }
         let groups = lock(&self.groups);
         let group = groups.get(&request.group);
         let offsets = match &request.partitions {
@@ -479,6 +484,119 @@ impl Coordinator {
             offsets,
         }
     }
+}
+
+/// Replays one offsets partition into `groups`: its snapshot, then the
+/// records after it; the number of records replayed.
+///
+/// # Errors
+/// A partition whose records below its start were deleted (replaced by
+/// its snapshot) but whose snapshot is missing or unreadable, or a record
+/// below the end that cannot be read.
+fn replay(
+    partition: &crate::partition::Partition,
+    groups: &mut BTreeMap<String, Group>,
+    now: Instant,
+) -> Result<u64, String> {
+    let mut records = 0u64;
+    let log = &partition.log;
+    let mut from = log.start_offset();
+    let end = log.end_offset();
+    let index = partition.index;
+    let snapshot = match GroupsSnapshot::load(log.dir()) {
+        Ok(snapshot) => snapshot,
+        Err(error) if from == 0 => {
+            tracing::warn!(partition = index, %error, "unreadable group snapshot; replaying the whole log");
+            None
+        }
+        Err(error) => {
+            return Err(format!(
+                "{OFFSETS_TOPIC} partition {index}: group snapshot unreadable: {error}"
+            ));
+        }
+    };
+    match &snapshot {
+        None if from > 0 => {
+            return Err(format!(
+                "{OFFSETS_TOPIC} partition {index} starts at {from} but has no group \
+                 snapshot to stand for the records before it"
+            ));
+        }
+        Some(snapshot) if snapshot.offset < from => {
+            return Err(format!(
+                "{OFFSETS_TOPIC} partition {index} starts at {from}, after its group \
+                 snapshot ({}): the records between are gone",
+                snapshot.offset
+            ));
+        }
+        _ => {}
+    }
+    if let Some(mut snapshot) = snapshot {
+        if snapshot.offset > end {
+            // Snapshots follow a flush, so the log lost records it
+            // had on disk (a damaged tail cut at recovery): the
+            // snapshot still knows their commits.
+            tracing::warn!(
+                partition = index,
+                snapshot = snapshot.offset,
+                end,
+                "offsets log ends before its snapshot; using the snapshot"
+            );
+            // New commits will land below the snapshot's offset: it
+            // must say where its content really ends, or the next
+            // start would skip them.
+            snapshot.offset = end;
+            snapshot
+                .save(log.dir())
+                .map_err(|error| format!("{OFFSETS_TOPIC} partition {index}: {error}"))?;
+        }
+        for (name, offsets) in snapshot.groups {
+            let commit_age_ms = snapshot.commit_age_ms.get(&name).copied();
+            let empty_for_ms = snapshot.empty_for_ms.get(&name).copied();
+            let group = groups.entry(name).or_insert_with(|| Group::new(now));
+            // The running time it had already been idle counts
+            // (downtime does not): restarts neither keep abandoned
+            // groups for ever nor age live ones.
+            group.since_commit =
+                RunningTime::carrying(now, Duration::from_millis(commit_age_ms.unwrap_or(0)));
+            group.empty =
+                empty_for_ms.map(|ms| RunningTime::carrying(now, Duration::from_millis(ms)));
+            for (topic, partition, committed) in offsets {
+                group.offsets.insert((topic, partition), committed);
+            }
+        }
+        from = from.max(snapshot.offset);
+    }
+    // Every record below the end is replayed or the start fails: a
+    // record skipped here would be left out of the next snapshot and
+    // then deleted, moving its offset back for good.
+    let unreadable = |at: u64, what: &dyn std::fmt::Display| -> String {
+        format!("{OFFSETS_TOPIC} partition {index}: offset {at} unreadable: {what}")
+    };
+    while from < end {
+        let read = log
+            .read(from, 4 << 20)
+            .map_err(|error| unreadable(from, &error))?;
+        if read.is_empty() {
+            return Err(unreadable(from, &"nothing to read below the end"));
+        }
+        for chunk in read.chunks() {
+            for batch in Batches::new(chunk, false) {
+                let batch = batch.map_err(|error| unreadable(from, &error))?;
+                let batch_records = batch.records().map_err(|error| unreadable(from, &error))?;
+                for record in batch_records {
+                    let record = record.map_err(|error| unreadable(from, &error))?;
+                    if record.offset < from {
+                        continue;
+                    }
+                    records += 1;
+                    apply_record(groups, now, record.key, record.value);
+                }
+            }
+        }
+        from = from.max(read.next_offset());
+    }
+    Ok(records)
 }
 
 /// The wall clock, ms since the epoch (record timestamps).

@@ -22,7 +22,6 @@ use crate::cluster::controller::{ControllerError, MetadataView};
 use crate::cluster::metadata::{MetadataCommand, MetadataOutcome, TopicImage};
 use crate::cluster::replica::Action;
 use crate::partition::Partition;
-use crate::topics::is_internal;
 
 /// How often leaders check their followers' lag and retry proposals.
 pub const TICK_MS: u64 = 250;
@@ -130,9 +129,6 @@ pub async fn reconcile(broker: &Arc<Broker>, view: &MetadataView) {
     let me = broker.config.broker_id;
     let now = now_ms();
     for (name, topic) in &view.image.topics {
-        if is_internal(name) {
-            continue;
-        }
         let replicates = topic
             .partitions
             .iter()
@@ -184,7 +180,7 @@ pub async fn reconcile(broker: &Arc<Broker>, view: &MetadataView) {
     // image merely lacks (an image that lost its history, an import not yet
     // done) is kept, with a warning.
     for topic in broker.topics.all() {
-        if is_internal(&topic.name) || view.image.topics.contains_key(&topic.name) {
+        if view.image.topics.contains_key(&topic.name) {
             continue;
         }
         let deleted = topic

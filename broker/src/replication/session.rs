@@ -13,7 +13,6 @@ use std::time::Duration;
 use crate::broker::Broker;
 use crate::cluster::controller::{ControllerError, Heartbeat};
 use crate::cluster::metadata::{MetadataCommand, MetadataError};
-use crate::topics::is_internal;
 
 /// The file in the data directory holding the last incarnation.
 pub const INCARNATION_FILE: &str = "broker-incarnation";
@@ -120,7 +119,7 @@ async fn import_local_topics(broker: &Arc<Broker>) -> bool {
     let mut all_in = true;
     let known = broker.controller.view();
     for topic in broker.topics.all() {
-        if is_internal(&topic.name) || known.image.topics.contains_key(&topic.name) {
+        if known.image.topics.contains_key(&topic.name) {
             continue;
         }
         let leader_epochs: Vec<i32> = topic

@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use weir_protocol::frame::FRAME_BYTES_MAX_DEFAULT;
@@ -114,6 +115,40 @@ impl Client {
         assert_eq!(frame.header.correlation_id, correlation);
         Response::decode_body(frame.header.api_key, frame.header.api_version, frame.body)
             .expect("decodable response")
+    }
+
+    /// Waits until this broker coordinates `group` (FindCoordinator names
+    /// a broker and the group's offsets are loaded), as a client does
+    /// before its first group call; returns at once on a non-retriable
+    /// answer (an invalid group name, say) for the call itself to show.
+    pub fn find_coordinator(&mut self, group: &str) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let Response::FindCoordinator(found) =
+                self.call(Request::FindCoordinator(FindCoordinatorRequest {
+                    group: group.into(),
+                }))
+            else {
+                panic!("wrong response")
+            };
+            if found.error == ErrorCode::None {
+                let Response::OffsetFetch(fetched) =
+                    self.call(Request::OffsetFetch(OffsetFetchRequest {
+                        group: group.into(),
+                        partitions: Some(Vec::new()),
+                    }))
+                else {
+                    panic!("wrong response")
+                };
+                if fetched.error != ErrorCode::NotCoordinator {
+                    return;
+                }
+            } else if !found.error.is_retriable() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no coordinator for {group}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn create_topic(&mut self, name: &str, partitions: u32) {
