@@ -3,15 +3,16 @@
 //! and a consumer bootstrapped from the broker list follow the new
 //! leader without an error reaching the application), a follower
 //! that was killed catches up and rejoins the in-sync set, replicas end
-//! with identical bytes, and with two of three brokers down nothing is
-//! acknowledged.
+//! with identical bytes, with two of three brokers down nothing is
+//! acknowledged, and a group's committed offsets outlive its coordinator.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use weir_client::{
-    Acks, Admin, Consumer, ConsumerConfig, Offset, Producer, ProducerConfig, ProducerRecord,
+    Acks, Admin, Consumer, ConsumerConfig, GroupConfig, Offset, Producer, ProducerConfig,
+    ProducerRecord,
 };
 use weir_testkit::{Cluster, DEADLINE};
 
@@ -327,5 +328,83 @@ fn two_followers_down_acknowledges_nothing() {
         let without_refused: Vec<String> =
             read.into_iter().filter(|value| value != "lonely").collect();
         assert_eq!(without_refused, acknowledged);
+    });
+}
+
+/// Kill -9 of the broker coordinating a consumer group: the offsets it
+/// acknowledged are served by the new coordinator (the new leader of the
+/// group's `__consumer_offsets` partition), and the member finds it,
+/// rejoins and reads on from the committed offset without an error
+/// reaching the application.
+#[test]
+fn coordinator_kill_keeps_committed_offsets() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(3, root.path(), FLAGS);
+    let runtime = runtime();
+    runtime.block_on(async {
+        create_replicated(&cluster, "work").await;
+        let producer = Producer::connect(&cluster.bootstrap(), acks_all())
+            .await
+            .expect("producer");
+        let first: Vec<String> = (0..100).map(|n| format!("value-{n}")).collect();
+        produce_all(&producer, "work", &first).await;
+
+        let mut member = Consumer::connect(&cluster.bootstrap(), ConsumerConfig::default())
+            .await
+            .expect("consumer");
+        let config = GroupConfig {
+            auto_commit: false,
+            reset: Offset::Earliest,
+            ..GroupConfig::default()
+        };
+        member
+            .subscribe_with("billing", &["work"], config, None)
+            .await
+            .expect("subscribe");
+        let read = next_values(&mut member, 50).await;
+        assert_eq!(read, first[..50]);
+        member.commit_sync().await.expect("commit");
+
+        // The coordinator is the leader of the group's offsets partition.
+        let offsets_partition = weir_broker::groups::offsets_partition("billing", 8);
+        let first_addr = cluster.addrs[0].to_string();
+        let coordinator = wait_for("an offsets partition leader with all in sync", || async {
+            placement(&first_addr, "__consumer_offsets", offsets_partition)
+                .await
+                .filter(|placement| placement.leader > 0 && placement.isr.len() == 3)
+        })
+        .await;
+        let coordinator_index = coordinator.leader as usize - 1;
+        cluster.kill(coordinator_index);
+
+        let survivors = cluster.bootstrap();
+        let admin = Admin::connect(&survivors).await.expect("admin");
+        let committed = wait_for("the new coordinator", || async {
+            admin.group_offsets("billing").await.ok()
+        })
+        .await;
+        assert_eq!(
+            committed,
+            vec![("work".to_string(), 0, 50)],
+            "the acknowledged commit survives its coordinator"
+        );
+
+        let second: Vec<String> = (100..150).map(|n| format!("value-{n}")).collect();
+        produce_all(&producer, "work", &second).await;
+        // Rejoined as a new member, it starts at the committed offset.
+        let rest = next_values(&mut member, 100).await;
+        let expected: Vec<String> = first[50..].iter().chain(&second).cloned().collect();
+        assert_eq!(
+            rest, expected,
+            "read on from the committed offset, in order"
+        );
+        member
+            .commit_sync()
+            .await
+            .expect("commit at the new coordinator");
+        assert_eq!(
+            admin.group_offsets("billing").await.expect("offsets"),
+            vec![("work".to_string(), 0, 150)]
+        );
     });
 }
