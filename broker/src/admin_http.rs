@@ -55,7 +55,23 @@ struct ClusterView {
     listen: String,
     connections: u64,
     io_engine: &'static str,
+    /// Topics held on this broker.
     topics: usize,
+    /// The controller quorum's leader as this broker knows it.
+    controller_leader: Option<u32>,
+    /// Every registered broker, fenced ones included.
+    brokers: Vec<BrokerView>,
+}
+
+#[derive(Debug, Serialize)]
+struct BrokerView {
+    id: u32,
+    host: String,
+    port: u16,
+    rack: Option<String>,
+    incarnation: u64,
+    /// Fenced: missed its session (or its process died); leads nothing.
+    fenced: bool,
 }
 
 async fn cluster(State(broker): State<Arc<Broker>>) -> Json<ClusterView> {
@@ -66,6 +82,22 @@ async fn cluster(State(broker): State<Arc<Broker>>) -> Json<ClusterView> {
         connections: broker.connections.load(Ordering::Relaxed),
         io_engine: broker.engine.kind_name(),
         topics: broker.topics.all().len(),
+        controller_leader: broker.controller.leader(),
+        brokers: broker
+            .controller
+            .view()
+            .image
+            .brokers
+            .values()
+            .map(|registration| BrokerView {
+                id: registration.id,
+                host: registration.host.clone(),
+                port: registration.port,
+                rack: registration.rack.clone(),
+                incarnation: registration.incarnation,
+                fenced: registration.fenced,
+            })
+            .collect(),
     })
 }
 

@@ -66,6 +66,9 @@ fn admin_http_serves_health_metrics_and_topics() {
     let (status, body) = http(admin, "GET", "/v1/cluster", None);
     assert_eq!(status, 200);
     assert!(body.contains("\"topics\":1"), "{body}");
+    // A broker alone is its own controller leader, registered and unfenced.
+    assert!(body.contains("\"controller_leader\":1"), "{body}");
+    assert!(body.contains("\"fenced\":false"), "{body}");
     assert_eq!(http(admin, "GET", "/v1/topics/nope", None).0, 404);
 
     let (status, metrics) = http(admin, "GET", "/metrics", None);
