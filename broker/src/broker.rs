@@ -32,6 +32,9 @@ pub struct Broker {
     pub metrics: crate::metrics::Metrics,
     /// True while serving; false during start-up and shutdown (`/readyz`).
     pub ready: std::sync::atomic::AtomicBool,
+    /// Set when a controlled shutdown begins: heartbeats ask the
+    /// controller to fence this broker so its leaderships move.
+    pub shutting_down: std::sync::atomic::AtomicBool,
     /// Becomes true when shutdown begins: long polls answer at once rather
     /// than hold the connection past the grace period.
     pub stopping: watch::Receiver<bool>,

@@ -132,6 +132,15 @@ pub struct BrokerConfig {
     pub replica_fetch_wait_ms: u32,
     /// Most record bytes one follower fetch carries. Default 8 MiB.
     pub replica_fetch_bytes_max: u32,
+    /// On SIGTERM in a cluster, how long the broker waits (still serving)
+    /// for the controller to move every leadership it holds elsewhere
+    /// before it stops anyway. Default 15 s.
+    pub controlled_shutdown_timeout_ms: u64,
+    /// How often the controller leader moves leadership back to each
+    /// partition's preferred replica (the first) where that replica is
+    /// alive and in sync: a broker back from a restart leads again. 0: never.
+    /// Default 10 s.
+    pub leader_rebalance_interval_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -177,6 +186,8 @@ impl Default for BrokerConfig {
             default_replication_factor: None,
             unclean_leader_election: false,
             replica_fetch_wait_ms: 500,
+            controlled_shutdown_timeout_ms: 15_000,
+            leader_rebalance_interval_ms: 10_000,
             replica_fetch_bytes_max: 8 << 20,
         }
     }

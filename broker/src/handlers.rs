@@ -896,7 +896,11 @@ fn subscribe(context: &Arc<ConnectionContext>, request: SubscribeRequest) -> Sub
         };
     }
     let (high_watermark, start) = (partition.high_watermark(), partition.log.start_offset());
-    if request.offset < start || request.offset > high_watermark {
+    // Up to the log's end, not the high watermark: a leader just elected
+    // may not yet know the watermark its predecessor had reached, which a
+    // consumer following the move already read up to. Nothing above the
+    // watermark is pushed (the push loop waits for it).
+    if request.offset < start || request.offset > partition.log.end_offset() {
         return SubscribeResponse {
             error: ErrorCode::OffsetOutOfRange,
             high_watermark,
@@ -923,6 +927,7 @@ fn subscribe(context: &Arc<ConnectionContext>, request: SubscribeRequest) -> Sub
     });
     let task = tokio::spawn(push_loop(
         context.push_sender(),
+        Arc::downgrade(context),
         partition,
         control.clone(),
         request.subscription_id,
@@ -941,10 +946,24 @@ fn subscribe(context: &Arc<ConnectionContext>, request: SubscribeRequest) -> Sub
     }
 }
 
+/// A subscription the broker ended (its partition deleted or led
+/// elsewhere) leaves its connection's table, so that one connection that
+/// follows many moves does not run into the per-connection limit.
+fn forget_subscription(context: &std::sync::Weak<ConnectionContext>, subscription_id: u32) {
+    if let Some(context) = context.upgrade() {
+        context
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .remove(&subscription_id);
+    }
+}
+
 /// Pushes a subscription's batches while it has credit. Holds no memory
 /// for the consumer: what it does not push stays in the log.
 async fn push_loop(
     sender: PushSender,
+    context: std::sync::Weak<ConnectionContext>,
     partition: Arc<Partition>,
     control: Arc<SubscriptionControl>,
     subscription_id: u32,
@@ -966,6 +985,7 @@ async fn push_loop(
                 records: RecordSet::default(),
             };
             let _ = sender.push(push.encode(subscription_id)).await;
+            forget_subscription(&context, subscription_id);
             return;
         }
         if !partition.is_leader() {
@@ -976,6 +996,7 @@ async fn push_loop(
                 records: RecordSet::default(),
             };
             let _ = sender.push(push.encode(subscription_id)).await;
+            forget_subscription(&context, subscription_id);
             return;
         }
         let credit = control.credit_bytes.load(Ordering::Acquire);
@@ -1015,7 +1036,11 @@ async fn push_loop(
             high_watermark: partition.high_watermark(),
             records,
         };
-        if !sender.push(push.encode(subscription_id)).await || !error.is_ok() {
+        if !sender.push(push.encode(subscription_id)).await {
+            return;
+        }
+        if !error.is_ok() {
+            forget_subscription(&context, subscription_id);
             return;
         }
     }

@@ -246,6 +246,12 @@ impl Partition {
         lock(&self.replica).is_leader()
     }
 
+    /// What every replica holds, as this broker (if it leads) knows: see
+    /// [`Replica::replicas_end_floor`].
+    pub fn replicas_end_floor(&self) -> u64 {
+        lock(&self.replica).replicas_end_floor(self.log.end_offset())
+    }
+
     /// The leader as this broker knows it.
     pub fn leader(&self) -> Option<BrokerId> {
         lock(&self.replica).leader()

@@ -53,14 +53,73 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
+    broker: Arc<Broker>,
 }
 
 impl Running {
-    /// Stops accepting, lets connections finish their in-flight requests
-    /// (up to the grace period), closes every log cleanly.
+    /// In a cluster, first moves every leadership this broker holds to
+    /// other in-sync replicas while it still serves (a controlled
+    /// shutdown); then stops accepting, lets connections finish their
+    /// in-flight requests (up to the grace period), closes every log
+    /// cleanly.
     pub async fn shutdown(self) {
+        controlled_shutdown(&self.broker).await;
         let _ = self.stop.send(true);
         let _ = self.done.await;
+    }
+}
+
+/// Asks the controller to move this broker's leaderships away (its
+/// heartbeats say it is shutting down; the controller fences it, electing
+/// other in-sync replicas and taking it out of in-sync sets), and waits,
+/// still serving, until it leads nothing or `controlled_shutdown_timeout_ms`
+/// has passed. Clients see leadership move (`NotLeader`, retried at the
+/// new leader) rather than a dead broker. Nothing to do for a cluster of one.
+async fn controlled_shutdown(broker: &Broker) {
+    if broker.controller.voters().len() <= 1 {
+        return;
+    }
+    broker.ready.store(false, Ordering::Release);
+    broker.shutting_down.store(true, Ordering::Release);
+    let me = broker.config.broker_id;
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_millis(broker.config.controlled_shutdown_timeout_ms);
+    let mut metadata = broker.controller.metadata();
+    tracing::info!("controlled shutdown: moving leadership away");
+    loop {
+        let fenced = metadata
+            .borrow_and_update()
+            .image
+            .brokers
+            .get(&me)
+            .is_none_or(|registration| registration.fenced);
+        let leading = broker
+            .topics
+            .all()
+            .iter()
+            .flat_map(|topic| topic.partitions.iter())
+            .filter(|partition| partition.is_leader())
+            .count();
+        if fenced && leading == 0 {
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "controlled shutdown: leads nothing now"
+            );
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                fenced,
+                leading,
+                "controlled shutdown: timed out; stopping anyway"
+            );
+            return;
+        }
+        tokio::select! {
+            _ = metadata.changed() => {}
+            // The local side follows a metadata change by a moment.
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
     }
 }
 
@@ -178,6 +237,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
             broker_session_timeout_ms: config.broker_session_timeout_ms,
             unclean_leader_election: config.unclean_leader_election,
             propose_timeout_ms: config.controller_propose_timeout_ms,
+            leader_rebalance_interval_ms: config.leader_rebalance_interval_ms,
         },
     )
     .await?;
@@ -194,6 +254,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         own_frame_buffer_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         metrics: crate::metrics::Metrics::new(),
         ready: std::sync::atomic::AtomicBool::new(false),
+        shutting_down: std::sync::atomic::AtomicBool::new(false),
         stopping: stopped.clone(),
         producer_ids,
         groups,
@@ -249,6 +310,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         admin_addr,
         stop,
         done,
+        broker,
     })
 }
 

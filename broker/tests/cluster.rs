@@ -408,3 +408,188 @@ fn coordinator_kill_keeps_committed_offsets() {
         );
     });
 }
+
+/// Every partition of `topic` as the broker at `addr` sees it: (leader,
+/// replicas, in-sync set).
+async fn partitions(addr: &str, topic: &str) -> Option<Vec<(i32, Vec<u32>, BTreeSet<u32>)>> {
+    let admin = tokio::time::timeout(Duration::from_secs(5), Admin::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let metadata = tokio::time::timeout(
+        Duration::from_secs(5),
+        admin.metadata(Some(vec![topic.to_string()])),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let mut states = metadata.topics.first()?.partitions.clone();
+    states.sort_by_key(|state| state.partition);
+    Some(
+        states
+            .into_iter()
+            .map(|state| {
+                (
+                    state.leader,
+                    state.replicas,
+                    state.in_sync_replicas.into_iter().collect(),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// A rolling restart of all three brokers with SIGTERM (a controlled
+/// shutdown moves each broker's leaderships away before it stops) under an
+/// idempotent acks=all producer and a consumer: neither sees an error,
+/// every acknowledged record is read once and in order, and once all are
+/// back each partition is led by its preferred replica again.
+#[test]
+fn rolling_restart_gives_clients_no_error() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let config = root.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        "segment_bytes = 8388608\nleader_rebalance_interval_ms = 500\n",
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    let mut cluster = Cluster::start(3, root.path(), &["--config", &config]);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let first = cluster.addrs[0].to_string();
+        wait_for("a writable cluster", || async {
+            let admin = Admin::connect(&first).await.ok()?;
+            admin.create_topic_replicated("rolling", 3, 3).await.ok()
+        })
+        .await;
+        let live = first_live(&cluster);
+        wait_for("every partition led with all in sync", || {
+            all_in_sync(&live, "rolling")
+        })
+        .await;
+
+        let bootstrap = cluster
+            .addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let producer = Producer::connect(
+            &bootstrap,
+            ProducerConfig {
+                delivery_timeout_ms: 30_000,
+                ..acks_all()
+            },
+        )
+        .await
+        .expect("producer");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sending = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut deliveries = Vec::new();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    let partition = (n % 3) as u32;
+                    let value = format!("{partition}-{n}");
+                    let record = ProducerRecord::new(value.clone()).partition(partition);
+                    let delivery = producer.send("rolling", record).await.expect("send");
+                    deliveries.push((partition, value, delivery));
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                producer.flush().await.expect("flush");
+                let mut acknowledged: Vec<Vec<String>> = vec![Vec::new(); 3];
+                for (partition, value, delivery) in deliveries {
+                    if let Err(error) = delivery.await {
+                        panic!("{value} not acknowledged: {error}");
+                    }
+                    acknowledged[partition as usize].push(value);
+                }
+                acknowledged
+            })
+        };
+        let mut consumer = Consumer::connect(&bootstrap, ConsumerConfig::default())
+            .await
+            .expect("consumer");
+        for partition in 0..3 {
+            consumer
+                .assign("rolling", partition, Offset::Earliest)
+                .await
+                .expect("assign");
+        }
+        let reading = tokio::spawn(async move {
+            let mut read: Vec<Vec<String>> = vec![Vec::new(); 3];
+            loop {
+                let record = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await;
+                let Ok(record) = record else {
+                    // Nothing for 5 s: the producer has stopped.
+                    return read;
+                };
+                let record = record.expect("assigned").expect("no error while reading");
+                let value =
+                    String::from_utf8(record.value.expect("value").to_vec()).expect("utf-8");
+                read[record.partition as usize].push(value);
+            }
+        });
+
+        for index in 0..3 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let status = cluster.terminate(index).expect("running");
+            assert!(
+                status.success(),
+                "broker {} stopped cleanly: {status}",
+                index + 1
+            );
+            cluster.restart(index);
+            let live = first_live(&cluster);
+            wait_for("all back in sync after the restart", || {
+                all_in_sync(&live, "rolling")
+            })
+            .await;
+        }
+        let live = first_live(&cluster);
+        wait_for("preferred leaders restored", || async {
+            partitions(&live, "rolling").await.filter(|states| {
+                states.iter().all(|(leader, replicas, _)| {
+                    replicas.first().map(|id| *id as i32) == Some(*leader)
+                })
+            })
+        })
+        .await;
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let acknowledged = sending.await.expect("producer task");
+        let read = reading.await.expect("consumer task");
+        assert!(acknowledged.iter().all(|values| !values.is_empty()));
+        assert_eq!(
+            read, acknowledged,
+            "every acknowledged record read once, in order, per partition"
+        );
+    });
+}
+
+/// `Some` once every partition of `topic` has a leader and all three
+/// replicas in sync.
+async fn all_in_sync(addr: &str, topic: &str) -> Option<()> {
+    let all: BTreeSet<u32> = [1, 2, 3].into();
+    partitions(addr, topic)
+        .await
+        .filter(|states| {
+            !states.is_empty()
+                && states
+                    .iter()
+                    .all(|(leader, _, isr)| *leader > 0 && *isr == all)
+        })
+        .map(|_| ())
+}
+
+/// The address of the first broker of `cluster` that is running.
+fn first_live(cluster: &Cluster) -> String {
+    cluster
+        .bootstrap()
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}

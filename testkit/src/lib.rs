@@ -246,6 +246,12 @@ impl Cluster {
         self.brokers[index] = Some(process);
     }
 
+    /// SIGTERM broker `index` (a controlled shutdown) and wait for it;
+    /// `None` if it was not running.
+    pub fn terminate(&mut self, index: usize) -> Option<std::process::ExitStatus> {
+        self.brokers[index].take().map(BrokerProcess::terminate)
+    }
+
     /// SIGKILL broker `index`.
     pub fn kill(&mut self, index: usize) {
         if let Some(process) = self.brokers[index].take() {

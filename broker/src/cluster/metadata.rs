@@ -463,6 +463,21 @@ impl MetadataImage {
         }
     }
 
+    /// Whether some partition's preferred replica (its first) is alive and
+    /// in sync but does not lead: what `ElectPreferredLeaders` would change.
+    pub fn preferred_leaders_wanted(&self) -> bool {
+        let live = self.live_brokers();
+        self.topics.values().any(|topic| {
+            topic.partitions.iter().any(|partition| {
+                partition.replicas.first().is_some_and(|&preferred| {
+                    partition.leader != Some(preferred)
+                        && partition.in_sync(preferred)
+                        && live.contains(&preferred)
+                })
+            })
+        })
+    }
+
     fn elect_preferred(&mut self) {
         let live = self.live_brokers();
         for topic in self.topics.values_mut() {

@@ -248,6 +248,19 @@ impl Replica {
         self.state.as_ref().map_or(-1, |state| state.leader_epoch)
     }
 
+    /// A leader's lowest end offset over all its replicas (`own_end` for
+    /// itself; 0 for a follower not heard from in this leadership): what
+    /// every replica holds. 0 on a follower.
+    pub fn replicas_end_floor(&self, own_end: u64) -> u64 {
+        let Role::Leader { progress, .. } = &self.role else {
+            return 0;
+        };
+        progress
+            .values()
+            .map(|follower| follower.end_offset.unwrap_or(0))
+            .fold(own_end, u64::min)
+    }
+
     /// The in-sync set the high watermark is computed over: the committed
     /// one joined with a proposed expansion.
     pub fn maximal_isr(&self) -> Vec<BrokerId> {

@@ -86,9 +86,9 @@ pub struct Coordinator {
     /// Partitions of the offsets topic: configured until the topic exists,
     /// then the topic's own count.
     offsets_partitions: AtomicU32,
-    /// Offsets partitions this broker leads and has loaded: it coordinates
-    /// their groups.
-    owned: Mutex<BTreeSet<u32>>,
+    /// Offsets partitions this broker leads and has loaded, with the
+    /// leader epoch it loaded them in: it coordinates their groups.
+    owned: Mutex<BTreeMap<u32, i32>>,
     /// Offsets partitions whose load failed, with the leader epoch it
     /// failed in (not retried until leadership changes).
     load_failed: Mutex<BTreeMap<u32, i32>>,
@@ -129,7 +129,7 @@ impl Coordinator {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             offsets_partitions: AtomicU32::new(offsets_partitions.max(1)),
-            owned: Mutex::new(BTreeSet::new()),
+            owned: Mutex::new(BTreeMap::new()),
             load_failed: Mutex::new(BTreeMap::new()),
             initial_delay,
             offsets_retention_ms: OFFSETS_RETENTION_MS,
@@ -479,6 +479,8 @@ impl Coordinator {
         ListGroupsResponse {
             groups: groups
                 .iter()
+                // Only those coordinated here (another broker lists the rest).
+                .filter(|(name, _)| self.check_coordinator(name).is_ok())
                 .map(|(name, group)| GroupListing {
                     group: name.clone(),
                     state: group.state.name().to_string(),

@@ -82,7 +82,7 @@ impl Coordinator {
     /// offsets partition and has loaded it), else `NotCoordinator`.
     pub fn check_coordinator(&self, group: &str) -> Result<(), ErrorCode> {
         let index = offsets_partition(group, self.partition_count());
-        if lock(&self.owned).contains(&index) {
+        if lock(&self.owned).contains_key(&index) {
             Ok(())
         } else {
             Err(ErrorCode::NotCoordinator)
@@ -90,15 +90,20 @@ impl Coordinator {
     }
 
     /// Takes up the offsets partitions this broker has come to lead
-    /// (loading their groups) and gives up those it no longer leads
-    /// (dropping their groups, whose members then find the new
-    /// coordinator). Blocking (reads logs, takes commit locks): call it off
-    /// the runtime, as leadership may have moved.
+    /// (loading their groups) and gives up those it no longer leads, or
+    /// leads in another epoch than it loaded them in (dropping their
+    /// groups, whose members then find the coordinator again; a partition
+    /// led anew is loaded afresh, since another leader may have taken
+    /// commits in between). A partition whose commit lock is held (a commit
+    /// waiting for its replicas) is left to the next call. Blocking (reads
+    /// logs): call it off the runtime.
     pub fn follow_leadership(&self, topics: &Topics) {
         let Some(topic) = topics.get(OFFSETS_TOPIC) else {
-            let owned: Vec<u32> = lock(&self.owned).iter().copied().collect();
+            let owned: Vec<u32> = lock(&self.owned).keys().copied().collect();
             for index in owned {
-                self.unload(index);
+                if let Ok(_ordered) = self.commit_lock(index).try_lock() {
+                    self.unload(index);
+                }
             }
             return;
         };
@@ -106,45 +111,60 @@ impl Coordinator {
             .store(topic.partitions.len().max(1) as u32, Ordering::Release);
         for partition in &topic.partitions {
             let index = partition.index;
+            let epoch = partition.leader_epoch();
             let leads = partition.is_leader() && !partition.is_deleted();
-            let owned = lock(&self.owned).contains(&index);
-            if leads && !owned {
-                let epoch = partition.leader_epoch();
-                if lock(&self.load_failed).get(&index) == Some(&epoch) {
-                    continue;
-                }
-                let _ordered =
-                    self.commit_locks[index as usize % self.commit_locks.len()].blocking_lock();
-                match self.load_partition(partition) {
-                    Ok(()) => {
-                        lock(&self.owned).insert(index);
-                        lock(&self.load_failed).remove(&index);
-                    }
-                    Err(error) => {
-                        // Serving the partition's groups without the offsets
-                        // it failed to load would hand out wrong positions.
-                        tracing::error!(partition = index, epoch, %error,
-                            "cannot load the offsets partition; its groups stay uncoordinated");
-                        lock(&self.load_failed).insert(index, epoch);
-                    }
-                }
-            } else if !leads && owned {
+            let loaded_in = lock(&self.owned).get(&index).copied();
+            if leads && loaded_in == Some(epoch) {
+                continue;
+            }
+            if !leads && loaded_in.is_none() {
+                continue;
+            }
+            let Ok(_ordered) = self.commit_lock(index).try_lock() else {
+                continue;
+            };
+            if loaded_in.is_some() {
                 self.unload(index);
+            }
+            if !leads || lock(&self.load_failed).get(&index) == Some(&epoch) {
+                continue;
+            }
+            match self.load_partition(partition) {
+                Ok(()) => {
+                    lock(&self.owned).insert(index, epoch);
+                    lock(&self.load_failed).remove(&index);
+                }
+                Err(error) => {
+                    // Serving the partition's groups without the offsets it
+                    // failed to load would hand out wrong positions.
+                    tracing::error!(partition = index, epoch, %error,
+                        "cannot load the offsets partition; its groups stay uncoordinated");
+                    lock(&self.load_failed).insert(index, epoch);
+                }
             }
         }
     }
 
-    /// Stops coordinating the groups of offsets partition `index`.
+    /// The lock a commit to offsets partition `index` holds from append to
+    /// apply.
+    fn commit_lock(&self, index: u32) -> &tokio::sync::Mutex<()> {
+        &self.commit_locks[index as usize % self.commit_locks.len()]
+    }
+
+    /// Stops coordinating the groups of offsets partition `index` (its
+    /// commit lock held by the caller).
     fn unload(&self, index: u32) {
-        let _ordered = self.commit_locks[index as usize % self.commit_locks.len()].blocking_lock();
-        lock(&self.owned).remove(&index);
         let count = self.partition_count();
         let mut dropped = 0usize;
-        lock(&self.groups).retain(|name, _| {
-            let keep = offsets_partition(name, count) != index;
-            dropped += usize::from(!keep);
-            keep
-        });
+        {
+            let mut groups = lock(&self.groups);
+            lock(&self.owned).remove(&index);
+            groups.retain(|name, _| {
+                let keep = offsets_partition(name, count) != index;
+                dropped += usize::from(!keep);
+                keep
+            });
+        }
         // Joins waiting on a dropped group answer NotCoordinator.
         self.changed.notify_waiters();
         tracing::info!(
@@ -155,7 +175,8 @@ impl Coordinator {
     }
 
     /// Loads the groups of one offsets partition this broker now leads:
-    /// its snapshot, then the records after it, replacing whatever this
+    /// its snapshot, then the records after it (read without holding the
+    /// groups' lock, which every group call takes), replacing whatever this
     /// broker held of those groups before.
     ///
     /// # Errors
@@ -163,17 +184,23 @@ impl Coordinator {
     /// its snapshot) but whose snapshot is missing or unreadable: serving
     /// it anyway would silently forget the groups it held.
     fn load_partition(&self, partition: &crate::partition::Partition) -> Result<(), String> {
-        let now = Instant::now();
         let count = self.partition_count();
-        let mut groups = lock(&self.groups);
-        groups.retain(|name, _| offsets_partition(name, count) != partition.index);
-        let records = replay(partition, &mut groups, now)?;
+        let mut loaded = BTreeMap::new();
+        let records = replay(partition, &mut loaded, Instant::now())?;
+        let loaded_groups = loaded.len();
+        {
+            let mut groups = lock(&self.groups);
+            groups.retain(|name, _| offsets_partition(name, count) != partition.index);
+            // Only this partition's groups: its log holds no others.
+            groups.extend(
+                loaded
+                    .into_iter()
+                    .filter(|(name, _)| offsets_partition(name, count) == partition.index),
+            );
+        }
         tracing::info!(
             partition = partition.index,
-            groups = groups
-                .keys()
-                .filter(|name| offsets_partition(name, count) == partition.index)
-                .count(),
+            groups = loaded_groups,
             records,
             "coordinating the groups of this offsets partition"
         );
@@ -210,8 +237,11 @@ impl Coordinator {
             // append and its apply, so the end offset and the table agree.
             let _ordered = self.commit_locks[partition.index as usize % self.commit_locks.len()]
                 .blocking_lock();
-            // Only the coordinator's table is the partition's content.
-            if !lock(&self.owned).contains(&partition.index) {
+            // Only the coordinator's table is the partition's content, and
+            // only while it leads in the epoch it loaded in (a partition led
+            // elsewhere meanwhile took commits this table does not have).
+            let loaded_in = lock(&self.owned).get(&partition.index).copied();
+            if !partition.is_leader() || loaded_in != Some(partition.leader_epoch()) {
                 continue;
             }
             // Only durable commits may be covered (a crash must not leave
@@ -262,8 +292,12 @@ impl Coordinator {
             }
             // The snapshot (durable) now stands for every record below its
             // offset: whole segments of them can go, which keeps the
-            // offsets log from growing with every commit for ever.
-            match partition.log.delete_segments_before(offset) {
+            // offsets log from growing with every commit for ever. Only
+            // below what every replica has (followers keep whole logs and
+            // replay them when they come to lead), so that no replica is
+            // left behind the log's start.
+            let below = offset.min(partition.replicas_end_floor());
+            match partition.log.delete_segments_before(below) {
                 Ok(outcome) if outcome.segments_deleted > 0 => tracing::info!(
                     partition = partition.index,
                     segments = outcome.segments_deleted,
@@ -351,42 +385,36 @@ impl Coordinator {
             group.since_commit = RunningTime::starting(Instant::now());
         }
         let batch = offsets_batch(&request);
-        // As an acks=all produce: the next coordinator (any in-sync
-        // replica) has every commit that was answered.
-        let outcome = async {
+        // Leadership moved under the commit: the client finds the new
+        // coordinator and commits there.
+        let moved = |error: ErrorCode| match error {
+            ErrorCode::NotLeader | ErrorCode::FencedLeaderEpoch => ErrorCode::NotCoordinator,
+            error => error,
+        };
+        let appended = async {
             let epoch = partition.check_produce(true)?;
             let appended = partition.submit(batch, epoch)?.wait().await?;
-            tokio::time::timeout(
-                Duration::from_millis(OFFSET_COMMIT_REPLICATION_TIMEOUT_MS),
-                partition.wait_replicated(appended.end_offset, epoch),
-            )
-            .await
-            .map_err(|_| ErrorCode::Timeout)?
+            Ok::<_, ErrorCode>((epoch, appended))
         };
-        if let Err(error) = outcome.await {
-            // Leadership moved under the commit: the client finds the new
-            // coordinator and commits there.
-            let error = match error {
-                ErrorCode::NotLeader | ErrorCode::FencedLeaderEpoch => ErrorCode::NotCoordinator,
-                error => error,
-            };
-            return refuse(error, &request);
-        }
-        {
-            let mut groups = lock(&self.groups);
-            let group = groups
-                .entry(request.group.clone())
-                .or_insert_with(|| Group::new(Instant::now()));
-            group.since_commit = RunningTime::starting(Instant::now());
-            for offset in &request.offsets {
-                group.offsets.insert(
-                    (offset.topic.clone(), offset.partition),
-                    Committed {
-                        offset: offset.offset,
-                        metadata: offset.metadata.clone(),
-                    },
-                );
-            }
+        let (epoch, appended) = match appended.await {
+            Ok(appended) => appended,
+            Err(error) => return refuse(moved(error), &request),
+        };
+        // In the log now: the table follows the log whatever the wait
+        // below says (a snapshot, taken only once the whole log is
+        // committed, must not cover a record the table lacks).
+        self.apply_commit(&request);
+        // As an acks=all produce: the next coordinator (any in-sync
+        // replica) has every commit that was answered.
+        let replicated = tokio::time::timeout(
+            Duration::from_millis(OFFSET_COMMIT_REPLICATION_TIMEOUT_MS),
+            partition.wait_replicated(appended.end_offset, epoch),
+        )
+        .await
+        .map_err(|_| ErrorCode::Timeout)
+        .and_then(|outcome| outcome);
+        if let Err(error) = replicated {
+            return refuse(moved(error), &request);
         }
         OffsetCommitResponse {
             error: ErrorCode::None,
@@ -399,6 +427,24 @@ impl Coordinator {
                     error: ErrorCode::None,
                 })
                 .collect(),
+        }
+    }
+
+    /// Applies a commit that is in the log to the table.
+    fn apply_commit(&self, request: &OffsetCommitRequest) {
+        let mut groups = lock(&self.groups);
+        let group = groups
+            .entry(request.group.clone())
+            .or_insert_with(|| Group::new(Instant::now()));
+        group.since_commit = RunningTime::starting(Instant::now());
+        for offset in &request.offsets {
+            group.offsets.insert(
+                (offset.topic.clone(), offset.partition),
+                Committed {
+                    offset: offset.offset,
+                    metadata: offset.metadata.clone(),
+                },
+            );
         }
     }
 

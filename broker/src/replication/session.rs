@@ -108,6 +108,9 @@ pub async fn run(broker: Arc<Broker>, incarnation: u64, upgrading: bool) {
             broker: me,
             incarnation,
             caught_up: true,
+            shutting_down: broker
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Acquire),
         });
     }
 }

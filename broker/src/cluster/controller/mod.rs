@@ -107,6 +107,8 @@ pub struct ControllerConfig {
     pub unclean_leader_election: bool,
     /// Bound on one proposal (leader changes included).
     pub propose_timeout_ms: u64,
+    /// How often the leader restores preferred leaders (0: never).
+    pub leader_rebalance_interval_ms: u64,
 }
 
 /// Why the controller could not do what was asked.
@@ -136,6 +138,10 @@ pub struct Heartbeat {
     /// It has applied metadata at least up to its registration, so it may
     /// be unfenced.
     pub caught_up: bool,
+    /// It is stopping (SIGTERM): fence it now, so its leaderships move
+    /// while it still serves, and do not unfence it again.
+    #[serde(default)]
+    pub shutting_down: bool,
 }
 
 /// One broker's session as this voter sees it.
@@ -143,6 +149,7 @@ pub struct Heartbeat {
 struct Session {
     incarnation: u64,
     caught_up: bool,
+    shutting_down: bool,
     last_heartbeat: Instant,
     /// When the connection its heartbeats came over closed, if no
     /// heartbeat arrived since.
@@ -363,6 +370,7 @@ impl Controller {
             Session {
                 incarnation: heartbeat.incarnation,
                 caught_up: heartbeat.caught_up,
+                shutting_down: heartbeat.shutting_down,
                 last_heartbeat: Instant::now(),
                 connection_lost_at: None,
             },
@@ -545,6 +553,7 @@ impl Controller {
         let mut tick = tokio::time::interval(Duration::from_millis(LIVENESS_CHECK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let started = Instant::now();
+        let mut preferred_checked = Instant::now();
         loop {
             tick.tick().await;
             let Some(controller) = controller.upgrade() else {
@@ -556,6 +565,19 @@ impl Controller {
             for command in controller.liveness_commands(started) {
                 if let Err(error) = controller.propose(command.clone()).await {
                     tracing::debug!(%error, ?command, "controller: liveness change not committed");
+                }
+            }
+            let interval = controller.config.leader_rebalance_interval_ms;
+            if interval > 0 && preferred_checked.elapsed() >= Duration::from_millis(interval) {
+                preferred_checked = Instant::now();
+                if controller.view().image.preferred_leaders_wanted() {
+                    tracing::info!("controller: moving leadership back to preferred replicas");
+                    if let Err(error) = controller
+                        .propose(MetadataCommand::ElectPreferredLeaders)
+                        .await
+                    {
+                        tracing::debug!(%error, "controller: preferred leaders not committed");
+                    }
                 }
             }
         }
@@ -583,14 +605,22 @@ impl Controller {
                 .and_then(|session| session.connection_lost_at)
                 .is_some_and(|lost| now.duration_since(lost) >= grace);
             let alive = now.duration_since(last) < timeout && !connection_gone;
-            if !broker.fenced && !alive {
+            let stopping = session.is_some_and(|session| session.shutting_down);
+            if !broker.fenced && stopping {
+                tracing::info!(broker = id, "controller: controlled shutdown, fencing");
+                commands.push(MetadataCommand::FenceBroker { id: *id });
+            } else if !broker.fenced && !alive {
                 tracing::info!(
                     broker = id,
                     connection_gone,
                     "controller: session expired, fencing"
                 );
                 commands.push(MetadataCommand::FenceBroker { id: *id });
-            } else if broker.fenced && alive && session.is_some_and(|session| session.caught_up) {
+            } else if broker.fenced
+                && alive
+                && !stopping
+                && session.is_some_and(|session| session.caught_up)
+            {
                 commands.push(MetadataCommand::UnfenceBroker {
                     id: *id,
                     incarnation: broker.incarnation,
