@@ -107,10 +107,10 @@ pub struct BrokerConfig {
     pub broker_session_timeout_ms: u64,
     /// How often a broker heartbeats to every controller voter. Default 150 ms.
     pub broker_heartbeat_ms: u64,
-    /// The controller's Raft heartbeat. Default 100 ms.
+    /// The controller's Raft heartbeat. Default 50 ms.
     pub controller_heartbeat_ms: u64,
     /// The controller's Raft election timeout, lower end (the upper end is
-    /// twice it). Default 500 ms.
+    /// twice it). Default 150 ms.
     pub controller_election_timeout_ms: u64,
     /// Bound on one metadata change (topic creation, in-sync change),
     /// controller failover included. Default 10 s.
@@ -178,8 +178,8 @@ impl Default for BrokerConfig {
             rack: None,
             broker_session_timeout_ms: 1_500,
             broker_heartbeat_ms: 150,
-            controller_heartbeat_ms: 100,
-            controller_election_timeout_ms: 500,
+            controller_heartbeat_ms: 50,
+            controller_election_timeout_ms: 150,
             controller_propose_timeout_ms: 10_000,
             replica_lag_time_max_ms: 10_000,
             min_insync_replicas: None,
