@@ -28,6 +28,15 @@ pub struct WorkloadArgs {
     /// free port with a temporary data directory.
     #[arg(long)]
     spawn_broker: bool,
+    /// Start a cluster of this many brokers of our own (1, 3 or 5, every
+    /// one a controller voter, `flush = always`) on free ports, with a
+    /// temporary data directory each, and bootstrap from all of them.
+    #[arg(long)]
+    spawn_cluster: Option<usize>,
+    /// Replicas of each partition of the benchmark topic (0: the broker's
+    /// default, min(3, brokers)).
+    #[arg(long, default_value_t = 0)]
+    replication_factor: u16,
     /// The broker's admin HTTP address, to read its own produce latency
     /// histogram after the run (known by itself with --spawn-broker).
     #[arg(long)]
@@ -90,6 +99,10 @@ pub struct WorkloadArgs {
 #[derive(Debug, Default, Serialize)]
 struct WorkloadReport {
     workload: String,
+    /// Brokers serving the benchmark topic.
+    brokers: usize,
+    /// Replicas of each of its partitions.
+    replication_factor: u16,
     producers: usize,
     consumers: usize,
     partitions: u32,
@@ -157,6 +170,90 @@ struct TempDir(std::path::PathBuf);
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A cluster started for the benchmark: the processes (killed on drop) and
+/// their data directories (removed on drop).
+struct SpawnedCluster {
+    _cluster: weir_testkit::Cluster,
+    _dir: TempDir,
+}
+
+fn spawn_cluster(brokers: usize) -> anyhow::Result<(SpawnedCluster, String)> {
+    if !(1..=5).contains(&brokers) || brokers.is_multiple_of(2) {
+        bail!("--spawn-cluster must be 1, 3 or 5 (every broker is a controller voter)");
+    }
+    let binary = broker_binary()?;
+    let dir = std::env::current_dir()?.join(format!("weir-bench-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cluster = weir_testkit::Cluster::start_binary(&binary, brokers, &dir, &[]);
+    let bootstrap = cluster.bootstrap();
+    Ok((
+        SpawnedCluster {
+            _cluster: cluster,
+            _dir: TempDir(dir),
+        },
+        bootstrap,
+    ))
+}
+
+/// `weir-broker` next to this binary.
+fn broker_binary() -> anyhow::Result<std::path::PathBuf> {
+    let binary = std::env::current_exe()?
+        .parent()
+        .map(|dir| dir.join("weir-broker"))
+        .context("binary directory")?;
+    if !binary.exists() {
+        bail!(
+            "{} not found: cargo build --release -p weir-broker",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// Creates the benchmark topic once the cluster takes writes (a cluster
+/// just started elects its controller first), and waits until every
+/// partition has a leader with all its replicas in sync.
+async fn create_bench_topic(addr: &str, topic: &str, args: &WorkloadArgs) -> anyhow::Result<u16> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let admin = Admin::connect(addr).await?;
+    loop {
+        match admin
+            .create_topic_replicated(topic, args.partitions, args.replication_factor)
+            .await
+        {
+            Ok(()) => break,
+            Err(error) if Instant::now() < deadline => {
+                tracing::debug!(%error, "cluster not writable yet");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    loop {
+        let metadata = admin.metadata(Some(vec![topic.to_string()])).await?;
+        let partitions = metadata
+            .topics
+            .first()
+            .map(|topic| topic.partitions.clone())
+            .unwrap_or_default();
+        let replicas = partitions
+            .first()
+            .map_or(0, |partition| partition.replicas.len());
+        let ready = partitions.len() == args.partitions as usize
+            && partitions.iter().all(|partition| {
+                partition.leader >= 0
+                    && partition.in_sync_replicas.len() == partition.replicas.len()
+            });
+        if ready {
+            return Ok(u16::try_from(replicas).unwrap_or(u16::MAX));
+        }
+        if Instant::now() >= deadline {
+            bail!("{topic}: not every partition led with all replicas in sync within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -437,21 +534,35 @@ async fn consume_phase(
 /// # Errors
 /// Bad arguments, an unreachable broker, or a failed workload.
 pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
+    if args.spawn_broker && args.spawn_cluster.is_some() {
+        bail!("--spawn-broker and --spawn-cluster exclude each other");
+    }
+    let cluster = match args.spawn_cluster {
+        Some(brokers) => Some(spawn_cluster(brokers)?),
+        None => None,
+    };
     let (spawned, addr) = if args.spawn_broker {
         let (spawned, addr) = spawn_broker()?;
         (Some(spawned), addr)
+    } else if let Some((_, bootstrap)) = &cluster {
+        (None, bootstrap.clone())
     } else {
         (None, args.broker.clone())
     };
+    // A cluster's produce latency is spread over its leaders' histograms:
+    // only a single broker's is read.
     let admin = spawned
         .as_ref()
         .map(|spawned| spawned.process.admin_addr.to_string())
         .or_else(|| args.admin.clone());
     let topic = format!("bench-{}-{}", workload, std::process::id());
-    Admin::connect(&addr)
+    let replication_factor = create_bench_topic(&addr, &topic, args).await?;
+    let brokers = Admin::connect(&addr)
         .await?
-        .create_topic(&topic, args.partitions)
-        .await?;
+        .metadata(Some(Vec::new()))
+        .await?
+        .brokers
+        .len();
     let seconds = Duration::from_secs(args.seconds);
     let stop = Arc::new(AtomicBool::new(false));
     let timer = {
@@ -463,6 +574,8 @@ pub async fn run(workload: &str, args: &WorkloadArgs) -> anyhow::Result<()> {
     };
     let mut report = WorkloadReport {
         workload: workload.to_string(),
+        brokers,
+        replication_factor,
         producers: args.producers,
         consumers: args.consumers,
         partitions: args.partitions,
