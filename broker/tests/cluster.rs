@@ -593,3 +593,61 @@ fn first_live(cluster: &Cluster) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// Kill -9 of the controller quorum's leader: the other two voters elect a
+/// new one and metadata goes on (a topic is created and takes acknowledged
+/// writes), and the killed broker registers again when it returns and
+/// rejoins the in-sync set of the topic it replicated.
+#[test]
+fn controller_leader_kill_keeps_metadata_going() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(3, root.path(), FLAGS);
+    let runtime = runtime();
+    runtime.block_on(async {
+        create_replicated(&cluster, "before").await;
+        let first = cluster.addrs[0].to_string();
+        let controller = wait_for("a controller leader", || async {
+            let admin = Admin::connect(&first).await.ok()?;
+            let metadata = admin.metadata(Some(Vec::new())).await.ok()?;
+            u32::try_from(metadata.controller_id)
+                .ok()
+                .filter(|id| *id > 0)
+        })
+        .await;
+        let killed = controller as usize - 1;
+        cluster.kill(killed);
+
+        let survivor = cluster.addrs[(killed + 1) % 3].to_string();
+        let successor = wait_for("a new controller leader", || async {
+            let admin = Admin::connect(&survivor).await.ok()?;
+            let metadata = admin.metadata(Some(Vec::new())).await.ok()?;
+            u32::try_from(metadata.controller_id)
+                .ok()
+                .filter(|id| *id > 0 && *id != controller)
+        })
+        .await;
+        assert_ne!(successor, controller);
+        // Two brokers are left: two replicas.
+        wait_for("a topic created after the kill", || async {
+            let admin = Admin::connect(&survivor).await.ok()?;
+            admin.create_topic_replicated("after", 1, 2).await.ok()
+        })
+        .await;
+        let producer = Producer::connect(&cluster.bootstrap(), acks_all())
+            .await
+            .expect("producer");
+        let values: Vec<String> = (0..50).map(|n| format!("after-{n}")).collect();
+        let acknowledged = produce_all(&producer, "after", &values).await;
+        let read = read_all(&cluster.bootstrap(), "after", acknowledged.len()).await;
+        assert_eq!(read, acknowledged);
+
+        cluster.restart(killed);
+        let all: BTreeSet<u32> = [1, 2, 3].into();
+        wait_for("the returned broker back in sync", || async {
+            placement(&survivor, "before", 0)
+                .await
+                .filter(|placement| placement.isr == all)
+        })
+        .await;
+    });
+}
