@@ -651,3 +651,58 @@ fn controller_leader_kill_keeps_metadata_going() {
         .await;
     });
 }
+
+/// A follower that was down while its leader's retention deleted
+/// everything past the follower's end cannot fetch on from where it
+/// stopped: it starts its log over at the leader's log start, catches up
+/// and rejoins the in-sync set.
+#[test]
+fn follower_behind_the_leaders_log_start_starts_over() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let config = root.path().join("weir.toml");
+    // 1 MiB segments, about two kept: retention runs ahead of a follower
+    // that misses a few MiB.
+    std::fs::write(
+        &config,
+        "segment_bytes = 1048576\nretention_bytes = 2097152\nretention_check_ms = 100\n",
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    let mut cluster = Cluster::start(3, root.path(), &["--config", &config]);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let placed = create_replicated(&cluster, "short").await;
+        let leader_index = placed.leader as usize - 1;
+        let follower = (leader_index + 1) % 3;
+        let producer = Producer::connect(&cluster.bootstrap(), acks_all())
+            .await
+            .expect("producer");
+        let small: Vec<String> = (0..100).map(|n| format!("early-{n}")).collect();
+        produce_all(&producer, "short", &small).await;
+        cluster.kill(follower);
+
+        // About 8 MiB while it is away, in 4 KiB values.
+        let filler = "x".repeat(4096);
+        let values: Vec<String> = (0..2_000).map(|n| format!("{n}-{filler}")).collect();
+        produce_all(&producer, "short", &values).await;
+        let leader_addr = cluster.addrs[leader_index].to_string();
+        let admin = Admin::connect(&leader_addr).await.expect("admin");
+        wait_for("the leader's retention past the follower's end", || async {
+            let start = admin
+                .list_offset("short", 0, weir_protocol::message::OFFSET_SPEC_EARLIEST)
+                .await
+                .ok()?;
+            (start > 100).then_some(start)
+        })
+        .await;
+
+        cluster.restart(follower);
+        let all: BTreeSet<u32> = [1, 2, 3].into();
+        wait_for("the follower back in sync", || async {
+            placement(&leader_addr, "short", 0)
+                .await
+                .filter(|placement| placement.isr == all)
+        })
+        .await;
+    });
+}

@@ -1053,6 +1053,23 @@ impl Log {
         Ok(())
     }
 
+    /// Empties the log and starts it again at `offset`, which may lie
+    /// beyond the current end: what a follower does when its leader's log
+    /// now starts past everything the follower holds (the records between
+    /// were deleted by retention while it was away), so that it can fetch
+    /// on from the leader's start. Waits for in-flight appends first.
+    ///
+    /// # Errors
+    /// I/O errors, with the path.
+    pub fn truncate_fully_and_start_at(&self, offset: u64) -> Result<()> {
+        let mut writer = lock(&self.writer);
+        self.check_open(&writer)?;
+        drop(self.wait_drained());
+        self.reset_to(&mut writer, offset)?;
+        lock(&self.shared.publish).failed = false;
+        Ok(())
+    }
+
     /// Cuts the log at `offset` (≤ the published end). No write may be in
     /// flight. Order matters for a crash midway and for concurrent readers:
     /// first the recovery point drops to the segment being cut (so the next

@@ -259,6 +259,26 @@ async fn fetch_once(
             continue;
         }
         let partition = &current.partition;
+        if data.error == ErrorCode::OffsetOutOfRange
+            && data.log_start_offset > partition.log.end_offset()
+        {
+            // The leader's retention deleted everything past this log's
+            // end while this broker was away: nothing here can be matched
+            // against the leader any more, so start again at its start.
+            tracing::info!(topic = %partition.topic, partition = partition.index,
+                end = partition.log.end_offset(), leader_start = data.log_start_offset,
+                "behind the leader's log start: starting over there");
+            if let Err(error) = partition
+                .log
+                .truncate_fully_and_start_at(data.log_start_offset)
+            {
+                tracing::error!(topic = %partition.topic, partition = partition.index,
+                    %error, "cannot start over at the leader's log start");
+            } else {
+                progressed = true;
+            }
+            continue;
+        }
         let answer = if !data.error.is_ok() {
             FetchAnswer::Refused(data.error)
         } else if data.diverging == 1 {
