@@ -462,6 +462,19 @@ impl Consumer {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(RECONNECT_BACKOFF_MS_MAX));
                 }
+                // The metadata has the partition but its leader does not
+                // hold it yet (a topic created a moment ago reaches its
+                // leaders a moment later): ask again. A topic that is
+                // really gone leaves the metadata, and the next attempt
+                // says so.
+                Err(ClientError::UnknownTopic(_))
+                    if self.router.knows_partition(topic, partition)
+                        && tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    self.router.forget_leader(topic, partition);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(RECONNECT_BACKOFF_MS_MAX));
+                }
                 Err(ClientError::Broker(ErrorCode::UnknownTopicOrPartition)) => {
                     return Err(ClientError::UnknownTopic(topic.to_string()));
                 }

@@ -999,6 +999,10 @@ async fn finish(
     loop {
         // Out of sequence while idempotent: an earlier batch of the
         // partition failed and is being retried; this one goes in after it.
+        // So too an unknown producer id: after leadership moved, a new
+        // leader that never got the producer's first batch (it was still
+        // being replicated) knows no state for it until that batch's retry
+        // lands there.
         // An unknown partition is retried too (as in Kafka): in a cluster a
         // new topic reaches its leaders a moment after it is created.
         let retriable = |error: &ClientError| {
@@ -1008,7 +1012,12 @@ async fn finish(
                     ClientError::Broker(ErrorCode::UnknownTopicOrPartition)
                 )
                 || (shared.identity.is_some()
-                    && matches!(error, ClientError::Broker(ErrorCode::OutOfOrderSequence)))
+                    && matches!(
+                        error,
+                        ClientError::Broker(
+                            ErrorCode::OutOfOrderSequence | ErrorCode::UnknownProducerId
+                        )
+                    ))
         };
         if let Some(reason) = shared.fatal_reason() {
             if result.is_err() {
@@ -1020,7 +1029,9 @@ async fn finish(
         // use up this batch's retries.
         let behind_a_retry = matches!(
             &result,
-            Err(ClientError::Broker(ErrorCode::OutOfOrderSequence))
+            Err(ClientError::Broker(
+                ErrorCode::OutOfOrderSequence | ErrorCode::UnknownProducerId
+            ))
         ) && lock(&shared.state)
             .partition_mut(topic, partition)
             .and_then(|state| state.window.unresolved.first().copied())
