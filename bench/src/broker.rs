@@ -258,16 +258,7 @@ async fn create_bench_topic(addr: &str, topic: &str, args: &WorkloadArgs) -> any
 }
 
 fn spawn_broker() -> anyhow::Result<(SpawnedBroker, String)> {
-    let binary = std::env::current_exe()?
-        .parent()
-        .map(|dir| dir.join("weir-broker"))
-        .context("binary directory")?;
-    if !binary.exists() {
-        bail!(
-            "{} not found: cargo build --release -p weir-broker",
-            binary.display()
-        );
-    }
+    let binary = broker_binary()?;
     let dir = std::env::current_dir()?.join(format!("weir-bench-broker-{}", std::process::id()));
     let process = weir_testkit::BrokerProcess::start_binary(&binary, &dir, &[]);
     let addr = process.addr.to_string();

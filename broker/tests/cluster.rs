@@ -27,7 +27,12 @@ struct Placement {
     isr: BTreeSet<u32>,
 }
 
-async fn placement(addr: &str, topic: &str, partition: u32) -> Option<Placement> {
+/// The partitions of `topic` as the broker at `addr` sees them, in order;
+/// `None` if it does not answer within 5 s.
+async fn topic_partitions(
+    addr: &str,
+    topic: &str,
+) -> Option<Vec<weir_protocol::message::PartitionMetadata>> {
     let admin = tokio::time::timeout(Duration::from_secs(5), Admin::connect(addr))
         .await
         .ok()?
@@ -39,13 +44,16 @@ async fn placement(addr: &str, topic: &str, partition: u32) -> Option<Placement>
     .await
     .ok()?
     .ok()?;
-    let state = metadata
-        .topics
-        .first()?
-        .partitions
-        .iter()
-        .find(|state| state.partition == partition)?
-        .clone();
+    let mut states = metadata.topics.first()?.partitions.clone();
+    states.sort_by_key(|state| state.partition);
+    Some(states)
+}
+
+async fn placement(addr: &str, topic: &str, partition: u32) -> Option<Placement> {
+    let state = topic_partitions(addr, topic)
+        .await?
+        .into_iter()
+        .find(|state| state.partition == partition)?;
     Some(Placement {
         leader: state.leader,
         leader_epoch: state.leader_epoch,
@@ -67,6 +75,15 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Three brokers under `root` sharing the settings `toml` (a config file
+/// written there).
+fn cluster_with_settings(root: &Path, toml: &str) -> Cluster {
+    let config = root.join("weir.toml");
+    std::fs::write(&config, toml).expect("config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    Cluster::start(3, root, &["--config", &config])
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -412,21 +429,9 @@ fn coordinator_kill_keeps_committed_offsets() {
 /// Every partition of `topic` as the broker at `addr` sees it: (leader,
 /// replicas, in-sync set).
 async fn partitions(addr: &str, topic: &str) -> Option<Vec<(i32, Vec<u32>, BTreeSet<u32>)>> {
-    let admin = tokio::time::timeout(Duration::from_secs(5), Admin::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
-    let metadata = tokio::time::timeout(
-        Duration::from_secs(5),
-        admin.metadata(Some(vec![topic.to_string()])),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let mut states = metadata.topics.first()?.partitions.clone();
-    states.sort_by_key(|state| state.partition);
     Some(
-        states
+        topic_partitions(addr, topic)
+            .await?
             .into_iter()
             .map(|state| {
                 (
@@ -447,14 +452,10 @@ async fn partitions(addr: &str, topic: &str) -> Option<Vec<(i32, Vec<u32>, BTree
 #[test]
 fn rolling_restart_gives_clients_no_error() {
     let root = tempfile::tempdir().expect("tempdir");
-    let config = root.path().join("weir.toml");
-    std::fs::write(
-        &config,
+    let mut cluster = cluster_with_settings(
+        root.path(),
         "segment_bytes = 8388608\nleader_rebalance_interval_ms = 500\n",
-    )
-    .expect("config");
-    let config = config.to_str().expect("utf-8 path").to_string();
-    let mut cluster = Cluster::start(3, root.path(), &["--config", &config]);
+    );
     let runtime = runtime();
     runtime.block_on(async {
         let first = cluster.addrs[0].to_string();
@@ -659,16 +660,12 @@ fn controller_leader_kill_keeps_metadata_going() {
 #[test]
 fn follower_behind_the_leaders_log_start_starts_over() {
     let root = tempfile::tempdir().expect("tempdir");
-    let config = root.path().join("weir.toml");
     // 1 MiB segments, about two kept: retention runs ahead of a follower
     // that misses a few MiB.
-    std::fs::write(
-        &config,
+    let mut cluster = cluster_with_settings(
+        root.path(),
         "segment_bytes = 1048576\nretention_bytes = 2097152\nretention_check_ms = 100\n",
-    )
-    .expect("config");
-    let config = config.to_str().expect("utf-8 path").to_string();
-    let mut cluster = Cluster::start(3, root.path(), &["--config", &config]);
+    );
     let runtime = runtime();
     runtime.block_on(async {
         let placed = create_replicated(&cluster, "short").await;
