@@ -73,6 +73,9 @@ pub async fn handle(context: &Arc<ConnectionContext>, request: Request) -> Optio
         Request::ReplicaFetch(request) => {
             Response::ReplicaFetch(replica_fetch(context, request).await)
         }
+        Request::ReassignPartition(request) => {
+            Response::ReassignPartition(reassign_partition(broker, request).await)
+        }
         Request::CreateTopics(request) => {
             Response::CreateTopics(create_topics(context, request).await)
         }
@@ -179,6 +182,32 @@ fn partition_metadata(
             in_sync_replicas: state.isr.clone(),
         })
         .collect()
+}
+
+/// ReassignPartition: proposes the move to the controller; the controller
+/// completes it once the new replicas are in sync.
+async fn reassign_partition(
+    broker: &crate::broker::Broker,
+    request: ReassignPartitionRequest,
+) -> ReassignPartitionResponse {
+    let command = crate::cluster::metadata::MetadataCommand::ReassignPartition {
+        topic: request.topic,
+        partition: request.partition,
+        replicas: request.replicas,
+    };
+    match broker.controller.propose(command).await {
+        Ok(_) => ReassignPartitionResponse {
+            error: ErrorCode::None,
+            message: String::new(),
+        },
+        Err(error) => {
+            let error = crate::topics::TopicError::from_controller(error);
+            ReassignPartitionResponse {
+                error: error.code(),
+                message: error.to_string(),
+            }
+        }
+    }
 }
 
 /// FindCoordinator: the leader of the group's offsets partition, creating

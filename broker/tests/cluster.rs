@@ -703,3 +703,114 @@ fn follower_behind_the_leaders_log_start_starts_over() {
         .await;
     });
 }
+
+/// `weir partition reassign` moves an RF=2 partition from brokers {a, b}
+/// to {b, c} under an idempotent acks=all producer: the producer sees no
+/// error, the move completes once c is in sync, every acknowledged record
+/// is readable afterwards, and a's copy is deleted.
+#[test]
+fn reassignment_moves_a_partition_without_stopping_it() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let cluster = Cluster::start(3, root.path(), FLAGS);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let first = cluster.addrs[0].to_string();
+        // All three registered and unfenced: the move needs the third.
+        wait_for("three live brokers", || async {
+            let admin = Admin::connect(&first).await.ok()?;
+            let metadata = admin.metadata(Some(Vec::new())).await.ok()?;
+            (metadata.brokers.len() == 3).then_some(())
+        })
+        .await;
+        wait_for("a writable cluster", || async {
+            let admin = Admin::connect(&first).await.ok()?;
+            admin.create_topic_replicated("moving", 1, 2).await.ok()
+        })
+        .await;
+        let replicas = wait_for("a leader with both replicas in sync", || async {
+            topic_partitions(&first, "moving").await.and_then(|states| {
+                let state = states.first()?.clone();
+                (state.leader > 0 && state.in_sync_replicas.len() == 2).then_some(state.replicas)
+            })
+        })
+        .await;
+        let (leaving, staying) = (replicas[0], replicas[1]);
+        let arriving = (1..=3)
+            .find(|id| !replicas.contains(id))
+            .expect("a third broker");
+
+        let producer = Producer::connect(&cluster.bootstrap(), acks_all())
+            .await
+            .expect("producer");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sending = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut deliveries = Vec::new();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) || n < 500 {
+                    let value = format!("moving-{n}");
+                    let record = ProducerRecord::new(value.clone()).partition(0);
+                    deliveries.push((value, producer.send("moving", record).await.expect("send")));
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                producer.flush().await.expect("flush");
+                let mut acknowledged = Vec::new();
+                for (value, delivery) in deliveries {
+                    if let Err(error) = delivery.await {
+                        panic!("{value} not acknowledged: {error}");
+                    }
+                    acknowledged.push(value);
+                }
+                acknowledged
+            })
+        };
+
+        let target = format!("{staying},{arriving}");
+        let bootstrap = cluster.bootstrap();
+        let cli = weir_testkit::workspace_binary("weir");
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(cli)
+                .args(["--broker", &bootstrap, "partition", "reassign", "moving"])
+                .args([
+                    "--partition",
+                    "0",
+                    "--replicas",
+                    &target,
+                    "--timeout-s",
+                    "60",
+                ])
+                .output()
+                .expect("run weir")
+        })
+        .await
+        .expect("cli");
+        assert!(
+            output.status.success(),
+            "weir partition reassign: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let after = topic_partitions(&first, "moving")
+            .await
+            .expect("metadata")
+            .remove(0);
+        assert_eq!(after.replicas, vec![staying, arriving]);
+        let leader = u32::try_from(after.leader).expect("a leader");
+        assert!(leader == staying || leader == arriving, "{after:?}");
+
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let acknowledged = sending.await.expect("producer task");
+        let read = read_all(&cluster.bootstrap(), "moving", acknowledged.len()).await;
+        assert_eq!(
+            read, acknowledged,
+            "every acknowledged record, once, in order"
+        );
+        let leaving_dir = cluster.data_dir(leaving as usize - 1);
+        wait_for("the old replica's copy deleted", || async {
+            log_bytes(&leaving_dir, "moving").is_empty().then_some(())
+        })
+        .await;
+    });
+}

@@ -198,6 +198,82 @@ impl Admin {
         }
     }
 
+    /// Starts moving a partition to `replicas` (broker ids, the preferred
+    /// leader first). The new replicas catch up and join the in-sync set,
+    /// then the controller drops the old ones; Metadata shows the progress
+    /// ([`Admin::wait_for_replicas`] waits for the end).
+    ///
+    /// # Errors
+    /// `UnknownTopic`, `Broker(InvalidRequest)` with the broker's reason in
+    /// the log (an unknown broker, a move already under way), connection
+    /// errors.
+    pub async fn reassign_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        replicas: &[u32],
+    ) -> Result<()> {
+        let request = Request::ReassignPartition(ReassignPartitionRequest {
+            topic: topic.to_string(),
+            partition,
+            replicas: replicas.to_vec(),
+        });
+        match self.connection().await?.call(request).await? {
+            Response::ReassignPartition(response) => match response.error {
+                ErrorCode::None => Ok(()),
+                ErrorCode::UnknownTopicOrPartition => {
+                    Err(ClientError::UnknownTopic(topic.to_string()))
+                }
+                ErrorCode::InvalidRequest => Err(ClientError::InvalidArgument(response.message)),
+                error => Err(ClientError::Broker(error)),
+            },
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Waits until `topic`/`partition` lives on exactly `replicas`, all in
+    /// sync, for at most `timeout`.
+    ///
+    /// # Errors
+    /// `Timeout` when it does not within `timeout`; connection errors.
+    pub async fn wait_for_replicas(
+        &self,
+        topic: &str,
+        partition: u32,
+        replicas: &[u32],
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut wanted = replicas.to_vec();
+        wanted.sort_unstable();
+        loop {
+            let metadata = self.metadata(Some(vec![topic.to_string()])).await?;
+            let done = metadata
+                .topics
+                .first()
+                .and_then(|found| {
+                    found
+                        .partitions
+                        .iter()
+                        .find(|state| state.partition == partition)
+                })
+                .is_some_and(|state| {
+                    let mut now = state.replicas.clone();
+                    now.sort_unstable();
+                    let mut in_sync = state.in_sync_replicas.clone();
+                    in_sync.sort_unstable();
+                    now == wanted && in_sync == wanted && state.leader >= 0
+                });
+            if done {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Timeout);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The offset for `spec` (earliest -2, latest -1, or a timestamp in ms).
     ///
     /// # Errors

@@ -50,11 +50,13 @@ pub enum ApiKey {
     Controller,
     /// Broker to broker: a follower fetches its partitions from their leader.
     ReplicaFetch,
+    /// Move a partition's replicas to another set of brokers.
+    ReassignPartition,
 }
 
 impl ApiKey {
     /// All keys, in numeric order.
-    pub const ALL: [ApiKey; 23] = [
+    pub const ALL: [ApiKey; 24] = [
         ApiKey::Handshake,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -78,6 +80,7 @@ impl ApiKey {
         ApiKey::DescribeGroup,
         ApiKey::Controller,
         ApiKey::ReplicaFetch,
+        ApiKey::ReassignPartition,
     ];
 
     /// The number on the wire.
@@ -106,6 +109,7 @@ impl ApiKey {
             ApiKey::DescribeGroup => 20,
             ApiKey::Controller => 21,
             ApiKey::ReplicaFetch => 22,
+            ApiKey::ReassignPartition => 23,
         }
     }
 

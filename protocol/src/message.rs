@@ -1157,6 +1157,32 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// ReassignPartition request: move a partition's replicas to `replicas`
+    /// (the preferred leader first). The new replicas catch up before the
+    /// old ones are dropped.
+    pub struct ReassignPartitionRequest {
+        /// Topic name.
+        pub topic: String,
+        /// Partition index.
+        pub partition: u32,
+        /// The broker ids the partition is to live on.
+        pub replicas: Vec<u32>,
+    }
+}
+
+wire_struct! {
+    /// The answer to a [`ReassignPartitionRequest`]: the move has started
+    /// (its progress shows in Metadata), or why it was refused.
+    pub struct ReassignPartitionResponse {
+        /// `None`, `UnknownTopicOrPartition`, `InvalidRequest` (with the
+        /// reason in `message`), `NotController` (retriable).
+        pub error: ErrorCode,
+        /// Why, when refused.
+        pub message: String,
+    }
+}
+
 message_enum! {
     /// Every request a client may send.
     Request {
@@ -1183,6 +1209,7 @@ message_enum! {
         DescribeGroup(DescribeGroupRequest) = DescribeGroup,
         Controller(ControllerRequest) = Controller,
         ReplicaFetch(ReplicaFetchRequest) = ReplicaFetch,
+        ReassignPartition(ReassignPartitionRequest) = ReassignPartition,
     }
 }
 
@@ -1212,6 +1239,7 @@ message_enum! {
         DescribeGroup(DescribeGroupResponse) = DescribeGroup,
         Controller(ControllerResponse) = Controller,
         ReplicaFetch(ReplicaFetchResponse) = ReplicaFetch,
+        ReassignPartition(ReassignPartitionResponse) = ReassignPartition,
     }
 }
 

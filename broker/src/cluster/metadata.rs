@@ -86,6 +86,11 @@ pub struct TopicImage {
     pub partitions: Vec<PartitionState>,
     /// Topic configs.
     pub configs: BTreeMap<String, String>,
+    /// Partitions being moved, with the replicas they move to. Meanwhile
+    /// the partition's replicas are the old ones followed by the new: the
+    /// new catch up (and join the in-sync set) before the old are dropped.
+    #[serde(default)]
+    pub reassigning: BTreeMap<u32, Vec<BrokerId>>,
 }
 
 /// A change to the metadata, as proposed to the controller quorum.
@@ -164,6 +169,25 @@ pub enum MetadataCommand {
     },
     /// Moves leadership back to preferred replicas that are in sync.
     ElectPreferredLeaders,
+    /// Starts moving a partition to `replicas` (preferred leader first):
+    /// they are added to its replicas, to catch up.
+    ReassignPartition {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The brokers it is to live on.
+        replicas: Vec<BrokerId>,
+    },
+    /// Finishes a move whose new replicas are all in sync: the replicas
+    /// become the new set, the old leave, and leadership moves into the new
+    /// set if it was outside it.
+    CompleteReassignment {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+    },
     /// Hands a block of producer ids to a broker.
     AllocateProducerIds {
         /// The broker asking.
@@ -366,6 +390,7 @@ impl MetadataImage {
                         id,
                         partitions,
                         configs: configs.clone(),
+                        reassigning: BTreeMap::new(),
                     },
                 );
                 Ok(MetadataOutcome::Done)
@@ -396,6 +421,14 @@ impl MetadataImage {
             MetadataCommand::ElectPreferredLeaders => {
                 self.elect_preferred();
                 Ok(MetadataOutcome::Done)
+            }
+            MetadataCommand::ReassignPartition {
+                topic,
+                partition,
+                replicas,
+            } => self.reassign(topic, *partition, replicas),
+            MetadataCommand::CompleteReassignment { topic, partition } => {
+                self.complete_reassignment(topic, *partition)
             }
             MetadataCommand::AllocateProducerIds { broker, at_least } => {
                 if !self.brokers.contains_key(broker) {
@@ -461,6 +494,105 @@ impl MetadataImage {
                 }
             }
         }
+    }
+
+    fn reassign(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        target: &[BrokerId],
+    ) -> Result<MetadataOutcome, MetadataError> {
+        let invalid = |why: &str| Err(MetadataError::InvalidRequest(why.to_string()));
+        let mut distinct = target.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if target.is_empty() || distinct.len() != target.len() {
+            return invalid("the new replicas must be one or more distinct broker ids");
+        }
+        if let Some(unknown) = target.iter().find(|id| !self.brokers.contains_key(id)) {
+            return invalid(&format!("broker {unknown} is not registered"));
+        }
+        let image = self
+            .topics
+            .get_mut(topic)
+            .ok_or(MetadataError::UnknownTopicOrPartition)?;
+        if image.reassigning.contains_key(&partition) {
+            return invalid("this partition is already being moved");
+        }
+        let state = image
+            .partitions
+            .get_mut(partition as usize)
+            .ok_or(MetadataError::UnknownTopicOrPartition)?;
+        if state.replicas == target {
+            return Ok(MetadataOutcome::Done);
+        }
+        for id in target {
+            if !state.replicas.contains(id) {
+                state.replicas.push(*id);
+            }
+        }
+        state.partition_epoch += 1;
+        let outcome = MetadataOutcome::Partition(state.clone());
+        image.reassigning.insert(partition, target.to_vec());
+        Ok(outcome)
+    }
+
+    fn complete_reassignment(
+        &mut self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<MetadataOutcome, MetadataError> {
+        let live = self.live_brokers();
+        let unclean = self.unclean_leader_election;
+        let image = self
+            .topics
+            .get_mut(topic)
+            .ok_or(MetadataError::UnknownTopicOrPartition)?;
+        let Some(target) = image.reassigning.get(&partition).cloned() else {
+            return Err(MetadataError::InvalidRequest(
+                "this partition is not being moved".to_string(),
+            ));
+        };
+        let state = image
+            .partitions
+            .get_mut(partition as usize)
+            .ok_or(MetadataError::UnknownTopicOrPartition)?;
+        if !target.iter().all(|id| state.in_sync(*id)) {
+            return Err(MetadataError::InvalidRequest(
+                "the new replicas are not all in sync yet".to_string(),
+            ));
+        }
+        state.replicas = target.clone();
+        state.isr = target
+            .iter()
+            .copied()
+            .filter(|id| state.isr.contains(id))
+            .collect();
+        if state.leader.is_none_or(|leader| !target.contains(&leader)) {
+            let next = choose_leader(state, &live, unclean);
+            set_leader(state, next);
+        }
+        state.partition_epoch += 1;
+        let outcome = MetadataOutcome::Partition(state.clone());
+        image.reassigning.remove(&partition);
+        Ok(outcome)
+    }
+
+    /// Moves whose new replicas are all in sync: ready to complete.
+    pub fn reassignments_ready(&self) -> Vec<(String, u32)> {
+        let mut ready = Vec::new();
+        for (name, topic) in &self.topics {
+            for (partition, target) in &topic.reassigning {
+                let caught_up = topic
+                    .partitions
+                    .get(*partition as usize)
+                    .is_some_and(|state| target.iter().all(|id| state.in_sync(*id)));
+                if caught_up {
+                    ready.push((name.clone(), *partition));
+                }
+            }
+        }
+        ready
     }
 
     /// Whether some partition's preferred replica (its first) is alive and
@@ -549,6 +681,7 @@ impl MetadataImage {
                 id,
                 partitions,
                 configs: configs.clone(),
+                reassigning: BTreeMap::new(),
             },
         );
         Ok(MetadataOutcome::Done)
@@ -780,6 +913,61 @@ mod tests {
         assert_eq!(image.partition("t", 0).expect("p").leader, Some(third));
     }
 
+    /// A move adds the new replicas first; it completes only once they are
+    /// all in sync, leaving exactly the new set with a leader inside it.
+    #[test]
+    fn reassignment_adds_first_and_completes_when_in_sync() {
+        let mut image = image_with_brokers(3, &[]);
+        create(&mut image, "t", 1, 2);
+        let before = image.partition("t", 0).expect("p").clone();
+        let arriving = (1..=3)
+            .find(|id| !before.replicas.contains(id))
+            .expect("third");
+        let target = vec![before.replicas[1], arriving];
+        let reassign = |replicas: Vec<BrokerId>| MetadataCommand::ReassignPartition {
+            topic: "t".into(),
+            partition: 0,
+            replicas,
+        };
+        assert!(matches!(
+            image.apply(&reassign(vec![7])),
+            Err(MetadataError::InvalidRequest(_))
+        ));
+        image.apply(&reassign(target.clone())).expect("start");
+        let moving = image.partition("t", 0).expect("p").clone();
+        assert_eq!(moving.replicas.len(), 3, "old and new together: {moving:?}");
+        assert_eq!(moving.leader, before.leader, "leadership stays meanwhile");
+        assert!(image.reassignments_ready().is_empty());
+        let complete = MetadataCommand::CompleteReassignment {
+            topic: "t".into(),
+            partition: 0,
+        };
+        assert!(
+            matches!(
+                image.apply(&complete),
+                Err(MetadataError::InvalidRequest(_))
+            ),
+            "not before the new replica is in sync"
+        );
+        let leader = moving.leader.expect("leader");
+        image
+            .apply(&MetadataCommand::AlterPartition {
+                topic: "t".into(),
+                partition: 0,
+                leader,
+                leader_epoch: moving.leader_epoch,
+                partition_epoch: moving.partition_epoch,
+                isr: moving.replicas.clone(),
+            })
+            .expect("all in sync");
+        assert_eq!(image.reassignments_ready(), vec![("t".to_string(), 0)]);
+        image.apply(&complete).expect("complete");
+        let after = image.partition("t", 0).expect("p").clone();
+        assert_eq!(after.replicas, target);
+        assert!(after.isr.iter().all(|id| target.contains(id)));
+        assert!(after.leader.is_some_and(|leader| target.contains(&leader)));
+        assert!(image.reassignments_ready().is_empty());
+    }
     /// Only the current leader, at the current partition epoch, may change
     /// the in-sync set, and only live replicas may join it.
     #[test]

@@ -342,6 +342,19 @@ impl Replica {
                     // The controller acted on (or past) the proposal.
                     *pending = None;
                 }
+                if let Role::Leader { progress, .. } = &mut self.role {
+                    // Replicas added by a move get a full lag period to
+                    // show up; those dropped are no longer waited for.
+                    let me = self.me;
+                    progress.retain(|id, _| state.replicas.contains(id));
+                    for id in state.replicas.iter().filter(|id| **id != me) {
+                        progress.entry(*id).or_insert(Progress {
+                            end_offset: None,
+                            caught_up_at_ms: now_ms,
+                            previous_fetch: (u64::MAX, now_ms),
+                        });
+                    }
+                }
                 self.state = Some(state);
                 self.high_watermark = self.high_watermark.min(log.end_offset());
                 actions.extend(self.advance_high_watermark(log));

@@ -174,6 +174,19 @@ pub async fn reconcile(broker: &Arc<Broker>, view: &MetadataView) {
             let min_insync = min_insync_replicas(broker, topic, state.replicas.len());
             let actions = partition.apply_metadata(state.clone(), min_insync, now);
             execute(broker, &partition, actions);
+            let log = &partition.log;
+            if !state.replicas.contains(&me) && log.end_offset() > log.start_offset() {
+                // Moved away (a reassignment): the data is the new
+                // replicas' now; free the disk. Stopped following above,
+                // so no fetch appends here any more.
+                tracing::info!(topic = %name, partition = index,
+                    "no longer a replica: deleting the local copy");
+                if let Err(error) = crate::blocking::blocking(|| log.truncate_fully_and_start_at(0))
+                {
+                    tracing::error!(topic = %name, partition = index, %error,
+                        "cannot delete the local copy");
+                }
+            }
         }
     }
     // Local data goes only for a topic the cluster deleted: a topic the

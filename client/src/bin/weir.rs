@@ -105,6 +105,32 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Partition commands.
+    Partition {
+        #[command(subcommand)]
+        command: PartitionCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PartitionCommand {
+    /// Moves a partition's replicas to other brokers: the new replicas
+    /// catch up before the old are dropped, so nothing stops meanwhile.
+    /// Waits until the move is done.
+    Reassign {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        #[arg(long)]
+        partition: u32,
+        /// Broker ids to move to, comma-separated, the preferred leader
+        /// first.
+        #[arg(long, value_delimiter = ',')]
+        replicas: Vec<u32>,
+        /// Longest wait for the move to finish, seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -270,6 +296,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ..
         } => consume(&cli.broker, &topic, partition, &from, count, follow, format).await,
         Command::Group { command } => group(&cli.broker, command).await,
+        Command::Partition {
+            command:
+                PartitionCommand::Reassign {
+                    topic,
+                    partition,
+                    replicas,
+                    timeout_s,
+                },
+        } => {
+            let admin = Admin::connect(&cli.broker).await?;
+            admin
+                .reassign_partition(&topic, partition, &replicas)
+                .await?;
+            println!("moving {topic}/{partition} to brokers {replicas:?}");
+            admin
+                .wait_for_replicas(
+                    &topic,
+                    partition,
+                    &replicas,
+                    std::time::Duration::from_secs(timeout_s),
+                )
+                .await
+                .map_err(|error| {
+                    anyhow::anyhow!(
+                        "{topic}/{partition} not on {replicas:?} within {timeout_s} s ({error}); \
+                         `weir topic describe {topic}` shows where it is"
+                    )
+                })?;
+            println!("{topic}/{partition} now lives on brokers {replicas:?}");
+            Ok(())
+        }
         Command::Cluster {
             command: ClusterCommand::Info,
         } => {

@@ -567,6 +567,17 @@ impl Controller {
                     tracing::debug!(%error, ?command, "controller: liveness change not committed");
                 }
             }
+            for (topic, partition) in controller.view().image.reassignments_ready() {
+                tracing::info!(
+                    topic,
+                    partition,
+                    "controller: new replicas in sync, completing the move"
+                );
+                let command = MetadataCommand::CompleteReassignment { topic, partition };
+                if let Err(error) = controller.propose(command).await {
+                    tracing::debug!(%error, "controller: move not completed");
+                }
+            }
             let interval = controller.config.leader_rebalance_interval_ms;
             if interval > 0 && preferred_checked.elapsed() >= Duration::from_millis(interval) {
                 preferred_checked = Instant::now();
