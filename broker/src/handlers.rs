@@ -247,6 +247,14 @@ async fn find_coordinator(
         .partitions
         .get(index as usize)
         .and_then(|partition| partition.leader);
+    if leader == Some(broker.config.broker_id)
+        && broker.groups.check_coordinator(&request.group).is_err()
+    {
+        // Led here but not loaded yet (just created, or just elected): load
+        // now rather than at the reaper's next round, so the group calls
+        // that follow find their coordinator ready.
+        crate::blocking::blocking(|| broker.groups.follow_leadership(&broker.topics));
+    }
     match leader {
         Some(leader) if leader == broker.config.broker_id => FindCoordinatorResponse {
             error: ErrorCode::None,
@@ -315,6 +323,13 @@ fn metadata(context: &ConnectionContext, request: MetadataRequest) -> MetadataRe
             })
             .collect(),
         topics,
+        fenced_brokers: view
+            .image
+            .brokers
+            .values()
+            .filter(|registration| registration.fenced)
+            .map(|registration| registration.id)
+            .collect(),
     }
 }
 

@@ -628,6 +628,12 @@ fn controller_leader_kill_keeps_metadata_going() {
         })
         .await;
         assert_ne!(successor, controller);
+        wait_for("the killed broker shown fenced", || async {
+            let admin = Admin::connect(&survivor).await.ok()?;
+            let metadata = admin.metadata(Some(Vec::new())).await.ok()?;
+            metadata.fenced_brokers.contains(&controller).then_some(())
+        })
+        .await;
         // Two brokers are left: two replicas.
         wait_for("a topic created after the kill", || async {
             let admin = Admin::connect(&survivor).await.ok()?;

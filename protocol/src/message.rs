@@ -302,6 +302,9 @@ wire_struct! {
         pub brokers: Vec<BrokerInfo>,
         /// The topics asked for (or all).
         pub topics: Vec<TopicMetadata>,
+        /// Registered brokers that are fenced (dead, stopping, or not yet
+        /// caught up): they lead nothing.
+        pub fenced_brokers: Vec<u32>,
     }
 }
 

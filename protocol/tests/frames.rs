@@ -134,6 +134,7 @@ fn sample_responses() -> Vec<Response> {
                     in_sync_replicas: vec![1],
                 }],
             }],
+            fenced_brokers: vec![2],
         }),
         Response::Produce(ProduceResponse {
             topics: vec![ProduceTopicResponse {

@@ -339,6 +339,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for broker in metadata.brokers {
                 println!("broker {} at {}:{}", broker.id, broker.host, broker.port);
             }
+            for id in metadata.fenced_brokers {
+                println!("broker {id} fenced (down, stopping or catching up; leads nothing)");
+            }
             println!("{} topics", metadata.topics.len());
             Ok(())
         }
