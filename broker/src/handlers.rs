@@ -254,6 +254,11 @@ async fn find_coordinator(
         // now rather than at the reaper's next round, so the group calls
         // that follow find their coordinator ready.
         crate::blocking::blocking(|| broker.groups.follow_leadership(&broker.topics));
+        if broker.groups.check_coordinator(&request.group).is_err() {
+            // Still not loaded (its load failed, or a commit holds the
+            // partition): not a coordinator to send anyone to yet.
+            return refuse(ErrorCode::CoordinatorNotAvailable);
+        }
     }
     match leader {
         Some(leader) if leader == broker.config.broker_id => FindCoordinatorResponse {

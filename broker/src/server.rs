@@ -401,7 +401,13 @@ async fn group_reaper(broker: Arc<Broker>, mut stopped: watch::Receiver<bool>) {
                     follower.groups.follow_leadership(&follower.topics);
                 })
                 .await;
-                broker.groups.reap(&broker.topics);
+                let expired = broker.groups.reap(&broker.topics);
+                if !expired.is_empty() {
+                    let broker = broker.clone();
+                    tokio::spawn(async move {
+                        broker.groups.write_tombstones(&broker.topics, expired).await;
+                    });
+                }
             }
         }
     }

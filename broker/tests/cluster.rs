@@ -820,3 +820,51 @@ fn reassignment_moves_a_partition_without_stopping_it() {
         .await;
     });
 }
+
+/// Offsets a coordinator expired stay expired when another broker takes
+/// the group over: the expiry is written to the offsets log as tombstones,
+/// which the next coordinator replays (it has no snapshot of its own).
+#[test]
+fn expired_offsets_stay_expired_after_the_coordinator_moves() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = cluster_with_settings(
+        root.path(),
+        "segment_bytes = 8388608\noffsets_retention_ms = 3000\nretention_check_ms = 100\n",
+    );
+    let runtime = runtime();
+    runtime.block_on(async {
+        create_replicated(&cluster, "aging").await;
+        let admin = Admin::connect(&cluster.bootstrap()).await.expect("admin");
+        admin
+            .set_group_offsets("abandoned", &[("aging".to_string(), 0, 3)])
+            .await
+            .expect("commit");
+        let expired = |offsets: &[(String, u32, i64)]| offsets.iter().all(|(_, _, o)| *o < 0);
+        wait_for("the abandoned group's offsets expired", || async {
+            let offsets = admin.group_offsets("abandoned").await.ok()?;
+            expired(&offsets).then_some(())
+        })
+        .await;
+
+        let offsets_partition = weir_broker::groups::offsets_partition("abandoned", 8);
+        let first = cluster.addrs[0].to_string();
+        let coordinator = wait_for("the offsets partition in sync", || async {
+            placement(&first, "__consumer_offsets", offsets_partition)
+                .await
+                .filter(|placement| placement.leader > 0 && placement.isr.len() == 3)
+        })
+        .await;
+        cluster.kill(coordinator.leader as usize - 1);
+        let survivors = Admin::connect(&cluster.bootstrap()).await.expect("admin");
+        // The first answer of the new coordinator, well within the
+        // retention a resurrected commit would get again.
+        let offsets = wait_for("the new coordinator", || async {
+            survivors.group_offsets("abandoned").await.ok()
+        })
+        .await;
+        assert!(
+            expired(&offsets),
+            "expired offsets came back at the new coordinator: {offsets:?}"
+        );
+    });
+}

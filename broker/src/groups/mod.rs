@@ -409,8 +409,11 @@ impl Coordinator {
     }
 
     /// Drops members whose session expired and closes rounds whose time is
-    /// up. Called every [`REAPER_INTERVAL_MS`].
-    pub fn reap(&self, topics: &Topics) {
+    /// up, and forgets the offsets of groups whose retention ran out,
+    /// returning those (group, partitions) for
+    /// [`Coordinator::write_tombstones`]. Called every
+    /// [`REAPER_INTERVAL_MS`].
+    pub fn reap(&self, topics: &Topics) -> Vec<(String, Vec<(String, u32)>)> {
         let now = Instant::now();
         let mut changed = false;
         let mut groups = lock(&self.groups);
@@ -446,6 +449,7 @@ impl Coordinator {
         // live group its offsets). The next snapshot leaves them out, and
         // the records below it are not replayed.
         let retention = Duration::from_millis(self.offsets_retention_ms);
+        let mut expired_offsets = Vec::new();
         groups.retain(|name, group| {
             if group.state != GroupState::Empty || !group.members.is_empty() {
                 group.empty = None;
@@ -464,6 +468,7 @@ impl Coordinator {
                     partitions = group.offsets.len(),
                     "offsets expired: no members and no commit within the retention"
                 );
+                expired_offsets.push((name.clone(), group.offsets.keys().cloned().collect()));
             }
             !expired
         });
@@ -471,6 +476,7 @@ impl Coordinator {
         if changed {
             self.changed.notify_waiters();
         }
+        expired_offsets
     }
 
     /// ListGroups.

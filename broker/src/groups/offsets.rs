@@ -430,6 +430,66 @@ impl Coordinator {
         }
     }
 
+    /// Appends a tombstone for each expired offset, so that replicas
+    /// replaying the log (a coordinator elected later, which has no
+    /// snapshot saying they expired) do not bring them back. Offsets
+    /// committed again since they expired are left alone. Failures are
+    /// logged: the snapshot still forgets them here.
+    pub async fn write_tombstones(
+        &self,
+        topics: &Topics,
+        expired: Vec<(String, Vec<(String, u32)>)>,
+    ) {
+        let Some(offsets_topic) = topics.get(OFFSETS_TOPIC) else {
+            return;
+        };
+        for (group, keys) in expired {
+            let index = offsets_partition(&group, offsets_topic.partitions.len() as u32);
+            let Some(partition) = offsets_topic.partitions.get(index as usize).cloned() else {
+                continue;
+            };
+            let _ordered = self.commit_lock(index).lock().await;
+            if self.check_coordinator(&group).is_err() {
+                continue;
+            }
+            let keys: Vec<(String, u32)> = {
+                let groups = lock(&self.groups);
+                let current = groups.get(&group);
+                keys.into_iter()
+                    .filter(|key| current.is_none_or(|current| !current.offsets.contains_key(key)))
+                    .collect()
+            };
+            if keys.is_empty() {
+                continue;
+            }
+            let now_ms = wall_clock_ms();
+            let mut builder = BatchBuilder::new(now_ms);
+            for (topic, topic_partition) in &keys {
+                let key = serde_json::to_vec(&OffsetKey {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    partition: *topic_partition,
+                })
+                .unwrap_or_default();
+                builder.push(now_ms, Some(&key), None, &[]);
+            }
+            let batch = Bytes::from(builder.finish());
+            let written = async {
+                let epoch = partition.check_produce(true)?;
+                let appended = partition.submit(batch, epoch)?.wait().await?;
+                tokio::time::timeout(
+                    Duration::from_millis(OFFSET_COMMIT_REPLICATION_TIMEOUT_MS),
+                    partition.wait_replicated(appended.end_offset, epoch),
+                )
+                .await
+                .map_err(|_| ErrorCode::Timeout)?
+            };
+            if let Err(error) = written.await {
+                tracing::warn!(group, %error, "expired offsets not tombstoned; other replicas may replay them");
+            }
+        }
+    }
+
     /// Applies a commit that is in the log to the table.
     fn apply_commit(&self, request: &OffsetCommitRequest) {
         let mut groups = lock(&self.groups);
