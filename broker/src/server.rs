@@ -211,16 +211,11 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
     let advertised = advertised_address(config.advertised_listen.as_deref(), local_addr)?;
-    let voters = config.voters(&format!("{}:{}", advertised.0, advertised.1))?;
-    if !voters.contains_key(&config.broker_id) {
-        // Brokers learn metadata as voters; following it as a learner is
-        // not built yet.
-        anyhow::bail!(
-            "broker {} is not among controller_voters; every broker must be a voter for now",
-            config.broker_id
-        );
-    }
-    if voters.len() > 1 && config.flush_policy()? != weir_storage::FlushPolicy::Always {
+    let advertised_addr = format!("{}:{}", advertised.0, advertised.1);
+    let voters = config.voters(&advertised_addr)?;
+    // A broker outside the voters follows the metadata log as a learner.
+    let in_cluster = voters.len() > 1 || !voters.contains_key(&config.broker_id);
+    if in_cluster && config.flush_policy()? != weir_storage::FlushPolicy::Always {
         // The high watermark counts what followers report as written; only
         // `flush = always` makes that durable (the lesson of KIP-966).
         anyhow::bail!("a cluster of several brokers needs flush = always");
@@ -230,6 +225,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         crate::cluster::controller::ControllerConfig {
             node_id: config.broker_id,
             voters,
+            advertised: advertised_addr,
             dir: config.data_dir.join(CONTROLLER_DIR),
             raft_heartbeat_ms: config.controller_heartbeat_ms,
             raft_election_timeout_min_ms: config.controller_election_timeout_ms,

@@ -868,3 +868,57 @@ fn expired_offsets_stay_expired_after_the_coordinator_moves() {
         );
     });
 }
+
+/// Horizontal scaling: a fourth broker started with the cluster's voter
+/// list (which does not name it) follows the metadata log as a learner,
+/// registers, and takes a partition moved onto it with all the records the
+/// others hold; producing and reading go on through it.
+#[test]
+fn a_new_broker_joins_and_takes_a_partition() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start(3, root.path(), FLAGS);
+    let runtime = runtime();
+    runtime.block_on(async {
+        create_replicated(&cluster, "grow").await;
+        let producer = Producer::connect(&cluster.bootstrap(), acks_all())
+            .await
+            .expect("producer");
+        let first: Vec<String> = (0..100).map(|n| format!("grow-{n}")).collect();
+        let mut acknowledged = produce_all(&producer, "grow", &first).await;
+
+        let added = cluster.add_broker();
+        let new_id = added as u32 + 1;
+        let first_addr = cluster.addrs[0].to_string();
+        wait_for("the new broker registered and live", || async {
+            let admin = Admin::connect(&first_addr).await.ok()?;
+            let metadata = admin.metadata(Some(Vec::new())).await.ok()?;
+            metadata
+                .brokers
+                .iter()
+                .any(|broker| broker.id == new_id)
+                .then_some(())
+        })
+        .await;
+        let admin = Admin::connect(&cluster.bootstrap()).await.expect("admin");
+        let target = [new_id, 1, 2];
+        admin
+            .reassign_partition("grow", 0, &target)
+            .await
+            .expect("reassign");
+        admin
+            .wait_for_replicas("grow", 0, &target, Duration::from_secs(60))
+            .await
+            .expect("moved onto the new broker");
+
+        let second: Vec<String> = (100..200).map(|n| format!("grow-{n}")).collect();
+        acknowledged.extend(produce_all(&producer, "grow", &second).await);
+        let read = read_all(&cluster.bootstrap(), "grow", acknowledged.len()).await;
+        assert_eq!(read, acknowledged);
+        let (new_dir, old_dir) = (cluster.data_dir(added), cluster.data_dir(0));
+        wait_for("the new broker's copy equal to the others'", || async {
+            let copy = log_bytes(&new_dir, "grow");
+            (!copy.is_empty() && copy == log_bytes(&old_dir, "grow")).then_some(())
+        })
+        .await;
+    });
+}

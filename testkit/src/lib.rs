@@ -246,6 +246,21 @@ impl Cluster {
         self.brokers[index] = Some(process);
     }
 
+    /// Starts one more broker (id = the new count) on a free port with the
+    /// cluster's voter list, which does not name it: it joins as a
+    /// non-voter. Returns its index.
+    ///
+    /// # Panics
+    /// If it does not start within [`DEADLINE`].
+    pub fn add_broker(&mut self) -> usize {
+        let index = self.addrs.len();
+        self.addrs
+            .push(SocketAddr::from(([127, 0, 0, 1], free_port())));
+        self.brokers.push(None);
+        self.restart(index);
+        index
+    }
+
     /// SIGTERM broker `index` (a controlled shutdown) and wait for it;
     /// `None` if it was not running.
     pub fn terminate(&mut self, index: usize) -> Option<std::process::ExitStatus> {

@@ -69,7 +69,22 @@ pub mod kind {
     pub const PROPOSE: u8 = 3;
     /// A broker is alive.
     pub const HEARTBEAT: u8 = 4;
+    /// A broker that is not a voter asks to follow the metadata log as a
+    /// learner (payload: [`super::Join`]).
+    pub const JOIN: u8 = 5;
 }
+
+/// A non-voter's request to follow the metadata log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Join {
+    /// The broker.
+    pub broker: BrokerId,
+    /// Its listener (`host:port`), where Raft messages reach it.
+    pub addr: String,
+}
+
+/// Pause between a non-voter's attempts to join the metadata log.
+pub const JOIN_RETRY_MS: u64 = 200;
 
 /// Entries between snapshots of the metadata image.
 pub const SNAPSHOT_LOGS_SINCE_LAST: u64 = 1_000;
@@ -93,6 +108,9 @@ pub struct ControllerConfig {
     pub node_id: BrokerId,
     /// Voters by id, with the `host:port` of their broker listener.
     pub voters: BTreeMap<BrokerId, String>,
+    /// This broker's own listener as others reach it (`host:port`): where
+    /// the leader sends a non-voter the metadata log.
+    pub advertised: String,
     /// Where the Raft log and snapshots live.
     pub dir: PathBuf,
     /// Raft heartbeat (and replication timeout), milliseconds.
@@ -261,7 +279,104 @@ impl Controller {
             heartbeats_in_flight: Mutex::new(std::collections::HashSet::new()),
         });
         tokio::spawn(Self::liveness_loop(Arc::downgrade(&controller)));
+        if !controller.is_voter() {
+            tokio::spawn(Self::join_loop(Arc::downgrade(&controller)));
+        }
         Ok(controller)
+    }
+
+    /// A non-voter asks the voters, until the leader has added it as a
+    /// learner (its membership names it), to send it the metadata log.
+    async fn join_loop(controller: std::sync::Weak<Controller>) {
+        loop {
+            let Some(controller) = controller.upgrade() else {
+                return;
+            };
+            let me = u64::from(controller.config.node_id);
+            let joined = controller
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_node(&me)
+                .is_some();
+            if joined {
+                tracing::info!("controller: following the metadata log as a learner");
+                return;
+            }
+            let join = Join {
+                broker: controller.config.node_id,
+                addr: controller.config.advertised.clone(),
+            };
+            let timeout = Duration::from_millis(controller.config.propose_timeout_ms.min(2_000));
+            let mut target = controller.leader();
+            for _ in 0..controller.config.voters.len().max(1) {
+                let Some(voter) =
+                    target.or_else(|| controller.config.voters.keys().next().copied())
+                else {
+                    break;
+                };
+                match controller
+                    .forward(voter, kind::JOIN, json(&join), timeout)
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(hint) => {
+                        target = hint.or_else(|| {
+                            let voters: Vec<_> = controller.config.voters.keys().copied().collect();
+                            (!voters.is_empty()).then(|| voters[fastrand_index(voters.len())])
+                        });
+                    }
+                }
+            }
+            drop(controller);
+            tokio::time::sleep(Duration::from_millis(JOIN_RETRY_MS)).await;
+        }
+    }
+
+    /// Adds a non-voter as a learner (on the leader).
+    async fn add_learner(&self, join: Join) -> ControllerResponse {
+        let id = u64::from(join.broker);
+        if self.config.voters.contains_key(&join.broker) {
+            return answer(
+                ErrorCode::InvalidRequest,
+                json(&format!("broker {} is a voter", join.broker)),
+            );
+        }
+        let known = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some();
+        if known && self.is_leader() {
+            return answer(ErrorCode::None, json(&()));
+        }
+        match self
+            .raft
+            .add_learner(id, BasicNode::new(&join.addr), false)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(
+                    broker = join.broker,
+                    addr = join.addr,
+                    "controller: added a learner"
+                );
+                answer(ErrorCode::None, json(&()))
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                let leader = forward.leader_id.and_then(|id| BrokerId::try_from(id).ok());
+                answer(ErrorCode::NotController, json(&leader))
+            }
+            Err(error) => {
+                tracing::debug!(%error, "controller: cannot add the learner");
+                answer(ErrorCode::NotController, json(&Option::<u64>::None))
+            }
+        }
     }
 
     /// This broker's id.
@@ -333,6 +448,10 @@ impl Controller {
                     ErrorCode::None,
                     json(&self.raft.install_snapshot(rpc).await),
                 ),
+                Err(error) => bad(error),
+            },
+            kind::JOIN => match serde_json::from_slice::<Join>(&payload) {
+                Ok(join) => self.add_learner(join).await,
                 Err(error) => bad(error),
             },
             kind::PROPOSE => match serde_json::from_slice::<MetadataCommand>(&payload) {
