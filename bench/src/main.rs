@@ -11,6 +11,7 @@
 //! same run, on the same directory, so ratios are honest on a noisy machine.
 
 mod broker;
+mod metadata;
 mod raw;
 mod storage;
 
@@ -38,6 +39,8 @@ enum Command {
     E2e(broker::WorkloadArgs),
     /// The hardware under the broker: disk, fsync, loopback TCP.
     Baseline(broker::BaselineArgs),
+    /// Loading the controller's metadata image: rkyv archive against JSON.
+    Metadata(metadata::MetadataArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,5 +61,6 @@ fn main() -> anyhow::Result<()> {
         Command::Consume(args) => runtime()?.block_on(broker::run("consume", &args)),
         Command::E2e(args) => runtime()?.block_on(broker::run("e2e", &args)),
         Command::Baseline(args) => broker::baseline(&args),
+        Command::Metadata(args) => metadata::run(&args),
     }
 }

@@ -35,7 +35,17 @@ pub const REPLICATION_FACTOR_MAX: u16 = 7;
 pub const PRODUCER_ID_BLOCK: i64 = 1000;
 
 /// One partition as the controller sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct PartitionState {
     /// Brokers holding a copy, the preferred leader first.
     pub replicas: Vec<BrokerId>,
@@ -58,7 +68,17 @@ impl PartitionState {
 }
 
 /// A registered broker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct BrokerRegistration {
     /// Its id.
     pub id: BrokerId,
@@ -75,7 +95,17 @@ pub struct BrokerRegistration {
 }
 
 /// A topic in the image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct TopicImage {
     /// The topic's id: a topic deleted and created again under its name
     /// gets a new one, so a broker that missed both drops the old data
@@ -240,7 +270,18 @@ pub enum MetadataError {
 }
 
 /// The metadata image.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct MetadataImage {
     /// Registered brokers by id.
     pub brokers: BTreeMap<BrokerId, BrokerRegistration>,

@@ -47,12 +47,124 @@ struct SnapshotFile {
     data: Vec<u8>,
 }
 
-/// The serialized state inside a snapshot.
+/// The serialized state inside a snapshot, as the first format (JSON)
+/// had it; still read.
 #[derive(Debug, Serialize, Deserialize)]
 struct SnapshotState {
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
     image: MetadataImage,
+}
+
+/// Opens a snapshot file in the current format: the openraft meta as JSON,
+/// then the state's bytes as they are.
+const FILE_MAGIC: &[u8; 8] = b"WEIRSNP2";
+/// Opens a snapshot's state in the current format: a small JSON header
+/// (applied log id, membership), then the metadata image as a validated
+/// `rkyv` archive.
+const STATE_MAGIC: &[u8; 8] = b"WEIRIMG2";
+
+/// The part of a snapshot's state that is openraft's.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotHeader {
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, BasicNode>,
+}
+
+/// `magic`, a little-endian u32 length, that many bytes of `head`, then
+/// `tail`.
+fn frame(magic: &[u8; 8], head: &[u8], tail: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let len = u32::try_from(head.len()).map_err(|_| "snapshot header over 4 GiB".to_string())?;
+    let mut bytes = Vec::with_capacity(12 + head.len() + tail.len());
+    bytes.extend_from_slice(magic);
+    bytes.extend_from_slice(&len.to_le_bytes());
+    bytes.extend_from_slice(head);
+    bytes.extend_from_slice(tail);
+    Ok(bytes)
+}
+
+/// A framed header and what follows it, or why the bytes are not one.
+type Unframed<'a> = std::result::Result<(&'a [u8], &'a [u8]), String>;
+
+/// What a snapshot's state restores: the applied log id, the membership
+/// and the image.
+pub type SnapshotContent = (
+    Option<LogId<NodeId>>,
+    StoredMembership<NodeId, BasicNode>,
+    MetadataImage,
+);
+
+/// The head and tail of bytes [`frame`] made with `magic`, or `None` if
+/// they do not start with it.
+fn unframe<'a>(magic: &[u8; 8], bytes: &'a [u8]) -> Option<Unframed<'a>> {
+    let rest = bytes.strip_prefix(magic.as_slice())?;
+    let Some((len, rest)) = rest.split_first_chunk::<4>() else {
+        return Some(Err("snapshot cut short in its header".to_string()));
+    };
+    let len = u32::from_le_bytes(*len) as usize;
+    if rest.len() < len {
+        return Some(Err("snapshot cut short in its header".to_string()));
+    }
+    Some(Ok(rest.split_at(len)))
+}
+
+/// A snapshot's state in the current format.
+///
+/// # Errors
+/// An image or header that cannot be encoded.
+pub fn encode_state(
+    last_applied: Option<LogId<NodeId>>,
+    membership: &StoredMembership<NodeId, BasicNode>,
+    image: &MetadataImage,
+) -> std::result::Result<Vec<u8>, String> {
+    let header = serde_json::to_vec(&SnapshotHeader {
+        last_applied,
+        membership: membership.clone(),
+    })
+    .map_err(|error| error.to_string())?;
+    let archive =
+        rkyv::to_bytes::<rkyv::rancor::Error>(image).map_err(|error| error.to_string())?;
+    frame(STATE_MAGIC, &header, &archive)
+}
+
+/// A snapshot's state, in the current format (the image archive checked
+/// by `rkyv`'s validation before use) or the first (JSON).
+///
+/// # Errors
+/// Bytes that are neither, or fail validation.
+pub fn decode_state(bytes: &[u8]) -> std::result::Result<SnapshotContent, String> {
+    let Some(framed) = unframe(STATE_MAGIC, bytes) else {
+        let state: SnapshotState =
+            serde_json::from_slice(bytes).map_err(|error| error.to_string())?;
+        return Ok((state.last_applied, state.membership, state.image));
+    };
+    let (header, archive) = framed?;
+    let header: SnapshotHeader =
+        serde_json::from_slice(header).map_err(|error| error.to_string())?;
+    // The archive must sit at an aligned address to be validated in place.
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(archive.len());
+    aligned.extend_from_slice(archive);
+    let image = rkyv::from_bytes::<MetadataImage, rkyv::rancor::Error>(&aligned)
+        .map_err(|error| format!("metadata image archive invalid: {error}"))?;
+    Ok((header.last_applied, header.membership, image))
+}
+
+/// A snapshot file's bytes.
+fn encode_file(file: &SnapshotFile) -> std::result::Result<Vec<u8>, String> {
+    let meta = serde_json::to_vec(&file.meta).map_err(|error| error.to_string())?;
+    frame(FILE_MAGIC, &meta, &file.data)
+}
+
+/// A snapshot file, in the current format or the first (all JSON).
+fn decode_file(bytes: &[u8]) -> std::result::Result<SnapshotFile, String> {
+    let Some(framed) = unframe(FILE_MAGIC, bytes) else {
+        return serde_json::from_slice(bytes).map_err(|error| error.to_string());
+    };
+    let (meta, data) = framed?;
+    Ok(SnapshotFile {
+        meta: serde_json::from_slice(meta).map_err(|error| error.to_string())?,
+        data: data.to_vec(),
+    })
 }
 
 /// The state machine. Clones share one state.
@@ -101,13 +213,13 @@ impl StateMachine {
         };
         match std::fs::read(dir.join(SNAPSHOT_FILE)) {
             Ok(bytes) => {
-                let file: SnapshotFile =
-                    serde_json::from_slice(&bytes).map_err(|error| read_error(&error))?;
-                let state: SnapshotState =
-                    serde_json::from_slice(&file.data).map_err(|error| read_error(&error))?;
-                inner.last_applied = state.last_applied;
-                inner.membership = state.membership;
-                inner.image = state.image;
+                let file =
+                    decode_file(&bytes).map_err(|error| read_error(AnyError::error(error)))?;
+                let (last_applied, membership, image) =
+                    decode_state(&file.data).map_err(|error| read_error(AnyError::error(error)))?;
+                inner.last_applied = last_applied;
+                inner.membership = membership;
+                inner.image = image;
                 inner.snapshot = Some(Arc::new(file));
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -146,29 +258,17 @@ impl StateMachine {
 
 impl Inner {
     fn snapshot_state_bytes(&self) -> Result<Vec<u8>> {
-        let state = SnapshotStateRef {
-            last_applied: self.last_applied,
-            membership: &self.membership,
-            image: &self.image,
-        };
-        serde_json::to_vec(&state).map_err(|error| write_error(&error))
+        encode_state(self.last_applied, &self.membership, &self.image)
+            .map_err(|error| write_error(AnyError::error(error)))
     }
 
     fn store_snapshot(&mut self, file: SnapshotFile) -> Result<()> {
-        let bytes = serde_json::to_vec(&file).map_err(|error| write_error(&error))?;
+        let bytes = encode_file(&file).map_err(|error| write_error(AnyError::error(error)))?;
         weir_storage::checkpoint::write_atomic(&self.dir, SNAPSHOT_FILE, &bytes)
             .map_err(|error| write_error(&error))?;
         self.snapshot = Some(Arc::new(file));
         Ok(())
     }
-}
-
-/// [`SnapshotState`] by reference, so building a snapshot copies nothing.
-#[derive(Serialize)]
-struct SnapshotStateRef<'a> {
-    last_applied: Option<LogId<NodeId>>,
-    membership: &'a StoredMembership<NodeId, BasicNode>,
-    image: &'a MetadataImage,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -243,17 +343,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<()> {
         let data = snapshot.into_inner();
-        let state: SnapshotState =
-            serde_json::from_slice(&data).map_err(|error| read_error(&error))?;
+        let (last_applied, membership, image) =
+            decode_state(&data).map_err(|error| read_error(AnyError::error(error)))?;
         let mut inner = self.lock();
         let file = SnapshotFile {
             meta: meta.clone(),
             data,
         };
         blocking(|| inner.store_snapshot(file))?;
-        inner.last_applied = state.last_applied;
-        inner.membership = state.membership;
-        inner.image = state.image;
+        inner.last_applied = last_applied;
+        inner.membership = membership;
+        inner.image = image;
         self.publish(&inner);
         Ok(())
     }
@@ -264,5 +364,87 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: file.meta.clone(),
             snapshot: Box::new(Cursor::new(file.data.clone())),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::metadata::MetadataCommand;
+    use std::collections::BTreeMap;
+
+    /// An image with `brokers` brokers and `partitions` partitions of RF 3
+    /// spread over topics of 100 partitions.
+    pub(crate) fn large_image(brokers: u32, partitions: u32) -> MetadataImage {
+        let mut image = MetadataImage::new(false);
+        for id in 1..=brokers {
+            image
+                .apply(&MetadataCommand::RegisterBroker {
+                    id,
+                    host: "127.0.0.1".into(),
+                    port: 9000 + id as u16,
+                    rack: None,
+                    incarnation: 1,
+                })
+                .expect("register");
+            image
+                .apply(&MetadataCommand::UnfenceBroker { id, incarnation: 1 })
+                .expect("unfence");
+        }
+        for topic in 0..partitions.div_ceil(100) {
+            image
+                .apply(&MetadataCommand::CreateTopic {
+                    name: format!("topic-{topic}"),
+                    partitions: 100.min(partitions - topic * 100),
+                    replication_factor: 3,
+                    configs: BTreeMap::new(),
+                })
+                .expect("create");
+        }
+        image
+    }
+
+    /// The current format gives back exactly the image, applied log id and
+    /// membership it was made from.
+    #[test]
+    fn snapshot_state_round_trips_through_the_archive() {
+        let image = large_image(5, 1_000);
+        let applied = Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 42));
+        let membership = StoredMembership::default();
+        let bytes = encode_state(applied, &membership, &image).expect("encode");
+        assert!(bytes.starts_with(STATE_MAGIC));
+        let (last_applied, decoded_membership, decoded) = decode_state(&bytes).expect("decode");
+        assert_eq!(last_applied, applied);
+        assert_eq!(decoded_membership, membership);
+        assert_eq!(decoded, image);
+    }
+
+    /// A snapshot written by the first format (JSON) still loads.
+    #[test]
+    fn json_snapshot_state_still_loads() {
+        let image = large_image(3, 10);
+        let legacy = serde_json::to_vec(&SnapshotState {
+            last_applied: None,
+            membership: StoredMembership::default(),
+            image: image.clone(),
+        })
+        .expect("json");
+        let (_, _, decoded) = decode_state(&legacy).expect("decode");
+        assert_eq!(decoded, image);
+    }
+
+    /// A damaged archive is refused by validation, never used.
+    #[test]
+    fn damaged_archive_is_refused() {
+        let image = large_image(3, 100);
+        let mut bytes = encode_state(None, &StoredMembership::default(), &image).expect("encode");
+        let cut = bytes.len() - 7;
+        bytes.truncate(cut);
+        assert!(decode_state(&bytes).is_err(), "a cut archive");
+        let mut bytes = encode_state(None, &StoredMembership::default(), &image).expect("encode");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        bytes[last - 4] ^= 0xff;
+        assert!(decode_state(&bytes).is_err(), "a flipped root pointer");
     }
 }
