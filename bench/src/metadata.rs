@@ -3,18 +3,17 @@
 //! snapshot format) against JSON (the first format), for a cluster of N
 //! partitions, measured in the same run.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::Context;
 use serde::Serialize;
 use weir_broker::cluster::controller::state_machine::{decode_state, encode_state};
-use weir_broker::cluster::metadata::{MetadataCommand, MetadataImage};
+use weir_broker::cluster::metadata::MetadataImage;
 
 /// Arguments of `metadata`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MetadataArgs {
-    /// Partitions in the image (RF 3, 100 per topic).
+    /// Partitions in the image (RF min(3, brokers), 100 per topic).
     #[arg(long, default_value_t = 100_000)]
     partitions: u32,
     /// Registered brokers.
@@ -40,35 +39,6 @@ struct MetadataReport {
     json_write_ms: f64,
 }
 
-fn image(brokers: u32, partitions: u32) -> anyhow::Result<MetadataImage> {
-    let mut image = MetadataImage::new(false);
-    for id in 1..=brokers {
-        image
-            .apply(&MetadataCommand::RegisterBroker {
-                id,
-                host: "127.0.0.1".into(),
-                port: 9000 + id as u16,
-                rack: None,
-                incarnation: 1,
-            })
-            .map_err(|error| anyhow::anyhow!("{error}"))?;
-        image
-            .apply(&MetadataCommand::UnfenceBroker { id, incarnation: 1 })
-            .map_err(|error| anyhow::anyhow!("{error}"))?;
-    }
-    for topic in 0..partitions.div_ceil(100) {
-        image
-            .apply(&MetadataCommand::CreateTopic {
-                name: format!("topic-{topic}"),
-                partitions: 100.min(partitions - topic * 100),
-                replication_factor: 3.min(brokers as u16),
-                configs: BTreeMap::new(),
-            })
-            .map_err(|error| anyhow::anyhow!("{error}"))?;
-    }
-    Ok(image)
-}
-
 fn median_ms(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples.get(samples.len() / 2).copied().unwrap_or(0.0)
@@ -79,7 +49,8 @@ fn median_ms(mut samples: Vec<f64>) -> f64 {
 /// # Errors
 /// An image that cannot be built, encoded or decoded.
 pub fn run(args: &MetadataArgs) -> anyhow::Result<()> {
-    let image = image(args.brokers, args.partitions)?;
+    let image = MetadataImage::synthetic(args.brokers, args.partitions)
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
     // openraft's default membership (the type comes from `encode_state`).
     let membership = Default::default();
     let rounds = args.rounds.max(1);

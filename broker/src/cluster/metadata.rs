@@ -311,6 +311,36 @@ impl MetadataImage {
         }
     }
 
+    /// A synthetic image: `brokers` registered and live brokers, and
+    /// `partitions` partitions of replication factor min(3, brokers) in
+    /// topics of 100 (`topic-0`, `topic-1`, …). For tests and benchmarks of
+    /// what a large cluster's metadata costs.
+    ///
+    /// # Errors
+    /// None in practice: the commands are valid by construction.
+    pub fn synthetic(brokers: u32, partitions: u32) -> Result<MetadataImage, MetadataError> {
+        let mut image = MetadataImage::new(false);
+        for id in 1..=brokers {
+            image.apply(&MetadataCommand::RegisterBroker {
+                id,
+                host: "127.0.0.1".into(),
+                port: 9000u16.saturating_add(u16::try_from(id).unwrap_or(u16::MAX)),
+                rack: None,
+                incarnation: 1,
+            })?;
+            image.apply(&MetadataCommand::UnfenceBroker { id, incarnation: 1 })?;
+        }
+        for topic in 0..partitions.div_ceil(100) {
+            image.apply(&MetadataCommand::CreateTopic {
+                name: format!("topic-{topic}"),
+                partitions: 100.min(partitions - topic * 100),
+                replication_factor: u16::try_from(brokers.min(3)).unwrap_or(3),
+                configs: BTreeMap::new(),
+            })?;
+        }
+        Ok(image)
+    }
+
     fn take_topic_id(&mut self) -> u64 {
         self.next_topic_id = self.next_topic_id.max(1);
         let id = self.next_topic_id;

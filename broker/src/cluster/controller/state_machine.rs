@@ -370,38 +370,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::metadata::MetadataCommand;
-    use std::collections::BTreeMap;
 
-    /// An image with `brokers` brokers and `partitions` partitions of RF 3
-    /// spread over topics of 100 partitions.
-    pub(crate) fn large_image(brokers: u32, partitions: u32) -> MetadataImage {
-        let mut image = MetadataImage::new(false);
-        for id in 1..=brokers {
-            image
-                .apply(&MetadataCommand::RegisterBroker {
-                    id,
-                    host: "127.0.0.1".into(),
-                    port: 9000 + id as u16,
-                    rack: None,
-                    incarnation: 1,
-                })
-                .expect("register");
-            image
-                .apply(&MetadataCommand::UnfenceBroker { id, incarnation: 1 })
-                .expect("unfence");
-        }
-        for topic in 0..partitions.div_ceil(100) {
-            image
-                .apply(&MetadataCommand::CreateTopic {
-                    name: format!("topic-{topic}"),
-                    partitions: 100.min(partitions - topic * 100),
-                    replication_factor: 3,
-                    configs: BTreeMap::new(),
-                })
-                .expect("create");
-        }
-        image
+    fn large_image(brokers: u32, partitions: u32) -> MetadataImage {
+        MetadataImage::synthetic(brokers, partitions).expect("image")
     }
 
     /// The current format gives back exactly the image, applied log id and
