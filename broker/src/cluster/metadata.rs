@@ -583,20 +583,26 @@ impl MetadataImage {
         if let Some(unknown) = target.iter().find(|id| !self.brokers.contains_key(id)) {
             return invalid(&format!("broker {unknown} is not registered"));
         }
+        // A dead target would never catch up, and the move never end.
+        let live = self.live_brokers();
+        if let Some(fenced) = target.iter().find(|id| !live.contains(id)) {
+            return invalid(&format!("broker {fenced} is fenced (down or catching up)"));
+        }
         let image = self
             .topics
             .get_mut(topic)
             .ok_or(MetadataError::UnknownTopicOrPartition)?;
-        if image.reassigning.contains_key(&partition) {
-            return invalid("this partition is already being moved");
-        }
         let state = image
             .partitions
             .get_mut(partition as usize)
             .ok_or(MetadataError::UnknownTopicOrPartition)?;
         if state.replicas == target {
+            // Already there (a move back to where it is cancels one).
+            image.reassigning.remove(&partition);
             return Ok(MetadataOutcome::Done);
         }
+        // A move under way is replaced: its added replicas stay until this
+        // one completes, which drops every replica outside `target`.
         for id in target {
             if !state.replicas.contains(id) {
                 state.replicas.push(*id);
@@ -1004,6 +1010,38 @@ mod tests {
             image.apply(&reassign(vec![7])),
             Err(MetadataError::InvalidRequest(_))
         ));
+        // A move can be cancelled by moving back to where it was.
+        image.apply(&reassign(target.clone())).expect("start");
+        image
+            .apply(&reassign(before.replicas.clone()))
+            .expect("replace");
+        assert_eq!(image.reassignments_ready(), vec![("t".to_string(), 0)]);
+        image
+            .apply(&MetadataCommand::CompleteReassignment {
+                topic: "t".into(),
+                partition: 0,
+            })
+            .expect("back where it was");
+        assert_eq!(
+            image.partition("t", 0).expect("p").replicas,
+            before.replicas
+        );
+        image
+            .apply(&MetadataCommand::FenceBroker { id: arriving })
+            .expect("fence");
+        assert!(
+            matches!(
+                image.apply(&reassign(target.clone())),
+                Err(MetadataError::InvalidRequest(_))
+            ),
+            "not onto a fenced broker"
+        );
+        image
+            .apply(&MetadataCommand::UnfenceBroker {
+                id: arriving,
+                incarnation: 1,
+            })
+            .expect("unfence");
         image.apply(&reassign(target.clone())).expect("start");
         let moving = image.partition("t", 0).expect("p").clone();
         assert_eq!(moving.replicas.len(), 3, "old and new together: {moving:?}");

@@ -268,10 +268,11 @@ async fn fetch_once(
             tracing::info!(topic = %partition.topic, partition = partition.index,
                 end = partition.log.end_offset(), leader_start = data.log_start_offset,
                 "behind the leader's log start: starting over there");
-            if let Err(error) = partition
-                .log
-                .truncate_fully_and_start_at(data.log_start_offset)
-            {
+            if let Err(error) = crate::blocking::blocking(|| {
+                partition
+                    .log
+                    .truncate_fully_and_start_at(data.log_start_offset)
+            }) {
                 tracing::error!(topic = %partition.topic, partition = partition.index,
                     %error, "cannot start over at the leader's log start");
             } else {

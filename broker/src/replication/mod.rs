@@ -171,11 +171,24 @@ pub async fn reconcile(broker: &Arc<Broker>, view: &MetadataView) {
             let Some(partition) = broker.topics.partition(name, index as u32) else {
                 continue;
             };
-            let min_insync = min_insync_replicas(broker, topic, state.replicas.len());
+            // During a move the replicas are old and new together: the
+            // minimum in sync is the target's, or it would rise meanwhile.
+            let replica_count = topic
+                .reassigning
+                .get(&(index as u32))
+                .map_or(state.replicas.len(), Vec::len);
+            let min_insync = min_insync_replicas(broker, topic, replica_count);
+            let was_replica = partition
+                .state()
+                .is_some_and(|before| before.replicas.contains(&me));
             let actions = partition.apply_metadata(state.clone(), min_insync, now);
             execute(broker, &partition, actions);
             let log = &partition.log;
-            if !state.replicas.contains(&me) && log.end_offset() > log.start_offset() {
+            // Only a copy this broker held as a replica and was moved off:
+            // data the cluster never placed here (an import that lost to
+            // another broker's topic of the same name) is kept.
+            if was_replica && !state.replicas.contains(&me) && log.end_offset() > log.start_offset()
+            {
                 // Moved away (a reassignment): the data is the new
                 // replicas' now; free the disk. Stopped following above,
                 // so no fetch appends here any more.
