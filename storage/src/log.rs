@@ -1066,6 +1066,11 @@ impl Log {
         self.check_open(&writer)?;
         drop(self.wait_drained());
         self.reset_to(&mut writer, offset)?;
+        // As after retention: only the epoch in force at the new start is
+        // kept (it carries on until a copied batch names a newer one).
+        if writer.epochs.truncate_from_start(offset) {
+            writer.epochs.store(&self.dir)?;
+        }
         lock(&self.shared.publish).failed = false;
         Ok(())
     }

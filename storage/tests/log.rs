@@ -623,3 +623,54 @@ fn a_log_directory_opens_once() {
     let reopened = open(dir.path(), &config, &engine);
     assert!(reopened.append_blocking(batch(1, 1, 1, 0)).is_ok());
 }
+
+/// A follower left behind its leader's log start empties its log and
+/// starts again past its old end: the old records are gone, replica
+/// appends continue at the new start, the epoch cache keeps no more below
+/// it than retention would, and all of it holds across a reopen.
+#[test]
+fn truncate_fully_and_start_at_begins_past_the_old_end() {
+    for (kind, mode) in VARIANTS {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = small_config(mode);
+        let engine = engine(kind);
+        let log = open(dir.path(), &config, &engine);
+        let mut first = batch(1, 5, 10, 0);
+        weir_protocol::batch::patch_leader_epoch(&mut first, 2);
+        log.append_replica(first)
+            .expect("append")
+            .wait()
+            .expect("durable");
+        log.truncate_fully_and_start_at(1_000).expect("start over");
+        assert_eq!((log.start_offset(), log.end_offset()), (1_000, 1_000));
+        // At most the epoch in force at the new start reaches below it, as
+        // after retention.
+        assert!(
+            log.epochs()
+                .entries()
+                .iter()
+                .filter(|entry| entry.start_offset < 1_000)
+                .count()
+                <= 1,
+            "{:?}",
+            log.epochs().entries()
+        );
+        let mut next = batch(2, 3, 10, 0);
+        weir_protocol::batch::patch_base_offset(&mut next, 1_000);
+        weir_protocol::batch::patch_leader_epoch(&mut next, 4);
+        log.append_replica(next)
+            .expect("append")
+            .wait()
+            .expect("durable");
+        drop(log);
+        let log = open(dir.path(), &config, &engine);
+        assert_eq!(
+            (log.start_offset(), log.end_offset()),
+            (1_000, 1_003),
+            "{kind:?}/{mode:?}"
+        );
+        let tags: Vec<u64> = read_all(&log).iter().map(|b| b.2).collect();
+        assert_eq!(tags, vec![2]);
+        assert_eq!(log.epochs().latest().map(|entry| entry.epoch), Some(4));
+    }
+}
