@@ -1026,21 +1026,18 @@ async fn push_loop(
         tokio::pin!(data_appended);
         credit_granted.as_mut().enable();
         data_appended.as_mut().enable();
-        if partition.is_deleted() {
-            // Tell the consumer, and let go of the deleted files' maps.
+        // Deleted: tell the consumer, and let go of the deleted files' maps.
+        // Leadership moved: the consumer resubscribes at the new leader.
+        let ended = if partition.is_deleted() {
+            Some(ErrorCode::UnknownTopicOrPartition)
+        } else if !partition.is_leader() {
+            Some(ErrorCode::NotLeader)
+        } else {
+            None
+        };
+        if let Some(error) = ended {
             let push = SubscriptionPush {
-                error: ErrorCode::UnknownTopicOrPartition,
-                high_watermark: 0,
-                records: RecordSet::default(),
-            };
-            let _ = sender.push(push.encode(subscription_id)).await;
-            forget_subscription(&context, subscription_id);
-            return;
-        }
-        if !partition.is_leader() {
-            // Leadership moved: the consumer resubscribes at the new leader.
-            let push = SubscriptionPush {
-                error: ErrorCode::NotLeader,
+                error,
                 high_watermark: 0,
                 records: RecordSet::default(),
             };
