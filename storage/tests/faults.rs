@@ -3,7 +3,9 @@
 //! kernel mid-stream (RLIMIT_FSIZE makes writes short and then fail with
 //! EFBIG, exercising the short-write path and the repair after a failure).
 //!
-//! nextest runs each test in its own process, so the rlimit touches nothing else.
+//! The rlimit is process-wide, so that test re-runs itself in a child
+//! process (as `crash.rs` does): it touches nothing else under either
+//! `cargo test` (one process, tests on threads) or nextest.
 
 mod common;
 
@@ -119,6 +121,38 @@ fn set_file_size_limit(bytes: u64) {
 /// the failed writes.
 #[test]
 fn failed_writes_fail_appends_and_the_log_repairs_itself() {
+    if std::env::var_os(RLIMIT_CHILD_ENV).is_some() {
+        failed_writes_in_this_process();
+        return;
+    }
+    let output = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "failed_writes_fail_appends_and_the_log_repairs_itself",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(RLIMIT_CHILD_ENV, "1")
+        .output()
+        .expect("spawn child");
+    assert!(
+        output.status.success(),
+        "child failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The child ran the test (a filter that matched nothing would pass too).
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("1 passed"),
+        "the child ran the test: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+/// Set in the child process that lowers its own file size limit.
+const RLIMIT_CHILD_ENV: &str = "WEIR_FAULTS_RLIMIT_CHILD";
+
+fn failed_writes_in_this_process() {
     for kind in ENGINES {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = LogConfig {
