@@ -25,9 +25,13 @@ pub struct Broker {
     pub appended: Arc<Notify>,
     /// Connections open now.
     pub connections: AtomicU64,
+    /// Most connections open at once since the memory trim last looked.
+    pub connections_peak: AtomicU64,
     /// Bytes of frame-sized read buffers allocated ahead of their frame's
     /// arrival, across connections (at most [`OWN_FRAME_BUFFERS_BYTES_MAX`]).
     pub own_frame_buffer_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    /// Rate limit of the log lines about connections closed or refused by a limit.
+    pub limit_log: crate::connection::LimitLog,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
     /// True while serving; false during start-up and shutdown (`/readyz`).

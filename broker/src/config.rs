@@ -33,6 +33,24 @@ pub struct BrokerConfig {
     /// Connections served at once; more are refused with TooManyConnections.
     /// Default 10,000: well above the 1,000 the tests open, below typical fd limits.
     pub connections_max: usize,
+    /// Most connections open at once from one client address; more are
+    /// refused with TooManyConnections. Default: half of `connections_max`,
+    /// so that no single address can take every slot.
+    pub connections_max_per_address: Option<usize>,
+    /// A connection with no request in flight, no subscription and no byte
+    /// received for this long is closed (Kafka's `connections.max.idle.ms`,
+    /// whose default this is: 10 minutes). 0: never.
+    pub connections_max_idle_ms: u64,
+    /// Once the first byte of a frame has arrived, the whole frame must
+    /// arrive within this, and a response or push once begun must be sent
+    /// within it; otherwise the connection is closed (a peer that sends
+    /// half a frame, or stops reading, cannot hold a connection slot for
+    /// ever). Default 30 s, time for a maximal frame at 1 MB/s. 0: never.
+    pub frame_timeout_ms: u64,
+    /// Connections the kernel queues for accept (capped by
+    /// `net.core.somaxconn`). Default 1,024: a burst of connects larger than
+    /// the backlog waits for SYN retries, a second or more each.
+    pub listen_backlog: u32,
     /// Largest frame accepted. Default 16 MiB + 64 KiB: one maximal batch and its request.
     pub frame_bytes_max: usize,
     /// Request bytes one connection may have in flight before the broker
@@ -152,6 +170,10 @@ impl Default for BrokerConfig {
             broker_id: 1,
             cluster_id: "weir-local".to_string(),
             connections_max: 10_000,
+            connections_max_per_address: None,
+            connections_max_idle_ms: 600_000,
+            frame_timeout_ms: 30_000,
+            listen_backlog: 1_024,
             frame_bytes_max: weir_protocol::frame::FRAME_BYTES_MAX_DEFAULT,
             in_flight_bytes_max: 64 << 20,
             in_flight_requests_max: 1024,
@@ -206,6 +228,13 @@ pub struct ConfigError {
 }
 
 impl BrokerConfig {
+    /// The connection limit per client address in effect.
+    pub fn connections_per_address_max(&self) -> usize {
+        self.connections_max_per_address
+            .unwrap_or(self.connections_max / 2)
+            .max(1)
+    }
+
     /// The flush policy.
     ///
     /// # Errors

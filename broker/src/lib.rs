@@ -27,6 +27,7 @@ pub mod blocking;
 pub mod broker;
 pub mod cluster;
 pub mod config;
+pub mod connection;
 pub mod context;
 pub mod groups;
 pub mod handlers;

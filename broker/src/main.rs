@@ -40,6 +40,18 @@ struct Args {
     /// Most connections served at once.
     #[arg(long, env = "WEIR_CONNECTIONS_MAX")]
     connections_max: Option<usize>,
+    /// Most connections from one client address (default: half of connections-max).
+    #[arg(long, env = "WEIR_CONNECTIONS_MAX_PER_ADDRESS")]
+    connections_max_per_address: Option<usize>,
+    /// Close connections idle this long (0: never).
+    #[arg(long, env = "WEIR_CONNECTIONS_MAX_IDLE_MS")]
+    connections_max_idle_ms: Option<u64>,
+    /// Close a connection whose frame, once begun, is not whole within this (0: never).
+    #[arg(long, env = "WEIR_FRAME_TIMEOUT_MS")]
+    frame_timeout_ms: Option<u64>,
+    /// Connections queued for accept by the kernel.
+    #[arg(long, env = "WEIR_LISTEN_BACKLOG")]
+    listen_backlog: Option<u32>,
     /// Segment size in bytes.
     #[arg(long, env = "WEIR_SEGMENT_BYTES")]
     segment_bytes: Option<u64>,
@@ -86,6 +98,18 @@ fn load(args: &Args) -> anyhow::Result<BrokerConfig> {
     }
     if let Some(max) = args.connections_max {
         config.connections_max = max;
+    }
+    if let Some(max) = args.connections_max_per_address {
+        config.connections_max_per_address = Some(max);
+    }
+    if let Some(idle) = args.connections_max_idle_ms {
+        config.connections_max_idle_ms = idle;
+    }
+    if let Some(timeout) = args.frame_timeout_ms {
+        config.frame_timeout_ms = timeout;
+    }
+    if let Some(backlog) = args.listen_backlog {
+        config.listen_backlog = backlog;
     }
     if let Some(bytes) = args.segment_bytes {
         config.segment_bytes = bytes;

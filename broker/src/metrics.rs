@@ -41,6 +41,10 @@ pub struct Metrics {
     pub produce_latency: Histogram,
     /// Fetch latency including long-poll waits, seconds.
     pub fetch_latency: Histogram,
+    /// Connections the broker closed, by `reason` (idle, frame_timeout, send_timeout).
+    pub connections_closed: Family<Labels, Counter>,
+    /// Connections refused at accept, by `reason` (broker_limit, address_limit).
+    pub connections_refused: Family<Labels, Counter>,
     connections: Gauge,
     io_queue_depth: Gauge,
     fsyncs: Gauge,
@@ -72,6 +76,8 @@ impl Metrics {
             bytes_out: Family::default(),
             produce_latency: latency_histogram(),
             fetch_latency: latency_histogram(),
+            connections_closed: Family::default(),
+            connections_refused: Family::default(),
             connections: Gauge::default(),
             io_queue_depth: Gauge::default(),
             fsyncs: Gauge::default(),
@@ -112,6 +118,16 @@ impl Metrics {
             "connections",
             "Client connections open",
             metrics.connections.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections the broker closed by a limit, by reason (idle, frame_timeout, send_timeout)",
+            metrics.connections_closed.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused at accept, by reason (broker_limit, address_limit)",
+            metrics.connections_refused.clone(),
         );
         registry.register(
             "io_queue_depth",

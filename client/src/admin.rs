@@ -90,6 +90,22 @@ impl Admin {
         Ok(fresh)
     }
 
+    /// `request` on the admin connection, retried with backoff while the
+    /// broker refuses the connection at its connection limit.
+    async fn call(&self, request: Request) -> Result<Response> {
+        let mut backoff = Duration::from_millis(crate::router::TOO_MANY_CONNECTIONS_BACKOFF_MS);
+        for _ in 0..crate::router::TOO_MANY_CONNECTIONS_RETRIES {
+            match self.connection().await?.call(request.clone()).await {
+                Err(ClientError::TooManyConnections { .. }) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                other => return other,
+            }
+        }
+        self.connection().await?.call(request).await
+    }
+
     /// Creates a topic with `partitions` partitions and the cluster's
     /// default replication factor (3, or fewer brokers if there are fewer).
     ///
@@ -120,7 +136,7 @@ impl Admin {
             }],
             timeout_ms: 30_000,
         });
-        match self.connection().await?.call(request).await? {
+        match self.call(request).await? {
             Response::CreateTopics(response) => response
                 .topics
                 .first()
@@ -138,7 +154,7 @@ impl Admin {
             names: vec![name.to_string()],
             timeout_ms: 30_000,
         });
-        match self.connection().await?.call(request).await? {
+        match self.call(request).await? {
             Response::DeleteTopics(response) => {
                 match response.topics.first().map(|topic| topic.error) {
                     Some(ErrorCode::UnknownTopicOrPartition) => {
@@ -184,7 +200,7 @@ impl Admin {
         let request = Request::DescribeTopics(DescribeTopicsRequest {
             names: vec![name.to_string()],
         });
-        match self.connection().await?.call(request).await? {
+        match self.call(request).await? {
             Response::DescribeTopics(mut response) if !response.topics.is_empty() => {
                 let topic = response.topics.remove(0);
                 match topic.error {
@@ -218,7 +234,7 @@ impl Admin {
             partition,
             replicas: replicas.to_vec(),
         });
-        match self.connection().await?.call(request).await? {
+        match self.call(request).await? {
             Response::ReassignPartition(response) => match response.error {
                 ErrorCode::None => Ok(()),
                 ErrorCode::UnknownTopicOrPartition => {
@@ -286,7 +302,7 @@ impl Admin {
                 spec,
             }],
         });
-        match self.connection().await?.call(request).await? {
+        match self.call(request).await? {
             Response::ListOffsets(mut response) if !response.partitions.is_empty() => {
                 let answer = response.partitions.remove(0);
                 check(answer.error)?;

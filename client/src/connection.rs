@@ -49,6 +49,9 @@ struct Inner {
     /// Set by the reader once it has ended (before it fails the calls and
     /// closes the subscriptions), so `is_closed` takes no lock.
     closed: Arc<AtomicBool>,
+    /// What calls fail with once the connection has ended: `Closed`, or
+    /// what the broker said when it refused the connection.
+    ended_with: Arc<Mutex<ClientError>>,
 }
 
 impl Drop for Inner {
@@ -97,11 +100,14 @@ impl Connection {
             let _ = writer.shutdown().await;
         });
         let closed = Arc::new(AtomicBool::new(false));
+        let ended_with = Arc::new(Mutex::new(ClientError::Closed));
         let reader_task = tokio::spawn(read_loop(
             reader,
+            addr.to_string(),
             pending.clone(),
             subscriptions.clone(),
             closed.clone(),
+            ended_with.clone(),
         ));
         Ok(Connection {
             inner: Arc::new(Inner {
@@ -113,6 +119,7 @@ impl Connection {
                 request_timeout,
                 reader_task,
                 closed,
+                ended_with,
             }),
         })
     }
@@ -155,7 +162,7 @@ impl Connection {
         let (sender, receiver) = oneshot::channel();
         match lock(&self.inner.pending).as_mut() {
             Some(calls) => calls.insert(correlation, sender),
-            None => return Err(ClientError::Closed),
+            None => return Err(lock(&self.inner.ended_with).clone()),
         };
         let frame = request.encode(correlation);
         if self.inner.writer.send(frame.parts).await.is_err() {
@@ -251,10 +258,13 @@ fn forget(pending: &Pending, correlation: u32) -> Option<oneshot::Sender<Result<
 
 async fn read_loop(
     mut reader: tokio::net::tcp::OwnedReadHalf,
+    addr: String,
     pending: Pending,
     subscriptions: Subscriptions,
     closed: Arc<AtomicBool>,
+    ended_with: Arc<Mutex<ClientError>>,
 ) {
+    let mut failure = ClientError::Closed;
     let decoder = FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT);
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     'read: loop {
@@ -281,10 +291,17 @@ async fn read_loop(
                         result,
                         Err(ClientError::Broker(_)) | Err(ClientError::Protocol(_))
                     );
+                    let refused = matches!(
+                        result,
+                        Err(ClientError::Broker(ErrorCode::TooManyConnections))
+                    );
                     if let Some(waiter) = waiter {
                         let _ = waiter.send(result);
                     }
                     if closing && header.correlation_id == 0 {
+                        if refused {
+                            failure = ClientError::TooManyConnections { addr };
+                        }
                         break 'read;
                     }
                 }
@@ -298,10 +315,11 @@ async fn read_loop(
     }
     // Fail every pending call; close every subscription channel (whoever
     // sees either end already finds the connection closed).
+    *lock(&ended_with) = failure.clone();
     closed.store(true, Ordering::Release);
     let calls = lock(&pending).take().unwrap_or_default();
     for (_, waiter) in calls {
-        let _ = waiter.send(Err(ClientError::Closed));
+        let _ = waiter.send(Err(failure.clone()));
     }
     lock(&subscriptions).clear();
 }

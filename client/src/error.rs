@@ -16,6 +16,14 @@ pub enum ClientError {
     /// The connection closed while the call was in flight.
     #[error("connection closed")]
     Closed,
+    /// The broker refused the connection: it serves as many connections as
+    /// its limit allows (`connections_max`, or `connections_max_per_address`
+    /// for this client's address). Retriable: slots free as others close.
+    #[error("broker {addr} refused the connection: too many connections")]
+    TooManyConnections {
+        /// The broker address.
+        addr: String,
+    },
     /// The broker answered with an error.
     #[error("broker error {0}")]
     Broker(ErrorCode),
@@ -43,7 +51,10 @@ impl ClientError {
     pub fn is_retriable(&self) -> bool {
         match self {
             ClientError::Broker(code) => code.is_retriable(),
-            ClientError::Closed | ClientError::Timeout | ClientError::Connect { .. } => true,
+            ClientError::Closed
+            | ClientError::Timeout
+            | ClientError::Connect { .. }
+            | ClientError::TooManyConnections { .. } => true,
             _ => false,
         }
     }

@@ -55,6 +55,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
+/// Retries of a metadata refresh refused at the brokers' connection limit.
+pub const TOO_MANY_CONNECTIONS_RETRIES: u32 = 4;
+/// The first backoff of those retries, doubled each time (0.1 + 0.2 + 0.4 +
+/// 0.8 s: 1.5 s in all).
+pub const TOO_MANY_CONNECTIONS_BACKOFF_MS: u64 = 100;
+
 /// Whether `error` says the partition's leader is elsewhere (or gone).
 pub fn leader_moved(error: &ClientError) -> bool {
     matches!(
@@ -143,11 +149,8 @@ impl Router {
         Err(last_error.unwrap_or(ClientError::Closed))
     }
 
-    /// Asks a broker for `topics`' metadata and caches the leaders.
-    ///
-    /// # Errors
-    /// Connection errors when no broker answers.
-    pub async fn refresh(&self, topics: Option<Vec<String>>) -> Result<MetadataResponse> {
+    /// One round of [`Router::refresh`]: each broker asked once at most.
+    async fn refresh_once(&self, topics: Option<Vec<String>>) -> Result<MetadataResponse> {
         let mut last_error = ClientError::Closed;
         let known = lock(&self.cache).brokers.len();
         // Each broker once at most: one that fails is dropped from `home`.
@@ -175,6 +178,27 @@ impl Router {
             }
         }
         Err(last_error)
+    }
+
+    /// Asks a broker for `topics`' metadata and caches the leaders; retried
+    /// with backoff while brokers refuse the connection at their connection
+    /// limit (slots free as others close).
+    ///
+    /// # Errors
+    /// Connection errors when no broker answers; `TooManyConnections` once
+    /// the retries are spent.
+    pub async fn refresh(&self, topics: Option<Vec<String>>) -> Result<MetadataResponse> {
+        let mut backoff = Duration::from_millis(TOO_MANY_CONNECTIONS_BACKOFF_MS);
+        for _ in 0..TOO_MANY_CONNECTIONS_RETRIES {
+            match self.refresh_once(topics.clone()).await {
+                Err(ClientError::TooManyConnections { .. }) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                other => return other,
+            }
+        }
+        self.refresh_once(topics).await
     }
 
     fn learn(&self, metadata: &MetadataResponse) {

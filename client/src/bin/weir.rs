@@ -1,7 +1,9 @@
 //! `weir`: the command line for topics, producing, consuming and the cluster.
 //!
 //! Exit codes: 0 success; 1 any other failure; 2 bad usage; 3 the broker is
-//! unreachable; 4 the topic does not exist.
+//! unreachable; 4 the topic does not exist; 5 the group does not exist; 6 the
+//! group is not empty; 7 the broker refused the connection at its
+//! connection limit.
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
@@ -225,6 +227,7 @@ fn exit_code(error: &anyhow::Error) -> ExitCode {
         Some(ClientError::Broker(ErrorCode::UnknownTopicOrPartition)) => ExitCode::from(4),
         Some(ClientError::Broker(ErrorCode::UnknownGroup)) => ExitCode::from(5),
         Some(ClientError::Broker(ErrorCode::GroupNotEmpty)) => ExitCode::from(6),
+        Some(ClientError::TooManyConnections { .. }) => ExitCode::from(7),
         _ => ExitCode::from(1),
     }
 }
