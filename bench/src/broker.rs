@@ -59,7 +59,7 @@ pub struct WorkloadArgs {
     /// 0, 1 or all.
     #[arg(long, default_value = "1")]
     acks: String,
-    /// none, lz4 or zstd.
+    /// none, gzip, snappy, lz4 or zstd.
     #[arg(long, default_value = "none")]
     compression: String,
     /// Producer batches in flight per partition (the producer's default;
@@ -300,9 +300,11 @@ fn parse_acks(acks: &str) -> anyhow::Result<Acks> {
 fn parse_compression(compression: &str) -> anyhow::Result<Compression> {
     Ok(match compression {
         "none" => Compression::None,
+        "gzip" => Compression::Gzip,
+        "snappy" => Compression::Snappy,
         "lz4" => Compression::Lz4,
         "zstd" => Compression::Zstd,
-        other => bail!("--compression must be none, lz4 or zstd, not {other}"),
+        other => bail!("--compression must be none, gzip, snappy, lz4 or zstd, not {other}"),
     })
 }
 

@@ -28,9 +28,6 @@ use crate::producers::{Check, ProducerStates, Stamp};
 /// small, highly compressed batches cannot make the broker expand gigabytes.
 pub const DECOMPRESSED_BYTES_MAX: usize = 64 << 20;
 
-/// Largest zstd window accepted (2^24 = 16 MiB, the largest batch).
-const ZSTD_WINDOW_LOG_MAX: u32 = 24;
-
 /// One partition of a topic.
 #[derive(Debug)]
 pub struct Partition {
@@ -732,9 +729,8 @@ impl Partition {
 
 /// Checks that every record of a batch parses, carries the offset delta of
 /// its position and that nothing follows the last, so consumers can trust
-/// `offset`. lz4 and zstd batches are decompressed for it (as Kafka does),
-/// within `decompressed_budget`; gzip and snappy ones, which Weir only
-/// stores, are checked by framing (and CRC, later) only.
+/// `offset`. Compressed batches (every Kafka codec) are decompressed for
+/// it, as Kafka does, within `decompressed_budget`.
 fn check_records(
     batch: &weir_protocol::Batch<'_>,
     decompressed_budget: &mut usize,
@@ -742,21 +738,19 @@ fn check_records(
     let decompressed;
     let mut records = match batch.compression() {
         Compression::None => batch.records_from(batch.records_bytes()),
-        Compression::Lz4 | Compression::Zstd => {
+        codec => {
             // Decompressing costs far more than a CRC pass: refuse a
             // damaged batch before spending it.
             batch.verify_crc().map_err(|_| ErrorCode::CorruptBatch)?;
-            decompressed = decompress(
-                batch.compression(),
+            decompressed = weir_protocol::codec::decompress(
+                codec,
                 batch.records_bytes(),
                 *decompressed_budget,
             )
-            .ok_or(ErrorCode::CorruptBatch)?;
+            .map_err(|_| ErrorCode::CorruptBatch)?;
             *decompressed_budget -= decompressed.len();
             batch.records_from(&decompressed)
         }
-        // Stored as sent: Weir reads neither, and checks their framing only.
-        Compression::Gzip | Compression::Snappy => return Ok(()),
     };
     let mut count = 0i64;
     for position in 0.. {
@@ -774,27 +768,6 @@ fn check_records(
         return Err(ErrorCode::CorruptBatch);
     }
     Ok(())
-}
-
-/// A compressed records section, decompressed; `None` if it is corrupt or
-/// would exceed `bytes_max` (a small batch must not expand into gigabytes).
-fn decompress(codec: Compression, bytes: &[u8], bytes_max: usize) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    let limit = bytes_max as u64 + 1;
-    let read = match codec {
-        Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(bytes)
-            .take(limit)
-            .read_to_end(&mut out),
-        Compression::Zstd => {
-            let mut decoder = zstd::stream::read::Decoder::new(bytes).ok()?;
-            // A window larger than a batch can be is not a real producer's.
-            decoder.window_log_max(ZSTD_WINDOW_LOG_MAX).ok()?;
-            decoder.take(limit).read_to_end(&mut out)
-        }
-        _ => return None,
-    };
-    (read.is_ok() && out.len() <= bytes_max).then_some(out)
 }
 
 /// An append handed to the log, not yet durable.

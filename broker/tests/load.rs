@@ -16,7 +16,15 @@ use weir_protocol::{ErrorCode, FrameKind, Request, Response};
 fn a_thousand_concurrent_connections() {
     let dir = tempfile::tempdir().expect("tempdir");
     // The admin connection stays open: with it, 1,001 connections fill the limit.
-    let broker = BrokerProcess::start(dir.path(), &["--connections-max", "1001"]);
+    let broker = BrokerProcess::start(
+        dir.path(),
+        &[
+            "--connections-max",
+            "1001",
+            "--connections-max-per-address",
+            "1001",
+        ],
+    );
     let mut admin = broker.client();
     admin.create_topic("busy", 4);
     let mut clients: Vec<Client> = (0..1000).map(|_| broker.client()).collect();

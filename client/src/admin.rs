@@ -182,8 +182,6 @@ impl Admin {
     /// Connection errors.
     pub async fn metadata(&self, topics: Option<Vec<String>>) -> Result<MetadataResponse> {
         match self
-            .connection()
-            .await?
             .call(Request::Metadata(MetadataRequest { topics }))
             .await?
         {

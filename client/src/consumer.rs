@@ -230,12 +230,19 @@ impl ConsumerBatch {
         let mut decompressed = Vec::new();
         let mut next_offset = start_offset;
         for batch in Batches::new(&bytes, true) {
-            let batch = batch.map_err(|error| ClientError::Protocol(error.to_string()))?;
+            // Errors name the batch: where the application can skip to.
+            let batch = batch.map_err(|error| {
+                ClientError::Protocol(format!("the batch at offset {next_offset}: {error}"))
+            })?;
             if batch.compression() != Compression::None {
-                decompressed.push(Bytes::from(decompress(
-                    batch.compression(),
-                    batch.records_bytes(),
-                )?));
+                let records =
+                    decompress(batch.compression(), batch.records_bytes()).map_err(|error| {
+                        ClientError::Protocol(format!(
+                            "the batch at offset {}: {error}",
+                            batch.base_offset()
+                        ))
+                    })?;
+                decompressed.push(Bytes::from(records));
             }
             next_offset = next_offset.max(batch.next_offset());
         }

@@ -348,7 +348,7 @@ async fn heartbeat_loop(
             Ok(Response::Heartbeat(ack)) => ack.error,
             Ok(_) => continue,
             Err(ClientError::Timeout) => continue,
-            Err(ClientError::Closed) => {
+            Err(ClientError::Closed | ClientError::TooManyConnections { .. }) => {
                 // The connection is gone: the consumer reconnects and
                 // starts a new heartbeat (`Membership::reattach`).
                 signals.wake.notify_waiters();

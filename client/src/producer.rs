@@ -1079,26 +1079,12 @@ async fn finish(
 
 /// Compresses a built batch's records section.
 fn compress(batch: &Bytes, codec: Compression) -> Result<Bytes> {
+    if codec == Compression::None {
+        return Ok(batch.clone());
+    }
     let records = &batch[weir_protocol::batch::BATCH_HEADER_BYTES..];
-    let compressed = match codec {
-        Compression::None => return Ok(batch.clone()),
-        Compression::Lz4 => {
-            let mut encoder =
-                lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(records.len() / 2));
-            std::io::Write::write_all(&mut encoder, records)
-                .map_err(|error| ClientError::InvalidArgument(error.to_string()))?;
-            encoder
-                .finish()
-                .map_err(|error| ClientError::InvalidArgument(error.to_string()))?
-        }
-        Compression::Zstd => zstd::bulk::compress(records, 3)
-            .map_err(|error| ClientError::InvalidArgument(error.to_string()))?,
-        other => {
-            return Err(ClientError::InvalidArgument(format!(
-                "{other:?} is not supported for producing"
-            )));
-        }
-    };
+    let compressed = weir_protocol::codec::compress(codec, records)
+        .map_err(|error| ClientError::InvalidArgument(error.to_string()))?;
     Ok(Bytes::from(with_compressed_records(
         batch,
         codec,
@@ -1111,39 +1097,15 @@ fn compress(batch: &Bytes, codec: Compression) -> Result<Bytes> {
 /// or broken batch cannot make a consumer allocate without bound.
 pub const DECOMPRESSED_BYTES_MAX: usize = 64 << 20;
 
-/// Decompresses a batch's records section for iteration.
+/// Decompresses a batch's records section for iteration (every Kafka
+/// codec: gzip, snappy, lz4, zstd).
 ///
 /// # Errors
-/// [`ClientError::Protocol`] for corrupt or unsupported compressed data, or
-/// data that expands past [`DECOMPRESSED_BYTES_MAX`].
+/// [`ClientError::Protocol`] for corrupt compressed data, or data that
+/// expands past [`DECOMPRESSED_BYTES_MAX`].
 pub fn decompress(codec: Compression, records: &[u8]) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let limit = DECOMPRESSED_BYTES_MAX as u64 + 1;
-    let mut out = Vec::new();
-    let read = match codec {
-        Compression::None => return Ok(records.to_vec()),
-        Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(records)
-            .take(limit)
-            .read_to_end(&mut out),
-        Compression::Zstd => zstd::stream::read::Decoder::new(records)
-            .and_then(|mut decoder| {
-                decoder.window_log_max(24)?;
-                Ok(decoder)
-            })
-            .and_then(|decoder| decoder.take(limit).read_to_end(&mut out)),
-        other => {
-            return Err(ClientError::Protocol(format!(
-                "{other:?} batches are not supported by this client"
-            )));
-        }
-    };
-    read.map_err(|error| ClientError::Protocol(error.to_string()))?;
-    if out.len() > DECOMPRESSED_BYTES_MAX {
-        return Err(ClientError::Protocol(format!(
-            "a batch expands past {DECOMPRESSED_BYTES_MAX} bytes"
-        )));
-    }
-    Ok(out)
+    weir_protocol::codec::decompress(codec, records, DECOMPRESSED_BYTES_MAX)
+        .map_err(|error| ClientError::Protocol(error.to_string()))
 }
 
 #[cfg(test)]

@@ -72,6 +72,7 @@ pub fn leader_moved(error: &ClientError) -> bool {
                 | ErrorCode::UnknownTopicOrPartition
                 | ErrorCode::ShuttingDown
         ) | ClientError::Closed
+            | ClientError::TooManyConnections { .. }
             | ClientError::Connect { .. }
             | ClientError::Timeout
     )

@@ -489,64 +489,93 @@ async fn graceful_restart_with_traffic_in_flight() {
     assert_eq!(found, acked.len(), "every acknowledged record survived");
 }
 
-/// A partition whose data this client cannot read (here a gzip batch, which
-/// the broker stores but the client does not decode) is given up with an
-/// error naming where reading stopped, never skipped silently; deleting a
-/// topic ends its subscriptions with UnknownTopic.
+/// A partition whose data this client cannot read (here a batch damaged
+/// on disk, in a sealed segment that a clean restart trusts) is given up
+/// with an error naming where reading stopped and the batch that failed,
+/// never skipped silently; deleting a topic ends its subscriptions with
+/// UnknownTopic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_data_and_deleted_topics_end_the_assignment() {
-    use weir_client::connection::Connection;
-    use weir_protocol::message::{ProducePartition, ProduceRequest, ProduceTopic, RecordSet};
-    use weir_protocol::{BatchBuilder, Request, Response};
-
-    let broker = Broker::start();
-    let admin = Admin::connect(&broker.addr).await.expect("connect");
-    admin.create_topic("gz", 1).await.expect("create");
-    admin.create_topic("doomed", 1).await.expect("create");
-    let mut builder = BatchBuilder::new(0);
-    builder.push(0, None, Some(b"x"), &[]);
-    let plain = builder.finish();
-    let gzip =
-        weir_protocol::batch::with_compressed_records(&plain, Compression::Gzip, b"stored as sent");
-    let connection = Connection::connect(&broker.addr, Duration::from_secs(30))
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = ["--segment-bytes", "65536"];
+    let process = BrokerProcess::start(dir.path(), &args);
+    let addr = process.addr;
+    {
+        let admin = Admin::connect(&addr.to_string()).await.expect("connect");
+        admin.create_topic("flipped", 1).await.expect("create");
+        let producer = Producer::connect(
+            &addr.to_string(),
+            ProducerConfig {
+                batch_bytes: 4096,
+                ..ProducerConfig::default()
+            },
+        )
         .await
-        .expect("connect");
-    let response = connection
-        .call(Request::Produce(ProduceRequest {
-            acks: 1,
-            timeout_ms: 30_000,
-            topics: vec![ProduceTopic {
-                name: "gz".into(),
-                partitions: vec![ProducePartition {
-                    partition: 0,
-                    records: RecordSet::single(gzip.into()),
-                }],
-            }],
-        }))
-        .await
-        .expect("produce");
-    let Response::Produce(response) = response else {
-        panic!("wrong response");
+        .expect("producer");
+        for number in 0..1000u32 {
+            let value = format!("value-{number}-{}", "x".repeat(200));
+            // Acknowledged by the flush below.
+            drop(
+                producer
+                    .send("flipped", ProducerRecord::new(value))
+                    .await
+                    .expect("send"),
+            );
+        }
+        producer.flush().await.expect("flush");
+    }
+    assert!(process.terminate().success(), "a clean shutdown");
+    // Flip a byte inside the records of the third batch of the first
+    // (sealed) segment: its CRC no longer matches.
+    let segment = dir.path().join("flipped-0").join(format!("{:020}.log", 0));
+    let mut bytes = std::fs::read(&segment).expect("read segment");
+    let (damaged_at, damaged_base) = {
+        let batches: Vec<_> = weir_protocol::Batches::new(&bytes, false)
+            .map_while(Result::ok)
+            .map(|batch| (batch.len(), batch.base_offset()))
+            .collect();
+        assert!(batches.len() > 3, "several batches in the first segment");
+        let position: usize = batches[..2].iter().map(|(len, _)| len).sum();
+        (
+            position + weir_protocol::batch::BATCH_HEADER_BYTES + 20,
+            batches[2].1,
+        )
     };
-    assert!(response.topics[0].partitions[0].error.is_ok());
+    assert!(damaged_base > 0);
+    bytes[damaged_at] ^= 0x55;
+    std::fs::write(&segment, &bytes).expect("write segment");
+    let _process = BrokerProcess::start_at(addr, dir.path(), &args);
+    let addr = addr.to_string();
+    let admin = Admin::connect(&addr).await.expect("connect");
+    admin.create_topic("doomed", 1).await.expect("create");
 
-    let mut consumer = Consumer::connect(&broker.addr, ConsumerConfig::default())
+    let mut consumer = Consumer::connect(&addr, ConsumerConfig::default())
         .await
         .expect("consumer");
     consumer
-        .assign("gz", 0, Offset::Earliest)
+        .assign("flipped", 0, Offset::Earliest)
         .await
         .expect("assign");
-    let error = tokio::time::timeout(Duration::from_secs(60), consumer.next())
-        .await
-        .expect("answered")
-        .expect("an item")
-        .expect_err("gzip is not readable here");
+    let error = loop {
+        let item = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .expect("answered")
+            .expect("an item");
+        match item {
+            Ok(record) => assert!(record.offset < damaged_base, "nothing past the damage"),
+            Err(error) => break error,
+        }
+    };
+    let message = error.to_string();
     assert!(
-        error.to_string().contains("gz/0 unassigned at offset 0"),
-        "{error}"
+        message.contains("flipped/0 unassigned at offset"),
+        "{message}"
     );
-    assert_eq!(consumer.position("gz", 0), None, "given up");
+    assert!(
+        message.contains(&format!("the batch at offset {damaged_base}")),
+        "names the damaged batch: {message}"
+    );
+    assert_eq!(consumer.position("flipped", 0), None, "given up");
     assert!(consumer.next().await.is_none(), "nothing assigned any more");
 
     consumer

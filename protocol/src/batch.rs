@@ -56,9 +56,9 @@ const RECORDS_COUNT_AT: usize = 57;
 pub enum Compression {
     /// Records are stored as they are.
     None,
-    /// gzip (accepted and stored; Weir's client does not produce it).
+    /// gzip.
     Gzip,
-    /// snappy (accepted and stored; Weir's client does not produce it).
+    /// snappy (raw or xerial-framed when read; xerial-framed when written).
     Snappy,
     /// LZ4 frame format.
     Lz4,

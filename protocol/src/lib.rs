@@ -7,6 +7,8 @@
 //! - `record`: zero-copy iteration over the records and headers of an
 //!   uncompressed batch.
 //! - `builder`: [`BatchBuilder`], which encodes records once into a batch.
+//! - `codec`: the compression codecs of a records section (gzip, snappy,
+//!   lz4, zstd), bounded when decompressing.
 //! - `varint`: Kafka's zig-zag varints.
 //! - `error`: [`BatchError`].
 //! - `frame`: the wire frame (length prefix, header) and [`FrameDecoder`],
@@ -22,6 +24,7 @@
 pub mod api;
 pub mod batch;
 pub mod builder;
+pub mod codec;
 mod error;
 pub mod frame;
 pub mod message;
@@ -32,6 +35,7 @@ pub mod wire;
 pub use api::{ApiKey, ErrorCode};
 pub use batch::{Batch, Batches, Compression};
 pub use builder::{BatchBuilder, ProducerStamp};
+pub use codec::CodecError;
 pub use error::BatchError;
 pub use frame::{Frame, FrameDecoder, FrameError, FrameHeader, FrameKind};
 pub use message::{DecodeError, Request, Response};

@@ -64,6 +64,9 @@ enum Command {
         /// Most records per second.
         #[arg(long)]
         rate: Option<u64>,
+        /// Compression of the batches sent.
+        #[arg(long, value_enum, default_value_t = Codec::None)]
+        compression: Codec,
     },
     /// Print records of a topic.
     Consume {
@@ -195,6 +198,33 @@ enum ClusterCommand {
     Info,
 }
 
+/// The batch compression codecs `weir produce` offers (Kafka's five).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Codec {
+    /// Uncompressed.
+    None,
+    /// gzip.
+    Gzip,
+    /// snappy (xerial framing, as the Java client writes it).
+    Snappy,
+    /// LZ4 frames.
+    Lz4,
+    /// Zstandard.
+    Zstd,
+}
+
+impl From<Codec> for weir_protocol::Compression {
+    fn from(codec: Codec) -> Self {
+        match codec {
+            Codec::None => weir_protocol::Compression::None,
+            Codec::Gzip => weir_protocol::Compression::Gzip,
+            Codec::Snappy => weir_protocol::Compression::Snappy,
+            Codec::Lz4 => weir_protocol::Compression::Lz4,
+            Codec::Zstd => weir_protocol::Compression::Zstd,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Format {
     /// Each record's value on a line.
@@ -255,6 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             headers,
             partition,
             rate,
+            compression,
         } => {
             produce(
                 &cli.broker,
@@ -265,6 +296,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 headers,
                 partition,
                 rate,
+                compression.into(),
             )
             .await
         }
@@ -424,8 +456,16 @@ async fn produce(
     headers: Vec<String>,
     partition: Option<u32>,
     rate: Option<u64>,
+    compression: weir_protocol::Compression,
 ) -> anyhow::Result<()> {
-    let producer = Producer::connect(broker, ProducerConfig::default()).await?;
+    let producer = Producer::connect(
+        broker,
+        ProducerConfig {
+            compression,
+            ..ProducerConfig::default()
+        },
+    )
+    .await?;
     let headers: Vec<(String, Bytes)> = headers
         .iter()
         .map(|header| match header.split_once('=') {
