@@ -71,6 +71,9 @@ struct Producers {
     in_flight: HashMap<(i64, i32), (u64, watch::Receiver<AppendOutcome>)>,
     /// Numbers stamped appends, so a finished one removes only itself.
     next_append_id: u64,
+    /// The log end of the last snapshot written: an unchanged table at
+    /// the same end needs no new one.
+    saved_offset: Option<u64>,
 }
 
 /// How a stamped append ended; `None` while it is in flight.
@@ -157,17 +160,24 @@ impl Partition {
         broker_id: BrokerId,
         replica_config: ReplicaConfig,
     ) -> Arc<Partition> {
-        let states = ProducerStates::recover(&log);
+        let mut states = ProducerStates::recover(&log);
+        states.take_changed();
         // Replace whatever snapshot was there with one of what is now known,
         // so a stale one cannot be picked up after a later crash.
-        if let Err(error) = states.snapshot(log.end_offset()).save(log.dir()) {
-            tracing::warn!(%topic, partition = index, %error, "producer snapshot failed");
-        }
+        let end = log.end_offset();
+        let saved_offset = match states.snapshot(end).save(log.dir()) {
+            Ok(()) => Some(end),
+            Err(error) => {
+                tracing::warn!(%topic, partition = index, %error, "producer snapshot failed");
+                None
+            }
+        };
         let stamped_seen = std::sync::atomic::AtomicBool::new(!states.is_empty());
         let producers = Producers {
             states,
             in_flight: HashMap::new(),
             next_append_id: 0,
+            saved_offset,
         };
         Arc::new_cyclic(|me| Partition {
             topic,
@@ -195,8 +205,22 @@ impl Partition {
             return Ok(());
         }
         // Copied under the lock, written outside it: appends go on.
-        let snapshot = lock(&self.producers).states.snapshot(self.log.end_offset());
-        snapshot.save(self.log.dir())
+        let snapshot = {
+            let mut producers = lock(&self.producers);
+            let end = self.log.end_offset();
+            let changed = producers.states.take_changed();
+            if !changed && producers.saved_offset == Some(end) {
+                // Nothing new since the last one: no write, no fsync.
+                return Ok(());
+            }
+            producers.saved_offset = Some(end);
+            producers.states.snapshot(end)
+        };
+        let saved = snapshot.save(self.log.dir());
+        if saved.is_err() {
+            lock(&self.producers).saved_offset = None;
+        }
+        saved
     }
 
     /// Forgets producers idle for `idle_ms`.

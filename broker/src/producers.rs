@@ -9,9 +9,16 @@
 //! whose range matches one of them is a duplicate; one that starts right
 //! after the last is new; anything else is a gap (`OutOfOrderSequence`).
 //!
-//! The table is rebuilt on open from a snapshot (`producer-state.json`,
-//! written atomically at clean close and periodically) plus a replay of the
-//! batch headers after the snapshot's offset.
+//! The table is rebuilt on open from a snapshot (`producer-state.bin`,
+//! written atomically at clean close and periodically when it changed)
+//! plus a replay of the batch headers after the snapshot's offset.
+//!
+//! Bounded whatever the number of producers: a partition tracks at most
+//! [`PRODUCERS_PER_PARTITION_MAX`] producers (the least recently active
+//! go first) and the snapshot stores each in at most
+//! [`SNAPSHOT_ENTRY_BYTES_MAX`] bytes, so it never exceeds about 1.1 MB
+//! and loads in milliseconds. Short-lived producers (one `weir produce`
+//! run each) cost 47 bytes apiece until they expire.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -25,15 +32,27 @@ use weir_storage::Log;
 /// its producers have at most five batches in flight per partition).
 pub const PRODUCER_BATCHES_KEPT: usize = 5;
 
-/// Producers a partition tracks at most; beyond it the one that produced
-/// least recently is forgotten (its next batch, if any, must then start a
-/// new epoch or is refused as `UnknownProducerId`).
-pub const PRODUCERS_PER_PARTITION_MAX: usize = 100_000;
+/// Producers a partition tracks at most; beyond it the tenth that produced
+/// least recently is forgotten at once (their next batch, if any, must
+/// then start a new epoch or is refused as `UnknownProducerId`). Kafka's
+/// clients keep at most five batches in flight per partition, so only a
+/// producer idle while ten thousand others produced is affected.
+pub const PRODUCERS_PER_PARTITION_MAX: usize = 10_000;
+
+/// Bytes of one producer in the snapshot at most: id, epoch, next
+/// sequence, last offset, last seen, batch count, and five batches of
+/// (first sequence, last sequence, base offset).
+pub const SNAPSHOT_ENTRY_BYTES_MAX: usize = 8 + 2 + 4 + 8 + 8 + 1 + PRODUCER_BATCHES_KEPT * 16;
+// The bound the module docs and docs/OPERATIONS.md state: ~1.1 MB a partition.
+const _: () = assert!(PRODUCERS_PER_PARTITION_MAX * SNAPSHOT_ENTRY_BYTES_MAX <= 1_200_000);
 
 /// Named producers remembered by a broker at most.
 pub const NAMED_PRODUCERS_MAX: usize = 100_000;
 
-const SNAPSHOT_FILE: &str = "producer-state.json";
+const SNAPSHOT_FILE: &str = "producer-state.bin";
+/// The JSON snapshot of earlier versions, read when no binary one exists.
+const LEGACY_SNAPSHOT_FILE: &str = "producer-state.json";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"WEIRPST1";
 const IDS_FILE: &str = "producer-ids.json";
 
 /// One remembered batch of a producer.
@@ -118,6 +137,8 @@ pub struct ProducerStates {
     /// One past the highest base offset remembered: a purge below it has
     /// work to do.
     high_offset: u64,
+    /// Whether the table changed since the last snapshot was taken.
+    changed: bool,
 }
 
 impl ProducerStates {
@@ -166,6 +187,7 @@ impl ProducerStates {
         if self.high_offset <= offset {
             return;
         }
+        self.changed = true;
         for entry in self.producers.values_mut() {
             if let Some(first_gone) = entry
                 .batches
@@ -183,8 +205,26 @@ impl ProducerStates {
     /// Drops producers whose latest batch is older than `idle_ms` (as
     /// Kafka's `producer.id.expiration.ms`): their retries are long over.
     pub fn expire(&mut self, now_ms: i64, idle_ms: i64) {
+        let before = self.producers.len();
         self.producers
             .retain(|_, entry| entry.last_seen_ms.saturating_add(idle_ms) >= now_ms);
+        self.changed |= self.producers.len() != before;
+    }
+
+    /// Forgets the tenth of the producers that produced least recently
+    /// (at least one), making room under [`PRODUCERS_PER_PARTITION_MAX`]:
+    /// one sort per many new producers, not a scan per new one.
+    fn evict_least_recent(&mut self) {
+        let mut by_recency: Vec<(u64, i64)> = self
+            .producers
+            .iter()
+            .map(|(id, entry)| (entry.last_offset, *id))
+            .collect();
+        let count = (PRODUCERS_PER_PARTITION_MAX / 10).clamp(1, by_recency.len());
+        by_recency.select_nth_unstable(count - 1);
+        for (_, id) in &by_recency[..count] {
+            self.producers.remove(id);
+        }
     }
 
     /// Remembers an appended batch (at submit time: the next batch of the
@@ -193,14 +233,10 @@ impl ProducerStates {
     pub fn record(&mut self, stamp: &Stamp, base_offset: u64, now_ms: i64) {
         if !self.producers.contains_key(&stamp.producer_id)
             && self.producers.len() >= PRODUCERS_PER_PARTITION_MAX
-            && let Some(oldest) = self
-                .producers
-                .iter()
-                .min_by_key(|(_, entry)| entry.last_offset)
-                .map(|(id, _)| *id)
         {
-            self.producers.remove(&oldest);
+            self.evict_least_recent();
         }
+        self.changed = true;
         let entry = self.producers.entry(stamp.producer_id).or_default();
         if stamp.epoch != entry.epoch {
             entry.epoch = stamp.epoch;
@@ -218,6 +254,11 @@ impl ProducerStates {
         entry.last_offset = base_offset;
         entry.last_seen_ms = now_ms;
         self.high_offset = self.high_offset.max(base_offset + 1);
+    }
+
+    /// Whether the table changed since the last call (a snapshot is then due).
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     /// Producers known.
@@ -306,7 +347,7 @@ impl ProducerStates {
     }
 }
 
-/// A producer table as of an offset, as written to `producer-state.json`.
+/// A producer table as of an offset, as written to `producer-state.bin`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Snapshot {
     offset: u64,
@@ -314,17 +355,122 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Writes it into `dir` atomically.
+    /// The offset it describes the table at.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Writes it into `dir` atomically (and removes a legacy JSON one).
     ///
     /// # Errors
     /// Storage errors writing the file.
     pub fn save(&self, dir: &Path) -> Result<(), weir_storage::StorageError> {
-        let text = serde_json::to_vec(self).unwrap_or_default();
-        weir_storage::checkpoint::write_atomic(dir, SNAPSHOT_FILE, &text)
+        weir_storage::checkpoint::write_atomic(dir, SNAPSHOT_FILE, &self.encode())?;
+        let legacy = dir.join(LEGACY_SNAPSHOT_FILE);
+        if legacy.exists() {
+            let _ = std::fs::remove_file(legacy);
+        }
+        Ok(())
+    }
+
+    /// The binary form: magic, offset, count, the producers in id order,
+    /// and a CRC-32C of everything before it.
+    ///
+    /// ```text
+    /// "WEIRPST1" offset:u64 count:u32
+    /// count × (id:i64 epoch:i16 next_sequence:i32 last_offset:u64
+    ///          last_seen_ms:i64 batches:u8
+    ///          batches × (first_sequence:i32 last_sequence:i32 base_offset:u64))
+    /// crc32c:u32                                          (all big-endian)
+    /// ```
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + self.producers.len() * 47);
+        out.extend_from_slice(SNAPSHOT_MAGIC);
+        out.extend_from_slice(&self.offset.to_be_bytes());
+        out.extend_from_slice(&(self.producers.len() as u32).to_be_bytes());
+        for (id, entry) in &self.producers {
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(&entry.epoch.to_be_bytes());
+            out.extend_from_slice(&entry.next_sequence.to_be_bytes());
+            out.extend_from_slice(&entry.last_offset.to_be_bytes());
+            out.extend_from_slice(&entry.last_seen_ms.to_be_bytes());
+            // At most PRODUCER_BATCHES_KEPT (5): `record` keeps no more.
+            out.push(entry.batches.len().min(PRODUCER_BATCHES_KEPT) as u8);
+            for batch in entry.batches.iter().take(PRODUCER_BATCHES_KEPT) {
+                out.extend_from_slice(&batch.first_sequence.to_be_bytes());
+                out.extend_from_slice(&batch.last_sequence.to_be_bytes());
+                out.extend_from_slice(&batch.base_offset.to_be_bytes());
+            }
+        }
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    /// Reads the binary form; `None` if it is damaged in any way.
+    fn decode(bytes: &[u8]) -> Option<Snapshot> {
+        let (body, crc) = bytes.split_last_chunk::<4>()?;
+        if crc32c::crc32c(body) != u32::from_be_bytes(*crc) {
+            return None;
+        }
+        let mut reader = SnapshotReader { rest: body };
+        if reader.take::<8>()? != *SNAPSHOT_MAGIC {
+            return None;
+        }
+        let offset = u64::from_be_bytes(reader.take()?);
+        let count = u32::from_be_bytes(reader.take()?) as usize;
+        let mut producers = BTreeMap::new();
+        for _ in 0..count {
+            let id = i64::from_be_bytes(reader.take()?);
+            let epoch = i16::from_be_bytes(reader.take()?);
+            let next_sequence = i32::from_be_bytes(reader.take()?);
+            let last_offset = u64::from_be_bytes(reader.take()?);
+            let last_seen_ms = i64::from_be_bytes(reader.take()?);
+            let [batch_count] = reader.take::<1>()?;
+            if usize::from(batch_count) > PRODUCER_BATCHES_KEPT {
+                return None;
+            }
+            let mut batches = VecDeque::with_capacity(usize::from(batch_count));
+            for _ in 0..batch_count {
+                batches.push_back(BatchMeta {
+                    first_sequence: i32::from_be_bytes(reader.take()?),
+                    last_sequence: i32::from_be_bytes(reader.take()?),
+                    base_offset: u64::from_be_bytes(reader.take()?),
+                });
+            }
+            producers.insert(
+                id,
+                ProducerEntry {
+                    epoch,
+                    batches,
+                    next_sequence,
+                    last_offset,
+                    last_seen_ms,
+                },
+            );
+        }
+        reader
+            .rest
+            .is_empty()
+            .then_some(Snapshot { offset, producers })
     }
 
     fn load(dir: &Path) -> Option<Snapshot> {
-        let text = std::fs::read(dir.join(SNAPSHOT_FILE)).ok()?;
+        match std::fs::read(dir.join(SNAPSHOT_FILE)) {
+            Ok(bytes) => {
+                let snapshot = Snapshot::decode(&bytes);
+                if snapshot.is_none() {
+                    tracing::warn!(dir = %dir.display(), "damaged producer snapshot; replaying the log");
+                }
+                return snapshot;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(dir = %dir.display(), %error, "unreadable producer snapshot; replaying the log");
+                return None;
+            }
+        }
+        let text = std::fs::read(dir.join(LEGACY_SNAPSHOT_FILE)).ok()?;
         match serde_json::from_slice(&text) {
             Ok(snapshot) => Some(snapshot),
             Err(error) => {
@@ -332,6 +478,19 @@ impl Snapshot {
                 None
             }
         }
+    }
+}
+
+/// Big-endian fields from a byte slice, `None` once it runs out.
+struct SnapshotReader<'a> {
+    rest: &'a [u8],
+}
+
+impl SnapshotReader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (field, rest) = self.rest.split_first_chunk::<N>()?;
+        self.rest = rest;
+        Some(*field)
     }
 }
 
@@ -551,5 +710,87 @@ mod tests {
         states.expire(1_000, 999);
         assert!(states.is_empty(), "idle producers expire");
         assert_eq!(add_sequence(i32::MAX - 1, 3), 1);
+    }
+
+    /// However many producers come and go, a partition tracks at most
+    /// PRODUCERS_PER_PARTITION_MAX, forgetting the least recent first, and
+    /// its snapshot stays under the stated bound; short-lived producers of
+    /// one batch each cost 47 bytes apiece.
+    #[test]
+    fn the_table_and_its_snapshot_are_bounded() {
+        let mut states = ProducerStates::default();
+        let producers = PRODUCERS_PER_PARTITION_MAX as i64 * 2 + 7;
+        for id in 0..producers {
+            let stamp = Stamp {
+                producer_id: id,
+                epoch: 0,
+                first_sequence: 0,
+                last_sequence: 0,
+            };
+            assert_eq!(states.check(&stamp), Ok(Check::Append));
+            states.record(&stamp, id as u64, 0);
+            assert!(states.len() <= PRODUCERS_PER_PARTITION_MAX);
+        }
+        assert!(
+            states.producers.contains_key(&(producers - 1)),
+            "the latest is kept"
+        );
+        assert!(!states.producers.contains_key(&0), "the oldest went first");
+        let snapshot = states.snapshot(producers as u64);
+        let bytes = snapshot.encode();
+        assert_eq!(bytes.len(), 24 + states.len() * 47);
+        assert!(bytes.len() <= 24 + PRODUCERS_PER_PARTITION_MAX * SNAPSHOT_ENTRY_BYTES_MAX);
+    }
+
+    /// The binary snapshot reads back exactly; a damaged one is refused
+    /// (the log is replayed instead); a JSON one of earlier versions loads.
+    #[test]
+    fn snapshots_round_trip_and_refuse_damage() {
+        let mut states = ProducerStates::default();
+        for batch in 0..7 {
+            states.record(
+                &stamp(batch * 10, batch * 10 + 9, 2),
+                batch as u64 * 100,
+                55,
+            );
+        }
+        let snapshot = states.snapshot(1_000);
+        let dir = tempfile::tempdir().expect("tempdir");
+        snapshot.save(dir.path()).expect("save");
+        let loaded = Snapshot::load(dir.path()).expect("load");
+        assert_eq!(loaded.offset, 1_000);
+        let entry = &loaded.producers[&7];
+        assert_eq!(entry.epoch, 2);
+        assert_eq!(entry.next_sequence, 70);
+        assert_eq!(entry.last_offset, 600);
+        assert_eq!(entry.last_seen_ms, 55);
+        assert_eq!(
+            entry.batches, snapshot.producers[&7].batches,
+            "the last five batches"
+        );
+
+        let mut bytes = snapshot.encode();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        assert!(Snapshot::decode(&bytes).is_none(), "a flipped bit");
+        let whole = snapshot.encode();
+        assert!(
+            Snapshot::decode(&whole[..whole.len() - 1]).is_none(),
+            "cut short"
+        );
+
+        let legacy = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            legacy.path().join(LEGACY_SNAPSHOT_FILE),
+            serde_json::to_vec(&snapshot).expect("json"),
+        )
+        .expect("write");
+        let loaded = Snapshot::load(legacy.path()).expect("legacy load");
+        assert_eq!(loaded.producers[&7].next_sequence, 70);
+        loaded.save(legacy.path()).expect("save");
+        assert!(
+            !legacy.path().join(LEGACY_SNAPSHOT_FILE).exists(),
+            "replaced by the binary one"
+        );
     }
 }

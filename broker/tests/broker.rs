@@ -582,7 +582,7 @@ fn idempotent_batches_dedupe_and_fence() {
     assert!(
         dir.path()
             .join("idem-0")
-            .join("producer-state.json")
+            .join("producer-state.bin")
             .exists()
     );
     let broker = BrokerProcess::start(dir.path(), &[]);
