@@ -53,6 +53,8 @@ const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 const REFUSE_LINGER_MS: u64 = 1_000;
 /// Most bytes read from a refused connection while it lingers.
 const REFUSE_DRAIN_BYTES_MAX: usize = 64 * 1024;
+/// Refused connections lingering at once; past it, refusals close at once.
+pub const REFUSALS_LINGERING_MAX: usize = 256;
 /// Shortest time between two log lines about the same kind of closed or
 /// refused connection (the metrics count every one).
 const LIMIT_LOG_INTERVAL_MS: u64 = 5_000;
@@ -236,14 +238,19 @@ impl Drop for AddressSlot {
     }
 }
 
-/// Answers a connection the broker will not serve, then closes it.
-pub async fn refuse(stream: TcpStream, error: ErrorCode) {
+/// Answers a connection the broker will not serve, then closes it; with
+/// a `linger` permit (refusals lingering at once are limited, so a flood
+/// of connects cannot hold descriptors) it first reads what the peer sent.
+pub async fn refuse(stream: TcpStream, error: ErrorCode, linger: Option<OwnedSemaphorePermit>) {
     let frame = error_frame(0, 0, error);
     let (mut reader, mut writer) = stream.into_split();
     if writer.write_all(&frame.to_vec()).await.is_err() {
         return;
     }
     let _ = writer.shutdown().await;
+    if linger.is_none() {
+        return;
+    }
     // Read what the peer already sent (its first request, usually) until it
     // closes or the linger ends: closing with unread bytes would reset the
     // connection, and a reset can discard the error frame at the peer.
@@ -305,7 +312,10 @@ pub async fn serve(
     let mut busy_at = Instant::now();
     // When the first byte of a frame not yet whole arrived.
     let mut frame_started: Option<Instant> = None;
-    let limit_timer = tokio::time::sleep_until(never());
+    // Why a limit closed the connection, if one did.
+    let mut closed_by: Option<LimitReason> = None;
+    let far_away = never();
+    let limit_timer = tokio::time::sleep_until(far_away);
     tokio::pin!(limit_timer);
     'read: loop {
         let mut decoded_any = false;
@@ -406,8 +416,6 @@ pub async fn serve(
                 }
             });
         }
-        // Reap finished request tasks so the set stays small.
-        while requests.try_join_next().is_some() {}
         if buffer.is_empty() {
             // Nothing partly read: hold no buffer while waiting.
             frame_started = None;
@@ -417,15 +425,24 @@ pub async fn serve(
             // What is left began in the latest read.
             frame_started = Some(Instant::now());
         }
-        let deadline = match (frame_started, frame_timeout, idle_timeout) {
-            (Some(started), Some(timeout), _) => started + timeout,
-            (None, _, Some(timeout)) => busy_at + timeout,
-            _ => never(),
-        };
-        if limit_timer.deadline() != deadline {
+        let frame_deadline = frame_started
+            .zip(frame_timeout)
+            .map(|(started, timeout)| started + timeout);
+        let idle_deadline = idle_timeout.map(|timeout| busy_at + timeout);
+        let deadline = frame_deadline
+            .into_iter()
+            .chain(idle_deadline)
+            .min()
+            .unwrap_or(far_away);
+        // Only ever brought forward here (a reset per request would cost a
+        // timer-wheel lock each); a timer that fires early re-arms below.
+        if deadline < limit_timer.deadline() {
             limit_timer.as_mut().reset(deadline);
         }
         tokio::select! {
+            // Bytes first: a request that has arrived is served, not cut
+            // off by a limit that fell due in the same instant.
+            biased;
             _ = stopped.changed() => break 'read,
             ended = async {
                 match writer_task.as_mut() {
@@ -434,34 +451,15 @@ pub async fn serve(
                 }
             } => {
                 // The writer gave up (the peer stopped reading, or the
-                // socket failed): nothing more can be answered.
+                // socket failed): nothing more can be answered, so waiting
+                // long polls and acknowledgements are not waited for (their
+                // appends were submitted already).
                 writer_task = None;
+                requests.abort_all();
                 if let Ok(Err(WriteStopped::Stalled)) = ended {
                     record_limit(&broker, LimitReason::SendTimeout, peer);
                 }
                 break 'read;
-            }
-            () = &mut limit_timer => {
-                let now = Instant::now();
-                if let (Some(started), Some(timeout)) = (frame_started, frame_timeout)
-                    && now >= started + timeout
-                {
-                    record_limit(&broker, LimitReason::FrameTimeout, peer);
-                    break 'read;
-                }
-                if frame_started.is_none() && idle_timeout.is_some() {
-                    let subscribed = !context
-                        .subscriptions
-                        .lock()
-                        .unwrap_or_else(|poison| poison.into_inner())
-                        .is_empty();
-                    if requests.is_empty() && !subscribed {
-                        record_limit(&broker, LimitReason::Idle, peer);
-                        break 'read;
-                    }
-                    // A long poll or a subscription in progress is not idle.
-                    busy_at = now;
-                }
             }
             readable = reader.readable() => {
                 if readable.is_err() {
@@ -475,7 +473,34 @@ pub async fn serve(
                     Err(_) => break 'read,
                 }
             }
+            // A request finished: the idle clock starts again from its answer.
+            Some(_) = requests.join_next(), if !requests.is_empty() => busy_at = Instant::now(),
+            () = &mut limit_timer => {
+                let now = Instant::now();
+                if frame_deadline.is_some_and(|deadline| now >= deadline) {
+                    closed_by = Some(LimitReason::FrameTimeout);
+                    break 'read;
+                }
+                if idle_deadline.is_some_and(|deadline| now >= deadline) {
+                    let subscribed = !context
+                        .subscriptions
+                        .lock()
+                        .unwrap_or_else(|poison| poison.into_inner())
+                        .is_empty();
+                    if requests.is_empty() && !subscribed {
+                        closed_by = Some(LimitReason::Idle);
+                        break 'read;
+                    }
+                    // A long poll or a subscription in progress is not idle.
+                    busy_at = now;
+                }
+                // Re-armed at the next turn with the deadlines as they are then.
+                limit_timer.as_mut().reset(far_away);
+            }
         }
+    }
+    if let Some(reason) = closed_by {
+        record_limit(&broker, reason, peer);
     }
     // Finish what is in flight, then let the writer drain and close.
     context.end_subscriptions();
@@ -491,6 +516,7 @@ pub async fn serve(
     drop(context);
     if let Some(writer_task) = writer_task
         && let Ok(Err(WriteStopped::Stalled)) = writer_task.await
+        && closed_by.is_none()
     {
         record_limit(&broker, LimitReason::SendTimeout, peer);
     }

@@ -522,6 +522,9 @@ pub fn submit_produce(context: &ConnectionContext, request: ProduceRequest) -> S
     // several, each is copied out: a slice of a shared frame buffer would
     // keep the whole frame alive in the log's cache.
     let sole = matches!(request.topics.as_slice(), [topic] if topic.partitions.len() == 1);
+    // Decompression to check compressed batches is bounded per request,
+    // across its partitions (one frame may name a partition many times).
+    let mut decompressed_budget = crate::partition::DECOMPRESSED_BYTES_MAX;
     let topics = request
         .topics
         .into_iter()
@@ -545,13 +548,14 @@ pub fn submit_produce(context: &ConnectionContext, request: ProduceRequest) -> S
                             Some(target) => target.check_produce(acks == -1).and_then(|epoch| {
                                 let records = partition.records.into_bytes();
                                 target
-                                    .submit(
+                                    .submit_within(
                                         if sole {
                                             records
                                         } else {
                                             Bytes::copy_from_slice(&records)
                                         },
                                         epoch,
+                                        &mut decompressed_budget,
                                     )
                                     .map(|pending| Submitted {
                                         pending,

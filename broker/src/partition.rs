@@ -59,6 +59,8 @@ pub struct Partition {
     /// Whether any idempotent batch was ever recorded: plain appends then
     /// also purge what failed writes took back.
     stamped_seen: std::sync::atomic::AtomicBool,
+    /// Held while the producer snapshot is written.
+    snapshot_saving: Mutex<()>,
 }
 
 /// The producer table and the stamped appends still in flight, under one
@@ -192,6 +194,7 @@ impl Partition {
             deleted: std::sync::atomic::AtomicBool::new(false),
             producers: Arc::new(Mutex::new(producers)),
             stamped_seen,
+            snapshot_saving: Mutex::new(()),
         })
     }
 
@@ -204,8 +207,12 @@ impl Partition {
         if self.is_deleted() {
             return Ok(());
         }
+        // One save at a time (the periodic one may still run at shutdown):
+        // two would share the temporary file, and the second could skip
+        // its write trusting a first that then fails.
+        let _saving = lock(&self.snapshot_saving);
         // Copied under the lock, written outside it: appends go on.
-        let snapshot = {
+        let (snapshot, end) = {
             let mut producers = lock(&self.producers);
             let end = self.log.end_offset();
             let changed = producers.states.take_changed();
@@ -213,13 +220,10 @@ impl Partition {
                 // Nothing new since the last one: no write, no fsync.
                 return Ok(());
             }
-            producers.saved_offset = Some(end);
-            producers.states.snapshot(end)
+            (producers.states.snapshot(end), end)
         };
         let saved = snapshot.save(self.log.dir());
-        if saved.is_err() {
-            lock(&self.producers).saved_offset = None;
-        }
+        lock(&self.producers).saved_offset = saved.is_ok().then_some(end);
         saved
     }
 
@@ -480,34 +484,62 @@ impl Partition {
     /// An [`ErrorCode`] for the client: CorruptBatch, BatchTooLarge,
     /// StorageFull, StorageError, ShuttingDown.
     pub fn submit(&self, records: Bytes, leader_epoch: i32) -> Result<PendingAppend, ErrorCode> {
+        let mut decompressed_budget = DECOMPRESSED_BYTES_MAX;
+        self.submit_within(records, leader_epoch, &mut decompressed_budget)
+    }
+
+    /// [`Partition::submit`], decompressing at most `decompressed_budget`
+    /// bytes to check compressed batches, and taking what it used from it
+    /// (a produce request shares one budget across its partitions).
+    ///
+    /// # Errors
+    /// As `submit`; CorruptBatch once the budget is spent.
+    pub fn submit_within(
+        &self,
+        records: Bytes,
+        leader_epoch: i32,
+        decompressed_budget: &mut usize,
+    ) -> Result<PendingAppend, ErrorCode> {
         let config = self.log.config();
+        let budget_before = *decompressed_budget;
+        // What is left of the budget comes back with the outcome, refused
+        // or not: a refused batch spent what it decompressed too.
         let check = || {
+            let mut decompressed_budget = budget_before;
             let mut parsed = Vec::new();
             let mut records_total = 0u64;
-            let mut decompressed_budget = DECOMPRESSED_BYTES_MAX;
-            for batch in Batches::new(&records, false) {
-                let batch = batch.map_err(|_| ErrorCode::CorruptBatch)?;
-                if batch.len() > config.batch_bytes_max {
-                    return Err(ErrorCode::BatchTooLarge);
+            let mut check_all = || {
+                for batch in Batches::new(&records, false) {
+                    let batch = batch.map_err(|_| ErrorCode::CorruptBatch)?;
+                    if batch.len() > config.batch_bytes_max {
+                        return Err(ErrorCode::BatchTooLarge);
+                    }
+                    if batch.records_count() as u32 > config.batch_records_max {
+                        return Err(ErrorCode::CorruptBatch);
+                    }
+                    check_records(&batch, &mut decompressed_budget)?;
+                    records_total += batch.records_count() as u64;
+                    parsed.push(batch);
                 }
-                if batch.records_count() as u32 > config.batch_records_max {
-                    return Err(ErrorCode::CorruptBatch);
-                }
-                check_records(&batch, &mut decompressed_budget)?;
-                records_total += batch.records_count() as u64;
-                parsed.push(batch);
-            }
-            Ok((parsed, records_total))
+                Ok(())
+            };
+            let outcome = check_all();
+            (
+                outcome.map(|()| (parsed, records_total)),
+                decompressed_budget,
+            )
         };
         // Decompressing up to DECOMPRESSED_BYTES_MAX takes tens of
         // milliseconds: let the runtime move other tasks off this worker.
         let compressed = Batches::new(&records, false)
             .any(|batch| batch.is_ok_and(|batch| batch.compression() != Compression::None));
-        let (parsed, records_total) = if compressed {
-            crate::blocking::blocking(check)?
+        let (checked, budget_left) = if compressed {
+            crate::blocking::blocking(check)
         } else {
-            check()?
+            check()
         };
+        *decompressed_budget = budget_left;
+        let (parsed, records_total) = checked?;
         let stamps = parsed
             .iter()
             .map(Stamp::of)
@@ -771,7 +803,12 @@ fn check_records(
                 batch.records_bytes(),
                 *decompressed_budget,
             )
-            .map_err(|_| ErrorCode::CorruptBatch)?;
+            .map_err(|_| {
+                // How much a failed decompression spent is unknown: charge
+                // all of it, so a request cannot repeat a bomb per partition.
+                *decompressed_budget = 0;
+                ErrorCode::CorruptBatch
+            })?;
             *decompressed_budget -= decompressed.len();
             batch.records_from(&decompressed)
         }

@@ -36,7 +36,7 @@ pub const PRODUCER_BATCHES_KEPT: usize = 5;
 /// least recently is forgotten at once (their next batch, if any, must
 /// then start a new epoch or is refused as `UnknownProducerId`). Kafka's
 /// clients keep at most five batches in flight per partition, so only a
-/// producer idle while ten thousand others produced is affected.
+/// producer idle while some nine thousand others produced is affected.
 pub const PRODUCERS_PER_PARTITION_MAX: usize = 10_000;
 
 /// Bytes of one producer in the snapshot at most: id, epoch, next
@@ -289,6 +289,10 @@ impl ProducerStates {
                 .max()
                 .unwrap_or(0);
             from = from.max(snapshot.offset);
+            // A snapshot of an earlier version may hold more than the bound.
+            while states.producers.len() > PRODUCERS_PER_PARTITION_MAX {
+                states.evict_least_recent();
+            }
         }
         states.replay(log, from);
         states

@@ -291,6 +291,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
 async fn serve(listener: TcpListener, broker: Arc<Broker>, mut stopped: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(broker.config.connections_max));
     let per_address = AddressSlots::new(broker.config.connections_per_address_max());
+    let lingering = Arc::new(Semaphore::new(crate::connection::REFUSALS_LINGERING_MAX));
     let retention = tokio::spawn(retention_loop(broker.clone(), stopped.clone()));
     let reaper = tokio::spawn(group_reaper(broker.clone(), stopped.clone()));
     let trim = tokio::spawn(memory_trim_loop(broker.clone(), stopped.clone()));
@@ -310,12 +311,14 @@ async fn serve(listener: TcpListener, broker: Arc<Broker>, mut stopped: watch::R
                 let _ = stream.set_nodelay(true);
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     record_limit(&broker, LimitReason::BrokerLimit, peer);
-                    tokio::spawn(refuse(stream, ErrorCode::TooManyConnections));
+                    let linger = lingering.clone().try_acquire_owned().ok();
+                    tokio::spawn(refuse(stream, ErrorCode::TooManyConnections, linger));
                     continue;
                 };
                 let Some(address_slot) = per_address.try_acquire(peer.ip()) else {
                     record_limit(&broker, LimitReason::AddressLimit, peer);
-                    tokio::spawn(refuse(stream, ErrorCode::TooManyConnections));
+                    let linger = lingering.clone().try_acquire_owned().ok();
+                    tokio::spawn(refuse(stream, ErrorCode::TooManyConnections, linger));
                     continue;
                 };
                 tokio::spawn(crate::connection::serve(

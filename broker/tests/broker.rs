@@ -476,6 +476,50 @@ fn records_with_wrong_offset_deltas_are_refused() {
         client.produce("strict", 0, Bytes::from(bomb), 1).error,
         ErrorCode::CorruptBatch
     );
+    // The 64 MiB is per request, not per partition entry: the same
+    // partition named twice with 40 MiB of records each gets the second
+    // refused (and one frame cannot make the broker inflate gigabytes).
+    let big = {
+        let mut builder = weir_protocol::BatchBuilder::new(0);
+        let value = vec![0u8; 1 << 20];
+        for _ in 0..40 {
+            builder.push(0, None, Some(&value), &[]);
+        }
+        let plain = builder.finish();
+        let records = &plain[weir_protocol::batch::BATCH_HEADER_BYTES..];
+        let compressed =
+            weir_protocol::codec::compress(Compression::Lz4, records).expect("compress");
+        Bytes::from(weir_protocol::batch::with_compressed_records(
+            &plain,
+            Compression::Lz4,
+            &compressed,
+        ))
+    };
+    let Response::Produce(response) = client.call(Request::Produce(ProduceRequest {
+        acks: 1,
+        timeout_ms: 30_000,
+        topics: vec![ProduceTopic {
+            name: "strict".into(),
+            partitions: vec![
+                ProducePartition {
+                    partition: 0,
+                    records: RecordSet::single(big.clone()),
+                },
+                ProducePartition {
+                    partition: 0,
+                    records: RecordSet::single(big),
+                },
+            ],
+        }],
+    })) else {
+        panic!("wrong response");
+    };
+    let outcomes: Vec<ErrorCode> = response.topics[0]
+        .partitions
+        .iter()
+        .map(|partition| partition.error)
+        .collect();
+    assert_eq!(outcomes, [ErrorCode::None, ErrorCode::CorruptBatch]);
     // A whole record followed by bytes that belong to no record.
     let mut trailing = one.to_vec();
     trailing.extend_from_slice(&[0u8; 7]);
@@ -489,8 +533,8 @@ fn records_with_wrong_offset_deltas_are_refused() {
     );
     assert_eq!(
         client.produce("strict", 0, two, 1).base_offset,
-        0,
-        "nothing was appended before"
+        40,
+        "nothing was appended before but the one 40-record batch"
     );
 }
 

@@ -167,7 +167,7 @@ impl Connection {
         let frame = request.encode(correlation);
         if self.inner.writer.send(frame.parts).await.is_err() {
             forget(&self.inner.pending, correlation);
-            return Err(ClientError::Closed);
+            return Err(lock(&self.inner.ended_with).clone());
         }
         Ok(PendingCall {
             receiver,

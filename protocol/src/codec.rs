@@ -24,6 +24,9 @@ const XERIAL_MAGIC: [u8; 8] = [0x82, b'S', b'N', b'A', b'P', b'P', b'Y', 0];
 const XERIAL_HEADER_BYTES: usize = 16;
 /// Uncompressed bytes per xerial block (the Java client's 32 KiB).
 const XERIAL_BLOCK_BYTES: usize = 32 * 1024;
+/// Most a snappy block can expand: 64 bytes from a 3-byte copy op is the
+/// largest ratio (about 21); anything claiming more is not snappy.
+const SNAPPY_EXPANSION_MAX: usize = 32;
 
 /// A records section that cannot be compressed or decompressed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,10 +108,12 @@ pub fn decompress(
         reason: error.to_string(),
     };
     // One byte more than allowed tells "exactly the limit" from "past it".
-    let limit = bytes_max as u64 + 1;
+    let limit = (bytes_max as u64).saturating_add(1);
     let mut out = Vec::new();
     match codec {
-        Compression::None => out.extend_from_slice(&bytes[..bytes.len().min(bytes_max + 1)]),
+        Compression::None => {
+            out.extend_from_slice(&bytes[..bytes.len().min(bytes_max.saturating_add(1))]);
+        }
         Compression::Gzip => {
             flate2::read::MultiGzDecoder::new(bytes)
                 .take(limit)
@@ -162,8 +167,16 @@ fn snappy_decompress(bytes: &[u8], bytes_max: usize) -> Result<Vec<u8>, CodecErr
     let mut block = |input: &[u8], out: &mut Vec<u8>| -> Result<(), CodecError> {
         let length =
             snap::raw::decompress_len(input).map_err(|error| corrupt(error.to_string()))?;
-        if out.len() + length > bytes_max {
+        if out.len().saturating_add(length) > bytes_max {
             return Err(CodecError::TooLarge { codec, bytes_max });
+        }
+        // No snappy op expands more than ~22 times (a 3-byte copy of 64
+        // bytes): a larger claim is a lie, refused before allocating it.
+        if length > input.len().saturating_mul(SNAPPY_EXPANSION_MAX) {
+            return Err(corrupt(format!(
+                "a {}-byte block claims {length} bytes",
+                input.len()
+            )));
         }
         let start = out.len();
         out.resize(start + length, 0);
@@ -280,5 +293,24 @@ mod tests {
             decompress(Compression::Snappy, &raw, 1 << 20).expect("raw"),
             records
         );
+    }
+
+    /// A block whose header claims far more than snappy can expand to is
+    /// refused before anything is allocated for it.
+    #[test]
+    fn a_lying_snappy_length_is_corrupt() {
+        // Varint 60,000,000 followed by two bytes of "data".
+        let mut lying = Vec::new();
+        let mut length = 60_000_000u32;
+        while length >= 0x80 {
+            lying.push((length as u8) | 0x80);
+            length >>= 7;
+        }
+        lying.push(length as u8);
+        lying.extend_from_slice(&[0, 0]);
+        assert!(matches!(
+            decompress(Compression::Snappy, &lying, 64 << 20),
+            Err(CodecError::Corrupt { .. })
+        ));
     }
 }
