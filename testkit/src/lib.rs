@@ -158,12 +158,48 @@ impl Drop for BrokerProcess {
     }
 }
 
-/// A free loopback port (bound and released: another process could take
-/// it in between, which on loopback in a test run does not happen).
+/// A free loopback port for a server started a moment later (bound,
+/// checked and released).
+///
+/// Chosen below the kernel's ephemeral range (`ip_local_port_range`): a
+/// port from that range, once released, can be handed to any outgoing
+/// connection or `:0` bind on the machine before the server binds it (seen
+/// as "Address already in use" when many tests run at once). Ports handed
+/// out by this process are not handed out again.
 ///
 /// # Panics
 /// If no port can be bound.
 pub fn free_port() -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 10_000;
+    if ephemeral_low > LOWEST + 1_000 {
+        let span = u64::from(ephemeral_low - LOWEST);
+        let mut seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 32);
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        for _ in 0..1_000 {
+            // xorshift: enough to spread concurrent test processes apart.
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let port = LOWEST + (seed % span) as u16;
+            if handed_out.contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                handed_out.push(port);
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
