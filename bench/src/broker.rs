@@ -707,6 +707,9 @@ pub struct BaselineArgs {
 #[derive(Debug, Serialize)]
 struct BaselineReport {
     disk_mb_s: f64,
+    /// The device's sequential read: O_DIRECT, 1 MiB requests, 4 in flight,
+    /// of a file written with O_DIRECT just before (nothing of it cached).
+    disk_read_mb_s: f64,
     disk_sync_mb_s: f64,
     fsync_p50_ms: f64,
     fsync_p99_ms: f64,
@@ -760,10 +763,12 @@ pub fn baseline(args: &BaselineArgs) -> anyhow::Result<()> {
         true,
     )?;
     let small = raw::small_appends(&args.dir.join("baseline-small-appends"), duration)?;
+    let read = raw::direct_read(&args.dir.join("baseline-direct-read"), duration, 4 << 30)?;
     let loopback = loopback_mb_s(duration)?;
     std::fs::remove_dir(&args.dir).ok();
     let report = BaselineReport {
         disk_mb_s: direct.mb_s(),
+        disk_read_mb_s: read.mb_s(),
         disk_sync_mb_s: direct_sync.mb_s(),
         fsync_p50_ms: direct_sync.sync_p50_us as f64 / 1_000.0,
         fsync_p99_ms: direct_sync.sync_p99_us as f64 / 1_000.0,

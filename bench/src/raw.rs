@@ -1,5 +1,5 @@
-//! Raw-hardware baselines: what the disk does for a program that writes
-//! sequentially with no engine in between.
+//! Raw-hardware baselines: what the disk does for a program that writes or
+//! reads sequentially with no engine in between.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -226,5 +226,74 @@ pub fn small_appends(path: &Path, duration: Duration) -> anyhow::Result<RawResul
         elapsed,
         sync_p50_us: percentile(&append_us, 0.50),
         sync_p99_us: percentile(&append_us, 0.99),
+    })
+}
+
+/// Requests in flight in [`direct_read`]: each of this many threads reads
+/// every `READ_QUEUE_DEPTH`-th MiB, so the device always has this many 1 MiB
+/// reads queued (as an engine reading ahead would keep it).
+pub const READ_QUEUE_DEPTH: usize = 4;
+
+/// The device's own sequential read: a file of `file_bytes` is first
+/// written with O_DIRECT (so none of it is in the page cache), then read
+/// back with O_DIRECT in 1 MiB requests, [`READ_QUEUE_DEPTH`] in flight,
+/// for `duration` or to its end. Only the reading is timed.
+///
+/// # Errors
+/// I/O errors.
+pub fn direct_read(path: &Path, duration: Duration, file_bytes: u64) -> anyhow::Result<RawResult> {
+    let file_bytes = file_bytes / RAW_WRITE_BYTES as u64 * RAW_WRITE_BYTES as u64;
+    {
+        let file = open_direct_preallocated(path, file_bytes)?;
+        let mut buffer = AlignedBuffer::new(RAW_WRITE_BYTES)?;
+        fill_pattern(buffer.as_mut_slice());
+        let mut position = 0u64;
+        while position < file_bytes {
+            file.write_all_at(buffer.as_slice(), position)
+                .context("raw O_DIRECT write")?;
+            position += RAW_WRITE_BYTES as u64;
+        }
+        file.sync_data().context("raw fdatasync")?;
+    }
+    let file = std::sync::Arc::new(
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .with_context(|| format!("open {} with O_DIRECT", path.display()))?,
+    );
+    let chunks = file_bytes / RAW_WRITE_BYTES as u64;
+    let started = Instant::now();
+    let readers: Vec<_> = (0..READ_QUEUE_DEPTH as u64)
+        .map(|lane| {
+            let file = file.clone();
+            std::thread::spawn(move || -> anyhow::Result<u64> {
+                let mut buffer = AlignedBuffer::new(RAW_WRITE_BYTES)?;
+                let mut read = 0u64;
+                let mut chunk = lane;
+                while chunk < chunks && started.elapsed() < duration {
+                    file.read_exact_at(buffer.as_mut_slice(), chunk * RAW_WRITE_BYTES as u64)
+                        .context("raw O_DIRECT read")?;
+                    read += RAW_WRITE_BYTES as u64;
+                    chunk += READ_QUEUE_DEPTH as u64;
+                }
+                Ok(read)
+            })
+        })
+        .collect();
+    let mut bytes = 0u64;
+    for reader in readers {
+        bytes += reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    }
+    let elapsed = started.elapsed();
+    drop(file);
+    std::fs::remove_file(path).ok();
+    Ok(RawResult {
+        bytes,
+        elapsed,
+        sync_p50_us: 0,
+        sync_p99_us: 0,
     })
 }

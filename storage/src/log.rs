@@ -42,7 +42,7 @@ use crate::segment::Segment;
 /// How far past a read from a segment the log asks the kernel to read
 /// ahead. A reader catching up on data that direct writes left out of the
 /// page cache then overlaps its network sends with the device's reads.
-pub const READ_AHEAD_BYTES: usize = 8 << 20;
+pub const READ_AHEAD_BYTES: usize = 32 << 20;
 
 /// What an append wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -912,6 +912,12 @@ impl Log {
         };
         let segment = self.segment_for(from_offset, end)?;
         let position = segment.position_of(from_offset)?;
+        if !segment.resident(position as usize) {
+            // A reader starting (or resuming) on data the page cache does
+            // not hold: read the whole window ahead now, rather than fault
+            // it in page by page and advise only its far end.
+            segment.prefetch(position as usize, READ_AHEAD_BYTES);
+        }
         let verify = self.config.verify_crc_on_read;
         let mut cursor = position;
         let mut next_offset = from_offset;

@@ -278,6 +278,27 @@ impl Segment {
         }
     }
 
+    /// Whether the page holding byte `position` is in the page cache (a
+    /// hint; `false` when the kernel cannot tell).
+    pub(crate) fn resident(&self, position: usize) -> bool {
+        const PAGE_BYTES: usize = 4096;
+        let page = position / PAGE_BYTES * PAGE_BYTES;
+        if page >= self.map.len() {
+            return false;
+        }
+        let mut vector = [0u8; 1];
+        // SAFETY: the range is one page inside the live map; mincore only
+        // writes one byte per page into `vector`.
+        let status = unsafe {
+            libc::mincore(
+                self.map.as_ptr().add(page) as *mut libc::c_void,
+                PAGE_BYTES,
+                vector.as_mut_ptr(),
+            )
+        };
+        status == 0 && vector[0] & 1 == 1
+    }
+
     /// Bytes `[start, end)` of the map. The caller got the range from a
     /// published extent, so it lies below the map's end.
     pub(crate) fn map_slice(&self, start: usize, end: usize) -> &[u8] {
