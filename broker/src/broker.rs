@@ -31,7 +31,7 @@ pub struct Broker {
     /// arrival, across connections (at most [`OWN_FRAME_BUFFERS_BYTES_MAX`]).
     pub own_frame_buffer_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Rate limit of the log lines about connections closed or refused by a limit.
-    pub limit_log: crate::connection::LimitLog,
+    pub limit_log: crate::limits::LimitLog,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
     /// True while serving; false during start-up and shutdown (`/readyz`).
@@ -237,6 +237,12 @@ impl Broker {
 
     /// The Prometheus text exposition, state gauges refreshed first.
     pub fn render_metrics(&self) -> String {
+        self.metrics.cluster.refresh(
+            &self.topics,
+            &self.controller.view(),
+            self.controller.is_leader(),
+            &self.config.data_dir,
+        );
         self.metrics.render(
             self.connections.load(Ordering::Relaxed),
             &self.engine,

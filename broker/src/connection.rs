@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,7 @@ use weir_protocol::{ErrorCode, FrameKind, Request, Response};
 use crate::broker::Broker;
 use crate::context::{ConnectionContext, Outgoing};
 use crate::handlers;
+pub use crate::limits::{LimitLog, LimitReason};
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -55,63 +56,6 @@ const REFUSE_LINGER_MS: u64 = 1_000;
 const REFUSE_DRAIN_BYTES_MAX: usize = 64 * 1024;
 /// Refused connections lingering at once; past it, refusals close at once.
 pub const REFUSALS_LINGERING_MAX: usize = 256;
-/// Shortest time between two log lines about the same kind of closed or
-/// refused connection (the metrics count every one).
-const LIMIT_LOG_INTERVAL_MS: u64 = 5_000;
-
-/// Why the broker closed or refused a connection (the `reason` label of
-/// `weir_connections_closed_total` and `weir_connections_refused_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitReason {
-    /// No request, subscription or byte for `connections_max_idle_ms`.
-    Idle,
-    /// A frame begun but not finished within `frame_timeout_ms`.
-    FrameTimeout,
-    /// A response or push not sent within `frame_timeout_ms` (the peer
-    /// stopped reading).
-    SendTimeout,
-    /// `connections_max` reached.
-    BrokerLimit,
-    /// `connections_max_per_address` reached for the peer's address.
-    AddressLimit,
-}
-
-impl LimitReason {
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            LimitReason::Idle => "idle",
-            LimitReason::FrameTimeout => "frame_timeout",
-            LimitReason::SendTimeout => "send_timeout",
-            LimitReason::BrokerLimit => "broker_limit",
-            LimitReason::AddressLimit => "address_limit",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// Rate limit of the log lines about limits, one clock per reason.
-#[derive(Debug, Default)]
-pub struct LimitLog {
-    last_ms: [AtomicU64; 5],
-}
-
-impl LimitLog {
-    /// Whether a line about `reason` may be logged now (at most one per
-    /// [`LIMIT_LOG_INTERVAL_MS`]).
-    pub fn due(&self, reason: LimitReason, now_ms: u64) -> bool {
-        let last = &self.last_ms[reason.index()];
-        let previous = last.load(Ordering::Relaxed);
-        (previous == 0 || now_ms >= previous + LIMIT_LOG_INTERVAL_MS)
-            && last
-                .compare_exchange(previous, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-    }
-}
-
 /// Milliseconds since the Unix epoch (for the log rate limit).
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -267,6 +211,30 @@ pub async fn refuse(stream: TcpStream, error: ErrorCode, linger: Option<OwnedSem
     let _ = tokio::time::timeout(Duration::from_millis(REFUSE_LINGER_MS), drain).await;
 }
 
+/// The `api` label of a request's latency: the API's name in snake case.
+fn api_labels(api_key: u16) -> Vec<(String, String)> {
+    let name = weir_protocol::ApiKey::from_code(api_key).map_or_else(
+        || format!("api_{api_key}"),
+        |api| snake_case(&format!("{api:?}")),
+    );
+    vec![("api".to_string(), name)]
+}
+
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (index, character) in name.chars().enumerate() {
+        if character.is_ascii_uppercase() {
+            if index > 0 {
+                out.push('_');
+            }
+            out.push(character.to_ascii_lowercase());
+        } else {
+            out.push(character);
+        }
+    }
+    out
+}
+
 /// A deadline so far away it never fires (a disabled limit).
 fn never() -> Instant {
     Instant::now() + Duration::from_secs(365 * 24 * 3600)
@@ -397,6 +365,7 @@ pub async fn serve(
                 Request::Produce(produce) => Ok(handlers::submit_produce(&context, produce)),
                 other => Err(other),
             };
+            let arrived = Instant::now();
             requests.spawn(async move {
                 let response = match submitted {
                     Ok(submitted) => handlers::finish_produce(&context, submitted)
@@ -405,6 +374,12 @@ pub async fn serve(
                     Err(request) => handlers::handle(&context, request).await,
                 };
                 if let Some(response) = response {
+                    context
+                        .broker
+                        .metrics
+                        .request_latency
+                        .get_or_create(&api_labels(header.api_key))
+                        .observe(arrived.elapsed().as_secs_f64());
                     let frame = response.encode(header.correlation_id);
                     let _ = context
                         .outgoing
@@ -747,15 +722,5 @@ mod tests {
             slots.open.lock().expect("lock").is_empty(),
             "no entry for addresses without connections"
         );
-    }
-
-    /// The limit log lets one line per reason through per interval.
-    #[test]
-    fn limit_lines_are_rate_limited_per_reason() {
-        let log = LimitLog::default();
-        assert!(log.due(LimitReason::Idle, 10_000));
-        assert!(!log.due(LimitReason::Idle, 10_001));
-        assert!(log.due(LimitReason::FrameTimeout, 10_001), "another reason");
-        assert!(log.due(LimitReason::Idle, 10_000 + LIMIT_LOG_INTERVAL_MS));
     }
 }

@@ -41,6 +41,10 @@ pub struct Metrics {
     pub produce_latency: Histogram,
     /// Fetch latency including long-poll waits, seconds.
     pub fetch_latency: Histogram,
+    /// Time from a request's arrival to its response queued, by `api`.
+    pub request_latency: Family<Labels, Histogram, fn() -> Histogram>,
+    /// The cluster's metrics (replication, controller, disk).
+    pub cluster: crate::cluster_metrics::ClusterMetrics,
     /// Connections the broker closed, by `reason` (idle, frame_timeout, send_timeout).
     pub connections_closed: Family<Labels, Counter>,
     /// Connections refused at accept, by `reason` (broker_limit, address_limit).
@@ -76,6 +80,8 @@ impl Metrics {
             bytes_out: Family::default(),
             produce_latency: latency_histogram(),
             fetch_latency: latency_histogram(),
+            request_latency: Family::new_with_constructor(latency_histogram),
+            cluster: crate::cluster_metrics::ClusterMetrics::default(),
             connections_closed: Family::default(),
             connections_refused: Family::default(),
             connections: Gauge::default(),
@@ -114,6 +120,12 @@ impl Metrics {
             "Fetch latency including long-poll waits",
             metrics.fetch_latency.clone(),
         );
+        registry.register(
+            "request_latency_seconds",
+            "Time from a request's arrival to its response queued, by API",
+            metrics.request_latency.clone(),
+        );
+        let cluster = crate::cluster_metrics::ClusterMetrics::register(&mut registry);
         registry.register(
             "connections",
             "Client connections open",
@@ -186,6 +198,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            cluster,
             ..metrics
         }
     }
@@ -219,6 +232,7 @@ impl Metrics {
             ] {
                 family.remove(&labels);
             }
+            self.cluster.forget(&labels);
         }
     }
 

@@ -61,6 +61,13 @@ pub struct Partition {
     stamped_seen: std::sync::atomic::AtomicBool,
     /// Held while the producer snapshot is written.
     snapshot_saving: Mutex<()>,
+    /// In-sync set shrinks and expansions applied while this broker led.
+    isr_shrinks: AtomicU64,
+    isr_expands: AtomicU64,
+    /// As a follower: the leader's high watermark in its latest answer, and
+    /// when this log last held everything below it (ms since the epoch).
+    leader_high_watermark: AtomicU64,
+    caught_up_at_ms: AtomicU64,
 }
 
 /// The producer table and the stamped appends still in flight, under one
@@ -195,6 +202,10 @@ impl Partition {
             producers: Arc::new(Mutex::new(producers)),
             stamped_seen,
             snapshot_saving: Mutex::new(()),
+            isr_shrinks: AtomicU64::new(0),
+            isr_expands: AtomicU64::new(0),
+            leader_high_watermark: AtomicU64::new(0),
+            caught_up_at_ms: AtomicU64::new(now_ms()),
         })
     }
 
@@ -356,8 +367,44 @@ impl Partition {
     ) -> Vec<Action> {
         let mut replica = lock(&self.replica);
         replica.set_min_insync_replicas(min_insync_replicas);
+        let isr_before = replica.state().map(|state| state.isr.len());
         let actions = replica.apply_metadata(state, &LogAdapter(&self.log), now_ms);
+        // Counted by the leader only, so a cluster-wide sum counts each once.
+        if let (Some(before), Some(after), true) = (
+            isr_before,
+            replica.state().map(|state| state.isr.len()),
+            replica.is_leader(),
+        ) {
+            if after < before {
+                self.isr_shrinks.fetch_add(1, Ordering::Relaxed);
+            } else if after > before {
+                self.isr_expands.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.carry_out(&mut replica, actions)
+    }
+
+    /// (shrinks, expansions) of the in-sync set applied while this broker led.
+    pub fn isr_changes(&self) -> (u64, u64) {
+        (
+            self.isr_shrinks.load(Ordering::Relaxed),
+            self.isr_expands.load(Ordering::Relaxed),
+        )
+    }
+
+    /// As a follower with a leader: (records behind the leader's high
+    /// watermark, when it last held all of them in ms since the epoch).
+    /// `None` when leading or with no leader.
+    pub fn follower_lag(&self) -> Option<(u64, u64)> {
+        let replica = lock(&self.replica);
+        if replica.is_leader() || replica.leader().is_none() {
+            return None;
+        }
+        let leader_high_watermark = self.leader_high_watermark.load(Ordering::Relaxed);
+        Some((
+            leader_high_watermark.saturating_sub(self.log.end_offset()),
+            self.caught_up_at_ms.load(Ordering::Relaxed),
+        ))
     }
 
     /// The leader's side of a follower's fetch.
@@ -376,6 +423,13 @@ impl Partition {
         leader_epoch: i32,
         answer: &FetchAnswer,
     ) -> Vec<Action> {
+        if let FetchAnswer::Read { high_watermark, .. } = *answer {
+            self.leader_high_watermark
+                .store(high_watermark, Ordering::Relaxed);
+            if self.log.end_offset() >= high_watermark {
+                self.caught_up_at_ms.store(now_ms(), Ordering::Relaxed);
+            }
+        }
         let mut replica = lock(&self.replica);
         let actions = replica.on_fetch_answer(from, leader_epoch, answer, &LogAdapter(&self.log));
         self.carry_out(&mut replica, actions)
@@ -865,4 +919,11 @@ pub fn storage_error_code(error: &StorageError) -> ErrorCode {
         | StorageError::Locked { .. }
         | StorageError::EngineStart(_) => ErrorCode::StorageError,
     }
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }

@@ -225,7 +225,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<Running> {
         connections: AtomicU64::new(0),
         connections_peak: AtomicU64::new(0),
         own_frame_buffer_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-        limit_log: crate::connection::LimitLog::default(),
+        limit_log: crate::limits::LimitLog::default(),
         metrics: crate::metrics::Metrics::new(),
         ready: std::sync::atomic::AtomicBool::new(false),
         shutting_down: std::sync::atomic::AtomicBool::new(false),
