@@ -1081,6 +1081,9 @@ async fn push_loop(
         control
             .credit_bytes
             .fetch_sub(records.len() as i64, Ordering::AcqRel);
+        if let Some(context) = context.upgrade() {
+            count_out(&context.broker, &partition.topic, &records);
+        }
         let push = SubscriptionPush {
             error,
             high_watermark: partition.high_watermark(),

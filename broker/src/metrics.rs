@@ -196,6 +196,22 @@ impl Metrics {
             "Records between a group's committed offset and the partition's end",
             metrics.group_lag.clone(),
         );
+        // Every reason has a series from the start, so dashboards and
+        // alerts over them have data before the first close.
+        for reason in ["idle", "frame_timeout", "send_timeout"] {
+            drop(
+                metrics
+                    .connections_closed
+                    .get_or_create(&vec![("reason".to_string(), reason.to_string())]),
+            );
+        }
+        for reason in ["broker_limit", "address_limit"] {
+            drop(
+                metrics
+                    .connections_refused
+                    .get_or_create(&vec![("reason".to_string(), reason.to_string())]),
+            );
+        }
         Metrics {
             registry,
             cluster,
