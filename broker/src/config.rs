@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use weir_storage::{EngineKind, FlushPolicy, WriteMode};
 
 /// Default segment size of the offsets topic (each partition preallocates
@@ -16,7 +16,10 @@ pub const OFFSETS_SEGMENT_BYTES: u64 = 64 << 20;
 pub const OFFSETS_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// Every setting of a broker, with the reason for each default.
-#[derive(Debug, Clone, Deserialize)]
+/// (docs/OPERATIONS.md's configuration table is generated from these
+/// comments and defaults; `broker/tests/config_reference.rs` fails when
+/// the two drift apart.)
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BrokerConfig {
     /// Client listener. Default 127.0.0.1:9092, Kafka's port, loopback only.
