@@ -1,0 +1,154 @@
+//! The deployment files in `deploy/` (the Dockerfile and the Kubernetes
+//! manifests) against the broker's real settings: every `WEIR_*` variable
+//! they set is one `weir-broker` reads, every port is the broker's client
+//! or admin port, the probes name endpoints the admin listener serves, and
+//! the termination grace period covers a controlled shutdown. (Nothing
+//! here claims the manifests ran on a cluster: none is available here.)
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo(path)).unwrap_or_else(|error| panic!("{path}: {error}"))
+}
+
+/// The deployment files checked, with their text.
+fn deployment_files() -> Vec<(String, String)> {
+    let mut files = vec![("deploy/Dockerfile".to_string(), read("deploy/Dockerfile"))];
+    let mut manifests: Vec<PathBuf> = std::fs::read_dir(repo("deploy/k8s"))
+        .expect("deploy/k8s")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    manifests.sort();
+    assert!(manifests.len() >= 4, "the manifests are there");
+    for path in manifests {
+        let text = std::fs::read_to_string(&path).expect("manifest");
+        files.push((path.display().to_string(), text));
+    }
+    files
+}
+
+/// Every `WEIR_*` variable `weir-broker` declares.
+fn broker_env_vars() -> BTreeSet<String> {
+    read("broker/src/main.rs")
+        .split("env = \"")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('"').map(|(var, _)| var.to_string()))
+        .collect()
+}
+
+/// Every `WEIR_[A-Z_]*` token in `text`.
+fn weir_vars(text: &str) -> BTreeSet<String> {
+    let mut vars = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("WEIR_") {
+        let var: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        rest = &rest[at + var.len()..];
+        // `WEIR_*` in prose names the family, not a variable.
+        if var.len() > "WEIR_".len() {
+            vars.insert(var);
+        }
+    }
+    vars
+}
+
+/// The numbers after `key` on lines that have it (`containerPort: 9092`).
+fn numbers_after(text: &str, key: &str) -> Vec<u64> {
+    text.lines()
+        .flat_map(|line| {
+            line.split(key)
+                .skip(1)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|rest| {
+            let digits: String = rest
+                .trim_start_matches([' ', '"'])
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// Every variable, port and probe of the deployment files is one the
+/// broker has.
+#[test]
+fn deployment_files_use_the_brokers_real_settings_and_ports() {
+    let known = broker_env_vars();
+    assert!(
+        known.contains("WEIR_LISTEN"),
+        "the broker's variables were read"
+    );
+    let defaults = weir_broker::BrokerConfig::default();
+    let ports: BTreeSet<u64> = [
+        u64::from(defaults.listen.port()),
+        u64::from(defaults.admin_listen.port()),
+    ]
+    .into();
+    assert_eq!(ports, [9092, 9644].into());
+    for (path, text) in deployment_files() {
+        for var in weir_vars(&text) {
+            assert!(known.contains(&var), "{path}: weir-broker reads no {var}");
+        }
+        for key in ["containerPort:", "port:", "EXPOSE", "prometheus.io/port:"] {
+            for port in numbers_after(&text, key) {
+                assert!(
+                    ports.contains(&port),
+                    "{path}: port {port} is not the broker's"
+                );
+            }
+        }
+        for address in ["0.0.0.0:", "127.0.0.1/"] {
+            for port in numbers_after(&text, address) {
+                assert!(
+                    ports.contains(&port),
+                    "{path}: port {port} is not the broker's"
+                );
+            }
+        }
+    }
+
+    // Probes and the health check name endpoints the admin listener serves.
+    let admin = read("broker/src/admin_http.rs");
+    let statefulset = read("deploy/k8s/statefulset.yaml");
+    for endpoint in ["/readyz", "/healthz"] {
+        assert!(
+            admin.contains(&format!("\"{endpoint}\"")),
+            "{endpoint} served"
+        );
+        assert!(statefulset.contains(endpoint), "{endpoint} probed");
+    }
+    assert!(read("deploy/Dockerfile").contains("/readyz"));
+
+    // The grace period covers a controlled shutdown and the drain after it.
+    let grace_s = numbers_after(&statefulset, "terminationGracePeriodSeconds:")
+        .first()
+        .copied()
+        .expect("a termination grace period");
+    let needed_ms = defaults.controlled_shutdown_timeout_ms + defaults.shutdown_grace_ms;
+    assert!(
+        grace_s * 1000 > needed_ms,
+        "{grace_s} s does not cover {needed_ms} ms of shutdown"
+    );
+    // The voters the manifests name are as many as the pods, ids from 1.
+    let voters = statefulset
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("value: \"1@"))
+        .map(|rest| rest.matches('@').count() + 1)
+        .expect("the voter list");
+    let replicas = numbers_after(&statefulset, "replicas:")
+        .first()
+        .copied()
+        .expect("replicas");
+    assert_eq!(voters as u64, replicas);
+}
