@@ -356,8 +356,8 @@ impl Admin {
     /// # Errors
     /// Connection errors.
     pub async fn list_groups(&self) -> Result<Vec<GroupListing>> {
+        let brokers = self.broker_addrs().await?;
         let connection = self.connection().await?;
-        let brokers = self.broker_addrs(&connection).await?;
         let mut all: Vec<GroupListing> = Vec::new();
         for addr in brokers {
             let broker = match &addr {
@@ -380,10 +380,10 @@ impl Admin {
         Ok(all)
     }
 
-    /// The brokers of the cluster: `None` for the one `connection` reaches
-    /// when it is the only one, else each broker's address.
-    async fn broker_addrs(&self, connection: &Connection) -> Result<Vec<Option<String>>> {
-        let metadata = match connection
+    /// The brokers of the cluster: `None` for the one the admin connection
+    /// reaches when it is the only one, else each broker's address.
+    async fn broker_addrs(&self) -> Result<Vec<Option<String>>> {
+        let metadata = match self
             .call(Request::Metadata(MetadataRequest {
                 topics: Some(Vec::new()),
             }))
@@ -404,8 +404,7 @@ impl Admin {
 
     /// A connection to `group`'s coordinator.
     async fn coordinator(&self, group: &str) -> Result<Connection> {
-        let connection = self.connection().await?;
-        match connection
+        match self
             .call(Request::FindCoordinator(FindCoordinatorRequest {
                 group: group.to_string(),
             }))
@@ -413,8 +412,8 @@ impl Admin {
         {
             Response::FindCoordinator(found) => {
                 check(found.error)?;
-                if self.broker_addrs(&connection).await? == [None] {
-                    return Ok(connection);
+                if self.broker_addrs().await? == [None] {
+                    return self.connection().await;
                 }
                 Connection::connect(
                     &format!("{}:{}", found.host, found.port),
