@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::http;
-use weir_client::{Acks, Admin, Producer, ProducerConfig, ProducerRecord};
+use weir_client::Admin;
 use weir_testkit::{Cluster, DEADLINE};
 
 /// The value of one series in the `/metrics` of the broker at `admin`;
@@ -67,16 +67,8 @@ fn cluster_metrics_follow_a_follower_down_and_back() {
     let first = cluster.addrs[0].to_string();
     let all: BTreeSet<u32> = [1, 2, 3].into();
     let leader = runtime.block_on(async {
+        common::create_replicated_topic(&first, "watched", 1).await;
         let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Ok(admin) = Admin::connect(&first).await
-                && admin.create_topic_replicated("watched", 1, 3).await.is_ok()
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the cluster never took writes");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         loop {
             if let Some((leader, isr)) = placement(&first).await
                 && leader > 0
@@ -88,26 +80,11 @@ fn cluster_metrics_follow_a_follower_down_and_back() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    runtime.block_on(async {
-        let producer = Producer::connect(
-            &cluster.bootstrap(),
-            ProducerConfig {
-                acks: Acks::All,
-                ..ProducerConfig::default()
-            },
-        )
-        .await
-        .expect("producer");
-        for number in 0..100 {
-            drop(
-                producer
-                    .send("watched", ProducerRecord::new(format!("v{number}")))
-                    .await
-                    .expect("send"),
-            );
-        }
-        producer.flush().await.expect("flush");
-    });
+    runtime.block_on(common::produce_acknowledged(
+        &cluster.bootstrap(),
+        "watched",
+        100,
+    ));
 
     let leader_admin = admin_of(&cluster, leader);
     let labels = "{topic=\"watched\",partition=\"0\"}";

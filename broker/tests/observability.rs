@@ -5,16 +5,15 @@
 //! rule expression evaluates and every metric it names has data: no panel
 //! or alert rests on a metric the broker does not export.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weir_client::{
-    Acks, Admin, Consumer, ConsumerConfig, GroupConfig, Offset, Producer, ProducerConfig,
-    ProducerRecord,
-};
+use weir_client::{Consumer, ConsumerConfig, GroupConfig, Offset};
 use weir_testkit::{Cluster, DEADLINE, free_port};
 
 fn deploy(path: &str) -> PathBuf {
@@ -187,38 +186,8 @@ fn alert_rules_and_dashboard_read_real_metrics() {
         .expect("runtime");
     // Kept in the group (not closed) so that its offsets stay reported.
     let _consumer = runtime.block_on(async {
-        let first = cluster.addrs[0].to_string();
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Ok(admin) = Admin::connect(&first).await
-                && admin
-                    .create_topic_replicated("observed", 2, 3)
-                    .await
-                    .is_ok()
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the cluster never took writes");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let producer = Producer::connect(
-            &cluster.bootstrap(),
-            ProducerConfig {
-                acks: Acks::All,
-                ..ProducerConfig::default()
-            },
-        )
-        .await
-        .expect("producer");
-        for number in 0..400 {
-            drop(
-                producer
-                    .send("observed", ProducerRecord::new(format!("v{number}")))
-                    .await
-                    .expect("send"),
-            );
-        }
-        producer.flush().await.expect("flush");
+        common::create_replicated_topic(&cluster.addrs[0].to_string(), "observed", 2).await;
+        common::produce_acknowledged(&cluster.bootstrap(), "observed", 400).await;
         // A group that has read and committed part of it: its lag is reported.
         let mut consumer = Consumer::connect(&cluster.bootstrap(), ConsumerConfig::default())
             .await

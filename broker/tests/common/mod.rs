@@ -261,3 +261,49 @@ pub fn batch(prefix: &str, count: usize, timestamp_ms: i64) -> Bytes {
     }
     Bytes::from(builder.finish())
 }
+
+/// Creates `topic` with `partitions` partitions of three replicas on a
+/// cluster once it takes writes (retrying until [`DEADLINE`]), through the
+/// broker at `addr`.
+pub async fn create_replicated_topic(addr: &str, topic: &str, partitions: u32) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Ok(admin) = weir_client::Admin::connect(addr).await
+            && admin
+                .create_topic_replicated(topic, partitions, 3)
+                .await
+                .is_ok()
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the cluster never took writes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends `count` records (`v0`, `v1`, ...) to `topic` through `bootstrap`
+/// with acks=all and waits until all are acknowledged.
+pub async fn produce_acknowledged(bootstrap: &str, topic: &str, count: usize) {
+    let producer = weir_client::Producer::connect(
+        bootstrap,
+        weir_client::ProducerConfig {
+            acks: weir_client::Acks::All,
+            ..weir_client::ProducerConfig::default()
+        },
+    )
+    .await
+    .expect("producer");
+    for number in 0..count {
+        // Acknowledged by the flush below.
+        drop(
+            producer
+                .send(
+                    topic,
+                    weir_client::ProducerRecord::new(format!("v{number}")),
+                )
+                .await
+                .expect("send"),
+        );
+    }
+    producer.flush().await.expect("flush");
+}
