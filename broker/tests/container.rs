@@ -4,7 +4,8 @@
 //! and the build stage is replaced by the binaries this workspace built
 //! (`--build-context build=...`; the registry's Rust image is out of
 //! reach). The broker in the container runs as uid 10001, answers
-//! `/readyz`, takes a record and serves it back, keeps its data on
+//! `/readyz` (and the image's health check passes), takes a record and
+//! serves it back, keeps its data on
 //! `/var/lib/weir`, and exits 0 on SIGTERM (`podman stop`).
 //!
 //! Podman runs with `runc`, the `vfs` storage driver, cgroupfs and explicit
@@ -121,6 +122,9 @@ fn the_image_builds_and_runs_a_broker() {
     }
     let build = podman(&[
         "build",
+        // Docker's image format keeps the HEALTHCHECK (OCI's has none).
+        "--format",
+        "docker",
         "--cgroup-manager",
         "cgroupfs",
         "--ulimit",
@@ -173,6 +177,12 @@ fn the_image_builds_and_runs_a_broker() {
         assert!(Instant::now() < deadline, "the broker never became ready");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The image's own health check agrees (it reads the admin port from
+    // WEIR_ADMIN_LISTEN).
+    succeeded(
+        &podman(&["healthcheck", "run", &name]),
+        "the image's health check",
+    );
     let id = succeeded(&podman(&["exec", &name, "id", "-u"]), "podman exec id");
     assert_eq!(id.trim(), "10001", "runs as the weir user");
 

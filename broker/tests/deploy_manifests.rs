@@ -18,7 +18,13 @@ fn read(path: &str) -> String {
 
 /// The deployment files checked, with their text.
 fn deployment_files() -> Vec<(String, String)> {
-    let mut files = vec![("deploy/Dockerfile".to_string(), read("deploy/Dockerfile"))];
+    let mut files = vec![
+        ("deploy/Dockerfile".to_string(), read("deploy/Dockerfile")),
+        (
+            "deploy/compose.yaml".to_string(),
+            read("deploy/compose.yaml"),
+        ),
+    ];
     let mut manifests: Vec<PathBuf> = std::fs::read_dir(repo("deploy/k8s"))
         .expect("deploy/k8s")
         .map(|entry| entry.expect("entry").path())
@@ -151,4 +157,56 @@ fn deployment_files_use_the_brokers_real_settings_and_ports() {
         .copied()
         .expect("replicas");
     assert_eq!(voters as u64, replicas);
+}
+
+/// The values of `key: value` lines in `text`.
+fn values_of(text: &str, key: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix(key))
+        .map(|value| value.trim().trim_matches('"').to_string())
+        .collect()
+}
+
+/// The compose cluster is consistent: each broker's id and address are the
+/// ones the voter list names, and Prometheus scrapes exactly the brokers'
+/// admin listeners.
+#[test]
+fn the_compose_cluster_and_its_prometheus_agree() {
+    let compose = read("deploy/compose.yaml");
+    let ids = values_of(&compose, "WEIR_BROKER_ID:");
+    let listens = values_of(&compose, "WEIR_LISTEN:");
+    let admins = values_of(&compose, "WEIR_ADMIN_LISTEN:");
+    let voters = values_of(&compose, "WEIR_CONTROLLER_VOTERS:");
+    assert_eq!(ids.len(), 3, "three brokers");
+    assert_eq!((listens.len(), admins.len(), voters.len()), (3, 3, 3));
+    for ((id, listen), voter_list) in ids.iter().zip(&listens).zip(&voters) {
+        assert_eq!(voter_list, &voters[0], "the same voters everywhere");
+        assert!(
+            voter_list
+                .split(',')
+                .any(|voter| voter == format!("{id}@{listen}")),
+            "broker {id} at {listen} is a voter"
+        );
+        assert!(listen.starts_with("127.0.0.1:"), "loopback only");
+    }
+    let prometheus = read("deploy/prometheus/prometheus.yml");
+    let targets: BTreeSet<String> = prometheus
+        .split('"')
+        .filter(|part| part.starts_with("127.0.0.1:"))
+        .map(str::to_string)
+        .collect();
+    let admin_set: BTreeSet<String> = admins.into_iter().collect();
+    assert_eq!(
+        targets, admin_set,
+        "Prometheus scrapes every broker's admin listener"
+    );
+    // Grafana finds the dashboard where compose mounts it.
+    let provider = read("deploy/grafana/provisioning/dashboards/weir.yml");
+    let path = values_of(&provider, "path:")
+        .pop()
+        .expect("a dashboard path");
+    assert!(
+        compose.contains(&format!("./grafana/weir-dashboard.json:{path}/")),
+        "the dashboard is mounted under {path}"
+    );
 }
