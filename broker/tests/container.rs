@@ -3,7 +3,9 @@
 //! bookworm root, `podman import` turns it into the runtime stage's base,
 //! and the build stage is replaced by the binaries this workspace built
 //! (`--build-context build=...`; the registry's Rust image is out of
-//! reach). The broker in the container runs as uid 10001, answers
+//! reach). Under the project's seccomp profile (`deploy/seccomp-weir.json`)
+//! the broker in the container runs the io_uring engine and `unshare` is
+//! refused; it runs as uid 10001, answers
 //! `/readyz` (and the image's health check passes), takes a record and
 //! serves it back, keeps its data on
 //! `/var/lib/weir`, and exits 0 on SIGTERM (`podman stop`).
@@ -99,6 +101,19 @@ fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     response.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// GET `path` on `addr` (HTTP/1.0): the body, if it answered.
+fn http_body(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+}
+
 /// Removes the test container (and the image) however the test ends.
 struct Cleanup(String);
 
@@ -164,6 +179,10 @@ fn the_image_builds_and_runs_a_broker() {
         "nofile=4096:4096",
         "--ulimit",
         "nproc=1000:1000",
+        // The project's profile: the runtime default's restrictions, with
+        // io_uring allowed.
+        "--security-opt",
+        &format!("seccomp={}", repo("deploy/seccomp-weir.json").display()),
         // Loopback only, as every server the tests start.
         "--env",
         &format!("WEIR_LISTEN={listen}"),
@@ -182,6 +201,19 @@ fn the_image_builds_and_runs_a_broker() {
     succeeded(
         &podman(&["healthcheck", "run", &name]),
         "the image's health check",
+    );
+    // Under the profile the io_uring engine runs, and what the profile
+    // does not allow (new namespaces here) is refused.
+    let cluster = http_body(admin, "/v1/cluster").expect("/v1/cluster");
+    assert!(
+        cluster.contains("\"io_engine\":\"uring\""),
+        "io_uring allowed: {cluster}"
+    );
+    assert!(
+        !podman(&["exec", &name, "unshare", "--user", "true"])
+            .status
+            .success(),
+        "the profile refuses unshare"
     );
     let id = succeeded(&podman(&["exec", &name, "id", "-u"]), "podman exec id");
     assert_eq!(id.trim(), "10001", "runs as the weir user");
