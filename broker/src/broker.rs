@@ -237,6 +237,13 @@ impl Broker {
 
     /// The Prometheus text exposition, state gauges refreshed first.
     pub fn render_metrics(&self) -> String {
+        // One scrape at a time: the refresh brings counters up to counts
+        // kept elsewhere, which two at once would add twice.
+        let _rendering = self
+            .metrics
+            .rendering
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         self.metrics.cluster.refresh(
             &self.topics,
             &self.controller.view(),

@@ -126,10 +126,18 @@ impl ClusterMetrics {
                 sync_counter(&self.isr_expands, &labels, expands);
                 if partition.is_leader() {
                     led += 1;
-                    if partition
-                        .state()
-                        .is_some_and(|state| state.isr.len() < state.replicas.len())
-                    {
+                    // While a partition moves, its replicas are the old and
+                    // the new together: it is under-replicated when fewer
+                    // are in sync than it will have (as KIP-352 counts).
+                    let target = metadata
+                        .image
+                        .topics
+                        .get(&topic.name)
+                        .and_then(|image| image.reassigning.get(&partition.index))
+                        .map(Vec::len);
+                    if partition.state().is_some_and(|state| {
+                        state.isr.len() < target.unwrap_or(state.replicas.len())
+                    }) {
                         under_replicated += 1;
                     }
                 } else if let Some((records, caught_up_ms)) = partition.follower_lag() {

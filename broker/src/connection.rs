@@ -358,6 +358,7 @@ pub async fn serve(
                     break 'read;
                 }
             };
+            let arrived = Instant::now();
             let context = context.clone();
             // Produce is submitted to the logs here, on the reader, so a
             // connection's batches reach each partition in the order sent.
@@ -365,7 +366,6 @@ pub async fn serve(
                 Request::Produce(produce) => Ok(handlers::submit_produce(&context, produce)),
                 other => Err(other),
             };
-            let arrived = Instant::now();
             requests.spawn(async move {
                 let response = match submitted {
                     Ok(submitted) => handlers::finish_produce(&context, submitted)

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub request_latency: Family<Labels, Histogram, fn() -> Histogram>,
     /// The cluster's metrics (replication, controller, disk).
     pub cluster: crate::cluster_metrics::ClusterMetrics,
+    /// Held while a scrape refreshes and renders.
+    pub rendering: std::sync::Mutex<()>,
     /// Connections the broker closed, by `reason` (idle, frame_timeout, send_timeout).
     pub connections_closed: Family<Labels, Counter>,
     /// Connections refused at accept, by `reason` (broker_limit, address_limit).
@@ -82,6 +84,7 @@ impl Metrics {
             fetch_latency: latency_histogram(),
             request_latency: Family::new_with_constructor(latency_histogram),
             cluster: crate::cluster_metrics::ClusterMetrics::default(),
+            rendering: std::sync::Mutex::new(()),
             connections_closed: Family::default(),
             connections_refused: Family::default(),
             connections: Gauge::default(),

@@ -204,7 +204,7 @@ impl Partition {
             snapshot_saving: Mutex::new(()),
             isr_shrinks: AtomicU64::new(0),
             isr_expands: AtomicU64::new(0),
-            leader_high_watermark: AtomicU64::new(0),
+            leader_high_watermark: AtomicU64::new(LAG_UNKNOWN),
             caught_up_at_ms: AtomicU64::new(now_ms()),
         })
     }
@@ -367,18 +367,32 @@ impl Partition {
     ) -> Vec<Action> {
         let mut replica = lock(&self.replica);
         replica.set_min_insync_replicas(min_insync_replicas);
-        let isr_before = replica.state().map(|state| state.isr.len());
+        let before = replica
+            .state()
+            .map(|state| (state.isr.clone(), state.leader_epoch));
         let actions = replica.apply_metadata(state, &LogAdapter(&self.log), now_ms);
-        // Counted by the leader only, so a cluster-wide sum counts each once.
-        if let (Some(before), Some(after), true) = (
-            isr_before,
-            replica.state().map(|state| state.isr.len()),
-            replica.is_leader(),
-        ) {
-            if after < before {
-                self.isr_shrinks.fetch_add(1, Ordering::Relaxed);
-            } else if after > before {
-                self.isr_expands.fetch_add(1, Ordering::Relaxed);
+        let after = replica
+            .state()
+            .map(|state| (state.isr.clone(), state.leader_epoch));
+        if let (Some((isr_before, epoch_before)), Some((isr_after, epoch_after))) =
+            (&before, &after)
+        {
+            // Counted by the leader only, so a cluster-wide sum counts each
+            // once; a swap (one out, one in) counts as both.
+            if replica.is_leader() {
+                if isr_before.iter().any(|broker| !isr_after.contains(broker)) {
+                    self.isr_shrinks.fetch_add(1, Ordering::Relaxed);
+                }
+                if isr_after.iter().any(|broker| !isr_before.contains(broker)) {
+                    self.isr_expands.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if epoch_before != epoch_after {
+                // A new leader or epoch: this follower's lag is unknown
+                // until its first answer, and counts from now.
+                self.leader_high_watermark
+                    .store(LAG_UNKNOWN, Ordering::Relaxed);
+                self.caught_up_at_ms.store(now_ms, Ordering::Relaxed);
             }
         }
         self.carry_out(&mut replica, actions)
@@ -401,6 +415,9 @@ impl Partition {
             return None;
         }
         let leader_high_watermark = self.leader_high_watermark.load(Ordering::Relaxed);
+        if leader_high_watermark == LAG_UNKNOWN {
+            return None;
+        }
         Some((
             leader_high_watermark.saturating_sub(self.log.end_offset()),
             self.caught_up_at_ms.load(Ordering::Relaxed),
@@ -423,14 +440,19 @@ impl Partition {
         leader_epoch: i32,
         answer: &FetchAnswer,
     ) -> Vec<Action> {
-        if let FetchAnswer::Read { high_watermark, .. } = *answer {
+        let mut replica = lock(&self.replica);
+        // Only an answer from the leader followed, in its epoch, says how
+        // far behind this follower is.
+        if let FetchAnswer::Read { high_watermark, .. } = *answer
+            && replica.leader() == Some(from)
+            && replica.leader_epoch() == leader_epoch
+        {
             self.leader_high_watermark
                 .store(high_watermark, Ordering::Relaxed);
             if self.log.end_offset() >= high_watermark {
                 self.caught_up_at_ms.store(now_ms(), Ordering::Relaxed);
             }
         }
-        let mut replica = lock(&self.replica);
         let actions = replica.on_fetch_answer(from, leader_epoch, answer, &LogAdapter(&self.log));
         self.carry_out(&mut replica, actions)
     }
@@ -920,6 +942,9 @@ pub fn storage_error_code(error: &StorageError) -> ErrorCode {
         | StorageError::EngineStart(_) => ErrorCode::StorageError,
     }
 }
+
+/// `leader_high_watermark` before a follower's first answer in an epoch.
+const LAG_UNKNOWN: u64 = u64::MAX;
 
 /// Milliseconds since the Unix epoch.
 fn now_ms() -> u64 {

@@ -5,7 +5,7 @@
 //! the termination grace period covers a controlled shutdown. (Nothing
 //! here claims the manifests ran on a cluster: none is available here.)
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 fn repo(path: &str) -> PathBuf {
@@ -156,7 +156,51 @@ fn deployment_files_use_the_brokers_real_settings_and_ports() {
         .first()
         .copied()
         .expect("replicas");
-    assert_eq!(voters as u64, replicas);
+    // Pods beyond the voters join as non-voters.
+    assert_eq!(voters, 3, "three voters");
+    assert!(replicas >= voters as u64, "every voter is a pod");
+}
+
+/// The seccomp profile refuses by default, allows io_uring, and names each
+/// syscall in one rule only: libseccomp keeps the first unconditional rule
+/// for a syscall and ignores later ones, so a syscall listed as allowed and
+/// again as refused would be allowed (clone3 must be refused: its flags,
+/// behind a pointer, cannot be filtered for new namespaces).
+#[test]
+fn the_seccomp_profile_allows_io_uring_and_lists_each_syscall_once() {
+    let profile: serde_json::Value =
+        serde_json::from_str(&read("deploy/seccomp-weir.json")).expect("profile JSON");
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    let rules = profile["syscalls"].as_array().expect("rules");
+    let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for rule in rules {
+        let action = rule["action"].as_str().expect("action").to_string();
+        let conditional = rule.get("args").is_some();
+        for name in rule["names"].as_array().expect("names") {
+            let name = name.as_str().expect("name").to_string();
+            let entry = seen.entry(name.clone()).or_default();
+            assert!(
+                entry.is_empty() || conditional,
+                "{name} is in more than one unconditional rule"
+            );
+            entry.push(action.clone());
+        }
+    }
+    let allowed = |name: &str| {
+        seen.get(name)
+            .is_some_and(|actions| actions.iter().all(|action| action == "SCMP_ACT_ALLOW"))
+    };
+    for name in ["io_uring_setup", "io_uring_enter", "io_uring_register"] {
+        assert!(allowed(name), "{name} allowed");
+    }
+    assert_eq!(
+        seen.get("clone3").map(Vec::as_slice),
+        Some(&["SCMP_ACT_ERRNO".to_string()][..]),
+        "clone3 refused"
+    );
+    for name in ["unshare", "setns", "mount", "ptrace", "bpf", "keyctl"] {
+        assert!(!seen.contains_key(name), "{name} is not allowed");
+    }
 }
 
 /// The values of `key: value` lines in `text`.

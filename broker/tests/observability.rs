@@ -261,7 +261,7 @@ fn alert_rules_and_dashboard_read_real_metrics() {
     }
 
     let rules = rule_exprs();
-    assert_eq!(rules.len(), 6, "every rule's expression was read");
+    assert_eq!(rules.len(), 7, "every rule's expression was read");
     for expr in &rules {
         if let Err(error) = prometheus.query(expr) {
             panic!("rule expression does not evaluate: {error}");
@@ -280,5 +280,5 @@ fn alert_rules_and_dashboard_read_real_metrics() {
         .iter()
         .map(|group| group["rules"].as_array().map_or(0, Vec::len))
         .sum();
-    assert_eq!(rules_loaded, 6);
+    assert_eq!(rules_loaded, 7);
 }
