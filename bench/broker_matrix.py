@@ -60,6 +60,7 @@ for kind, flags in [
 after = run("baseline", "--seconds", "3")
 
 disk = (before["disk_mb_s"] + after["disk_mb_s"]) / 2
+disk_read = (before["disk_read_mb_s"] + after["disk_read_mb_s"]) / 2
 loopback = (before["loopback_mb_s"] + after["loopback_mb_s"]) / 2
 fsync_p99 = max(before["fsync_p99_ms"], after["fsync_p99_ms"])
 print(
@@ -70,7 +71,9 @@ print(
     f"4 KiB append + fdatasync p50 {before['small_append_sync_p50_ms']:.3f} / "
     f"{after['small_append_sync_p50_ms']:.3f} ms, p99 "
     f"{before['small_append_sync_p99_ms']:.3f} / {after['small_append_sync_p99_ms']:.3f} ms, "
-    f"loopback TCP {before['loopback_mb_s']:.0f} / {after['loopback_mb_s']:.0f} MB/s. "
+    f"loopback TCP {before['loopback_mb_s']:.0f} / {after['loopback_mb_s']:.0f} MB/s, "
+    f"device read (O_DIRECT, 4 in flight) {before['disk_read_mb_s']:.0f} / "
+    f"{after['disk_read_mb_s']:.0f} MB/s. "
     f"Ratios use the means: min(disk, loopback) = {min(disk, loopback):.0f} MB/s, "
     f"loopback = {loopback:.0f} MB/s, 2 × fdatasync p99 = {2 * fsync_p99:.3f} ms."
 )
@@ -99,3 +102,24 @@ for kind, flags, r in rows:
         f"{r['mb_s'] / min(disk, loopback):.2f} | {consume} | {cache_ratio} | "
         f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} / {r['p999_ms']:.2f} | {broker} | {e2e} |"
     )
+
+# The issue-14 goals, as ratios of this run.
+print()
+print("| goal | measured | ratio | goal met |")
+print("| --- | --- | --- | --- |")
+for kind, flags, r in rows:
+    passes = r.get("consume_passes_mb_s") or []
+    if kind == "consume" and passes:
+        ratio = passes[0] / disk_read
+        print(
+            f"| device pass ≥ 0.7 × disk read (`{flags}`) | {passes[0]:.0f} / "
+            f"{disk_read:.0f} MB/s | {ratio:.2f} | {'yes' if ratio >= 0.7 else 'no'} |"
+        )
+for kind, flags, r in rows:
+    if kind == "produce" and flags == f"--rate {half} --linger-ms 0":
+        ratio = r["p99_ms"] / r["broker_produce_p99_ms"]
+        print(
+            f"| client p99 ≤ 2 × broker p99 at half load (`{flags}`) | "
+            f"{r['p99_ms']:.2f} / {r['broker_produce_p99_ms']:.2f} ms | {ratio:.2f} | "
+            f"{'yes' if ratio <= 2 else 'no'} |"
+        )
