@@ -107,9 +107,7 @@ impl ClusterMetrics {
         controller_leads: bool,
         data_dir: &Path,
     ) {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as u64);
+        let now_ms = crate::clock::now_ms();
         let mut led = 0;
         let mut under_replicated = 0;
         // Rebuilt each time: partitions come, go and change roles.

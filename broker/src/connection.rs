@@ -56,13 +56,6 @@ const REFUSE_LINGER_MS: u64 = 1_000;
 const REFUSE_DRAIN_BYTES_MAX: usize = 64 * 1024;
 /// Refused connections lingering at once; past it, refusals close at once.
 pub const REFUSALS_LINGERING_MAX: usize = 256;
-/// Milliseconds since the Unix epoch (for the log rate limit).
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64)
-}
-
 /// Counts a closed or refused connection and logs it (rate limited).
 pub fn record_limit(broker: &Broker, reason: LimitReason, peer: SocketAddr) {
     let labels = vec![("reason".to_string(), reason.label().to_string())];
@@ -82,7 +75,7 @@ pub fn record_limit(broker: &Broker, reason: LimitReason, peer: SocketAddr) {
                 .inc();
         }
     }
-    if broker.limit_log.due(reason, now_ms()) {
+    if broker.limit_log.due(reason, crate::clock::now_ms()) {
         let config = &broker.config;
         match reason {
             LimitReason::Idle => tracing::info!(
@@ -209,30 +202,6 @@ pub async fn refuse(stream: TcpStream, error: ErrorCode, linger: Option<OwnedSem
         }
     };
     let _ = tokio::time::timeout(Duration::from_millis(REFUSE_LINGER_MS), drain).await;
-}
-
-/// The `api` label of a request's latency: the API's name in snake case.
-fn api_labels(api_key: u16) -> Vec<(String, String)> {
-    let name = weir_protocol::ApiKey::from_code(api_key).map_or_else(
-        || format!("api_{api_key}"),
-        |api| snake_case(&format!("{api:?}")),
-    );
-    vec![("api".to_string(), name)]
-}
-
-fn snake_case(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 4);
-    for (index, character) in name.chars().enumerate() {
-        if character.is_ascii_uppercase() {
-            if index > 0 {
-                out.push('_');
-            }
-            out.push(character.to_ascii_lowercase());
-        } else {
-            out.push(character);
-        }
-    }
-    out
 }
 
 /// A deadline so far away it never fires (a disabled limit).
@@ -377,9 +346,7 @@ pub async fn serve(
                     context
                         .broker
                         .metrics
-                        .request_latency
-                        .get_or_create(&api_labels(header.api_key))
-                        .observe(arrived.elapsed().as_secs_f64());
+                        .observe_request(header.api_key, arrived.elapsed().as_secs_f64());
                     let frame = response.encode(header.correlation_id);
                     let _ = context
                         .outgoing

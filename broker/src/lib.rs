@@ -25,6 +25,7 @@
 pub mod admin_http;
 pub mod blocking;
 pub mod broker;
+pub mod clock;
 pub mod cluster;
 pub mod cluster_metrics;
 pub mod config;

@@ -42,7 +42,10 @@ pub struct Metrics {
     /// Fetch latency including long-poll waits, seconds.
     pub fetch_latency: Histogram,
     /// Time from a request's arrival to its response queued, by `api`.
-    pub request_latency: Family<Labels, Histogram, fn() -> Histogram>,
+    request_latency: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Each API's series of `request_latency`, by API key, made once so
+    /// that a request records its latency without a lookup or allocation.
+    request_latency_by_api: Vec<Option<Histogram>>,
     /// The cluster's metrics (replication, controller, disk).
     pub cluster: crate::cluster_metrics::ClusterMetrics,
     /// Held while a scrape refreshes and renders.
@@ -83,6 +86,7 @@ impl Metrics {
             produce_latency: latency_histogram(),
             fetch_latency: latency_histogram(),
             request_latency: Family::new_with_constructor(latency_histogram),
+            request_latency_by_api: Vec::new(),
             cluster: crate::cluster_metrics::ClusterMetrics::default(),
             rendering: std::sync::Mutex::new(()),
             connections_closed: Family::default(),
@@ -215,10 +219,28 @@ impl Metrics {
                     .get_or_create(&vec![("reason".to_string(), reason.to_string())]),
             );
         }
+        let mut request_latency_by_api = Vec::new();
+        for api in weir_protocol::ApiKey::ALL {
+            let code = usize::from(api.code());
+            if request_latency_by_api.len() <= code {
+                request_latency_by_api.resize(code + 1, None);
+            }
+            let labels = vec![("api".to_string(), snake_case(&format!("{api:?}")))];
+            request_latency_by_api[code] =
+                Some(metrics.request_latency.get_or_create(&labels).clone());
+        }
         Metrics {
             registry,
             cluster,
+            request_latency_by_api,
             ..metrics
+        }
+    }
+
+    /// Records one request's latency (request read to response queued).
+    pub fn observe_request(&self, api_key: u16, seconds: f64) {
+        if let Some(Some(histogram)) = self.request_latency_by_api.get(usize::from(api_key)) {
+            histogram.observe(seconds);
         }
     }
 
@@ -333,4 +355,20 @@ impl Metrics {
         }
         text
     }
+}
+
+/// `CreateTopics` → `create_topics`: an API's name as a metric label.
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (index, character) in name.chars().enumerate() {
+        if character.is_ascii_uppercase() {
+            if index > 0 {
+                out.push('_');
+            }
+            out.push(character.to_ascii_lowercase());
+        } else {
+            out.push(character);
+        }
+    }
+    out
 }

@@ -23,10 +23,10 @@ use crate::cluster::replica::{Action, FetchAnswer, FetchFrom, LogView, Replica, 
 use crate::producers::{Check, ProducerStates, Stamp};
 
 /// Most bytes the compressed batches of one produce request may expand to
-/// when the broker checks their records: 64 MiB, four times the largest
-/// batch accepted. Shared by all batches of the request, so a frame full of
-/// small, highly compressed batches cannot make the broker expand gigabytes.
-pub const DECOMPRESSED_BYTES_MAX: usize = 64 << 20;
+/// when the broker checks their records. Shared by all batches of the
+/// request, so a frame full of small, highly compressed batches cannot make
+/// the broker expand gigabytes.
+pub use weir_protocol::codec::DECOMPRESSED_BYTES_MAX;
 
 /// One partition of a topic.
 #[derive(Debug)]
@@ -205,7 +205,7 @@ impl Partition {
             isr_shrinks: AtomicU64::new(0),
             isr_expands: AtomicU64::new(0),
             leader_high_watermark: AtomicU64::new(LAG_UNKNOWN),
-            caught_up_at_ms: AtomicU64::new(now_ms()),
+            caught_up_at_ms: AtomicU64::new(crate::clock::now_ms()),
         })
     }
 
@@ -450,7 +450,8 @@ impl Partition {
             self.leader_high_watermark
                 .store(high_watermark, Ordering::Relaxed);
             if self.log.end_offset() >= high_watermark {
-                self.caught_up_at_ms.store(now_ms(), Ordering::Relaxed);
+                self.caught_up_at_ms
+                    .store(crate::clock::now_ms(), Ordering::Relaxed);
             }
         }
         let actions = replica.on_fetch_answer(from, leader_epoch, answer, &LogAdapter(&self.log));
@@ -945,10 +946,3 @@ pub fn storage_error_code(error: &StorageError) -> ErrorCode {
 
 /// `leader_high_watermark` before a follower's first answer in an epoch.
 const LAG_UNKNOWN: u64 = u64::MAX;
-
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64)
-}

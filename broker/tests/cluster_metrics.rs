@@ -7,23 +7,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::http;
+use common::metric;
 use weir_client::Admin;
 use weir_testkit::{Cluster, DEADLINE};
-
-/// The value of one series in the `/metrics` of the broker at `admin`;
-/// `None` if it has no such series.
-fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
-    let (status, body) = http(admin, "GET", "/metrics", None);
-    assert_eq!(status, 200);
-    body.lines()
-        .filter_map(|line| line.rsplit_once(' '))
-        .find(|(name, _)| *name == series)
-        .and_then(|(_, value)| value.trim().parse().ok())
-}
 
 /// Waits until `check` holds, failing after [`DEADLINE`].
 fn wait_until(what: &str, mut check: impl FnMut() -> bool) {

@@ -15,11 +15,14 @@
 //! it may not raise rlimits. `scripts/test` installs podman, runc and
 //! debootstrap.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::{http, try_http};
 use weir_testkit::{DEADLINE, free_port, workspace_binary};
 
 const BASE_IMAGE: &str = "localhost/weir-test-base:bookworm";
@@ -31,6 +34,29 @@ fn podman(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run podman (scripts/test installs it)")
+}
+
+/// What `podman build` and `podman run` need in this sandbox: cgroupfs
+/// (no systemd), ulimits within the machine's hard limits, the host's
+/// network (servers on loopback, as the tests' others).
+const SANDBOX_ARGS: [&str; 8] = [
+    "--cgroup-manager",
+    "cgroupfs",
+    "--ulimit",
+    "nofile=4096:4096",
+    "--ulimit",
+    "nproc=1000:1000",
+    "--network",
+    "host",
+];
+
+/// `podman SUBCOMMAND [SANDBOX_ARGS] REST...`: `args` starts with the subcommand.
+fn podman_with(args: &[&str]) -> Output {
+    let (subcommand, rest) = args.split_first().expect("a subcommand");
+    let mut all = vec![*subcommand];
+    all.extend(SANDBOX_ARGS);
+    all.extend(rest);
+    podman(&all)
 }
 
 fn succeeded(output: &Output, what: &str) -> String {
@@ -90,30 +116,6 @@ fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
-/// GET `path` on `addr` (HTTP/1.0): the status code, if it answered.
-fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// GET `path` on `addr` (HTTP/1.0): the body, if it answered.
-fn http_body(addr: SocketAddr, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-}
-
 /// Removes the test container (and the image) however the test ends.
 struct Cleanup(String);
 
@@ -135,19 +137,11 @@ fn the_image_builds_and_runs_a_broker() {
     for name in ["weir-broker", "weir"] {
         std::fs::copy(workspace_binary(name), bin.join(name)).expect("copy binary");
     }
-    let build = podman(&[
+    let build = podman_with(&[
         "build",
         // Docker's image format keeps the HEALTHCHECK (OCI's has none).
         "--format",
         "docker",
-        "--cgroup-manager",
-        "cgroupfs",
-        "--ulimit",
-        "nofile=4096:4096",
-        "--ulimit",
-        "nproc=1000:1000",
-        "--network",
-        "host",
         "-f",
         &repo("deploy/Dockerfile").display().to_string(),
         "--build-arg",
@@ -166,19 +160,11 @@ fn the_image_builds_and_runs_a_broker() {
     let _cleanup = Cleanup(name.clone());
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let run = podman(&[
+    let run = podman_with(&[
         "run",
         "--detach",
         "--name",
         &name,
-        "--network",
-        "host",
-        "--cgroup-manager",
-        "cgroupfs",
-        "--ulimit",
-        "nofile=4096:4096",
-        "--ulimit",
-        "nproc=1000:1000",
         // The project's profile: the runtime default's restrictions, with
         // io_uring allowed.
         "--security-opt",
@@ -192,7 +178,7 @@ fn the_image_builds_and_runs_a_broker() {
     ]);
     succeeded(&run, "podman run");
     let deadline = Instant::now() + DEADLINE;
-    while http_status(admin, "/readyz") != Some(200) {
+    while try_http(admin, "GET", "/readyz", None).map(|(status, _)| status) != Some(200) {
         assert!(Instant::now() < deadline, "the broker never became ready");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -204,7 +190,7 @@ fn the_image_builds_and_runs_a_broker() {
     );
     // Under the profile the io_uring engine runs, and what the profile
     // does not allow (new namespaces here) is refused.
-    let cluster = http_body(admin, "/v1/cluster").expect("/v1/cluster");
+    let (_, cluster) = http(admin, "GET", "/v1/cluster", None);
     assert!(
         cluster.contains("\"io_engine\":\"uring\""),
         "io_uring allowed: {cluster}"

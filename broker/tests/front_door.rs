@@ -41,13 +41,7 @@ fn wait_closed(stream: &mut TcpStream) -> Duration {
 
 /// The value of one series of the broker's `/metrics` (0 when absent).
 fn metric(admin: SocketAddr, series: &str) -> u64 {
-    let (status, body) = http(admin, "GET", "/metrics", None);
-    assert_eq!(status, 200);
-    body.lines()
-        .filter_map(|line| line.rsplit_once(' '))
-        .find(|(name, _)| *name == series)
-        .and_then(|(_, value)| value.trim().parse::<f64>().ok())
-        .map_or(0, |value| value as u64)
+    common::metric(admin, series).map_or(0, |value| value as u64)
 }
 
 /// Waits until `series` reaches `at_least`.

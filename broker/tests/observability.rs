@@ -7,8 +7,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -82,16 +81,11 @@ impl Prometheus {
         }
     }
 
-    /// `GET path` (HTTP/1.0: no chunked body): the body, if it answered 200.
+    /// `GET path`: the body, if it answered 200.
     fn get(&self, path: &str) -> Option<String> {
-        let mut stream = TcpStream::connect(self.addr).ok()?;
-        stream.set_read_timeout(Some(DEADLINE)).ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr).ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        (head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"))
-            .then(|| body.to_string())
+        common::try_http(self.addr, "GET", path, None)
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, body)| body)
     }
 
     /// The result vector of an instant query, or why there is none.

@@ -93,17 +93,11 @@ impl Admin {
     /// `request` on the admin connection, retried with backoff while the
     /// broker refuses the connection at its connection limit.
     async fn call(&self, request: Request) -> Result<Response> {
-        let mut backoff = Duration::from_millis(crate::router::TOO_MANY_CONNECTIONS_BACKOFF_MS);
-        for _ in 0..crate::router::TOO_MANY_CONNECTIONS_RETRIES {
-            match self.connection().await?.call(request.clone()).await {
-                Err(ClientError::TooManyConnections { .. }) => {
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                }
-                other => return other,
-            }
-        }
-        self.connection().await?.call(request).await
+        crate::router::retry_refused(|| {
+            let request = request.clone();
+            async move { self.connection().await?.call(request).await }
+        })
+        .await
     }
 
     /// Creates a topic with `partitions` partitions and the cluster's

@@ -1092,10 +1092,10 @@ fn compress(batch: &Bytes, codec: Compression) -> Result<Bytes> {
     )))
 }
 
-/// Most bytes one batch's records section may expand to in this client:
-/// 64 MiB (the broker refuses batches that expand further), so a hostile
-/// or broken batch cannot make a consumer allocate without bound.
-pub const DECOMPRESSED_BYTES_MAX: usize = 64 << 20;
+/// Most bytes one batch's records section may expand to in this client
+/// (the broker refuses batches that expand further), so a hostile or
+/// broken batch cannot make a consumer allocate without bound.
+pub use weir_protocol::codec::DECOMPRESSED_BYTES_MAX;
 
 /// Decompresses a batch's records section for iteration (every Kafka
 /// codec: gzip, snappy, lz4, zstd).

@@ -61,6 +61,30 @@ pub const TOO_MANY_CONNECTIONS_RETRIES: u32 = 4;
 /// 0.8 s: 1.5 s in all).
 pub const TOO_MANY_CONNECTIONS_BACKOFF_MS: u64 = 100;
 
+/// `attempt`, tried again with backoff (up to
+/// [`TOO_MANY_CONNECTIONS_RETRIES`] times) while it fails with
+/// `TooManyConnections`: slots free as other clients close theirs.
+///
+/// # Errors
+/// The last attempt's error.
+pub(crate) async fn retry_refused<T, F, Fut>(mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut backoff = Duration::from_millis(TOO_MANY_CONNECTIONS_BACKOFF_MS);
+    for _ in 0..TOO_MANY_CONNECTIONS_RETRIES {
+        match attempt().await {
+            Err(ClientError::TooManyConnections { .. }) => {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            other => return other,
+        }
+    }
+    attempt().await
+}
+
 /// Whether `error` says the partition's leader is elsewhere (or gone).
 pub fn leader_moved(error: &ClientError) -> bool {
     matches!(
@@ -189,17 +213,7 @@ impl Router {
     /// Connection errors when no broker answers; `TooManyConnections` once
     /// the retries are spent.
     pub async fn refresh(&self, topics: Option<Vec<String>>) -> Result<MetadataResponse> {
-        let mut backoff = Duration::from_millis(TOO_MANY_CONNECTIONS_BACKOFF_MS);
-        for _ in 0..TOO_MANY_CONNECTIONS_RETRIES {
-            match self.refresh_once(topics.clone()).await {
-                Err(ClientError::TooManyConnections { .. }) => {
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                }
-                other => return other,
-            }
-        }
-        self.refresh_once(topics).await
+        retry_refused(|| self.refresh_once(topics.clone())).await
     }
 
     fn learn(&self, metadata: &MetadataResponse) {

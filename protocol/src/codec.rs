@@ -13,6 +13,11 @@ use std::io::{Read, Write};
 
 use crate::batch::Compression;
 
+/// Most bytes the compressed records of one produce request (broker) or
+/// one batch (client) may expand to: 64 MiB, four times the largest batch.
+/// The broker refuses what expands further, so a reader never needs more.
+pub const DECOMPRESSED_BYTES_MAX: usize = 64 << 20;
+
 /// Largest zstd window accepted (2^24 = 16 MiB): a batch is at most that
 /// large, so a larger window is not a real producer's.
 const ZSTD_WINDOW_LOG_MAX: u32 = 24;

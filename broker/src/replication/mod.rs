@@ -27,11 +27,7 @@ use crate::partition::Partition;
 pub const TICK_MS: u64 = 250;
 
 /// Wall clock, milliseconds (the rules take time as an argument).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64)
-}
+pub use crate::clock::now_ms;
 
 /// `acks=all` needs this many in-sync replicas for a topic: its
 /// `min.insync.replicas`, else the broker's setting, else 2 with three or

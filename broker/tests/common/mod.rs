@@ -25,28 +25,47 @@ impl Connect for BrokerProcess {
     }
 }
 
-/// One HTTP/1.1 request to the admin listener: (status, body).
-pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect admin");
-    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+/// One HTTP request: (status, body), or `None` if nothing answered.
+/// HTTP/1.0, so that the body is never chunked (Prometheus, a Go server,
+/// chunks larger HTTP/1.1 answers).
+pub fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(DEADLINE)).ok()?;
     let body = body.unwrap_or("");
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(request.as_bytes()).expect("send");
+    stream.write_all(request.as_bytes()).ok()?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("status");
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
     let body = response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_string())
         .unwrap_or_default();
-    (status, body)
+    Some((status, body))
+}
+
+/// One HTTP request to a server that must answer: (status, body).
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    try_http(addr, method, path, body).unwrap_or_else(|| panic!("{method} {path} at {addr}"))
+}
+
+/// The value of one series (name and labels exactly) in the `/metrics` of
+/// the broker whose admin listener is `admin`; `None` if it has none.
+pub fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let (status, body) = http(admin, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    body.lines()
+        .filter_map(|line| line.rsplit_once(' '))
+        .find(|(name, _)| *name == series)
+        .and_then(|(_, value)| value.trim().parse().ok())
 }
 
 /// A blocking client: one request at a time, or pipelined by hand.
